@@ -1,0 +1,85 @@
+"""`doctor`: what is installed, which device, whether widgets and Triton work, and whether quick mode is on."""
+from __future__ import annotations
+
+import importlib.metadata as md
+import platform
+import subprocess
+import sys
+
+from packaging.version import Version
+
+from . import runtime
+
+REQUIRED = ["torch", "numpy", "matplotlib", "scikit-learn", "tqdm", "nbformat"]
+OPTIONAL = ["jupyterlab", "ipykernel", "ipywidgets", "nbval", "pytest", "triton"]
+
+def _version(dist: str) -> str | None:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+def widgets_status() -> tuple[bool, str]:
+    """Whether ipywidgets is importable and in the supported range (>=7.6, <9)."""
+    v = _version("ipywidgets")
+    if v is None:
+        return False, "ipywidgets is not installed: sliders will not show (pip install 'ipywidgets>=7.6,<9')"
+    if not Version("7.6") <= Version(v) < Version("9"):
+        return False, f"ipywidgets {v} is outside the supported range >=7.6,<9"
+    try:
+        import ipywidgets
+
+        ipywidgets.IntSlider(value=1, min=0, max=2)
+    except Exception as e:
+        return False, f"ipywidgets {v} failed to build a slider: {e}"
+    return True, f"ipywidgets {v}"
+
+def triton_status() -> tuple[bool, str]:
+    """Whether Triton imports, and whether it can run here (a CUDA GPU) or only in its CPU interpreter."""
+    if _version("triton") is None:
+        return False, "not installed (only lesson 5 needs it: pip install triton)"
+    code = "import triton, triton.language"  # a subprocess: a broken Triton must not break the doctor
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["unknown error"])[-1]
+        return False, f"installed but fails to import: {last}"
+    import torch
+
+    where = "on the GPU" if torch.cuda.is_available() else "in the CPU interpreter (TRITON_INTERPRET=1)"
+    return True, f"triton {_version('triton')}, kernels run {where}"
+
+def report() -> tuple[bool, list[str]]:
+    """The doctor's findings as (course can run, lines to print)."""
+    lines, ok = [], True
+    lines.append(f"Python         {platform.python_version()} on {platform.system()} {platform.machine()}")
+    for dist in REQUIRED:
+        v = _version(dist)
+        ok &= v is not None
+        lines.append(f"{dist:<13}{v or 'MISSING (required)'}")
+    for dist in OPTIONAL:
+        lines.append(f"{dist:<13}{_version(dist) or 'not installed'}")
+    try:
+        import torch
+
+        info = runtime.device_info()
+        x = torch.randn(64, 64, device=info.device)
+        float((x @ x).sum())  # the device really computes
+        lines.append(f"Device         {info}")
+    except Exception as e:
+        ok = False
+        lines.append(f"Device         FAILED: {type(e).__name__}: {e}")
+    for label, (good, text) in (("Widgets", widgets_status()), ("Triton", triton_status())):
+        lines.append(f"{label:<13}{'ok' if good else 'no'}: {text}")
+    try:
+        lines.append(f"Mode           {runtime.describe_mode()}")
+    except ValueError as e:
+        ok = False
+        lines.append(f"Mode           FAILED: {e}")
+    lines.append(f"Colab          {'yes' if runtime.in_colab() else 'no'}")
+    lines.append("Verdict      " + ("the course can run here." if ok else "something required is missing (see above)."))
+    return ok, lines
+
+def main() -> int:
+    ok, lines = report()
+    print("\n".join(lines))
+    return 0 if ok else 1

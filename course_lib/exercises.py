@@ -1,0 +1,274 @@
+"""Graded exercises: each runs the learner's function against a reference on fresh random inputs.
+
+`check(name, fn)` never raises (except on Ctrl-C): it prints passed / failed (with a hint) / not
+attempted and returns a bool. Results are remembered for this session; `progress()` shows the total.
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import schedules
+
+PASSED, FAILED, NOT_ATTEMPTED = "passed", "failed", "not_attempted"
+_SYMBOL = {PASSED: "✅", FAILED: "❌", NOT_ATTEMPTED: "⬜"}
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """One exercise: the reference, a generator of fresh keyword inputs, and known mistakes with hints."""
+
+    name: str
+    lesson: int
+    reference: Callable
+    make_inputs: Callable[[torch.Generator], dict]
+    hint: str
+    mistakes: tuple = ()  # (wrong implementation, hint shown when the learner's output matches it)
+    trials: int = 5
+    rtol: float = 1e-5
+    atol: float = 1e-6
+    points: int = 1
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    status: str
+    message: str
+    hint: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status == PASSED
+
+    def __str__(self) -> str:
+        text = f"{_SYMBOL[self.status]} {self.name}: {self.status.replace('_', ' ')}. {self.message}"
+        return text + (f"\n   Hint: {self.hint}" if self.hint else "")
+
+
+EXERCISES: dict[str, Exercise] = {}
+_RESULTS: dict[str, CheckResult] = {}
+
+
+def register(exercise: Exercise) -> Exercise:
+    """Add an exercise to the registry (names are unique)."""
+    if exercise.name in EXERCISES:
+        raise ValueError(f"exercise {exercise.name!r} is already registered")
+    EXERCISES[exercise.name] = exercise
+    return exercise
+
+
+def _clone(inputs: dict) -> dict:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, ex: Exercise) -> bool:
+    return got.shape == want.shape and torch.allclose(got.double(), want.double(), rtol=ex.rtol, atol=ex.atol)
+
+
+def _matching_mistake(ex: Exercise, inputs: dict, got: torch.Tensor) -> str | None:
+    for wrong, hint in ex.mistakes:
+        try:
+            if _close(got, torch.as_tensor(wrong(**_clone(inputs))), ex):
+                return hint
+        except Exception:  # a mistake that cannot even run on these inputs is simply not this one
+            continue
+    return None
+
+
+def _describe(inputs: dict) -> str:
+    parts = []
+    for k, v in inputs.items():
+        parts.append(f"{k}: {tuple(v.shape)} {str(v.dtype).replace('torch.', '')}" if isinstance(v, torch.Tensor)
+                     else f"{k}={v!r}")
+    return ", ".join(parts)
+
+
+def run_check(name: str, fn, seed: int | None = None) -> CheckResult:
+    """Grade fn against exercise `name` on fresh random inputs; returns a CheckResult and never raises."""
+    ex = EXERCISES.get(name)
+    if ex is None:
+        return CheckResult(name, FAILED, f"there is no exercise called {name!r}.",
+                           f"Known exercises: {', '.join(sorted(EXERCISES))}.")
+    if not callable(fn):
+        return CheckResult(name, FAILED, f"expected your function, got {type(fn).__name__}.",
+                           f"Pass the function itself, without calling it: check({name!r}, {name}).")
+    gen = torch.Generator().manual_seed(secrets.randbits(62) if seed is None else seed)
+    for trial in range(ex.trials):
+        inputs = ex.make_inputs(gen)
+        want = ex.reference(**_clone(inputs))
+        try:
+            got = fn(**_clone(inputs))
+        except NotImplementedError:
+            return CheckResult(name, NOT_ATTEMPTED, "Your function still raises NotImplementedError.",
+                               "Replace the `raise NotImplementedError` line with your code, then run the cell again.")
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # SystemExit too: a check must not stop the notebook
+            msg = str(e).splitlines()[0][:300] if str(e) else ""
+            return CheckResult(name, FAILED, f"Your function raised {type(e).__name__}: {msg}",
+                               f"It was called with {_describe(inputs)}. {ex.hint}")
+        if not isinstance(got, torch.Tensor):
+            try:
+                got = torch.as_tensor(got)
+            except Exception:
+                return CheckResult(name, FAILED, f"expected a torch.Tensor, got {type(got).__name__}.",
+                                   "Did you forget a `return` statement?" if got is None else ex.hint)
+        if got.shape != want.shape:
+            return CheckResult(name, FAILED, f"wrong shape: expected {tuple(want.shape)}, got {tuple(got.shape)}.",
+                               f"Inputs were {_describe(inputs)}. {ex.hint}")
+        if not (got.is_floating_point() or got.is_complex()):
+            got = got.double()
+        if not torch.isfinite(got).all():
+            return CheckResult(name, FAILED, f"your output contains {int((~torch.isfinite(got)).sum())} NaN/inf values.",
+                               f"Inputs were {_describe(inputs)}. {ex.hint}")
+        if not _close(got, want, ex):
+            err = float((got.double() - want.double()).abs().max())
+            specific = _matching_mistake(ex, inputs, got)
+            return CheckResult(name, FAILED, f"values differ from the reference (max abs error {err:.3g}) "
+                               f"on random test {trial + 1} of {ex.trials}.", specific or ex.hint)
+    return CheckResult(name, PASSED, f"matches the reference on {ex.trials} fresh random inputs.")
+
+
+def check(name: str, fn) -> bool:
+    """Check your function for exercise `name`: prints passed / failed with a hint / not attempted; returns a bool."""
+    try:
+        result = run_check(name, fn)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # a bug in a reference must still not raise in a learner's face
+        result = CheckResult(str(name), FAILED, f"the checker itself failed ({type(e).__name__}: {e}).",
+                             "This is a bug in the course, not your code: please report it.")
+    _RESULTS[result.name] = result
+    print(result)
+    return result.passed
+
+
+def progress(lesson: int | None = None) -> tuple[int, int]:
+    """Print the status of every exercise (of one lesson if given) checked this session; return (points, max)."""
+    names = [n for n, ex in EXERCISES.items() if lesson is None or ex.lesson == lesson]
+    got = total = 0
+    for n in names:
+        ex, res = EXERCISES[n], _RESULTS.get(n)
+        status = res.status if res else NOT_ATTEMPTED
+        total += ex.points
+        got += ex.points if status == PASSED else 0
+        print(f"{_SYMBOL[status]} lesson {ex.lesson}  {n:<24} {status.replace('_', ' ')}")
+    print(f"Total: {got} / {total} points")
+    return got, total
+
+
+# ---- the exercises ------------------------------------------------------------------------------
+
+_RESHAPE_HINT = ("A per-sample value of shape (B,) must be reshaped to broadcast over the other "
+                 "dimensions, e.g. v.view(-1, *[1] * (x.ndim - 1)).")
+
+
+def _batch(gen: torch.Generator) -> tuple[int, tuple]:
+    b = int(torch.randint(3, 7, (1,), generator=gen))
+    shape = [(b, 2), (b, 1, 8, 8), (b, 3, 5, 4)][int(torch.randint(3, (1,), generator=gen))]
+    return b, shape
+
+
+def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def ref_noise_images(x, sigma, noise):
+    """Lesson 0 warm-up: x + sigma * noise with one sigma per sample."""
+    return x + _per_sample(sigma, x) * noise
+
+
+def _inputs_noise_images(gen):
+    b, shape = _batch(gen)
+    return {"x": torch.rand(shape, generator=gen) * 2 - 1, "sigma": torch.rand(b, generator=gen) * 2,
+            "noise": torch.randn(shape, generator=gen)}
+
+
+register(Exercise(
+    "noise_images", 0, ref_noise_images, _inputs_noise_images,
+    "Each sample i gets x[i] + sigma[i] * noise[i]. " + _RESHAPE_HINT,
+    mistakes=((lambda x, sigma, noise: x + sigma.mean() * noise, "Use each sample's own sigma[i], not one shared value."),
+              (lambda x, sigma, noise: x + _per_sample(sigma, x) ** 2 * noise,
+               "sigma is a standard deviation: multiply the noise by sigma, not sigma squared."),
+              (lambda x, sigma, noise: _per_sample(sigma, x) * noise, "Keep the image: the result is x plus the noise."))))
+
+
+def ref_alpha_bar_from_betas(betas):
+    """alpha_bar[t] = prod_{s<=t} (1 - beta[s]) (Ho et al. 2020, eq. 4)."""
+    return schedules.alpha_bar_from_betas(betas)
+
+
+def _inputs_betas(gen):
+    n = int(torch.randint(5, 60, (1,), generator=gen))
+    return {"betas": (1e-4 + 0.1 * torch.rand(n, generator=gen)).double()}
+
+
+register(Exercise(
+    "alpha_bar_from_betas", 1, ref_alpha_bar_from_betas, _inputs_betas,
+    "alpha_t = 1 - beta_t, and alpha_bar_t is the running product alpha_0 * ... * alpha_t (torch.cumprod).",
+    mistakes=((lambda betas: torch.cumsum(1 - betas, 0), "Use a running product (torch.cumprod), not a sum."),
+              (lambda betas: torch.cumprod(betas, 0), "The product is over alpha_t = 1 - beta_t, not over beta_t."),
+              (lambda betas: torch.cat([betas.new_ones(1), torch.cumprod(1 - betas, 0)[:-1]]),
+               "Off by one: alpha_bar[0] already includes the first step, alpha_bar[0] = 1 - beta[0]."),
+              (lambda betas: 1 - torch.cumprod(1 - betas, 0), "That is 1 - alpha_bar: return alpha_bar itself."),
+              (lambda betas: torch.prod(1 - betas).expand(len(betas)),
+               "Return one value per step (the running product), not the total product."))))
+
+
+def ref_q_sample(x0, t, alpha_bar, noise):
+    """x_t = sqrt(alpha_bar[t]) x0 + sqrt(1 - alpha_bar[t]) noise, per sample (Ho et al. 2020, eq. 4)."""
+    ab = _per_sample(alpha_bar[t], x0).to(x0.dtype)
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+
+def _inputs_q_sample(gen):
+    b, shape = _batch(gen)
+    T = int(torch.randint(20, 200, (1,), generator=gen))
+    betas = torch.linspace(1e-4, 0.05, T, dtype=torch.float64) * (0.5 + torch.rand(1, generator=gen).double())
+    return {"x0": torch.rand(shape, generator=gen) * 2 - 1, "t": torch.randint(T, (b,), generator=gen),
+            "alpha_bar": schedules.alpha_bar_from_betas(betas).float(), "noise": torch.randn(shape, generator=gen)}
+
+
+def _q_sample_mistake(f):
+    def wrong(x0, t, alpha_bar, noise):
+        ab = _per_sample(alpha_bar[t], x0)
+        return f(ab, x0, noise)
+    return wrong
+
+
+register(Exercise(
+    "q_sample", 1, ref_q_sample, _inputs_q_sample,
+    "x_t = sqrt(alpha_bar[t]) * x0 + sqrt(1 - alpha_bar[t]) * noise, with alpha_bar[t] of shape (B,) reshaped "
+    "to broadcast over the sample's other dimensions. " + _RESHAPE_HINT,
+    mistakes=((_q_sample_mistake(lambda ab, x0, n: ab * x0 + (1 - ab) * n),
+               "Take square roots: the mean is sqrt(alpha_bar) x0 and the standard deviation sqrt(1 - alpha_bar)."),
+              (_q_sample_mistake(lambda ab, x0, n: (1 - ab).sqrt() * x0 + ab.sqrt() * n),
+               "The weights are swapped: x0 is scaled by sqrt(alpha_bar), the noise by sqrt(1 - alpha_bar)."),
+              (_q_sample_mistake(lambda ab, x0, n: ab.sqrt() * x0 + (1 - ab) * n),
+               "The noise is scaled by the standard deviation sqrt(1 - alpha_bar), not the variance."),
+              (lambda x0, t, alpha_bar, noise: ref_q_sample(x0, t - 1, alpha_bar, noise),
+               "Off by one: use alpha_bar[t] itself (our t counts from 0)."))))
+
+
+def ref_log_snr(alpha_bar):
+    """log SNR = log(alpha_bar / (1 - alpha_bar)) (Kingma et al. 2021, eq. 2)."""
+    return schedules.log_snr_from_alpha_bar(alpha_bar).to(alpha_bar.dtype)
+
+
+def _inputs_log_snr(gen):
+    n = int(torch.randint(5, 60, (1,), generator=gen))
+    return {"alpha_bar": torch.rand(n, generator=gen).double() * 0.998 + 0.001}
+
+
+register(Exercise(
+    "log_snr", 1, ref_log_snr, _inputs_log_snr,
+    "The signal variance is alpha_bar and the noise variance 1 - alpha_bar; log-SNR is the log of their ratio.",
+    mistakes=((lambda alpha_bar: alpha_bar / (1 - alpha_bar), "That is the SNR itself: take its logarithm."),
+              (lambda alpha_bar: torch.log((1 - alpha_bar) / alpha_bar),
+               "Sign flipped: signal over noise is alpha_bar / (1 - alpha_bar)."),
+              (lambda alpha_bar: torch.log(alpha_bar.sqrt() / (1 - alpha_bar).sqrt()),
+               "SNR is a ratio of variances, not of standard deviations: drop the square roots."))))

@@ -1,0 +1,85 @@
+"""Plots the lessons share: image grids, 2D scatter over a density, and animations that render as HTML."""
+from __future__ import annotations
+
+import math
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib import animation
+
+
+def _to_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def make_grid(images, nrow: int | None = None, pad: int = 1) -> np.ndarray:
+    """Tile (B, C, H, W) images in [-1, 1] into one (rows*H, cols*W[, 3]) array in [0, 1]."""
+    x = _to_numpy(images)
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"images must have shape (batch, 1 or 3, H, W), got {x.shape}")
+    b, c, h, w = x.shape
+    nrow = nrow or math.ceil(math.sqrt(b))
+    rows = math.ceil(b / nrow)
+    grid = np.ones((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.float32)
+    x = np.clip((x + 1) / 2, 0, 1).transpose(0, 2, 3, 1)
+    for i in range(b):
+        r, col = divmod(i, nrow)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = x[i]
+    return grid[..., 0] if c == 1 else grid
+
+
+def image_grid(images, nrow: int | None = None, ax=None, title: str | None = None):
+    """Show (B, C, H, W) images in [-1, 1] as one grid; returns the axes."""
+    ax = ax or plt.subplots(figsize=(4, 4))[1]
+    grid = make_grid(images, nrow)
+    ax.imshow(grid, cmap="gray" if grid.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def scatter_2d(points, ax=None, title: str | None = None, lim: float = 1.6, modes=None,
+               density: bool = True, bins: int = 80, s: float = 2.0, color: str = "C0"):
+    """2D points over a log-density histogram, with the true modes as crosses; labelled axes; returns the axes."""
+    p = _to_numpy(points)
+    if p.ndim != 2 or p.shape[1] != 2:
+        raise ValueError(f"points must have shape (n, 2), got {p.shape}")
+    ax = ax or plt.subplots(figsize=(4, 4))[1]
+    if density:
+        h, xe, ye = np.histogram2d(p[:, 0], p[:, 1], bins=bins, range=[[-lim, lim], [-lim, lim]])
+        ax.imshow(np.log1p(h.T), origin="lower", extent=[-lim, lim, -lim, lim], cmap="Blues", aspect="equal")
+    ax.scatter(p[:, 0], p[:, 1], s=s, alpha=0.35, color=color, linewidths=0)
+    if modes is not None:
+        m = _to_numpy(modes)
+        ax.scatter(m[:, 0], m[:, 1], marker="x", color="red", s=30, label="modes")
+    ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xlabel="$x_1$", ylabel="$x_2$", aspect="equal")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def animate(frames: list, draw, interval: int = 120, figsize=(4, 4), dpi: int = 72):
+    """Build an animation: draw(ax, frame) is called for each frame on a cleared axes. Returns the FuncAnimation."""
+    if len(frames) == 0:
+        raise ValueError("animate needs at least one frame")
+    fig, ax = plt.subplots(figsize=figsize, dpi=dpi)
+
+    def update(i):
+        ax.clear()
+        draw(ax, frames[i])
+        return []
+
+    anim = animation.FuncAnimation(fig, update, frames=len(frames), interval=interval, blit=False)
+    plt.close(fig)  # only the animation is shown, not a stray last frame
+    return anim
+
+
+def as_html(anim):
+    """An animation as a self-contained JavaScript player that JupyterLab, Colab and nbviewer all show."""
+    from IPython.display import HTML
+
+    return HTML(anim.to_jshtml(default_mode="once"))
