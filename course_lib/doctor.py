@@ -51,7 +51,7 @@ def triton_status() -> tuple[bool, str]:
 def report() -> tuple[bool, list[str]]:
     """The doctor's findings as (course can run, lines to print)."""
     lines, ok = [], True
-    lines.append(f"Python         {platform.python_version()} on {platform.system()} {platform.machine()}")
+    lines.append(f"Python       {platform.python_version()} on {platform.system()} {platform.machine()}")
     for dist in REQUIRED:
         v = _version(dist)
         ok &= v is not None
@@ -64,18 +64,18 @@ def report() -> tuple[bool, list[str]]:
         info = runtime.device_info()
         x = torch.randn(64, 64, device=info.device)
         float((x @ x).sum())  # the device really computes
-        lines.append(f"Device         {info}")
+        lines.append(f"Device       {info}")
     except Exception as e:
         ok = False
-        lines.append(f"Device         FAILED: {type(e).__name__}: {e}")
+        lines.append(f"Device       FAILED: {type(e).__name__}: {e}")
     for label, (good, text) in (("Widgets", widgets_status()), ("Triton", triton_status())):
         lines.append(f"{label:<13}{'ok' if good else 'no'}: {text}")
     try:
-        lines.append(f"Mode           {runtime.describe_mode()}")
+        lines.append(f"Mode         {runtime.describe_mode()}")
     except ValueError as e:
         ok = False
-        lines.append(f"Mode           FAILED: {e}")
-    lines.append(f"Colab          {'yes' if runtime.in_colab() else 'no'}")
+        lines.append(f"Mode         FAILED: {e}")
+    lines.append(f"Colab        {'yes' if runtime.in_colab() else 'no'}")
     lines.append("Verdict      " + ("the course can run here." if ok else "something required is missing (see above)."))
     return ok, lines
 

@@ -1,0 +1,95 @@
+import os
+import sys
+
+import pytest
+import torch
+
+from course_lib import exercises as E
+
+
+@pytest.mark.parametrize("name", sorted(E.EXERCISES))
+def test_reference_passes_its_own_check(name, capsys):
+    assert E.check(name, E.EXERCISES[name].reference) is True
+    assert "passed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", sorted(E.EXERCISES))
+def test_every_known_mistake_fails_with_its_own_hint(name):
+    ex = E.EXERCISES[name]
+    assert ex.mistakes, "each exercise should diagnose at least one common mistake"
+    for wrong, hint in ex.mistakes:
+        r = E.run_check(name, wrong, seed=0)
+        assert r.status == E.FAILED, (name, hint)
+        if "values differ" in r.message:  # mistakes that run produce the targeted hint
+            assert r.hint == hint
+
+
+def test_inputs_are_fresh_each_time():
+    ex = E.EXERCISES["q_sample"]
+    a = ex.make_inputs(torch.Generator().manual_seed(1))
+    b = ex.make_inputs(torch.Generator().manual_seed(2))
+    assert not torch.equal(a["noise"].flatten()[:4], b["noise"].flatten()[:4])
+    # a learner who memorised one answer fails on the next random draw
+    memo = E.ref_q_sample(**a)
+    assert E.run_check("q_sample", lambda **kw: memo).status == E.FAILED
+
+
+def _stub(**kwargs):
+    raise NotImplementedError("Exercise: replace this line with your solution")
+
+
+def test_not_attempted(capsys):
+    assert E.check("alpha_bar_from_betas", _stub) is False
+    out = capsys.readouterr().out
+    assert "not attempted" in out and "NotImplementedError" in out
+
+
+@pytest.mark.parametrize("fn, fragment", [
+    (lambda betas: 1 / 0, "ZeroDivisionError"),
+    (lambda betas: sys.exit(3), "SystemExit"),
+    (lambda betas: None, "forget a `return`"),
+    (lambda betas: "text", "torch.Tensor"),
+    (lambda betas: torch.cumprod(1 - betas, 0)[:-1], "wrong shape"),
+    (lambda betas: torch.full_like(betas, float("nan")), "NaN"),
+    (lambda betas: torch.cumprod(1 - betas, 0) + 1e-3, "values differ"),
+    (42, "expected your function"),
+])
+def test_bad_submissions_fail_without_raising(fn, fragment, capsys):
+    assert E.check("alpha_bar_from_betas", fn) is False
+    assert fragment in capsys.readouterr().out
+
+
+def test_in_place_modification_cannot_fool_the_reference():
+    def sneaky(betas):
+        out = torch.cumprod(1 - betas, 0)
+        betas.zero_()  # mutating the input must not change what the reference saw
+        return out
+    assert E.run_check("alpha_bar_from_betas", sneaky).status == E.PASSED
+
+
+def test_numpy_and_int_outputs_are_accepted_when_right():
+    assert E.check("alpha_bar_from_betas", lambda betas: torch.cumprod(1 - betas, 0).numpy()) is True
+
+
+def test_unknown_exercise_and_broken_checker_never_raise(capsys, monkeypatch):
+    assert E.check("no_such_exercise", lambda: 0) is False
+    assert "Known exercises" in capsys.readouterr().out
+    monkeypatch.setattr(E, "run_check", lambda *a, **k: 1 / 0)
+    assert E.check("q_sample", E.ref_q_sample) is False
+    assert "bug in the course" in capsys.readouterr().out
+
+
+def test_progress_counts_points(capsys, monkeypatch):
+    monkeypatch.setattr(E, "_RESULTS", {})
+    E.check("alpha_bar_from_betas", E.ref_alpha_bar_from_betas)
+    E.check("q_sample", _stub)
+    got, total = E.progress(lesson=1)
+    lesson1 = [n for n, ex in E.EXERCISES.items() if ex.lesson == 1]
+    assert (got, total) == (1, len(lesson1))
+    out = capsys.readouterr().out
+    assert f"Total: 1 / {len(lesson1)} points" in out
+
+
+def test_registry_refuses_duplicates():
+    with pytest.raises(ValueError, match="already registered"):
+        E.register(E.EXERCISES["q_sample"])

@@ -1,0 +1,76 @@
+import matplotlib
+import numpy as np
+import pytest
+import torch
+
+from course_lib import plotting, runtime
+
+
+@pytest.mark.parametrize("value, quick", [("1", True), ("true", True), ("0", False), ("", False), ("off", False)])
+def test_quick_mode_parsing(monkeypatch, value, quick):
+    monkeypatch.setenv(runtime.QUICK_ENV, value)
+    assert runtime.is_quick() is quick
+    assert runtime.budget(full=1000, quick=10) == (10 if quick else 1000)
+
+
+def test_quick_mode_rejects_garbage(monkeypatch):
+    monkeypatch.setenv(runtime.QUICK_ENV, "maybe")
+    with pytest.raises(ValueError, match="COURSE_QUICK"):
+        runtime.is_quick()
+
+
+def test_seeding_reproduces():
+    g1 = runtime.seed_everything(123)
+    a, b = torch.randn(3), torch.randn(3, generator=g1)
+    g2 = runtime.seed_everything(123)
+    assert torch.equal(a, torch.randn(3)) and torch.equal(b, torch.randn(3, generator=g2))
+    assert np.random.rand() == pytest.approx(np.random.RandomState(123).rand())
+    with pytest.raises(TypeError):
+        runtime.seed_everything(-1)
+
+
+def test_device_choice_on_this_machine():
+    info = runtime.device_info()
+    expected = "cuda" if torch.cuda.is_available() else ("mps" if runtime._mps_available() else "cpu")
+    assert info.device.type == expected and str(info)
+    assert runtime.device_info("cpu").device.type == "cpu"
+    with pytest.raises(ValueError, match="prefer"):
+        runtime.device_info("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda"):
+            runtime.device_info("cuda")
+
+
+def test_colab_cell_installs_only_on_colab():
+    cell = runtime.COLAB_INSTALL_CELL
+    assert '"google.colab" in sys.modules' in cell and "pip install" in cell and runtime.REPO_URL in cell
+    assert runtime.in_colab() is False
+
+
+def test_make_grid_places_images():
+    imgs = -torch.ones(5, 1, 2, 3)
+    imgs[4] = 1.0
+    grid = plotting.make_grid(imgs, nrow=3, pad=1)
+    assert grid.shape == (2 * 3 + 1, 3 * 4 + 1)
+    assert grid[1:3, 1:4].max() == 0.0  # image 0 is black ([-1] -> 0)
+    assert (grid[4:6, 5:8] == 1.0).all()  # image 4 (row 1, col 1) is white
+    assert (grid[0] == 1.0).all()  # padding is white
+    with pytest.raises(ValueError, match="batch"):
+        plotting.make_grid(torch.zeros(2, 8, 8))
+
+
+def test_scatter_has_labelled_axes():
+    ax = plotting.scatter_2d(torch.randn(100, 2), modes=torch.zeros(1, 2), title="t")
+    assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title() == "t"
+    with pytest.raises(ValueError):
+        plotting.scatter_2d(torch.zeros(4, 3))
+    matplotlib.pyplot.close("all")
+
+
+def test_animation_renders_to_html_with_every_frame():
+    frames = [torch.randn(50, 2) for _ in range(3)]
+    anim = plotting.animate(frames, lambda ax, f: plotting.scatter_2d(f, ax=ax, density=False))
+    html = plotting.as_html(anim).data
+    assert "<script" in html and html.count("data:image/png;base64") == 3
+    with pytest.raises(ValueError):
+        plotting.animate([], lambda ax, f: None)
