@@ -43,3 +43,19 @@ def modes_covered(samples: torch.Tensor, mixture: GaussianMixture2D, k: float = 
 def hq_fraction_expected(k: float = 3.0) -> float:
     """The high-quality fraction of exact samples: P(|z| <= k) for a 2D standard normal, 1 - exp(-k^2/2)."""
     return 1.0 - float(torch.exp(torch.tensor(-k * k / 2)))
+
+
+def mode_recovery_accuracy(xt: torch.Tensor, labels: torch.Tensor, mixture: GaussianMixture2D,
+                           alpha_bar: float) -> float:
+    """Accuracy of the Bayes-optimal guess of each point's mode from x_t ~ q(x_t|x_0): 1 = all information kept, 1/K = none.
+
+    Under the forward process a mode k becomes N(sqrt(ab) mu_k, (ab std^2 + 1 - ab) I), so with equal weights
+    the optimal guess is the nearest scaled mode (Bishop 2006, sec. 4.2).
+    """
+    if not 0 < float(alpha_bar) <= 1:
+        raise ValueError(f"alpha_bar must lie in (0, 1], got {alpha_bar}")
+    if labels.shape != (xt.shape[0],):
+        raise ValueError(f"labels must have shape ({xt.shape[0]},), got {tuple(labels.shape)}")
+    scaled = mixture.modes.float() * float(alpha_bar) ** 0.5
+    guess = torch.cdist(_check_points(xt), scaled).argmin(dim=1)
+    return float((guess == labels.cpu()).float().mean())

@@ -174,3 +174,27 @@ def test_bad_mnist_arguments_and_files(tmp_path):
 def test_data_home_env(monkeypatch, tmp_path):
     monkeypatch.setenv("COURSE_DATA_DIR", str(tmp_path))
     assert data.data_home() == tmp_path
+
+
+def test_mode_recovery_accuracy_from_perfect_to_chance():
+    from course_lib.metrics import mode_recovery_accuracy
+
+    ring, n = data.ring_of_gaussians(), 40_000
+    g = torch.Generator().manual_seed(3)
+    x, y = ring.sample(n, g, return_labels=True)
+    assert mode_recovery_accuracy(x, y, ring, 1.0) == 1.0  # modes 0.77 apart, 15 std: never confused
+    ab = 1e-6  # essentially pure noise: accuracy is chance, 1/8, within 5 binomial SE
+    xt = ab**0.5 * x + (1 - ab) ** 0.5 * torch.randn(n, 2, generator=g)
+    assert abs(mode_recovery_accuracy(xt, y, ring, ab) - 1 / 8) < 5 * math.sqrt((1 / 8) * (7 / 8) / n)
+    # in between it agrees with a Monte Carlo estimate of the same Bayes rule computed another way
+    ab = 0.3
+    xt = ab**0.5 * x + (1 - ab) ** 0.5 * torch.randn(n, 2, generator=g)
+    var = ab * ring.std**2 + 1 - ab
+    loglik = -((xt[:, None, :] - ab**0.5 * ring.modes[None]) ** 2).sum(-1) / (2 * var)
+    want = float((loglik.argmax(1) == y).float().mean())
+    assert mode_recovery_accuracy(xt, y, ring, ab) == pytest.approx(want, abs=1e-12)
+    assert 0.2 < want < 0.9
+    with pytest.raises(ValueError):
+        mode_recovery_accuracy(xt, y[:-1], ring, ab)
+    with pytest.raises(ValueError):
+        mode_recovery_accuracy(xt, y, ring, 0.0)
