@@ -107,3 +107,29 @@ def test_every_source_lesson_has_exercises_and_students_see_no_solution():
         assert "BEGIN SOLUTION" not in student and "NotImplementedError" in student
         nb = json.loads(student)
         assert all(not c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
+
+
+def _check_outputs(path):
+    """Execute a notebook in quick mode and return the printed output of every `check(...)` cell."""
+    import nbclient
+
+    nb = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}}).execute()
+    return [("".join(o.get("text", "") for o in c.outputs if o.output_type == "stream"))
+            for c in nb.cells if c.cell_type == "code" and c.source.lstrip().startswith("check(")]
+
+
+@pytest.mark.parametrize("name", [p.name for p in sorted(NOTEBOOKS.glob("*.ipynb"))])
+def test_release_round_trip(name):
+    """Source lessons pass every check; their student copies run cleanly with every exercise not attempted."""
+    from course_lib.exercises import EXERCISES
+
+    lesson = int(name[:2])
+    expected = sorted(n for n, ex in EXERCISES.items() if ex.lesson == lesson)
+    source = _check_outputs(NOTEBOOKS / name)
+    student = _check_outputs(NOTEBOOKS / "student" / name)
+    assert len(source) == len(student) == len(expected) > 0
+    assert sorted(out.split(":")[0].split()[-1] for out in source) == expected
+    assert all(": passed." in out for out in source), source
+    assert all(": not attempted." in out for out in student), student
