@@ -19,7 +19,7 @@ COLAB_INSTALL_CELL = f"""\
 import os, sys
 if "google.colab" in sys.modules and not os.path.isdir("/content/diffusion-course"):
     !git clone -q --depth 1 {REPO_URL} /content/diffusion-course
-    %pip install -q -e /content/diffusion-course
+    %pip install -q /content/diffusion-course  # a regular install: importable without restarting
     %cd /content/diffusion-course/notebooks"""
 
 
