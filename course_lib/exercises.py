@@ -6,7 +6,7 @@ attempted and returns a bool. Results are remembered for this session; `progress
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch

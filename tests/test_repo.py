@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from course_lib.runtime import COLAB_INSTALL_CELL, REPO_URL
 
