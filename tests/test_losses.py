@@ -1,0 +1,119 @@
+"""Parametrizations, the posterior and the loss. Statistical tolerances: 5 standard errors at the stated N."""
+import math
+
+import pytest
+import torch
+
+from course_lib import losses as L
+from course_lib.forward import q_sample
+from course_lib.schedules import NoiseSchedule
+
+KINDS = L.PREDICTIONS
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    s = NoiseSchedule.named("cosine", 1000)
+    x0 = torch.randn(64, 3, 4, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(64, 3, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.randint(0, 990, (64,), generator=g)  # stop short of the clipped end, where 1/sqrt(ab) explodes
+    ab = s.at(s.alpha_bar, t, x0)
+    return x0, eps, q_sample(x0, t, s, noise=eps), ab
+
+
+@pytest.mark.parametrize("src", KINDS)
+@pytest.mark.parametrize("dst", KINDS)
+def test_conversions_round_trip_and_agree_with_the_truth(batch, src, dst):
+    x0, eps, xt, ab = batch
+    truth = {"eps": eps, "x0": x0, "v": L.v_target(x0, eps, ab), "score": -eps / (1 - ab).sqrt()}
+    got = L.convert(truth[src], src, dst, xt, ab)
+    torch.testing.assert_close(got, truth[dst], rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(L.convert(got, dst, src, xt, ab), truth[src], rtol=1e-7, atol=1e-7)
+
+
+def test_v_is_the_rotation_of_x0_and_eps(batch):
+    x0, eps, xt, ab = batch
+    v = L.v_target(x0, eps, ab)
+    # (x_t, v) is a rotation of (x0, eps) by phi = atan2(sqrt(1-ab), sqrt(ab)): norms are preserved
+    torch.testing.assert_close(xt**2 + v**2, x0**2 + eps**2)
+
+
+@pytest.mark.parametrize("t", [5, 300])  # at t=5 the posterior variance is ~0.83 beta_t, at 300 ~beta_t
+def test_posterior_matches_monte_carlo_regression(t):
+    """Sample (x_{t-1}, x_t) given x0 and regress x_{t-1} on x_t: slope, intercept and residual variance
+    are the posterior's mean coefficients and variance. N = 400,000: SE of the slope ~ 1.6e-3 * resid std."""
+    s = NoiseSchedule.named("linear", 1000)
+    g = torch.Generator().manual_seed(1)
+    n, x0_val = 400_000, 0.8
+    x0 = torch.full((n, 1), x0_val, dtype=torch.float64)
+    x_prev = q_sample(x0, t - 1, s, generator=g)
+    beta = s.betas[t].item()
+    x_t = math.sqrt(1 - beta) * x_prev + math.sqrt(beta) * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    X = torch.cat([torch.ones(n, 1, dtype=torch.float64), x_t], 1)
+    coef = torch.linalg.lstsq(X, x_prev).solution.flatten()
+    resid_var = (x_prev - X @ coef[:, None]).var().item()
+    mean, var = L.q_posterior(x0, x_t, t, s)
+    # the posterior mean is linear in x_t: recover its intercept and slope from two points
+    slope = ((mean[1] - mean[0]) / (x_t[1] - x_t[0])).item()
+    intercept = (mean[0] - slope * x_t[0]).item()
+    se_slope = math.sqrt(var.item() / (n * x_t.var().item()))
+    assert abs(coef[1].item() - slope) < 5 * se_slope
+    se_intercept = math.sqrt(var.item() / n * (1 + x_t.mean().item() ** 2 / x_t.var().item()))
+    assert abs(coef[0].item() - intercept) < 5 * se_intercept
+    assert abs(resid_var - var.item()) < 5 * var.item() * math.sqrt(2 / n)
+
+
+def test_posterior_at_t0_is_exact_and_bad_shapes_fail():
+    s = NoiseSchedule.named("linear", 100)
+    x0, xt = torch.randn(3, 2), torch.randn(3, 2)
+    mean, var = L.q_posterior(x0, xt, torch.zeros(3, dtype=torch.long), s)
+    torch.testing.assert_close(mean, x0)
+    assert (var == 0).all()
+    with pytest.raises(ValueError, match="same shape"):
+        L.q_posterior(x0, torch.randn(3, 3), 5, s)
+
+
+def test_min_snr_weights():
+    snr = torch.tensor([0.1, 1.0, 5.0, 50.0])
+    torch.testing.assert_close(L.snr_weight(snr, "x0", "min_snr", 5.0), torch.tensor([0.1, 1.0, 5.0, 5.0]))
+    torch.testing.assert_close(L.snr_weight(snr, "eps", "min_snr", 5.0), torch.tensor([1.0, 1.0, 1.0, 0.1]))
+    torch.testing.assert_close(L.snr_weight(snr, "v", "min_snr", 5.0), torch.tensor([0.1 / 1.1, 0.5, 5 / 6, 5 / 51]))
+    assert (L.snr_weight(snr, "eps") == 1).all()
+    with pytest.raises(ValueError, match="weighting"):
+        L.snr_weight(snr, "eps", "p2")
+    with pytest.raises(ValueError, match="prediction type"):
+        L.snr_weight(snr, "noise")
+
+
+@pytest.mark.parametrize("kind", ["eps", "x0", "v"])
+def test_loss_is_zero_for_the_exact_model_and_positive_otherwise(kind):
+    """A model that knows x0 returns the exact target for every parametrization: loss 0 to rounding."""
+    s = NoiseSchedule.named("cosine", 200)
+    x0 = torch.randn(32, 2, dtype=torch.float64)
+
+    def oracle(x_t, t):
+        ab = s.at(s.alpha_bar, t, x_t)
+        eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+        return L.from_eps(eps, kind, x_t, ab) if kind != "x0" else x0
+
+    g = torch.Generator().manual_seed(0)
+    assert L.diffusion_loss(oracle, x0, s, kind, generator=g).item() < 1e-12
+    zero = L.diffusion_loss(lambda x_t, t: torch.zeros_like(x_t), x0, s, kind, generator=g)
+    assert zero.item() > 0.1
+    with pytest.raises(ValueError, match="output shape"):
+        L.diffusion_loss(lambda x_t, t: x_t[:, :1], x0, s, kind)
+
+
+def test_one_optimisation_step_decreases_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    s = NoiseSchedule.named("cosine", 100)
+    x0 = torch.randn(256, 2)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.SiLU(), torch.nn.Linear(64, 2))
+    model = lambda x_t, t: net(torch.cat([x_t, (t.float() / s.T)[:, None]], 1))
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    loss = lambda: L.diffusion_loss(model, x0, s, generator=torch.Generator().manual_seed(7))
+    before = loss()
+    before.backward()
+    opt.step()
+    assert loss().item() < before.item()
