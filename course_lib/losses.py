@@ -83,7 +83,9 @@ def snr_weight(snr: torch.Tensor, prediction: str = "eps", kind: str = "uniform"
 def training_target(kind: str, x0: torch.Tensor, eps: torch.Tensor, x_t: torch.Tensor,
                     alpha_bar_t: torch.Tensor) -> torch.Tensor:
     """What a model of prediction type `kind` is trained to output for (x0, eps)."""
-    return from_eps(eps, kind, x_t, alpha_bar_t) if kind != "x0" else x0
+    if kind == "x0":
+        return x0  # exact, rather than recovered from x_t with rounding error
+    return from_eps(eps, kind, x_t, alpha_bar_t)
 
 
 def diffusion_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, prediction: str = "eps",
