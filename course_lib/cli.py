@@ -21,6 +21,68 @@ def _release(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    import json
+    import platform
+    from pathlib import Path
+
+    from .checkpoints import write_json_atomic
+    from .runtime import device_info
+
+    names = sorted(PRESET_NAMES)
+    if args.preset not in PRESET_NAMES:
+        raise ValueError(f"unknown preset {args.preset!r}; choose one of {names}")
+    out = Path(args.out or f"{args.preset}.pt")
+    if out.exists() and not args.force:
+        raise ValueError(f"{out} exists; pass --force to replace it (or choose another --out)")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be positive, got {args.steps}")
+    info = device_info(args.device)
+    machine = f"{info.name}; {platform.machine()}; torch {__import__('torch').__version__}"
+    command = (f"python -m course_lib train --preset {args.preset} --out {out} --force"
+               + (f" --steps {args.steps}" if args.steps else ""))
+    if args.preset == "digits_classifier":
+        from .classifier import export_classifier, train_classifier
+
+        clf, card = train_classifier(steps=args.steps or 2_000)
+        card.update(preset=args.preset, machine=machine, command=command)
+    else:
+        from .models import count_parameters
+        from .train import Trainer, held_out_likelihood, preset, sample_quality
+
+        config = preset(args.preset, **({"steps": args.steps} if args.steps else {}))
+        state = Path(args.state) if args.state else None
+        if state is not None and state.exists():
+            trainer = Trainer.resume(state, info.device)
+            print(f"Resumed {state} at step {trainer.step}")
+        else:
+            trainer = Trainer(config, info.device)
+        save = (lambda tr: tr.save(state)) if state is not None else None
+        trainer.train(callback=save, every=1000)
+        if state is not None:
+            trainer.save(state)
+        card = {"preset": args.preset, "steps": trainer.step, "train_seconds": round(trainer.elapsed, 1),
+                "machine": machine, "command": command, "parameters": count_parameters(trainer.model),
+                "final_loss": round(sum(trainer.losses[-200:]) / len(trainer.losses[-200:]), 5)}
+        if not args.no_eval:
+            print("Measuring sample quality and the likelihood bound ...")
+            ema, cfg = trainer.ema, trainer.config.__dict__
+            card["quality"] = sample_quality(ema, trainer.schedule, cfg, n=args.eval_samples, progress=True)
+            n_t = 100 if trainer.config.data == "digits" else None
+            card["likelihood"] = held_out_likelihood(ema, trainer.schedule, cfg, n_t=n_t)
+    if args.preset == "digits_classifier":
+        export_classifier(clf, out, card)
+    else:
+        trainer.export(out, card)
+    write_json_atomic(card, out.with_suffix(".json"))
+    print(json.dumps(card, indent=2, sort_keys=True))
+    print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and {out.with_suffix('.json')}")
+    return 0
+
+
+PRESET_NAMES = ("ring8", "grid25", "digits", "digits_cond", "digits_classifier")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m course_lib",
                                      description="Tools for the hands-on diffusion course.")
@@ -36,6 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder for the student notebooks")
     p.add_argument("--force", action="store_true", help="overwrite the student notebooks in a non-empty OUT_DIR")
     p.set_defaults(func=_release)
+    p = sub.add_parser("train", help="train a preset model and write its checkpoint and JSON card",
+                       description="Train one of the shipped models from scratch (reproducing data/NAME.pt), "
+                                   "measure its sample quality and write NAME.pt plus NAME.json.")
+    p.add_argument("--preset", required=True, metavar="NAME", help=f"one of: {', '.join(PRESET_NAMES)}")
+    p.add_argument("--out", metavar="PATH", help="where to write the checkpoint (default: ./NAME.pt)")
+    p.add_argument("--steps", type=int, metavar="N", help="optimizer steps (default: the preset's)")
+    p.add_argument("--state", metavar="PATH", help="also keep the full training state here (saved every 1,000 "
+                                                   "steps); if the file exists, training resumes from it")
+    p.add_argument("--device", choices=("cuda", "mps", "cpu"), help="default: the best one found")
+    p.add_argument("--eval-samples", type=int, default=2000, metavar="N", help="samples for the quality numbers")
+    p.add_argument("--no-eval", action="store_true", help="skip the quality measurement")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=_train)
     return parser
 
 

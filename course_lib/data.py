@@ -33,6 +33,15 @@ class GaussianMixture2D:
         x = self.modes[labels] + self.std * torch.randn(n, 2, generator=generator)
         return (x, labels) if return_labels else x
 
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact log-density of each point (n, 2) under the mixture, in nats."""
+        x = torch.as_tensor(x, dtype=torch.float64)
+        if x.ndim != 2 or x.shape[1] != 2:
+            raise ValueError(f"points must have shape (n, 2), got {tuple(x.shape)}")
+        d2 = ((x[:, None, :] - self.modes.double()[None]) ** 2).sum(-1)
+        log_comp = -d2 / (2 * self.std**2) - math.log(2 * math.pi * self.std**2)
+        return torch.logsumexp(log_comp, dim=1) - math.log(len(self.modes))
+
 
 def ring_of_gaussians(k: int = 8, radius: float = 1.0, std: float = 0.05) -> GaussianMixture2D:
     """k Gaussians evenly spaced on a circle (the '8 Gaussians' of Metz et al. 2017, unrolled GANs)."""
@@ -113,6 +122,21 @@ def load_digits(with_labels: bool = True):
     images = torch.from_numpy(d.images).float().unsqueeze(1) / 8.0 - 1.0  # pixel values are 0..16
     labels = torch.from_numpy(d.target).long()
     return (images, labels) if with_labels else images
+
+
+DIGITS_LEVELS = 17  # sklearn's digits take the values 0..16
+
+
+def digits_split(split: str = "train", test_size: int = 297):
+    """A fixed train/test split of the digits (seeded permutation; 1,500 / 297 by default): images, labels."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    images, labels = load_digits()
+    if not 0 < test_size < len(images):
+        raise ValueError(f"test_size must be in (0, {len(images)}), got {test_size}")
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    idx = perm[:test_size] if split == "test" else perm[test_size:]
+    return images[idx], labels[idx]
 
 
 MNIST_SOURCES = {

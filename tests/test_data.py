@@ -198,3 +198,21 @@ def test_mode_recovery_accuracy_from_perfect_to_chance():
         mode_recovery_accuracy(xt, y[:-1], ring, ab)
     with pytest.raises(ValueError):
         mode_recovery_accuracy(xt, y, ring, 0.0)
+
+
+def test_mixture_log_prob_is_a_normalised_density_and_matches_its_entropy():
+    from course_lib.data import grid_of_gaussians, ring_of_gaussians
+
+    ring = ring_of_gaussians()
+    u = torch.linspace(-1.5, 1.5, 1201, dtype=torch.float64)
+    xx, yy = torch.meshgrid(u, u, indexing="ij")
+    mass = ring.log_prob(torch.stack([xx.flatten(), yy.flatten()], 1)).exp().sum().item() * (u[1] - u[0]).item() ** 2
+    assert mass == pytest.approx(1.0, abs=1e-3)
+    # well-separated modes: entropy = log K + log(2 pi e std^2); a Monte Carlo estimate, 5 standard errors
+    g = torch.Generator().manual_seed(0)
+    for mix in (ring, grid_of_gaussians()):
+        lp = mix.log_prob(mix.sample(20_000, g))
+        h = math.log(len(mix.modes)) + math.log(2 * math.pi * math.e * mix.std**2)
+        assert abs(-lp.mean().item() - h) < 5 * lp.std().item() / math.sqrt(20_000)
+    with pytest.raises(ValueError, match=r"\(n, 2\)"):
+        ring.log_prob(torch.zeros(3))

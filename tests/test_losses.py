@@ -117,3 +117,65 @@ def test_one_optimisation_step_decreases_the_loss_on_a_fixed_batch():
     before.backward()
     opt.step()
     assert loss().item() < before.item()
+
+
+def _gaussian_eps_model(schedule, sd):
+    """The exact eps-predictor for data ~ N(0, sd^2): E[eps | x_t] = sigma_t x_t / (a_t^2 sd^2 + sigma_t^2)."""
+    def model(x, t):
+        ab = schedule.at(schedule.alpha_bar, t, x).to(x.dtype)
+        return (1 - ab).sqrt() * x / (ab * sd**2 + 1 - ab)
+    model.prediction = "eps"
+    return model
+
+
+def test_the_bound_is_tight_for_the_exact_model_of_unit_gaussian_data():
+    # For x ~ N(0, 1) the variance-preserving chain is stationary, the true reverse step is
+    # N(sqrt(alpha_t) x_t, beta_t), so the exact model with variance beta_t makes the bound an equality.
+    s = NoiseSchedule.named("linear", 1000)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 2, generator=g, dtype=torch.float64)
+    r = L.variational_bound(_gaussian_eps_model(s, 1.0), x, s, variance="beta", generator=g)
+    nll = 2 * 0.5 * math.log(2 * math.pi * math.e)
+    se = r["total"].std().item() / math.sqrt(len(x))
+    assert abs(r["total"].mean().item() - nll) < 5 * se and se < 0.05
+    torch.testing.assert_close(r["total"], r["prior"] + r["diffusion"] + r["decoder"])
+    torch.testing.assert_close(r["bits_per_dim"], r["total"] / (2 * math.log(2)))
+    # beta-tilde is the wrong variance here: the bound is loose, by far more than its noise
+    loose = L.variational_bound(_gaussian_eps_model(s, 1.0), x, s, variance="posterior", generator=g)["total"]
+    assert loose.mean().item() - nll > 10 * se
+    # a wrong model pays for it: predicting zero noise is far worse
+    zero = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    assert L.variational_bound(zero, x, s, prediction="eps", generator=g)["total"].mean() > nll + 1
+
+
+def test_the_random_timestep_estimate_is_unbiased():
+    s = NoiseSchedule.named("cosine", 200)
+    g = torch.Generator().manual_seed(1)
+    x = 0.5 * torch.randn(4000, 2, generator=g, dtype=torch.float64)
+    model = _gaussian_eps_model(s, 0.5)
+    full = L.variational_bound(model, x, s, generator=g)["diffusion"]
+    est = L.variational_bound(model, x, s, n_t=2, generator=g)["diffusion"]
+    se = math.hypot(full.std().item(), est.std().item()) / math.sqrt(len(x))
+    assert abs(full.mean().item() - est.mean().item()) < 5 * se
+
+
+def test_the_discretized_likelihood_is_a_distribution_over_the_levels():
+    levels = 17
+    values = torch.linspace(-1, 1, levels, dtype=torch.float64)
+    for mean, var in [(0.0, 0.01), (0.93, 0.2), (-1.3, 1e-4)]:
+        logp = L.discretized_gaussian_log_likelihood(values, torch.full_like(values, mean), var, levels)
+        assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-9)
+
+
+def test_variational_bound_rejects_bad_input():
+    s = NoiseSchedule.named("linear", 50)
+    model = _gaussian_eps_model(s, 1.0)
+    x = torch.zeros(4, 2)
+    with pytest.raises(ValueError, match="variance"):
+        L.variational_bound(model, x, s, variance="learned")
+    with pytest.raises(ValueError, match="n_t"):
+        L.variational_bound(model, x, s, n_t=0)
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        L.variational_bound(model, x + 3, s, levels=17)
+    with pytest.raises(ValueError, match="prediction type"):
+        L.variational_bound(lambda x, t: x, x, s)

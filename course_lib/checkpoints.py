@@ -1,0 +1,119 @@
+"""Checkpoints: atomic save, validated load, and the small pretrained models shipped in data/."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+FORMAT = "course_lib.checkpoint"
+VERSION = 1
+KINDS = ("train_state", "weights")
+SHIPPED = ("ring8", "grid25", "digits", "digits_cond", "digits_classifier")
+
+
+def save_atomic(obj, path: str | Path) -> Path:
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file at `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json_atomic(data: dict, path: str | Path) -> Path:
+    """Write a JSON file (indented, sorted keys) through a temporary file and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """Load and validate a course_lib checkpoint; a missing, corrupt or foreign file gives a clear ValueError."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, random bytes, a pickle of something else ...
+        raise ValueError(f"{path} is not a readable checkpoint (corrupt or truncated?): "
+                         f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a course_lib checkpoint (no format={FORMAT!r} field)")
+    if ckpt.get("version") != VERSION or ckpt.get("kind") not in KINDS:
+        raise ValueError(f"{path}: unsupported checkpoint version {ckpt.get('version')!r} "
+                         f"or kind {ckpt.get('kind')!r}; this course_lib reads version {VERSION}")
+    return ckpt
+
+
+def check_same_model(model_config: dict, expected: dict, where: str = "checkpoint") -> None:
+    """Refuse weights saved from a different architecture, naming what differs."""
+    if model_config != expected:
+        diff = sorted(k for k in set(model_config) | set(expected) if model_config.get(k) != expected.get(k))
+        detail = ", ".join(f"{k}: {model_config.get(k)!r} in the {where}, {expected.get(k)!r} here" for k in diff)
+        raise ValueError(f"the {where} holds a different model ({detail})")
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, which: str = "ema") -> torch.nn.Module:
+    """Load the weights of a checkpoint into `model` (which must have the same .config); returns the model."""
+    ckpt = load_checkpoint(path)
+    check_same_model(ckpt["model_config"], getattr(model, "config", {}), where=f"checkpoint {Path(path).name}")
+    key = "weights" if ckpt["kind"] == "weights" else which
+    if key not in ("weights", "ema", "model"):
+        raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
+    model.load_state_dict(ckpt[key])
+    return model
+
+
+def shipped_dir() -> Path:
+    """The folder holding the shipped checkpoints: $COURSE_CHECKPOINTS, the repo's data/, or the Colab clone's."""
+    candidates = [os.environ.get("COURSE_CHECKPOINTS"), Path(__file__).resolve().parents[1] / "data",
+                  "/content/diffusion-course/data", Path.cwd() / "data", Path.cwd().parent / "data"]
+    for c in candidates:
+        if c and (Path(c) / "ring8.pt").is_file():
+            return Path(c)
+    raise FileNotFoundError("cannot find the shipped checkpoints (data/ring8.pt): run from the course repository, "
+                            "or set COURSE_CHECKPOINTS to the folder that holds them")
+
+
+class Pretrained(NamedTuple):
+    model: torch.nn.Module
+    schedule: object
+    config: dict
+    card: dict
+
+
+def load_pretrained(name_or_path: str | Path, device=None, which: str = "ema") -> Pretrained:
+    """A diffusion model ready to sample (eval mode), its noise schedule, its training config and its card."""
+    from .models import build_model
+    from .schedules import NoiseSchedule
+
+    path = Path(name_or_path)
+    if str(name_or_path) in SHIPPED:
+        path = shipped_dir() / f"{name_or_path}.pt"
+    ckpt = load_checkpoint(path)
+    config = ckpt["config"]
+    if "schedule" not in config:
+        raise ValueError(f"{path} holds no diffusion model (its config has no noise schedule)")
+    model = build_model(ckpt["model_config"])
+    model.load_state_dict(ckpt["weights"] if ckpt["kind"] == "weights" else ckpt[which])
+    model.eval().requires_grad_(False)
+    if device is not None:
+        model.to(device)
+    return Pretrained(model, NoiseSchedule.named(config["schedule"], config["T"]), config, ckpt.get("card", {}))

@@ -1,0 +1,157 @@
+"""The training loop and checkpoints: exact resume, refusal of foreign or corrupt files, atomic saves, the CLI."""
+import json
+
+import pytest
+import torch
+
+from course_lib import checkpoints as C
+from course_lib.cli import main
+from course_lib.train import Trainer, TrainConfig, plot_losses, preset, smoothed
+
+TINY_MLP = dict(data="ring8", model={"kind": "mlp", "hidden": 32, "depth": 2}, batch_size=64, steps=40, warmup=5)
+TINY_UNET = dict(data="digits", conditional=True, batch_size=8, steps=10, warmup=2, schedule="cosine",
+                 model={"kind": "unet", "base": 8, "mults": [1, 2], "num_res": 1, "heads": 2})
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.parametrize("cfg", [TINY_MLP, TINY_UNET], ids=["mlp-ring8", "unet-digits-conditional"])
+def test_resumed_training_is_bit_for_bit_the_uninterrupted_run(tmp_path, cfg):
+    config = TrainConfig(**cfg)
+    straight = Trainer(config).train(progress=False)
+    first = Trainer(config).train(steps=config.steps // 2 - 1, progress=False)
+    first.save(tmp_path / "state.pt")
+    torch.manual_seed(1234)  # whatever the user's code does to the global RNG in between
+    resumed = Trainer.resume(tmp_path / "state.pt").train(progress=False)
+    assert resumed.step == straight.step == config.steps
+    assert _same(resumed.model, straight.model) and _same(resumed.ema, straight.ema)
+    assert resumed.losses == straight.losses
+    # and the check itself can fail: another seed gives other weights
+    assert not _same(Trainer(TrainConfig(**{**cfg, "seed": 1})).train(progress=False).model, straight.model)
+
+
+def test_training_lowers_the_loss_and_the_ema_lags_the_weights():
+    tr = Trainer(TrainConfig(**{**TINY_MLP, "steps": 300, "lr": 3e-3})).train(progress=False)
+    assert sum(tr.losses[-50:]) / 50 < 0.6 * sum(tr.losses[:50]) / 50
+    assert not _same(tr.ema, tr.model)
+
+
+def test_budgets_in_steps_and_seconds():
+    tr = Trainer(TrainConfig(**TINY_MLP))
+    assert tr.train(steps=7, progress=False).step == 7 and len(tr.losses) == 7
+    assert tr.train(steps=100, seconds=0.0, progress=False).step == 7  # no time: no step
+    calls = []
+    tr.train(steps=10, progress=False, callback=lambda t: calls.append(t.step), every=5)
+    assert calls == [10, 15] and tr.step == 17
+    with pytest.raises(ValueError, match="non-negative"):
+        tr.train(steps=-1)
+
+
+def test_learning_rate_warms_up_then_decays_to_a_tenth():
+    tr = Trainer(TrainConfig(**{**TINY_MLP, "warmup": 10, "lr": 1.0, "steps": 100}))
+    assert tr.lr_at(0) == pytest.approx(0.1) and tr.lr_at(50) == pytest.approx(0.55)
+    assert tr.lr_at(100) == pytest.approx(0.1)
+    flat = Trainer(TrainConfig(**{**TINY_MLP, "warmup": 10, "lr": 1.0, "lr_decay": "constant"}))
+    assert [flat.lr_at(s) for s in (0, 4, 9, 500)] == pytest.approx([0.1, 0.5, 1.0, 1.0])
+
+
+def test_a_nan_loss_stops_training_with_a_clear_message(monkeypatch):
+    tr = Trainer(TrainConfig(**TINY_MLP))
+    monkeypatch.setattr(tr.model, "forward", lambda x, t, **kw: torch.full_like(x, float("nan")))
+    with pytest.raises(FloatingPointError, match="lower the learning rate"):
+        tr.train(steps=1, progress=False)
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    Trainer(TrainConfig(**TINY_MLP)).save(tmp_path / "mlp.pt")
+    other = Trainer(TrainConfig(**{**TINY_MLP, "model": {"kind": "mlp", "hidden": 48, "depth": 2}}))
+    with pytest.raises(ValueError, match=r"different model \(hidden: 32 in the checkpoint, 48 here\)"):
+        other.load_state_dict(C.load_checkpoint(tmp_path / "mlp.pt"))
+    from course_lib.models import UNet
+
+    with pytest.raises(ValueError, match="different model.*kind: 'mlp'"):
+        C.load_weights(UNet(base=8, mults=(1, 2), num_res=1, heads=2), tmp_path / "mlp.pt")
+
+
+def test_corrupt_truncated_and_foreign_files_are_refused(tmp_path):
+    tr = Trainer(TrainConfig(**TINY_MLP))
+    good = tr.save(tmp_path / "good.pt")
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (tmp_path / "noise.pt").write_bytes(bytes(range(256)) * 8)
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+    for name in ("cut.pt", "noise.pt"):
+        with pytest.raises(ValueError, match="not a readable checkpoint"):
+            C.load_checkpoint(tmp_path / name)
+    with pytest.raises(ValueError, match="not a course_lib checkpoint"):
+        C.load_checkpoint(tmp_path / "foreign.pt")
+    with pytest.raises(FileNotFoundError):
+        C.load_checkpoint(tmp_path / "missing.pt")
+    tr.export(tmp_path / "weights.pt")
+    with pytest.raises(ValueError, match="cannot be resumed"):
+        Trainer.resume(tmp_path / "weights.pt")
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    tr = Trainer(TrainConfig(**TINY_MLP))
+    path = tr.save(tmp_path / "state.pt")
+    before = path.read_bytes()
+    tr.train(steps=3, progress=False)
+
+    def crash(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        tr.save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # no temporary file left behind
+
+
+def test_exported_weights_load_as_a_pretrained_model(tmp_path):
+    tr = Trainer(TrainConfig(**TINY_MLP)).train(steps=5, progress=False)
+    tr.export(tmp_path / "m.pt", card={"note": "tiny"})
+    loaded = C.load_pretrained(tmp_path / "m.pt")
+    assert _same(loaded.model, tr.ema) and loaded.card == {"note": "tiny"}
+    assert loaded.schedule.T == 1000 and loaded.config["data"] == "ring8" and not loaded.model.training
+
+
+def test_config_and_preset_errors():
+    with pytest.raises(ValueError, match="data must be one of"):
+        TrainConfig(data="cifar")
+    with pytest.raises(ValueError, match="labelled data"):
+        TrainConfig(data="ring8", conditional=True)
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("imagenet")
+    assert preset("digits_cond").conditional and not preset("digits").conditional
+
+
+def test_loss_plot_and_smoothing():
+    assert smoothed([1.0, 3.0, 5.0, 7.0], window=2) == [1.0, 2.0, 4.0, 6.0]
+    ax = plot_losses([1.0, 0.5, 0.25] * 10, window=3)
+    assert ax.get_xlabel() == "optimizer step" and ax.get_ylabel() == "training loss"
+
+
+def test_cli_train_writes_a_checkpoint_and_card_and_never_overwrites_silently(tmp_path, capsys):
+    out = tmp_path / "ring8.pt"
+    assert main(["train", "--preset", "ring8", "--steps", "5", "--out", str(out), "--no-eval"]) == 0
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["preset"] == "ring8" and card["steps"] == 5 and card["parameters"] > 0
+    assert C.load_pretrained(out).config["steps"] == 5
+    before = out.read_bytes()
+    assert main(["train", "--preset", "ring8", "--steps", "5", "--out", str(out)]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err and out.read_bytes() == before
+    assert main(["train", "--preset", "nope"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+
+
+def test_cli_train_resumes_from_its_state_file(tmp_path):
+    state = tmp_path / "state.pt"
+    args = ["train", "--preset", "ring8", "--no-eval", "--state", str(state), "--force"]
+    assert main(args + ["--steps", "4", "--out", str(tmp_path / "a.pt")]) == 0
+    assert main(args + ["--steps", "4", "--out", str(tmp_path / "b.pt")]) == 0  # already at step 4: nothing to do
+    assert C.load_checkpoint(state)["step"] == 4
+    a, b = C.load_checkpoint(tmp_path / "a.pt"), C.load_checkpoint(tmp_path / "b.pt")
+    assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
