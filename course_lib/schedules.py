@@ -168,7 +168,7 @@ class NoiseSchedule:
         object.__setattr__(self, "betas", check_betas(self.betas))
 
     @classmethod
-    def named(cls, name: str, T: int = 1000, **kwargs) -> "NoiseSchedule":
+    def named(cls, name: str, T: int = 1000, **kwargs) -> NoiseSchedule:
         """The schedule called `name` (linear, cosine, sigmoid, scaled_linear) with T steps."""
         return cls(make_betas(name, T, **kwargs), name=name)
 

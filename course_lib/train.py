@@ -166,7 +166,7 @@ class Trainer:
         return loss.detach()
 
     def train(self, steps: int | None = None, seconds: float | None = None, progress: bool = True,
-              callback=None, every: int = 500) -> "Trainer":
+              callback=None, every: int = 500) -> Trainer:
         """Run until `steps` more steps (default: up to config.steps) or `seconds` pass; callback(self) every `every` steps."""
         if steps is not None and (not isinstance(steps, int) or steps < 0):
             raise ValueError(f"steps must be a non-negative int, got {steps!r}")
@@ -235,7 +235,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
     @classmethod
-    def resume(cls, path: str | Path, device=None) -> "Trainer":
+    def resume(cls, path: str | Path, device=None) -> Trainer:
         """Rebuild a Trainer from a checkpoint written by save(); training continues exactly where it stopped."""
         state = ckpt_io.load_checkpoint(path)
         if state["kind"] != "train_state":

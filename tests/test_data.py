@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from course_lib import data
-from course_lib.metrics import hq_fraction, hq_fraction_expected, mode_counts, modes_covered
+from course_lib.metrics import (
+    hq_fraction,
+    hq_fraction_expected,
+    mode_counts,
+    modes_covered,
+)
 
 
 @pytest.mark.parametrize("mixture, k", [(data.ring_of_gaussians(), 8), (data.grid_of_gaussians(), 25)])

@@ -3,7 +3,13 @@ import pytest
 import torch
 
 from course_lib.losses import diffusion_loss
-from course_lib.models import TimeMLP, UNet, build_model, count_parameters, timestep_embedding
+from course_lib.models import (
+    TimeMLP,
+    UNet,
+    build_model,
+    count_parameters,
+    timestep_embedding,
+)
 from course_lib.schedules import NoiseSchedule
 
 SMALL_UNET = dict(base=16, mults=(1, 2, 2), num_res=1, heads=2)

@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from course_lib.runtime import COLAB_INSTALL_CELL, REPO_URL
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import torch
 
 from course_lib import checkpoints as C
 from course_lib.cli import main
-from course_lib.train import Trainer, TrainConfig, plot_losses, preset, smoothed
+from course_lib.train import TrainConfig, Trainer, plot_losses, preset, smoothed
 
 TINY_MLP = dict(data="ring8", model={"kind": "mlp", "hidden": 32, "depth": 2}, batch_size=64, steps=40, warmup=5)
 TINY_UNET = dict(data="digits", conditional=True, batch_size=8, steps=10, warmup=2, schedule="cosine",
