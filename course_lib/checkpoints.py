@@ -15,6 +15,13 @@ KINDS = ("train_state", "weights")
 SHIPPED = ("ring8", "grid25", "digits", "digits_cond", "digits_classifier")
 
 
+def _default_mode() -> int:
+    """The permissions a new file would get (mkstemp's files are private, 0600, otherwise)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def save_atomic(obj, path: str | Path) -> Path:
     """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file at `path`."""
     path = Path(path)
@@ -25,6 +32,7 @@ def save_atomic(obj, path: str | Path) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -40,6 +48,7 @@ def write_json_atomic(data: dict, path: str | Path) -> Path:
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
+    os.chmod(tmp, _default_mode())
     os.replace(tmp, path)
     return path
 

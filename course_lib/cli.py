@@ -67,7 +67,8 @@ def _train(args) -> int:
         if not args.no_eval:
             print("Measuring sample quality and the likelihood bound ...")
             ema, cfg = trainer.ema, trainer.config.__dict__
-            card["quality"] = sample_quality(ema, trainer.schedule, cfg, n=args.eval_samples, progress=True)
+            n = args.eval_samples or (1000 if trainer.config.data == "digits" else 2000)
+            card["quality"] = sample_quality(ema, trainer.schedule, cfg, n=n, progress=True)
             n_t = 100 if trainer.config.data == "digits" else None
             card["likelihood"] = held_out_likelihood(ema, trainer.schedule, cfg, n_t=n_t)
     if args.preset == "digits_classifier":
@@ -107,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", metavar="PATH", help="also keep the full training state here (saved every 1,000 "
                                                    "steps); if the file exists, training resumes from it")
     p.add_argument("--device", choices=("cuda", "mps", "cpu"), help="default: the best one found")
-    p.add_argument("--eval-samples", type=int, default=2000, metavar="N", help="samples for the quality numbers")
+    p.add_argument("--eval-samples", type=int, metavar="N",
+                   help="samples for the quality numbers (default: 2,000 points or 1,000 digits)")
     p.add_argument("--no-eval", action="store_true", help="skip the quality measurement")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=_train)

@@ -122,6 +122,35 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, var
     return torch.log((upper - lower).clamp(min=1e-12))
 
 
+def _x0_hat(model, x_t, t, schedule, prediction, **model_kwargs):
+    ab_t = schedule.at(schedule.alpha_bar, t, x_t)
+    out = model(x_t.to(torch.get_default_dtype()), t, **model_kwargs).to(x_t.dtype)
+    return convert(out, prediction, "x0", x_t, ab_t)
+
+
+def _check_bound_args(model, prediction, variance):
+    prediction = prediction or getattr(model, "prediction", None)
+    _check_prediction(prediction or "")
+    if prediction == "score":
+        raise ValueError("the variational bound needs an eps, x0 or v model")
+    if variance not in ("beta", "posterior"):
+        raise ValueError(f"variance must be 'beta' or 'posterior', got {variance!r}")
+    return prediction
+
+
+@torch.no_grad()
+def vlb_term(model, x0: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, prediction: str | None = None,
+             variance: str = "beta", generator: torch.Generator | None = None, **model_kwargs) -> torch.Tensor:
+    """L_{t-1} = KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) per sample, summed over dimensions, in nats (t >= 1)."""
+    prediction = _check_bound_args(model, prediction, variance)
+    x0 = x0.double() if x0.device.type == "cpu" else x0
+    x_t = q_sample(x0, t, schedule, generator=generator)
+    mean_q, var_q = q_posterior(x0, x_t, t, schedule)
+    mean_p, _ = q_posterior(_x0_hat(model, x_t, t, schedule, prediction, **model_kwargs), x_t, t, schedule)
+    var_p = schedule.at(schedule.betas, t, x_t) if variance == "beta" else var_q
+    return gaussian_kl(mean_q, var_q, mean_p, var_p).flatten(1).sum(1)
+
+
 @torch.no_grad()
 def variational_bound(model, x0: torch.Tensor, schedule: NoiseSchedule, prediction: str | None = None,
                       variance: str = "beta", levels: int | None = None, n_t: int | None = None,
@@ -134,28 +163,14 @@ def variational_bound(model, x0: torch.Tensor, schedule: NoiseSchedule, predicti
     drawn timesteps per sample (unbiased). Returns tensors of shape (B,): prior, diffusion, decoder, total,
     and bits_per_dim = total / (D ln 2).
     """
-    prediction = prediction or getattr(model, "prediction", None)
-    _check_prediction(prediction or "")
-    if prediction == "score":
-        raise ValueError("variational_bound needs an eps, x0 or v model")
-    if variance not in ("beta", "posterior"):
-        raise ValueError(f"variance must be 'beta' or 'posterior', got {variance!r}")
+    prediction = _check_bound_args(model, prediction, variance)
     if levels is not None and (x0.min() < -1 or x0.max() > 1):
         raise ValueError("discrete data (levels given) must lie in [-1, 1]")
     b, dims, T = x0.shape[0], x0[0].numel(), schedule.T
     x0 = x0.double() if x0.device.type == "cpu" else x0
 
-    def x0_hat(x_t, t):
-        ab_t = schedule.at(schedule.alpha_bar, t, x_t)
-        out = model(x_t.to(torch.get_default_dtype()), t, **model_kwargs).to(x_t.dtype)
-        return convert(out, prediction, "x0", x_t, ab_t)
-
-    def kl_term(t):  # L_{t-1} = KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)), summed over dimensions
-        x_t = q_sample(x0, t, schedule, generator=generator)
-        mean_q, var_q = q_posterior(x0, x_t, t, schedule)
-        mean_p, _ = q_posterior(x0_hat(x_t, t), x_t, t, schedule)
-        var_p = schedule.at(schedule.betas, t, x_t) if variance == "beta" else var_q
-        return gaussian_kl(mean_q, var_q, mean_p, var_p).flatten(1).sum(1)
+    def kl_term(t):
+        return vlb_term(model, x0, t, schedule, prediction, variance, generator, **model_kwargs)
 
     last = torch.full((b,), T - 1, device=x0.device)
     ab_last = schedule.at(schedule.alpha_bar, last, x0)
@@ -169,7 +184,7 @@ def variational_bound(model, x0: torch.Tensor, schedule: NoiseSchedule, predicti
         diffusion = (T - 1) * torch.stack(draws).mean(0)
     zero = torch.zeros((b,), dtype=torch.long, device=x0.device)
     x_0 = q_sample(x0, zero, schedule, generator=generator)
-    mean, var = x0_hat(x_0, zero), schedule.at(schedule.betas, zero, x0)
+    mean, var = _x0_hat(model, x_0, zero, schedule, prediction, **model_kwargs), schedule.at(schedule.betas, zero, x0)
     if levels is None:
         log_p = -0.5 * (torch.log(2 * torch.pi * var) + (x0 - mean) ** 2 / var)
     else:

@@ -63,7 +63,7 @@ class TrainConfig:
 
 PRESETS = {
     "ring8": TrainConfig(data="ring8", steps=12_000),
-    "grid25": TrainConfig(data="grid25", steps=12_000),
+    "grid25": TrainConfig(data="grid25", steps=30_000),  # 25 modes need longer than 8: 12,000 steps gave 0.78 hq
     "digits": TrainConfig(data="digits", model={"kind": "unet", "base": 32, "mults": [1, 2], "num_res": 1},
                           schedule="cosine", batch_size=128, lr=1e-3, steps=4_000),
 }
@@ -279,6 +279,12 @@ def plot_losses(losses, ax=None, window: int = 100, title: str | None = None):
 # ---- measuring a trained model (for the checkpoint cards and the tests) ---------------------------------
 
 
+def _device_of(model) -> torch.device:
+    params = getattr(model, "parameters", None)
+    first = next(iter(params()), None) if callable(params) else None
+    return first.device if first is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def sample_quality(model, schedule: NoiseSchedule, config: dict, n: int = 2000, steps: int | None = None,
                    seed: int = 0, classifier=None, progress: bool = False) -> dict:
@@ -292,7 +298,7 @@ def sample_quality(model, schedule: NoiseSchedule, config: dict, n: int = 2000, 
     from .samplers import sample_ddpm, uniform_timesteps
 
     g = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
+    device = _device_of(model)
     ts = uniform_timesteps(schedule, steps) if steps else None
     data = config["data"]
     start = time.perf_counter()
@@ -327,7 +333,7 @@ def held_out_likelihood(model, schedule: NoiseSchedule, config: dict, n: int = 2
     from .losses import variational_bound
 
     g = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
+    device = _device_of(model)
     if config["data"] == "digits":
         x = digits_split("test")[0].to(device)
         levels, key, unit = DIGITS_LEVELS, "bits_per_dim", "bits/dim"

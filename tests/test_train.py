@@ -110,6 +110,18 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # no temporary file left behind
 
 
+def test_saved_files_get_ordinary_permissions_not_private_temp_file_ones(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        path = Trainer(TrainConfig(**TINY_MLP)).save(tmp_path / "state.pt")
+        card = C.write_json_atomic({"a": 1}, tmp_path / "card.json")
+        assert path.stat().st_mode & 0o777 == card.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(mask)
+
+
 def test_exported_weights_load_as_a_pretrained_model(tmp_path):
     tr = Trainer(TrainConfig(**TINY_MLP)).train(steps=5, progress=False)
     tr.export(tmp_path / "m.pt", card={"note": "tiny"})
