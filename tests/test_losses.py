@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from course_lib import losses as L
+from course_lib.analytic import gaussian_eps_model
 from course_lib.forward import q_sample
 from course_lib.schedules import NoiseSchedule
 
@@ -120,12 +121,7 @@ def test_one_optimisation_step_decreases_the_loss_on_a_fixed_batch():
 
 
 def _gaussian_eps_model(schedule, sd):
-    """The exact eps-predictor for data ~ N(0, sd^2): E[eps | x_t] = sigma_t x_t / (a_t^2 sd^2 + sigma_t^2)."""
-    def model(x, t):
-        ab = schedule.at(schedule.alpha_bar, t, x).to(x.dtype)
-        return (1 - ab).sqrt() * x / (ab * sd**2 + 1 - ab)
-    model.prediction = "eps"
-    return model
+    return gaussian_eps_model(schedule, sd)
 
 
 def test_the_bound_is_tight_for_the_exact_model_of_unit_gaussian_data():

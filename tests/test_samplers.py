@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from course_lib.analytic import gaussian_eps_model
 from course_lib.samplers import check_timesteps, sample_ddpm, uniform_timesteps
 from course_lib.schedules import NoiseSchedule
 
@@ -11,11 +12,7 @@ N = 10_000  # points of dimension 2: the sample variance has relative standard e
 
 
 def exact_model(schedule, sd):
-    def model(x, t):
-        ab = schedule.at(schedule.alpha_bar, t, x).to(x.dtype)
-        return (1 - ab).sqrt() * x / (ab * sd**2 + 1 - ab)
-    model.prediction = "eps"
-    return model
+    return gaussian_eps_model(schedule, sd)
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine"])
@@ -63,3 +60,6 @@ def test_uniform_timesteps_and_validation():
         sample_ddpm(lambda x, t: x, torch.zeros(2, 2), s)
     with pytest.raises(ValueError, match="variance"):
         sample_ddpm(exact_model(s, 1.0), torch.zeros(2, 2), s, variance="learned")
+    with pytest.raises(ValueError, match="std must be > 0"):
+        gaussian_eps_model(s, 0.0)
+    torch.testing.assert_close(exact_model(s, 1.0)(torch.ones(3, 2), 5), exact_model(s, 1.0)(torch.ones(3, 2), torch.full((3,), 5)))

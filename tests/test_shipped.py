@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from course_lib.checkpoints import SHIPPED, load_checkpoint, load_pretrained, shipped_dir
+from course_lib.checkpoints import (
+    SHIPPED,
+    load_checkpoint,
+    load_pretrained,
+    shipped_dir,
+)
 from course_lib.classifier import accuracy, judge, load_classifier
 from course_lib.data import digits_split
 from course_lib.train import MIXTURES, sample_quality
@@ -57,9 +62,9 @@ def test_the_classifier_is_accurate_as_its_card_says():
 def test_digit_samples_are_recognised_like_real_digits(name):
     pre = load_pretrained(name)
     real = judge(load_classifier(), digits_split("test")[0])["confidence"]
-    q = sample_quality(pre.model, pre.schedule, pre.config, n=300, steps=100, seed=1)
-    # floors for 300 samples of a 100-step run; a class share's standard error is 0.017 at n = 300
-    assert q["confidence"] >= real - 0.08 and q["max_class_gap"] <= 0.07
+    q = sample_quality(pre.model, pre.schedule, pre.config, n=200, steps=50, seed=1)
+    # floors for 200 samples of a 50-step run; a class share's standard error is 0.021 at n = 200
+    assert q["confidence"] >= real - 0.08 and q["max_class_gap"] <= 0.08
     if pre.config["conditional"]:
         assert q["label_accuracy"] >= 0.9
     c = card(name)["quality"]  # the full measurement (all 1,000 steps): the targets
