@@ -83,11 +83,15 @@ def load_weights(model: torch.nn.Module, path: str | Path, which: str = "ema") -
     """Load the weights of a checkpoint into `model` (which must have the same .config); returns the model."""
     ckpt = load_checkpoint(path)
     check_same_model(ckpt["model_config"], getattr(model, "config", {}), where=f"checkpoint {Path(path).name}")
-    key = "weights" if ckpt["kind"] == "weights" else which
-    if key not in ("weights", "ema", "model"):
-        raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
-    model.load_state_dict(ckpt[key])
+    model.load_state_dict(_weights(ckpt, which))
     return model
+
+
+def _weights(ckpt: dict, which: str) -> dict:
+    """The state dict to load: an exported file's weights, or a training state's 'ema' or 'model'."""
+    if which not in ("ema", "model"):
+        raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
+    return ckpt["weights"] if ckpt["kind"] == "weights" else ckpt[which]
 
 
 def shipped_dir() -> Path:
@@ -121,7 +125,7 @@ def load_pretrained(name_or_path: str | Path, device=None, which: str = "ema") -
     if "schedule" not in config:
         raise ValueError(f"{path} holds no diffusion model (its config has no noise schedule)")
     model = build_model(ckpt["model_config"])
-    model.load_state_dict(ckpt["weights"] if ckpt["kind"] == "weights" else ckpt[which])
+    model.load_state_dict(_weights(ckpt, which))
     model.eval().requires_grad_(False)
     if device is not None:
         model.to(device)

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
+
+from .checkpoints import SHIPPED
 
 
 def _doctor(args) -> int:
@@ -29,9 +32,8 @@ def _train(args) -> int:
     from .checkpoints import write_json_atomic
     from .runtime import device_info
 
-    names = sorted(PRESET_NAMES)
     if args.preset not in PRESET_NAMES:
-        raise ValueError(f"unknown preset {args.preset!r}; choose one of {names}")
+        raise ValueError(f"unknown preset {args.preset!r}; choose one of {list(PRESET_NAMES)}")
     out = Path(args.out or f"{args.preset}.pt")
     if out.exists() and not args.force:
         raise ValueError(f"{out} exists; pass --force to replace it (or choose another --out)")
@@ -66,7 +68,7 @@ def _train(args) -> int:
                 "final_loss": round(sum(trainer.losses[-200:]) / len(trainer.losses[-200:]), 5)}
         if not args.no_eval:
             print("Measuring sample quality and the likelihood bound ...")
-            ema, cfg = trainer.ema, trainer.config.__dict__
+            ema, cfg = trainer.ema, asdict(trainer.config)
             n = args.eval_samples or (1000 if trainer.config.data == "digits" else 2000)
             card["quality"] = sample_quality(ema, trainer.schedule, cfg, n=n, progress=True)
             n_t = 100 if trainer.config.data == "digits" else None
@@ -81,7 +83,7 @@ def _train(args) -> int:
     return 0
 
 
-PRESET_NAMES = ("ring8", "grid25", "digits", "digits_cond", "digits_classifier")
+PRESET_NAMES = SHIPPED  # every shipped checkpoint has a preset that reproduces it
 
 
 def build_parser() -> argparse.ArgumentParser:

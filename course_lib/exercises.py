@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from . import schedules
+from . import losses, schedules
 
 PASSED, FAILED, NOT_ATTEMPTED = "passed", "failed", "not_attempted"
 _SYMBOL = {PASSED: "✅", FAILED: "❌", NOT_ATTEMPTED: "⬜"}
@@ -326,11 +326,8 @@ register(Exercise(
 def ref_posterior_mean(x0, x_t, t, alpha_bar):
     """Mean of q(x_{t-1} | x_t, x0) (Ho et al. 2020, eq. 7), with alpha_bar_{-1} = 1 at our t = 0."""
     ab = alpha_bar.double()
-    ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
-    beta = 1 - ab / ab_prev
-    a_t, a_p, b_t = (_per_sample(v[t], x0) for v in (ab, ab_prev, beta))
-    mean = a_p.sqrt() * b_t / (1 - a_t) * x0 + (1 - b_t).sqrt() * (1 - a_p) / (1 - a_t) * x_t
-    return mean.to(x0.dtype)
+    coef_x0, coef_xt, _ = losses.posterior_coefficients(ab, torch.cat([ab.new_ones(1), ab[:-1]]))
+    return (_per_sample(coef_x0[t], x0) * x0 + _per_sample(coef_xt[t], x0) * x_t).to(x0.dtype)
 
 
 def _inputs_posterior_mean(gen):

@@ -53,17 +53,21 @@ def convert(pred: torch.Tensor, src: str, dst: str, x_t: torch.Tensor, alpha_bar
     return from_eps(to_eps(pred, src, x_t, alpha_bar_t), dst, x_t, alpha_bar_t)
 
 
+def posterior_coefficients(ab_t: torch.Tensor, ab_s: torch.Tensor):
+    """q(x_s | x_t, x0) = N(c_x0 x0 + c_xt x_t, var) for s < t (Ho et al. 2020, eq. 7 with alpha_t -> ab_t / ab_s)."""
+    beta = 1 - ab_t / ab_s
+    return (ab_s.sqrt() * beta / (1 - ab_t), (1 - beta).sqrt() * (1 - ab_s) / (1 - ab_t),
+            beta * (1 - ab_s) / (1 - ab_t))
+
+
 def q_posterior(x0: torch.Tensor, x_t: torch.Tensor, t, schedule: NoiseSchedule) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and variance of q(x_{t-1} | x_t, x_0) (Ho et al. 2020, eqs. 6-7); at t = 0 the variance is 0."""
     if x0.shape != x_t.shape:
         raise ValueError(f"x0 and x_t must have the same shape, got {tuple(x0.shape)} and {tuple(x_t.shape)}")
-    ab, beta = schedule.alpha_bar, schedule.betas  # coefficients in float64, then gathered: 1 - ab is tiny at t = 0
-    ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
-    coef_x0 = ab_prev.sqrt() * beta / (1 - ab)
-    coef_xt = (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)
+    ab = schedule.alpha_bar  # coefficients in float64, then gathered: 1 - ab is tiny at t = 0
+    coef_x0, coef_xt, var = posterior_coefficients(ab, torch.cat([ab.new_ones(1), ab[:-1]]))
     mean = schedule.at(coef_x0, t, x_t) * x0 + schedule.at(coef_xt, t, x_t) * x_t
-    var = schedule.at(beta * (1 - ab_prev) / (1 - ab), t, x_t)
-    return mean, var
+    return mean, schedule.at(var, t, x_t)
 
 
 def snr_weight(snr: torch.Tensor, prediction: str = "eps", kind: str = "uniform", gamma: float = 5.0) -> torch.Tensor:

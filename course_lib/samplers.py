@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .losses import convert
+from .losses import convert, posterior_coefficients
 from .schedules import NoiseSchedule
 
 
@@ -63,12 +63,11 @@ def sample_ddpm(model, x: torch.Tensor, schedule: NoiseSchedule, timesteps=None,
             x = x0
         else:
             ab_s = ab[ts[i + 1]]
-            beta = 1 - ab[t] / ab_s
-            coef_x0 = (ab_s.sqrt() * beta / (1 - ab[t])).to(x.dtype)
-            coef_xt = ((1 - beta).sqrt() * (1 - ab_s) / (1 - ab[t])).to(x.dtype)
-            var = beta if variance == "beta" else beta * (1 - ab_s) / (1 - ab[t])
+            coef_x0, coef_xt, var = posterior_coefficients(ab[t], ab_s)
+            if variance == "beta":
+                var = 1 - ab[t] / ab_s
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-            x = coef_x0 * x0 + coef_xt * x + var.sqrt().to(x.dtype) * noise
+            x = coef_x0.to(x.dtype) * x0 + coef_xt.to(x.dtype) * x + var.sqrt().to(x.dtype) * noise
         if traj is not None:
             traj.append(x.cpu())
     return (x, torch.stack(traj)) if return_trajectory else x

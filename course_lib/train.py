@@ -287,12 +287,12 @@ def _device_of(model) -> torch.device:
 
 @torch.no_grad()
 def sample_quality(model, schedule: NoiseSchedule, config: dict, n: int = 2000, steps: int | None = None,
-                   seed: int = 0, classifier=None, progress: bool = False) -> dict:
+                   seed: int = 0, classifier=None, progress: bool = False, return_samples: bool = False) -> dict:
     """DDPM-sample n points/images with `steps` respaced steps (all T by default) and score them.
 
     2D mixtures: high-quality fraction and modes covered. Digits: the shipped classifier's mean confidence and
     its class histogram's largest gap to uniform (for a class-conditional model, labels cycle 0..9 and the
-    share classified as the requested label is reported too).
+    share classified as the requested label is reported too). With return_samples, out["samples"] holds them.
     """
     from .metrics import hq_fraction, modes_covered
     from .samplers import sample_ddpm, uniform_timesteps
@@ -322,6 +322,8 @@ def sample_quality(model, schedule: NoiseSchedule, config: dict, n: int = 2000, 
                    "modes": len(mixture.modes)}
     out.update(samples=n, sampler=f"DDPM ancestral, {len(ts) if ts else schedule.T} steps",
                sample_seconds=round(time.perf_counter() - start, 2))
+    if return_samples:
+        out["samples"] = x
     return out
 
 
