@@ -6,15 +6,58 @@ import torch
 from .schedules import NoiseSchedule
 
 
+def _interp(t: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """values at fractional indices t, linearly interpolated."""
+    lo = t.floor().long().clamp(0, len(values) - 2)
+    return values[lo] + (t - lo) * (values[lo + 1] - values[lo])
+
+
 def gaussian_eps_model(schedule: NoiseSchedule, std: float):
     """The exact eps-predictor for data ~ N(0, std^2 I): E[eps | x_t] = sqrt(1-ab) x_t / (ab std^2 + 1 - ab)."""
     if not std > 0:
         raise ValueError(f"std must be > 0, got {std!r}")
 
     def model(x: torch.Tensor, t) -> torch.Tensor:
-        t = torch.as_tensor(t, device=x.device).expand(x.shape[0]) if torch.as_tensor(t).ndim == 0 else t
-        ab = schedule.at(schedule.alpha_bar, t, x).to(x.dtype)
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        if t.is_floating_point():  # between grid points: log-sigma interpolated, the inverse of samplers.sigma_to_t
+            log_sigma = _interp(t.double().cpu(), schedule.sigmas.log())
+            ab = torch.sigmoid(-2 * log_sigma).to(x.device, x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        else:
+            ab = schedule.at(schedule.alpha_bar, t, x).to(x.dtype)
         return (1 - ab).sqrt() * x / (ab * std**2 + 1 - ab)
 
     model.prediction = "eps"
     return model
+
+
+def gaussian_denoiser(std: float, mean: float = 0.0):
+    """The exact D(x, sigma) = mean + std^2 / (std^2 + sigma^2) (x - mean) for data ~ N(mean, std^2 I)."""
+    from .samplers import Denoiser
+
+    if not std > 0:
+        raise ValueError(f"std must be > 0, got {std!r}")
+    return Denoiser(lambda x, sigma: mean + std**2 / (std**2 + sigma**2) * (x - mean))
+
+
+def gaussian_ode_solution(x: torch.Tensor, sigma_from: float, sigma_to: float, std: float, mean: float = 0.0):
+    """Closed-form probability-flow ODE flow for N(mean, std^2): x - mean scales by sqrt((std^2 + s^2) / (std^2 + s0^2))."""
+    return mean + (x - mean) * ((std**2 + sigma_to**2) / (std**2 + sigma_from**2)) ** 0.5
+
+
+def mixture_denoiser(mixture):
+    """The exact D(x, sigma) for an equal-weight isotropic Gaussian mixture: each mode's Gaussian denoiser,
+    weighted by the posterior probability of that mode given x (the responsibilities under N(mu_k, (s^2 + sigma^2) I))."""
+    from .samplers import Denoiser
+
+    modes, s2 = mixture.modes.double(), float(mixture.std) ** 2
+
+    def fn(x, sigma):
+        m = modes.to(x.device, x.dtype)
+        logits = -((x[:, None, :] - m[None]) ** 2).sum(-1) / (2 * (s2 + sigma**2))
+        r = torch.softmax(logits, dim=1)  # (B, K)
+        shrink = s2 / (s2 + sigma**2)
+        return (r[..., None] * (m[None] + shrink * (x[:, None, :] - m[None]))).sum(1)
+
+    radius = float(modes.norm(dim=1).max()) + 3 * s2**0.5
+    return Denoiser(fn, sigma_min=0.002, sigma_max=max(80.0, 10 * radius))

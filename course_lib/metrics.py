@@ -1,4 +1,8 @@
-"""Sample-quality metrics with known answers: high-quality fraction and modes covered on 2D mixtures."""
+"""Sample-quality metrics: high-quality fraction and modes covered on 2D mixtures, distances between sample sets.
+
+Libraries used where they do the job: POT (Python Optimal Transport) for the sliced Wasserstein distance,
+SciPy's matrix square root for the Frechet distance.
+"""
 from __future__ import annotations
 
 import torch
@@ -59,3 +63,69 @@ def mode_recovery_accuracy(xt: torch.Tensor, labels: torch.Tensor, mixture: Gaus
     scaled = mixture.modes.float() * float(alpha_bar) ** 0.5
     guess = torch.cdist(_check_points(xt), scaled).argmin(dim=1)
     return float((guess == labels.cpu()).float().mean())
+
+
+def _check_features(x, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"{name} must have shape (n, d) with n >= 2, got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains non-finite values")
+    return x.detach().double().cpu()
+
+
+def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, n_projections: int = 512, seed: int = 0) -> float:
+    """Sliced 2-Wasserstein distance between two point sets (Rabin et al. 2011), via POT's Monte-Carlo estimate."""
+    import ot
+
+    x, y = _check_features(x, "x"), _check_features(y, "y")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"x and y must have the same dimension, got {x.shape[1]} and {y.shape[1]}")
+    return float(ot.sliced_wasserstein_distance(x.numpy(), y.numpy(), n_projections=n_projections, seed=seed))
+
+
+def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """|mu_x - mu_y|^2 + tr(C_x + C_y - 2 (C_x C_y)^(1/2)) between Gaussians fitted to two feature sets (Heusel et al. 2017)."""
+    import numpy as np
+    from scipy import linalg
+
+    x, y = _check_features(x, "x"), _check_features(y, "y")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"x and y must have the same dimension, got {x.shape[1]} and {y.shape[1]}")
+    mu1, mu2 = x.mean(0).numpy(), y.mean(0).numpy()
+    c1, c2 = np.cov(x.numpy(), rowvar=False), np.cov(y.numpy(), rowvar=False)
+    covmean = linalg.sqrtm(c1 @ c2)
+    if not np.isfinite(covmean).all():  # singular product: regularise as pytorch-fid does
+        off = np.eye(len(c1)) * 1e-6
+        covmean = linalg.sqrtm((c1 + off) @ (c2 + off))
+    covmean = covmean.real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2 * np.trace(covmean))
+
+
+def _kth_neighbour_distance(x: torch.Tensor, k: int) -> torch.Tensor:
+    d = torch.cdist(x, x)
+    return d.kthvalue(k + 1, dim=1).values  # the k-th nearest other point (the 1st is the point itself)
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> dict:
+    """Improved precision and recall (Kynkaanniemi et al. 2019): the share of fakes inside the real manifold
+    (the union of k-NN balls around real points), and the share of reals inside the fake manifold."""
+    real, fake = _check_features(real, "real"), _check_features(fake, "fake")
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"real and fake must have the same dimension, got {real.shape[1]} and {fake.shape[1]}")
+    if not isinstance(k, int) or not 1 <= k < min(len(real), len(fake)):
+        raise ValueError(f"k must be an int in [1, {min(len(real), len(fake)) - 1}], got {k!r}")
+    d = torch.cdist(real, fake)  # (n_real, n_fake)
+    precision = (d < _kth_neighbour_distance(real, k)[:, None]).any(0).double().mean()
+    recall = (d < _kth_neighbour_distance(fake, k)[None, :]).any(1).double().mean()
+    return {"precision": float(precision), "recall": float(recall)}
+
+
+def class_coverage(predicted: torch.Tensor, num_classes: int = 10, min_share: float = 0.5) -> int:
+    """Number of classes that receive at least min_share of their fair share (1 / num_classes) of the samples."""
+    predicted = torch.as_tensor(predicted).long().flatten()
+    if predicted.numel() == 0 or predicted.min() < 0 or predicted.max() >= num_classes:
+        raise ValueError(f"predicted must be non-empty class indices in [0, {num_classes - 1}]")
+    share = torch.bincount(predicted, minlength=num_classes).double() / predicted.numel()
+    return int((share >= min_share / num_classes).sum())

@@ -1,13 +1,114 @@
-"""Samplers: turn noise into data with a trained model. Each is one function of (model, x, schedule, timesteps, ...).
+"""Samplers: turn noise into data with a trained model, through one interface.
 
-A model is any callable `model(x, t, **kwargs)` whose output type (eps, x0 or v) is given by `prediction`.
+Every sampler is one function `sample_x(denoiser, x, sigmas, ...)` in the continuous view of Karras et al. 2022
+(EDM): x = x0 + sigma * eps, sigma running down an explicit decreasing list that ends at 0 (the data). A network
+trained in the discrete alpha-bar view (eps, x0 or v prediction) becomes such a denoiser through
+`as_denoiser`; x_t = sqrt(ab) x0 + sqrt(1 - ab) eps is the same point scaled by sqrt(ab), with
+sigma = sqrt((1 - ab) / ab). `sample()` is the front door: model, noise, steps (or timesteps, or sigmas), sampler.
 """
 from __future__ import annotations
+
+import inspect
+import math
+import time
+from dataclasses import dataclass
 
 import torch
 
 from .losses import convert, posterior_coefficients
 from .schedules import NoiseSchedule
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models as denoisers D(x, sigma)
+
+
+class Denoiser:
+    """A model seen as D(x, sigma) = E[x0 | x0 + sigma eps = x] (Karras et al. 2022, eq. 2-3); counts its calls in .nfe.
+
+    `fn(x, sigma, **kwargs)` takes x in the sigma view and a float sigma > 0. sigma_min / sigma_max give the range
+    the model knows (used to build step spacings); clip clamps the x0 estimate (images in [-1, 1]).
+    """
+
+    def __init__(self, fn, sigma_min: float = 0.002, sigma_max: float = 80.0, clip: float | None = None,
+                 schedule: NoiseSchedule | None = None):
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+        self.fn, self.sigma_min, self.sigma_max, self.clip, self.schedule = fn, float(sigma_min), float(sigma_max), clip, schedule
+        self.nfe = 0
+
+    def __call__(self, x: torch.Tensor, sigma, **kwargs) -> torch.Tensor:
+        sigma = float(sigma)
+        if not sigma > 0:
+            raise ValueError(f"a denoiser needs sigma > 0, got {sigma}")
+        self.nfe += 1
+        x0 = self.fn(x, sigma, **kwargs)
+        if x0.shape != x.shape:
+            raise ValueError(f"the model returned shape {tuple(x0.shape)} for an input of shape {tuple(x.shape)}")
+        return x0.clamp(-self.clip, self.clip) if self.clip is not None else x0
+
+
+def sigma_to_t(schedule: NoiseSchedule, sigma: float) -> float:
+    """The (possibly fractional) timestep whose sigma is `sigma`, interpolating log-sigma (as k-diffusion and diffusers do).
+
+    Outside the schedule's range it is clamped to 0 or T-1."""
+    log_sigmas = schedule.sigmas.log()
+    ls = math.log(sigma)
+    if ls <= log_sigmas[0]:
+        return 0.0
+    if ls >= log_sigmas[-1]:
+        return float(schedule.T - 1)
+    hi = int(torch.searchsorted(log_sigmas, torch.tensor(ls, dtype=log_sigmas.dtype)))
+    lo = hi - 1
+    w = (ls - float(log_sigmas[lo])) / float(log_sigmas[hi] - log_sigmas[lo])
+    return lo + w
+
+
+def as_denoiser(model, schedule: NoiseSchedule | None = None, prediction: str | None = None,
+                clip: float | None = None) -> Denoiser:
+    """Wrap a model as D(x, sigma): a Denoiser is returned as is (clip updated); an eps / x0 / v model needs its schedule."""
+    if isinstance(model, Denoiser):
+        if clip is not None:
+            model.clip = clip
+        return model
+    if not callable(model):
+        raise TypeError(f"model must be callable, got {type(model).__name__}")
+    prediction = prediction or getattr(model, "prediction", None)
+    if prediction not in ("eps", "x0", "v"):
+        raise ValueError(f"pass prediction='eps', 'x0' or 'v' (the model does not declare one), got {prediction!r}")
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"an {prediction}-predicting model needs its NoiseSchedule, got {type(schedule).__name__}")
+
+    def fn(x, sigma, **kwargs):
+        ab = 1.0 / (1.0 + sigma * sigma)
+        x_t = x * math.sqrt(ab)  # the same point in the alpha-bar view
+        t = sigma_to_t(schedule, sigma)
+        t = round(t) if abs(t - round(t)) < 1e-6 else t  # on the grid: an integer timestep, as in training
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long if isinstance(t, int) else torch.float32)
+        out = model(x_t, tt, **kwargs)
+        return convert(out, prediction, "x0", x_t, torch.tensor(ab, dtype=x.dtype, device=x.device))
+
+    sig = schedule.sigmas
+    return Denoiser(fn, float(sig[0]), float(sig[-1]), clip, schedule)
+
+
+def as_model(denoiser: Denoiser, schedule: NoiseSchedule, prediction: str = "eps"):
+    """The other direction: a D(x, sigma) seen as an eps / x0 / v model(x_t, t) on a discrete schedule."""
+
+    def model(x_t, t, **kwargs):
+        t = torch.as_tensor(t).flatten()
+        if t.numel() != 1 and not (t == t[0]).all():
+            raise ValueError("as_model needs one timestep for the whole batch")
+        ab = schedule.alpha_bar[int(t[0])]
+        sigma = float(((1 - ab) / ab).sqrt())
+        x0 = denoiser(x_t / ab.sqrt().to(x_t.dtype), sigma, **kwargs)
+        return convert(x0, "x0", prediction, x_t, ab.to(x_t.dtype))
+
+    model.prediction = prediction
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Step spacings: which noise levels to visit
 
 
 def check_timesteps(timesteps, schedule: NoiseSchedule) -> list[int]:
@@ -24,50 +125,344 @@ def check_timesteps(timesteps, schedule: NoiseSchedule) -> list[int]:
     return ts
 
 
+def check_sigmas(sigmas) -> torch.Tensor:
+    """A 1-D float64 tensor of at least 2 finite, strictly decreasing noise levels; only the last may be 0."""
+    if isinstance(sigmas, (str, bytes)) or sigmas is None:
+        raise TypeError(f"sigmas must be a list or 1-D tensor of floats, got {type(sigmas).__name__}")
+    s = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+    if s.numel() < 2:
+        raise ValueError(f"sigmas needs at least 2 noise levels (a start and an end), got {s.numel()}")
+    if not torch.isfinite(s).all():
+        raise ValueError("sigmas must be finite")
+    if (s[:-1] <= s[1:]).any():
+        raise ValueError(f"sigmas must be strictly decreasing (noisiest first), got {[round(v, 4) for v in s[:6].tolist()]}...")
+    if s[-1] < 0:
+        raise ValueError(f"sigmas must be >= 0, got {s[-1].item()}")
+    return s
+
+
+def _check_steps(n, most: int | None = None) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or (most is not None and n > most):
+        raise ValueError(f"the number of steps must be an int in [1, {most or 'inf'}], got {n!r}")
+    return n
+
+
 def uniform_timesteps(schedule: NoiseSchedule, n: int) -> list[int]:
-    """n timesteps evenly spaced from T-1 down to 0 (respacing as in Nichol & Dhariwal 2021, sec. 4)."""
-    if not isinstance(n, int) or not 1 <= n <= schedule.T:
-        raise ValueError(f"n must be an int in [1, {schedule.T}], got {n!r}")
+    """n timesteps evenly spaced from T-1 down to 0, diffusers' 'linspace' (Nichol & Dhariwal 2021, sec. 4)."""
+    n = _check_steps(n, schedule.T)
     return sorted({round(i * (schedule.T - 1) / max(n - 1, 1)) for i in range(n)}, reverse=True)
 
 
+def leading_timesteps(schedule: NoiseSchedule, n: int) -> list[int]:
+    """diffusers' 'leading' spacing: 0, T//n, 2T//n, ... reversed; never visits the last (noisiest) timestep."""
+    n = _check_steps(n, schedule.T)
+    return [i * (schedule.T // n) for i in range(n)][::-1]
+
+
+def trailing_timesteps(schedule: NoiseSchedule, n: int) -> list[int]:
+    """diffusers' 'trailing' spacing: T-1, T-1-T/n, ... (Lin et al. 2024, 'Common diffusion noise schedules are flawed', sec. 3.3)."""
+    n = _check_steps(n, schedule.T)
+    return [round(schedule.T - i * schedule.T / n) - 1 for i in range(n)]
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """n noise levels from sigma_max to sigma_min, evenly spaced in sigma^(1/rho), then 0 (Karras et al. 2022, eq. 5)."""
+    n = _check_steps(n)
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return torch.cat([(hi + ramp * (lo - hi)) ** rho, torch.zeros(1, dtype=torch.float64)])
+
+
+def sigmas_from_timesteps(schedule: NoiseSchedule, timesteps) -> torch.Tensor:
+    """The noise levels sigma_t = sqrt((1 - ab_t) / ab_t) of the given timesteps, then 0."""
+    ts = check_timesteps(timesteps, schedule)
+    return torch.cat([schedule.sigmas[ts], torch.zeros(1, dtype=torch.float64)])
+
+
+SPACINGS = ("uniform", "leading", "trailing", "karras")
+
+
+def get_sigmas(n: int, spacing: str = "uniform", schedule: NoiseSchedule | None = None,
+               sigma_min: float | None = None, sigma_max: float | None = None, rho: float = 7.0) -> torch.Tensor:
+    """n + 1 decreasing noise levels (the last 0) for n steps: 'uniform' / 'leading' / 'trailing' in t, or 'karras'."""
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    if spacing == "karras":
+        if schedule is not None:
+            sigma_min = float(schedule.sigmas[0]) if sigma_min is None else sigma_min
+            sigma_max = float(schedule.sigmas[-1]) if sigma_max is None else sigma_max
+        if sigma_min is None or sigma_max is None:
+            raise ValueError("karras spacing needs a schedule or both sigma_min and sigma_max")
+        return karras_sigmas(n, sigma_min, sigma_max, rho)
+    if schedule is None:
+        raise ValueError(f"{spacing!r} spacing picks timesteps, so it needs the model's NoiseSchedule")
+    pick = {"uniform": uniform_timesteps, "leading": leading_timesteps, "trailing": trailing_timesteps}[spacing]
+    return sigmas_from_timesteps(schedule, pick(schedule, n))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The samplers. Each: (denoiser, x at sigmas[0], sigmas, ...) -> x at sigmas[-1]; with return_trajectory also
+# every intermediate state, shown in the alpha-bar view x / sqrt(1 + sigma^2) so that all samplers share one picture.
+
+
+def _noise(x: torch.Tensor, generator) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+
+
+def _loop(sigmas, progress: bool, desc: str):
+    steps = range(len(sigmas) - 1)
+    if progress:
+        from tqdm.auto import tqdm
+        steps = tqdm(steps, desc=desc, leave=False)
+    return steps
+
+
+class _Trajectory:
+    def __init__(self, on: bool, x, sigma):
+        self.states = [] if on else None
+        self.add(x, sigma)
+
+    def add(self, x, sigma):
+        if self.states is not None:
+            self.states.append((x / math.sqrt(1 + float(sigma) ** 2)).cpu())
+
+    def result(self, x):
+        return (x, torch.stack(self.states)) if self.states is not None else x
+
+
+def _ab(sigma: float) -> float:
+    return 1.0 / (1.0 + sigma * sigma)
+
+
 @torch.no_grad()
+def sample_ancestral(denoiser, x, sigmas, variance: str = "beta", generator=None, progress=False,
+                     return_trajectory=False, **model_kwargs):
+    """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) between any decreasing noise levels.
+
+    Each step draws x_s ~ q(x_s | x_t, x0 = D(x_t)); 'beta' uses the variance beta_{t|s} = 1 - ab_t / ab_s,
+    'posterior' the true posterior's beta-tilde (eq. 7). The step to sigma = 0 returns D(x).
+    """
+    if variance not in ("beta", "posterior"):
+        raise ValueError(f"variance must be 'beta' or 'posterior', got {variance!r}")
+    sigmas = check_sigmas(sigmas)
+    traj = _Trajectory(return_trajectory, x, sigmas[0])
+    for i in _loop(sigmas, progress, "DDPM"):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        x0 = denoiser(x, s, **model_kwargs)
+        if s_next == 0:
+            x = x0
+        else:
+            ab_t, ab_s = torch.tensor(_ab(s), dtype=torch.float64), torch.tensor(_ab(s_next), dtype=torch.float64)
+            c_x0, c_xt, var = posterior_coefficients(ab_t, ab_s)
+            if variance == "beta":
+                var = 1 - ab_t / ab_s
+            x_t = x * ab_t.sqrt().item()
+            x_s = c_x0.item() * x0 + c_xt.item() * x_t + var.sqrt().item() * _noise(x, generator)
+            x = x_s / ab_s.sqrt().item()
+        traj.add(x, s_next)
+    return traj.result(x)
+
+
+@torch.no_grad()
+def sample_ddim(denoiser, x, sigmas, eta: float = 0.0, generator=None, progress=False, return_trajectory=False,
+                **model_kwargs):
+    """DDIM (Song, Meng & Ermon 2021, eq. 12): eta = 0 is deterministic, eta = 1 is DDPM with beta-tilde."""
+    if not 0 <= eta:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    sigmas = check_sigmas(sigmas)
+    traj = _Trajectory(return_trajectory, x, sigmas[0])
+    for i in _loop(sigmas, progress, "DDIM"):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        x0 = denoiser(x, s, **model_kwargs)
+        ab_t, ab_s = _ab(s), _ab(s_next)
+        x_t = x * math.sqrt(ab_t)
+        eps = (x_t - math.sqrt(ab_t) * x0) / math.sqrt(1 - ab_t)
+        std = eta * math.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s))
+        x_s = math.sqrt(ab_s) * x0 + math.sqrt(max(1 - ab_s - std**2, 0.0)) * eps
+        if std > 0:
+            x_s = x_s + std * _noise(x, generator)
+        x = x_s / math.sqrt(ab_s)
+        traj.add(x, s_next)
+    return traj.result(x)
+
+
+@torch.no_grad()
+def sample_euler(denoiser, x, sigmas, progress=False, return_trajectory=False, **model_kwargs):
+    """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al. 2022, eq. 4)."""
+    sigmas = check_sigmas(sigmas)
+    traj = _Trajectory(return_trajectory, x, sigmas[0])
+    for i in _loop(sigmas, progress, "Euler"):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        d = (x - denoiser(x, s, **model_kwargs)) / s
+        x = x + (s_next - s) * d
+        traj.add(x, s_next)
+    return traj.result(x)
+
+
+@torch.no_grad()
+def sample_heun(denoiser, x, sigmas, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
+                s_noise: float = 1.0, generator=None, progress=False, return_trajectory=False, **model_kwargs):
+    """Heun's 2nd-order method (Karras et al. 2022, Algorithm 1; with s_churn > 0 the stochastic Algorithm 2).
+
+    The last step, to sigma = 0, is an Euler step (a second evaluation at sigma = 0 is undefined), so n steps
+    cost 2n - 1 model evaluations.
+    """
+    sigmas = check_sigmas(sigmas)
+    n = len(sigmas) - 1
+    traj = _Trajectory(return_trajectory, x, sigmas[0])
+    for i in _loop(sigmas, progress, "Heun"):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        gamma = min(s_churn / n, math.sqrt(2) - 1) if s_tmin <= s <= s_tmax else 0.0
+        s_hat = s * (1 + gamma)
+        if gamma > 0:  # Algorithm 2, lines 5-6: add noise to move up to s_hat
+            x = x + math.sqrt(s_hat**2 - s**2) * s_noise * _noise(x, generator)
+        d = (x - denoiser(x, s_hat, **model_kwargs)) / s_hat
+        x_next = x + (s_next - s_hat) * d
+        if s_next > 0:  # the correction: average the slopes at both ends
+            d_next = (x_next - denoiser(x_next, s_next, **model_kwargs)) / s_next
+            x_next = x + (s_next - s_hat) * (d + d_next) / 2
+        x = x_next
+        traj.add(x, s_next)
+    return traj.result(x)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser, x, sigmas, progress=False, return_trajectory=False, **model_kwargs):
+    """DPM-Solver++(2M), the multistep 2nd-order data-prediction solver (Lu et al. 2022, Algorithm 2).
+
+    With lambda = -log sigma and h the step in lambda, it reuses the previous D to extrapolate; the first
+    step and the final step to sigma = 0 are first order (= DDIM).
+    """
+    sigmas = check_sigmas(sigmas)
+    traj = _Trajectory(return_trajectory, x, sigmas[0])
+    old = None
+    for i in _loop(sigmas, progress, "DPM-Solver++(2M)"):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        x0 = denoiser(x, s, **model_kwargs)
+        if s_next == 0:
+            x = x0
+        else:
+            h = math.log(s) - math.log(s_next)
+            d = x0
+            if old is not None:
+                r = (math.log(float(sigmas[i - 1])) - math.log(s)) / h  # h_last / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old
+            x = (s_next / s) * x - math.expm1(-h) * d
+        old = x0
+        traj.add(x, s_next)
+    return traj.result(x)
+
+
+@torch.no_grad()
+def sample_euler_ancestral(denoiser, x, sigmas, eta: float = 1.0, generator=None, progress=False,
+                           return_trajectory=False, **model_kwargs):
+    """Euler ancestral (k-diffusion): an Euler step down to sigma_down, then fresh noise of size sigma_up."""
+    sigmas = check_sigmas(sigmas)
+    traj = _Trajectory(return_trajectory, x, sigmas[0])
+    for i in _loop(sigmas, progress, "Euler ancestral"):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        up = min(s_next, eta * math.sqrt(max(s_next**2 * (s**2 - s_next**2) / s**2, 0.0)))
+        down = math.sqrt(s_next**2 - up**2)
+        d = (x - denoiser(x, s, **model_kwargs)) / s
+        x = x + (down - s) * d
+        if up > 0:
+            x = x + up * _noise(x, generator)
+        traj.add(x, s_next)
+    return traj.result(x)
+
+
+SAMPLERS = {
+    "ddpm": sample_ancestral,
+    "ddim": sample_ddim,
+    "euler": sample_euler,
+    "heun": sample_heun,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "euler_ancestral": sample_euler_ancestral,
+}
+STOCHASTIC = ("ddpm", "euler_ancestral")  # ddim with eta > 0 and heun with s_churn > 0 are too
+
+
+def nfe_for_steps(sampler: str, steps: int) -> int:
+    """Model evaluations a sampler spends on `steps` steps ending at sigma = 0 (Heun: 2 per step but the last)."""
+    _check_sampler(sampler)
+    return 2 * steps - 1 if sampler == "heun" else steps
+
+
+def steps_for_nfe(sampler: str, nfe: int) -> int:
+    """The most steps whose cost is at most `nfe` model evaluations."""
+    _check_sampler(sampler)
+    return max((nfe + 1) // 2, 1) if sampler == "heun" else nfe
+
+
+def _check_sampler(name) -> str:
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {list(SAMPLERS)}")
+    return name
+
+
+@dataclass
+class SampleResult:
+    """What `sample` returns: the samples, the model evaluations it counted, the noise levels, the wall time."""
+
+    x: torch.Tensor
+    nfe: int
+    sigmas: torch.Tensor
+    seconds: float
+    trajectory: torch.Tensor | None = None
+
+
+def sample(model, noise: torch.Tensor, schedule: NoiseSchedule | None = None, sampler: str = "dpmpp_2m",
+           steps: int | None = None, spacing: str = "uniform", sigmas=None, timesteps=None,
+           prediction: str | None = None, clip: float | None = None, generator: torch.Generator | None = None,
+           progress: bool = False, return_trajectory: bool = False, model_kwargs: dict | None = None,
+           **options) -> SampleResult:
+    """Sample from any model with any sampler: give exactly one of steps (+ spacing), timesteps or sigmas.
+
+    `noise` is standard normal; it is scaled to sqrt(1 + sigma_max^2), which is exactly x_T = noise in the
+    alpha-bar view, so the same noise gives comparable samples through every sampler. Options (variance, eta,
+    s_churn, ...) go to the sampler; model_kwargs (e.g. y=labels) to the model.
+    """
+    fn = SAMPLERS[_check_sampler(sampler)]
+    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
+        raise TypeError(f"noise must be a floating-point torch.Tensor, got {type(noise).__name__}")
+    if sum(v is not None for v in (steps, sigmas, timesteps)) != 1:
+        raise ValueError("give exactly one of steps=, timesteps= or sigmas=")
+    den = as_denoiser(model, schedule, prediction, clip)
+    schedule = schedule or den.schedule
+    if steps is not None:
+        most = schedule.T if schedule is not None and spacing != "karras" else None
+        sig = get_sigmas(_check_steps(steps, most), spacing, schedule, den.sigma_min, den.sigma_max)
+    elif timesteps is not None:
+        if schedule is None:
+            raise ValueError("timesteps= needs the model's NoiseSchedule; pass sigmas= for a plain denoiser")
+        sig = sigmas_from_timesteps(schedule, timesteps)
+    else:
+        sig = check_sigmas(sigmas)
+    unexpected = set(options) - set(inspect.signature(fn).parameters)
+    if unexpected:
+        raise TypeError(f"sampler {sampler!r} has no option(s) {sorted(unexpected)}")
+    if "generator" in inspect.signature(fn).parameters:
+        options["generator"] = generator
+    x = noise * math.sqrt(1 + float(sig[0]) ** 2)
+    start, nfe0 = time.perf_counter(), den.nfe
+    out = fn(den, x, sig, progress=progress, return_trajectory=return_trajectory, **options, **(model_kwargs or {}))
+    x, traj = out if return_trajectory else (out, None)
+    if not torch.isfinite(x).all():
+        raise FloatingPointError(f"{sampler} produced {int((~torch.isfinite(x)).sum())} non-finite values; "
+                                 "check the model and the noise levels")
+    return SampleResult(x, den.nfe - nfe0, sig, time.perf_counter() - start, traj)
+
+
 def sample_ddpm(model, x: torch.Tensor, schedule: NoiseSchedule, timesteps=None, prediction: str | None = None,
                 variance: str = "beta", clip: float | None = None, generator: torch.Generator | None = None,
                 progress: bool = False, return_trajectory: bool = False, **model_kwargs):
-    """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) over any decreasing subsequence of timesteps.
+    """DDPM ancestral sampling in the timestep view (Ho et al. 2020, Algorithm 2), all T steps by default.
 
-    Between consecutive timesteps t > s it draws x_s ~ q(x_s | x_t, x0_hat) with x0_hat the model's estimate;
-    `variance` 'beta' uses beta_{t|s} = 1 - ab_t / ab_s, 'posterior' the posterior's beta-tilde (eq. 7).
-    The last step returns the model's x0 estimate. `clip` clamps x0_hat to [-clip, clip] (images in [-1, 1]).
+    The same as sample(model, x, schedule, 'ddpm', timesteps=...), returning the samples (and trajectory).
     """
-    prediction = prediction or getattr(model, "prediction", None)
-    if prediction not in ("eps", "x0", "v"):
-        raise ValueError(f"pass prediction='eps', 'x0' or 'v' (the model does not declare one), got {prediction!r}")
-    if variance not in ("beta", "posterior"):
-        raise ValueError(f"variance must be 'beta' or 'posterior', got {variance!r}")
-    ts = check_timesteps(timesteps, schedule)
-    ab = schedule.alpha_bar
-    traj = [x.cpu()] if return_trajectory else None
-    steps = ts
-    if progress:
-        from tqdm.auto import tqdm
-        steps = tqdm(ts, desc="DDPM", leave=False)
-    for i, t in enumerate(steps):
-        ab_t = ab[t].to(x.dtype)
-        out = model(x, torch.full((x.shape[0],), t, device=x.device), **model_kwargs)
-        x0 = convert(out, prediction, "x0", x, ab_t)
-        if clip is not None:
-            x0 = x0.clamp(-clip, clip)
-        if i == len(ts) - 1:
-            x = x0
-        else:
-            ab_s = ab[ts[i + 1]]
-            coef_x0, coef_xt, var = posterior_coefficients(ab[t], ab_s)
-            if variance == "beta":
-                var = 1 - ab[t] / ab_s
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-            x = coef_x0.to(x.dtype) * x0 + coef_xt.to(x.dtype) * x + var.sqrt().to(x.dtype) * noise
-        if traj is not None:
-            traj.append(x.cpu())
-    return (x, torch.stack(traj)) if return_trajectory else x
+    res = sample(model, x, schedule, "ddpm", timesteps=check_timesteps(timesteps, schedule), prediction=prediction,
+                 clip=clip, generator=generator, progress=progress, return_trajectory=return_trajectory,
+                 model_kwargs=model_kwargs, variance=variance)
+    return (res.x, res.trajectory) if return_trajectory else res.x

@@ -63,3 +63,226 @@ def test_uniform_timesteps_and_validation():
     with pytest.raises(ValueError, match="std must be > 0"):
         gaussian_eps_model(s, 0.0)
     torch.testing.assert_close(exact_model(s, 1.0)(torch.ones(3, 2), 5), exact_model(s, 1.0)(torch.ones(3, 2), torch.full((3,), 5)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sampler interface (issue 4): exact answers on a Gaussian target, orders, NFE, diffusers, bad input
+
+from course_lib import samplers as S  # noqa: E402
+from course_lib.analytic import gaussian_denoiser, gaussian_ode_solution, mixture_denoiser  # noqa: E402
+
+ODE_SAMPLERS = ("ddim", "euler", "heun", "dpmpp_2m")
+
+
+def _z(n=N, seed=0):
+    return torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", ODE_SAMPLERS)
+def test_ode_samplers_follow_the_closed_form_flow(name):
+    # for N(m, s^2) the probability-flow ODE is solved in closed form; deterministic samplers must land on it
+    sd, mean, sigmas = 0.5, 0.3, S.karras_sigmas(200, 0.002, 80.0)
+    z = _z()
+    x = S.sample(gaussian_denoiser(sd, mean), z, sampler=name, sigmas=sigmas).x
+    x_start = z * math.sqrt(1 + 80.0**2)
+    exact = gaussian_ode_solution(x_start, 80.0, 0.0, sd, mean)
+    tol = 2e-3 if name in ("heun", "dpmpp_2m") else 6e-2  # 2nd vs 1st order at 200 steps (measured: 7.6e-4, 3.0e-2)
+    assert (x - exact).abs().max().item() < tol
+    assert (x - exact).abs().max().item() > 0  # a real numerical solution, not the formula
+
+
+@pytest.mark.parametrize("name", ["ddpm", "euler_ancestral"])
+@pytest.mark.parametrize("sd", [0.5, 1.0])
+def test_stochastic_samplers_hit_the_target_moments(name, sd):
+    x = S.sample(gaussian_denoiser(sd, 0.3), _z(), sampler=name, steps=1000, spacing="karras",
+                 generator=torch.Generator().manual_seed(1)).x
+    se_mean, se_var = sd / math.sqrt(2 * N), math.sqrt(2 / (2 * N))  # 10,000 points in 2D
+    assert abs(x.mean().item() - 0.3) < 5 * se_mean
+    assert abs(x.var().item() / sd**2 - 1) < 5 * se_var + 0.01  # + Euler ancestral's bias at 1,000 steps (0.3%)
+
+
+@pytest.mark.parametrize("name,order", [("euler", 1), ("heun", 2), ("dpmpp_2m", 2)])
+def test_convergence_order_on_a_gaussian_target(name, order):
+    # halving the step divides the error by 2^order (Karras sigmas, stopping at sigma_min so no Euler jump to 0)
+    z, sd = _z(1000), 0.5
+    errs = []
+    for n in (32, 64, 128):
+        sig = S.karras_sigmas(n, 0.01, 80.0)[:-1]
+        x0 = z * math.sqrt(sd**2 + 80.0**2)
+        x = S.SAMPLERS[name](gaussian_denoiser(sd), x0, sig)
+        errs.append((x - gaussian_ode_solution(x0, 80.0, float(sig[-1]), sd)).abs().max().item())
+    for a, b in zip(errs, errs[1:]):
+        assert 2**order * 0.85 < a / b < 2**order * 1.2, errs
+
+
+def test_ddim_is_euler_and_ddim_eta1_is_ddpm_with_beta_tilde():
+    s = NoiseSchedule.named("linear", 1000)
+    model, z = gaussian_eps_model(s, 0.5), _z(2000)
+    ddim = S.sample(model, z, s, "ddim", steps=20, spacing="trailing").x
+    euler = S.sample(model, z, s, "euler", steps=20, spacing="trailing").x
+    torch.testing.assert_close(ddim, euler, rtol=1e-9, atol=1e-9)  # Karras et al. 2022, sec. 4: DDIM = Euler in sigma
+    a = S.sample(model, z, s, "ddim", steps=20, generator=torch.Generator().manual_seed(3), eta=1.0).x
+    b = S.sample(model, z, s, "ddpm", steps=20, generator=torch.Generator().manual_seed(3), variance="posterior").x
+    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    c = S.sample(model, z, s, "ddpm", steps=20, generator=torch.Generator().manual_seed(3), variance="beta").x
+    assert (a - c).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", list(S.SAMPLERS))
+@pytest.mark.parametrize("steps", [1, 2, 7])
+def test_nfe_is_counted(name, steps):
+    s = NoiseSchedule.named("cosine", 1000)
+    calls = []
+
+    def model(x, t):
+        calls.append(1)
+        return torch.zeros_like(x)
+
+    model.prediction = "eps"
+    res = S.sample(model, _z(4), s, name, steps=steps, spacing="uniform", generator=torch.Generator().manual_seed(0))
+    assert res.nfe == len(calls) == S.nfe_for_steps(name, steps)
+    assert res.nfe <= S.nfe_for_steps(name, S.steps_for_nfe(name, res.nfe))
+    assert len(res.sigmas) == steps + 1 and res.sigmas[-1] == 0
+    # ending above sigma = 0, Heun also corrects its last step
+    sig = torch.tensor([3.0, 1.0, 0.5])
+    assert S.sample(gaussian_denoiser(1.0), _z(4), sampler=name, sigmas=sig,
+                    generator=torch.Generator().manual_seed(0)).nfe == (4 if name == "heun" else 2)
+
+
+def test_spacings_golden_values():
+    s = NoiseSchedule.named("linear", 1000)
+    assert S.trailing_timesteps(s, 10) == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
+    assert S.leading_timesteps(s, 10) == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
+    assert S.uniform_timesteps(s, 4) == [999, 666, 333, 0]
+    k = S.karras_sigmas(5, 0.002, 80.0)
+    assert k[0].item() == pytest.approx(80.0) and k[-2].item() == pytest.approx(0.002) and k[-1] == 0
+    assert (k[:-1].diff() < 0).all()
+    torch.testing.assert_close(S.karras_sigmas(5, 1.0, 5.0, rho=1.0)[:-1], torch.linspace(5, 1, 5, dtype=torch.float64))
+    for spacing in S.SPACINGS:
+        sig = S.get_sigmas(10, spacing, s)
+        assert len(sig) == 11 and sig[-1] == 0 and (sig.diff() < 0).all()
+    assert S.get_sigmas(10, "uniform", s)[0].item() == pytest.approx(s.sigmas[-1].item())
+
+
+def test_sigma_to_t_and_adapters_round_trip():
+    s = NoiseSchedule.named("linear", 1000)
+    for t in (0, 1, 500, 999):
+        assert S.sigma_to_t(s, float(s.sigmas[t])) == pytest.approx(t, abs=1e-6)
+    mid = S.sigma_to_t(s, float((s.sigmas[10] * s.sigmas[11]).sqrt()))
+    assert 10 < mid < 11
+    # a Denoiser seen as an eps model on the schedule is the exact Gaussian eps model, and back again
+    x, t = _z(8), torch.full((8,), 300)
+    eps = S.as_model(gaussian_denoiser(0.5), s, "eps")(x, t)
+    torch.testing.assert_close(eps, gaussian_eps_model(s, 0.5)(x, t))
+    den = S.as_denoiser(gaussian_eps_model(s, 0.5), s)
+    sigma = float(s.sigmas[300])
+    torch.testing.assert_close(den(x, sigma), gaussian_denoiser(0.5)(x, sigma))
+    assert den.nfe == 1 and S.as_denoiser(den) is den
+    for pred in ("x0", "v"):
+        other = S.as_denoiser(S.as_model(gaussian_denoiser(0.5), s, pred), s)
+        torch.testing.assert_close(other(x, sigma), gaussian_denoiser(0.5)(x, sigma))
+
+
+def test_mixture_denoiser_is_exact_at_the_ends_and_samples_the_mixture():
+    from course_lib.data import ring_of_gaussians
+    from course_lib.metrics import hq_fraction, hq_fraction_expected, modes_covered
+
+    mix = ring_of_gaussians()
+    den = mixture_denoiser(mix)
+    x = mix.sample(500, torch.Generator().manual_seed(0)).double()
+    torch.testing.assert_close(den(x, 1e-4), x, atol=1e-5, rtol=0)  # no noise: nothing to remove
+    far = den(torch.zeros(3, 2, dtype=torch.float64) + 1e-3, 1e4)  # all noise: the data mean (0)
+    assert far.abs().max() < 1e-3
+    out = S.sample(den, _z(2000), sampler="ddpm", steps=200, spacing="karras",
+                   generator=torch.Generator().manual_seed(1)).x
+    se = math.sqrt(0.011 * 0.989 / 2000)  # binomial standard error of the high-quality fraction
+    assert abs(hq_fraction(out, mix) - hq_fraction_expected()) < 5 * se + 0.005
+    assert modes_covered(out, mix) == 8
+
+
+def test_trajectories_are_in_the_alpha_bar_view():
+    s = NoiseSchedule.named("linear", 1000)
+    z = _z(16)
+    for name in S.SAMPLERS:
+        res = S.sample(gaussian_eps_model(s, 0.5), z, s, name, steps=5, return_trajectory=True,
+                       generator=torch.Generator().manual_seed(0))
+        assert res.trajectory.shape == (6, 16, 2)
+        torch.testing.assert_close(res.trajectory[0], z)  # x_T = the noise itself
+        torch.testing.assert_close(res.trajectory[-1], res.x)
+
+
+def test_bad_input_gives_clear_errors():
+    s = NoiseSchedule.named("linear", 1000)
+    model, z = gaussian_eps_model(s, 1.0), _z(4)
+    for bad, msg in [([], "at least 2"), ([1.0], "at least 2"), ([1.0, 2.0, 0.0], "decreasing"),
+                     ([2.0, 1.0, -1.0], ">= 0"), ([float("nan"), 0.0], "finite")]:
+        with pytest.raises(ValueError, match=msg):
+            S.sample(model, z, s, "euler", sigmas=bad)
+    with pytest.raises(TypeError, match="sigmas"):
+        S.check_sigmas("1, 0")
+    with pytest.raises(ValueError, match="unknown sampler 'plms'"):
+        S.sample(model, z, s, "plms", steps=10)
+    with pytest.raises(ValueError, match="spacing"):
+        S.sample(model, z, s, "euler", steps=10, spacing="cosine")
+    with pytest.raises(ValueError, match="exactly one"):
+        S.sample(model, z, s, "euler", steps=10, sigmas=[1.0, 0.0])
+    with pytest.raises(ValueError, match="exactly one"):
+        S.sample(model, z, s, "euler")
+    with pytest.raises(ValueError, match="steps"):
+        S.sample(model, z, s, "euler", steps=0)
+    with pytest.raises(TypeError, match="no option"):
+        S.sample(model, z, s, "euler", steps=10, eta=1.0)
+    with pytest.raises(ValueError, match="NoiseSchedule"):
+        S.sample(gaussian_denoiser(1.0), z, sampler="euler", steps=10, spacing="trailing")
+    with pytest.raises(TypeError, match="NoiseSchedule"):
+        S.sample(model, z, None, "euler", steps=10)
+    with pytest.raises(TypeError, match="noise"):
+        S.sample(model, [[0.0, 0.0]], s, "euler", steps=10)
+    with pytest.raises(ValueError, match="returned shape"):
+        S.sample(S.Denoiser(lambda x, sigma: x[:, :1]), z, sampler="euler", sigmas=[1.0, 0.0])
+    from course_lib.models import TimeMLP
+    with pytest.raises(ValueError, match="shape"):  # 3-D points into a 2-D model
+        S.sample(TimeMLP(2, hidden=16, depth=1), torch.zeros(4, 3), s, "heun", steps=3)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        S.sample(S.Denoiser(lambda x, sigma: x * float("nan")), z, sampler="euler", sigmas=[1.0, 0.0])
+    with pytest.raises(ValueError, match="eta"):
+        S.sample(model, z, s, "ddim", steps=3, eta=-1.0)
+
+
+# cross-check against an independent implementation: diffusers' schedulers, same model, same noise, same timesteps
+
+def _diffusers_run(scheduler, model, z, n):
+    scheduler.set_timesteps(n)
+    x = z * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        out = model(scheduler.scale_model_input(x, t), t.expand(len(x)))
+        x = scheduler.step(out, t, x).prev_sample
+    return x, scheduler.timesteps
+
+
+@pytest.mark.parametrize("kind,spacing,extra", [
+    ("ddim", "leading", {}), ("ddim", "trailing", {}),
+    ("euler", "linspace", {}), ("euler", "trailing", {}), ("euler", "linspace", {"use_karras_sigmas": True}),
+    ("dpmpp_2m", "trailing", {}), ("dpmpp_2m", "linspace", {}),
+])
+def test_matches_diffusers(kind, spacing, extra):
+    diffusers = pytest.importorskip("diffusers")  # a test-only dependency, in the [test] extra
+    from course_lib.checkpoints import load_pretrained
+
+    p = load_pretrained("ring8")
+    kw = dict(num_train_timesteps=1000, trained_betas=p.schedule.betas.float().numpy())
+    sched = {"ddim": lambda: diffusers.DDIMScheduler(clip_sample=False, timestep_spacing=spacing, **kw),
+             "euler": lambda: diffusers.EulerDiscreteScheduler(timestep_spacing=spacing, **kw, **extra),
+             "dpmpp_2m": lambda: diffusers.DPMSolverMultistepScheduler(timestep_spacing=spacing, **kw)}[kind]()
+    z = torch.randn(512, 2, generator=torch.Generator().manual_seed(0))
+    theirs, ts = _diffusers_run(sched, p.model, z, 10)
+    if extra.get("use_karras_sigmas"):
+        sig = torch.cat([torch.as_tensor(sched.sigmas[:-1], dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+        torch.testing.assert_close(sig[:-1], S.karras_sigmas(10, float(p.schedule.sigmas[0]), float(p.schedule.sigmas[-1]))[:-1],
+                                   rtol=1e-4, atol=0)  # diffusers keeps sigmas in float32
+        ours = S.sample(p.model, z, p.schedule, kind, steps=10, spacing="karras").x
+    else:
+        ours = S.sample(p.model, z, p.schedule, kind, timesteps=ts.long().tolist()).x
+        if spacing in ("leading", "trailing"):  # and our spacings pick diffusers' timesteps
+            assert ts.long().tolist() == getattr(S, f"{spacing}_timesteps")(p.schedule, 10)
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=1e-3, atol=1e-3)
