@@ -4,7 +4,13 @@ import math
 import pytest
 import torch
 
-from course_lib.analytic import gaussian_eps_model
+from course_lib import samplers as S
+from course_lib.analytic import (
+    gaussian_denoiser,
+    gaussian_eps_model,
+    gaussian_ode_solution,
+    mixture_denoiser,
+)
 from course_lib.samplers import check_timesteps, sample_ddpm, uniform_timesteps
 from course_lib.schedules import NoiseSchedule
 
@@ -68,8 +74,6 @@ def test_uniform_timesteps_and_validation():
 # ---------------------------------------------------------------------------------------------------------------
 # The sampler interface (issue 4): exact answers on a Gaussian target, orders, NFE, diffusers, bad input
 
-from course_lib import samplers as S  # noqa: E402
-from course_lib.analytic import gaussian_denoiser, gaussian_ode_solution, mixture_denoiser  # noqa: E402
 
 ODE_SAMPLERS = ("ddim", "euler", "heun", "dpmpp_2m")
 
