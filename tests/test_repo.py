@@ -63,7 +63,7 @@ def test_environment_yml_installs_what_pyproject_asks_for():
     wanted = {"pytorch" if n == "torch" else n for n in wanted}
     env = (ROOT / "environment.yml").read_text()
     assert "conda-forge" in env and "  - pytorch\n" not in env.split("dependencies:")[0]  # no pytorch channel
-    listed = _requirement_names(re.findall(r"^  - ([A-Za-z][\w.-]*[^\n]*)$", env, re.M))
+    listed = _requirement_names(re.findall(r"^ +- ([A-Za-z][\w.-]*[^\n]*)$", env, re.M))  # conda and pip: lines
     assert wanted <= listed, f"missing from environment.yml: {sorted(wanted - listed)}"
 
 
