@@ -362,7 +362,7 @@ register(Exercise(
                "Off by one: ab_t is alpha_bar[t] and ab_prev is alpha_bar[t-1] (1 at t = 0)."),
               (_posterior_mistake(lambda a_t, a_p, b_t: (a_p.sqrt() * b_t / (1 - a_t), (1 - a_p) / (1 - a_t))),
                "x_t's coefficient has a factor sqrt(alpha_t) = sqrt(1 - beta_t).")),
-    rtol=1e-4, atol=1e-5))  # float32 inputs: 1 - alpha_bar loses digits near t = 0
+    rtol=1e-4, atol=2e-4))  # float32 inputs: 1 - alpha_bar loses digits near t = 0 (seen: 6.6e-5 apart)
 
 
 def ref_eps_to_x0(eps, x_t, t, alpha_bar):
