@@ -65,11 +65,9 @@ def sigma_to_t(schedule: NoiseSchedule, sigma: float) -> float:
 
 def as_denoiser(model, schedule: NoiseSchedule | None = None, prediction: str | None = None,
                 clip: float | None = None) -> Denoiser:
-    """Wrap a model as D(x, sigma): a Denoiser is returned as is (clip updated); an eps / x0 / v model needs its schedule."""
+    """Wrap a model as D(x, sigma): a Denoiser is returned as is (or re-wrapped with clip); an eps / x0 / v model needs its schedule."""
     if isinstance(model, Denoiser):
-        if clip is not None:
-            model.clip = clip
-        return model
+        return model if clip is None else Denoiser(model.fn, model.sigma_min, model.sigma_max, clip, model.schedule)
     if not callable(model):
         raise TypeError(f"model must be callable, got {type(model).__name__}")
     prediction = prediction or getattr(model, "prediction", None)
@@ -211,12 +209,14 @@ def _noise(x: torch.Tensor, generator) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
 
 
-def _loop(sigmas, progress: bool, desc: str):
+def _steps(sigmas: torch.Tensor, progress: bool, desc: str):
+    """(i, sigma_i, sigma_{i+1}) as floats for every step, behind a progress bar if asked."""
     steps = range(len(sigmas) - 1)
     if progress:
         from tqdm.auto import tqdm
         steps = tqdm(steps, desc=desc, leave=False)
-    return steps
+    for i in steps:
+        yield i, float(sigmas[i]), float(sigmas[i + 1])
 
 
 class _Trajectory:
@@ -248,19 +248,17 @@ def sample_ancestral(denoiser, x, sigmas, variance: str = "beta", generator=None
         raise ValueError(f"variance must be 'beta' or 'posterior', got {variance!r}")
     sigmas = check_sigmas(sigmas)
     traj = _Trajectory(return_trajectory, x, sigmas[0])
-    for i in _loop(sigmas, progress, "DDPM"):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+    for i, s, s_next in _steps(sigmas, progress, "DDPM"):
         x0 = denoiser(x, s, **model_kwargs)
         if s_next == 0:
             x = x0
         else:
             ab_t, ab_s = torch.tensor(_ab(s), dtype=torch.float64), torch.tensor(_ab(s_next), dtype=torch.float64)
-            c_x0, c_xt, var = posterior_coefficients(ab_t, ab_s)
+            c_x0, c_xt, var = (float(c) for c in posterior_coefficients(ab_t, ab_s))
             if variance == "beta":
-                var = 1 - ab_t / ab_s
-            x_t = x * ab_t.sqrt().item()
-            x_s = c_x0.item() * x0 + c_xt.item() * x_t + var.sqrt().item() * _noise(x, generator)
-            x = x_s / ab_s.sqrt().item()
+                var = 1 - _ab(s) / _ab(s_next)
+            x_s = c_x0 * x0 + c_xt * x * math.sqrt(_ab(s)) + math.sqrt(var) * _noise(x, generator)
+            x = x_s / math.sqrt(_ab(s_next))
         traj.add(x, s_next)
     return traj.result(x)
 
@@ -273,8 +271,7 @@ def sample_ddim(denoiser, x, sigmas, eta: float = 0.0, generator=None, progress=
         raise ValueError(f"eta must be >= 0, got {eta}")
     sigmas = check_sigmas(sigmas)
     traj = _Trajectory(return_trajectory, x, sigmas[0])
-    for i in _loop(sigmas, progress, "DDIM"):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+    for i, s, s_next in _steps(sigmas, progress, "DDIM"):
         x0 = denoiser(x, s, **model_kwargs)
         ab_t, ab_s = _ab(s), _ab(s_next)
         x_t = x * math.sqrt(ab_t)
@@ -293,8 +290,7 @@ def sample_euler(denoiser, x, sigmas, progress=False, return_trajectory=False, *
     """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al. 2022, eq. 4)."""
     sigmas = check_sigmas(sigmas)
     traj = _Trajectory(return_trajectory, x, sigmas[0])
-    for i in _loop(sigmas, progress, "Euler"):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+    for i, s, s_next in _steps(sigmas, progress, "Euler"):
         d = (x - denoiser(x, s, **model_kwargs)) / s
         x = x + (s_next - s) * d
         traj.add(x, s_next)
@@ -312,8 +308,7 @@ def sample_heun(denoiser, x, sigmas, s_churn: float = 0.0, s_tmin: float = 0.0, 
     sigmas = check_sigmas(sigmas)
     n = len(sigmas) - 1
     traj = _Trajectory(return_trajectory, x, sigmas[0])
-    for i in _loop(sigmas, progress, "Heun"):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+    for i, s, s_next in _steps(sigmas, progress, "Heun"):
         gamma = min(s_churn / n, math.sqrt(2) - 1) if s_tmin <= s <= s_tmax else 0.0
         s_hat = s * (1 + gamma)
         if gamma > 0:  # Algorithm 2, lines 5-6: add noise to move up to s_hat
@@ -338,8 +333,7 @@ def sample_dpmpp_2m(denoiser, x, sigmas, progress=False, return_trajectory=False
     sigmas = check_sigmas(sigmas)
     traj = _Trajectory(return_trajectory, x, sigmas[0])
     old = None
-    for i in _loop(sigmas, progress, "DPM-Solver++(2M)"):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+    for i, s, s_next in _steps(sigmas, progress, "DPM-Solver++(2M)"):
         x0 = denoiser(x, s, **model_kwargs)
         if s_next == 0:
             x = x0
@@ -361,8 +355,7 @@ def sample_euler_ancestral(denoiser, x, sigmas, eta: float = 1.0, generator=None
     """Euler ancestral (k-diffusion): an Euler step down to sigma_down, then fresh noise of size sigma_up."""
     sigmas = check_sigmas(sigmas)
     traj = _Trajectory(return_trajectory, x, sigmas[0])
-    for i in _loop(sigmas, progress, "Euler ancestral"):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+    for i, s, s_next in _steps(sigmas, progress, "Euler ancestral"):
         up = min(s_next, eta * math.sqrt(max(s_next**2 * (s**2 - s_next**2) / s**2, 0.0)))
         down = math.sqrt(s_next**2 - up**2)
         d = (x - denoiser(x, s, **model_kwargs)) / s
@@ -381,7 +374,6 @@ SAMPLERS = {
     "dpmpp_2m": sample_dpmpp_2m,
     "euler_ancestral": sample_euler_ancestral,
 }
-STOCHASTIC = ("ddpm", "euler_ancestral")  # ddim with eta > 0 and heun with s_churn > 0 are too
 
 
 def nfe_for_steps(sampler: str, steps: int) -> int:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from course_lib import metrics as M
+from course_lib.schedules import NoiseSchedule
 
 
 def _gauss(n, d, seed, scale=1.0, shift=0.0):
@@ -72,6 +73,15 @@ def test_bench_records_and_targets(tmp_path, capsys):
     t = bench.targets(records)[0]
     assert t["dataset"] == "ring8" and isinstance(t["met"], bool) and "hq" in t["detail"]
     assert "dpmpp_2m" in bench.format_table(records)
+    ref = {"dataset": "ring8", "hq_fraction": 0.97, "modes_covered": 8}
+    assert bench.matches_reference({**ref, "hq_fraction": 0.93}, ref)
+    assert not bench.matches_reference({**ref, "hq_fraction": 0.91}, ref)
+    assert not bench.matches_reference({**ref, "modes_covered": 7}, ref)
+    assert bench.matches_reference({"dataset": "digits", "fd": 10.9}, {"dataset": "digits", "fd": 10.0})
+    assert not bench.matches_reference({"dataset": "digits", "fd": 11.1}, {"dataset": "digits", "fd": 10.0})
+    s = NoiseSchedule.named("linear")
+    assert len(bench.bench_sigmas("ring8", "heun", 10, s)) == 6  # 5 Heun steps (9 NFE) + the final 0
+    assert bench.bench_sigmas("ring8", "ddim", 10, s)[0] == s.sigmas[-1]  # trailing starts at t = T-1
     # the command: refuses to overwrite, writes flat records, fails cleanly on bad input
     out.write_text("mine")
     assert main(["bench", "samplers", "--quick", "--json", str(out), "--datasets", "ring8"]) == 2

@@ -145,7 +145,7 @@ def test_nfe_is_counted(name, steps):
     model.prediction = "eps"
     res = S.sample(model, _z(4), s, name, steps=steps, spacing="uniform", generator=torch.Generator().manual_seed(0))
     assert res.nfe == len(calls) == S.nfe_for_steps(name, steps)
-    assert res.nfe <= S.nfe_for_steps(name, S.steps_for_nfe(name, res.nfe))
+    assert S.steps_for_nfe(name, res.nfe) == steps  # the inverse: the most steps that fit in that budget
     assert len(res.sigmas) == steps + 1 and res.sigmas[-1] == 0
     # ending above sigma = 0, Heun also corrects its last step
     sig = torch.tensor([3.0, 1.0, 0.5])
@@ -182,6 +182,9 @@ def test_sigma_to_t_and_adapters_round_trip():
     sigma = float(s.sigmas[300])
     torch.testing.assert_close(den(x, sigma), gaussian_denoiser(0.5)(x, sigma))
     assert den.nfe == 1 and S.as_denoiser(den) is den
+    clipped = S.as_denoiser(den, clip=0.1)
+    assert clipped.clip == 0.1 and den.clip is None  # the caller's denoiser is not changed
+    assert clipped(x * 100, sigma).abs().max() <= 0.1
     for pred in ("x0", "v"):
         other = S.as_denoiser(S.as_model(gaussian_denoiser(0.5), s, pred), s)
         torch.testing.assert_close(other(x, sigma), gaussian_denoiser(0.5)(x, sigma))
