@@ -122,11 +122,31 @@ def load_pretrained(name_or_path: str | Path, device=None, which: str = "ema") -
         path = shipped_dir() / f"{name_or_path}.pt"
     ckpt = load_checkpoint(path)
     config = ckpt["config"]
-    if "schedule" not in config:
-        raise ValueError(f"{path} holds no diffusion model (its config has no noise schedule)")
+    if "schedule" not in config or config.get("family", "diffusion") != "diffusion":
+        raise ValueError(f"{path} holds no diffusion model (family {config.get('family')!r}); "
+                         f"load it with load_model")
     model = build_model(ckpt["model_config"])
     model.load_state_dict(_weights(ckpt, which))
     model.eval().requires_grad_(False)
     if device is not None:
         model.to(device)
     return Pretrained(model, NoiseSchedule.named(config["schedule"], config["T"]), config, ckpt.get("card", {}))
+
+
+class Loaded(NamedTuple):
+    model: torch.nn.Module
+    config: dict
+    card: dict
+
+
+def load_model(path: str | Path, device=None, which: str = "ema") -> Loaded:
+    """Any exported model (diffusion network, GAN generator, VAE) in eval mode, with its training config and card."""
+    from .models import build_model
+
+    ckpt = load_checkpoint(path)
+    model = build_model(ckpt["model_config"])
+    model.load_state_dict(_weights(ckpt, which))
+    model.eval().requires_grad_(False)
+    if device is not None:
+        model.to(device)
+    return Loaded(model, ckpt["config"], ckpt.get("card", {}))

@@ -129,3 +129,24 @@ def class_coverage(predicted: torch.Tensor, num_classes: int = 10, min_share: fl
         raise ValueError(f"predicted must be non-empty class indices in [0, {num_classes - 1}]")
     share = torch.bincount(predicted, minlength=num_classes).double() / predicted.numel()
     return int((share >= min_share / num_classes).sum())
+
+
+def high_frequency_energy(images: torch.Tensor, cutoff: float = 0.25) -> float:
+    """Share of the images' spectral power (each image's mean removed) above `cutoff` cycles per pixel.
+
+    A sharpness measure for lesson 4's "VAEs are blurry": blurring removes high frequencies, so a blurred set
+    scores lower than the real data; white noise scores the share of frequency bins above the cutoff.
+    """
+    if not isinstance(images, torch.Tensor) or images.ndim < 3 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty tensor (N, ..., H, W), got {getattr(images, 'shape', images)!r}")
+    if not 0 <= cutoff < 0.5 * 2 ** 0.5:
+        raise ValueError(f"cutoff must be in [0, 0.707) cycles per pixel, got {cutoff!r}")
+    x = images.detach().double().cpu()
+    x = x - x.mean((-1, -2), keepdim=True)
+    power = torch.fft.fft2(x).abs() ** 2
+    fy, fx = torch.fft.fftfreq(x.shape[-2], dtype=torch.float64), torch.fft.fftfreq(x.shape[-1], dtype=torch.float64)
+    high = (fy[:, None] ** 2 + fx[None, :] ** 2).sqrt() > cutoff
+    total = power.sum()
+    if total == 0:
+        raise ValueError("the images are constant: their high-frequency share is undefined")
+    return float(power[..., high].sum() / total)

@@ -214,16 +214,96 @@ class UNet(nn.Module):
         return self.out(h)
 
 
+# ---- plain networks for the other families (lesson 4: GAN and VAE) ----------------------------------------------
+
+
+def _activation(act: str) -> nn.Module:
+    if act not in ("silu", "lrelu"):
+        raise ValueError(f"act must be 'silu' or 'lrelu', got {act!r}")
+    return nn.SiLU() if act == "silu" else nn.LeakyReLU(0.2)
+
+
+def _sn(layer: nn.Module, spectral: bool) -> nn.Module:
+    return nn.utils.parametrizations.spectral_norm(layer) if spectral else layer
+
+
+class ResMLP(nn.Module):
+    """din -> dout: a linear stem, `depth` residual activation-linear layers, a linear head (TimeMLP without time)."""
+
+    def __init__(self, din: int, dout: int, hidden: int = 256, depth: int = 3, spectral: bool = False,
+                 act: str = "silu"):
+        super().__init__()
+        self.act = _activation(act)
+        self.inp = _sn(nn.Linear(din, hidden), spectral)
+        self.layers = nn.ModuleList(_sn(nn.Linear(hidden, hidden), spectral) for _ in range(depth))
+        self.out = _sn(nn.Linear(hidden, dout), spectral)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for layer in self.layers:
+            h = h + layer(self.act(h))
+        return self.out(self.act(h))
+
+
+class ConvEncoder(nn.Module):
+    """An 8x8 image -> a vector: conv at 8x8, strided convs to 4x4 and 2x2, then a linear layer (DCGAN-style)."""
+
+    def __init__(self, in_channels: int, out_dim: int, base: int = 32, spectral: bool = False, act: str = "silu"):
+        super().__init__()
+        a = _activation(act)
+        self.net = nn.Sequential(
+            _sn(nn.Conv2d(in_channels, base, 3, padding=1), spectral), a,
+            _sn(nn.Conv2d(base, 2 * base, 4, stride=2, padding=1), spectral), a,      # 4x4
+            _sn(nn.Conv2d(2 * base, 4 * base, 4, stride=2, padding=1), spectral), a,  # 2x2
+            nn.Flatten(), _sn(nn.Linear(16 * base, out_dim), spectral))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ConvDecoder(nn.Module):
+    """A vector -> an 8x8 image: a linear layer to 2x2 maps, upsample + conv to 4x4 and 8x8, a conv to the output."""
+
+    def __init__(self, in_dim: int, out_channels: int, base: int = 32, act: str = "silu"):
+        super().__init__()
+        a = _activation(act)
+        self.base = base
+        self.inp = nn.Sequential(nn.Linear(in_dim, 16 * base), a)
+        self.net = nn.Sequential(
+            nn.Upsample(scale_factor=2), nn.Conv2d(4 * base, 2 * base, 3, padding=1), a,  # 4x4
+            nn.Upsample(scale_factor=2), nn.Conv2d(2 * base, base, 3, padding=1), a,      # 8x8
+            nn.Conv2d(base, out_channels, 3, padding=1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(self.inp(z).view(-1, 4 * self.base, 2, 2))
+
+
+def check_data_shape(x: torch.Tensor, config: dict) -> None:
+    """Points (B, dim) for an MLP config, 8x8 images (B, C, 8, 8) for a conv config; a clear error otherwise."""
+    if config["net"] == "mlp" and (x.ndim != 2 or x.shape[1] != config["dim"]):
+        raise ValueError(f"expected points of shape (B, {config['dim']}), got {tuple(x.shape)}")
+    if config["net"] == "conv" and (x.ndim != 4 or tuple(x.shape[1:]) != (config["in_channels"], 8, 8)):
+        raise ValueError(f"expected images of shape (B, {config['in_channels']}, 8, 8), got {tuple(x.shape)}")
+
+
 MODELS = {"mlp": TimeMLP, "unet": UNet}
+
+
+def _all_models() -> dict:
+    from .gan import Discriminator, Generator
+    from .vae import VAE
+
+    return {**MODELS, "generator": Generator, "discriminator": Discriminator, "vae": VAE}
 
 
 def build_model(config: dict) -> nn.Module:
     """Rebuild a model from its `.config` dict (the 'kind' key picks the class)."""
-    if not isinstance(config, dict) or config.get("kind") not in MODELS:
-        raise ValueError(f"model config needs 'kind' in {sorted(MODELS)}, got {config!r}")
+    models = _all_models()
+    if not isinstance(config, dict) or config.get("kind") not in models:
+        raise ValueError(f"model config needs 'kind' in {sorted(models)}, got {config!r}")
     kwargs = {k: v for k, v in config.items() if k != "kind"}
     try:
-        return MODELS[config["kind"]](**kwargs)
+        return models[config["kind"]](**kwargs)
     except TypeError as e:
         raise ValueError(f"bad model config {config!r}: {e}") from None
 

@@ -1,4 +1,9 @@
-"""The training loop: AdamW, EMA of weights, gradient clipping, mixed precision on GPU, budgets, exact resume."""
+"""The training loop: AdamW, EMA of weights, gradient clipping, mixed precision on GPU, budgets, exact resume.
+
+One loop trains all three families of lesson 4: diffusion (one network, one optimizer), VAE (encoder and decoder
+trained together on the ELBO) and GAN (a second network and optimizer: `d_steps` discriminator updates per
+generator update).
+"""
 from __future__ import annotations
 
 import copy
@@ -12,11 +17,14 @@ import torch
 from . import checkpoints as ckpt_io
 from .data import TOY_2D, digits_split, grid_of_gaussians, ring_of_gaussians
 from .losses import diffusion_loss
+from .gan import GAN_REGS, discriminator_loss, generator_loss, r1_penalty
 from .models import build_model
 from .schedules import SCHEDULES, NoiseSchedule
 
 MIXTURES = {"ring8": ring_of_gaussians, "grid25": grid_of_gaussians}
 DATASETS = tuple(MIXTURES) + tuple(sorted(TOY_2D)) + ("digits",)
+FAMILIES = ("diffusion", "gan", "vae")
+LOSS_NAMES = {"diffusion": ("loss",), "vae": ("loss", "kl"), "gan": ("d_loss", "g_loss")}
 
 
 @dataclass
@@ -41,6 +49,13 @@ class TrainConfig:
     seconds: float | None = None        # ... and optionally in wall-clock seconds (whichever ends first)
     seed: int = 0
     amp: bool = True                    # bfloat16/float16 autocast, used on CUDA only
+    family: str = "diffusion"           # diffusion | gan | vae (lesson 4); model = {"net": "mlp" | "conv", ...} for GAN/VAE
+    latent: int = 8                     # GAN / VAE latent size
+    betas: tuple = (0.9, 0.999)         # Adam's betas (GANs usually train with beta1 = 0.5)
+    gan_reg: str = "none"               # GAN regulariser: none | spectral (spectral norm in D) | r1 (gradient penalty)
+    r1_gamma: float = 1.0               # R1 weight: the D loss gets + gamma/2 * E||grad D(x_real)||^2
+    d_steps: int = 1                    # discriminator updates per generator update
+    beta: float = 1.0                   # VAE: weight of the KL term (beta-VAE; 1 is the true ELBO)
 
     def __post_init__(self):
         if self.data not in DATASETS:
@@ -53,7 +68,18 @@ class TrainConfig:
             raise ValueError(f"lr_decay must be 'cosine' or 'constant', got {self.lr_decay!r}")
         if self.conditional and self.data != "digits":
             raise ValueError("conditional=True needs labelled data (data='digits')")
-        for name in ("T", "batch_size", "steps"):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if self.family != "diffusion" and self.conditional:
+            raise ValueError("conditional=True is implemented for the diffusion family only")
+        if self.gan_reg not in GAN_REGS:
+            raise ValueError(f"gan_reg must be one of {GAN_REGS}, got {self.gan_reg!r}")
+        self.betas = tuple(float(b) for b in self.betas)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.beta < 0 or self.r1_gamma < 0:
+            raise ValueError(f"beta and r1_gamma must be >= 0, got {self.beta!r} and {self.r1_gamma!r}")
+        for name in ("T", "batch_size", "steps", "latent", "d_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if not 0 <= self.ema_decay < 1 or not 0 <= self.label_dropout < 1 or self.lr <= 0 or self.grad_clip <= 0:
@@ -68,6 +94,17 @@ PRESETS = {
                           schedule="cosine", batch_size=128, lr=1e-3, steps=4_000),
 }
 PRESETS["digits_cond"] = replace(PRESETS["digits"], conditional=True)
+# Lesson 4's rivals. Sizes are picked so that the network that samples has about as many parameters as the diffusion
+# network of the same data (2D: 215k; digits: the compact UNet of COMPARE_UNET, 177k); see bench.COMPARE_BUDGET.
+_GAN = dict(family="gan", lr=2e-4, betas=(0.5, 0.999), ema_decay=0.999, warmup=0, lr_decay="constant")  # DCGAN's
+_VAE = dict(family="vae", lr=1e-3, warmup=100)
+for _name in MIXTURES:
+    PRESETS[f"{_name}_gan"] = replace(PRESETS[_name], model={"net": "mlp", "hidden": 256, "depth": 3},
+                                      **{**_GAN, "lr": 1e-3})  # on grid25, 3,000 steps: hq 0.80 vs 0.62 at 2e-4
+    PRESETS[f"{_name}_vae"] = replace(PRESETS[_name], model={"net": "mlp", "hidden": 180, "depth": 3}, **_VAE)
+COMPARE_UNET = {"kind": "unet", "base": 16, "mults": [1, 2], "num_res": 1}
+PRESETS["digits_gan"] = replace(PRESETS["digits"], model={"net": "conv", "base": 40}, latent=32, **_GAN)
+PRESETS["digits_vae"] = replace(PRESETS["digits"], model={"net": "conv", "base": 24}, latent=32, **_VAE)
 
 
 def preset(name: str, **overrides) -> TrainConfig:
@@ -110,22 +147,47 @@ class Trainer:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.source = DataSource(config.data)
         self.schedule = NoiseSchedule.named(config.schedule, config.T)
-        shape = self.source.shape
-        data_keys = {"dim": shape[0]} if len(shape) == 1 else {"in_channels": shape[0]}
-        self.model_config = {**config.model, **data_keys, "prediction": config.prediction,
-                             "num_classes": self.source.num_classes if config.conditional else None}
+        self.family = config.family
+        self.model_config, self.disc_config = self._model_configs()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.model = build_model(self.model_config).to(self.device)
+            self.disc = build_model(self.disc_config).to(self.device) if self.disc_config else None
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        adam = dict(lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
+        self.opt = torch.optim.AdamW(self.model.parameters(), **adam)
+        self.opt_d = torch.optim.AdamW(self.disc.parameters(), **adam) if self.disc is not None else None
         self.generator = torch.Generator().manual_seed(config.seed)
         self.amp_dtype = None
         if config.amp and self.device.type == "cuda":
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16) \
             if hasattr(torch.amp, "GradScaler") else torch.cuda.amp.GradScaler(enabled=self.amp_dtype == torch.float16)
-        self.step, self.elapsed, self.losses = 0, 0.0, []
+        self.step, self.elapsed = 0, 0.0
+        self.history = {name: [] for name in LOSS_NAMES[self.family]}
+
+    @property
+    def losses(self) -> list[float]:
+        """The main loss per step: diffusion loss, VAE negative ELBO per dimension, or GAN discriminator loss."""
+        return self.history[LOSS_NAMES[self.family][0]]
+
+    def _model_configs(self) -> tuple[dict, dict | None]:
+        """The sampling network's config and, for a GAN, the discriminator's."""
+        c, shape = self.config, self.source.shape
+        if self.family == "diffusion":
+            data_keys = {"dim": shape[0]} if len(shape) == 1 else {"in_channels": shape[0]}
+            return {**c.model, **data_keys, "prediction": c.prediction,
+                    "num_classes": self.source.num_classes if c.conditional else None}, None
+        net = {k: v for k, v in c.model.items() if k != "kind"}
+        net.setdefault("net", "mlp" if c.model.get("kind", "mlp") == "mlp" else c.model["kind"])
+        data_keys = {"dim": shape[0], "in_channels": None} if len(shape) == 1 else {"dim": None, "in_channels": shape[0]}
+        if (net["net"] == "mlp") != (len(shape) == 1):
+            raise ValueError(f"a {c.family} on {c.data} needs model net={'mlp' if len(shape) == 1 else 'conv'}, "
+                             f"got {net['net']!r}")
+        if self.family == "vae":
+            return {"kind": "vae", **net, **data_keys, "latent": c.latent}, None
+        return ({"kind": "generator", **net, **data_keys, "latent": c.latent},
+                {"kind": "discriminator", **net, **data_keys, "spectral": c.gan_reg == "spectral"})
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then constant or cosine decay to 10% of the peak at config.steps."""
@@ -136,34 +198,71 @@ class Trainer:
         progress = min(1.0, step / c.steps)
         return c.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
-    def train_step(self) -> torch.Tensor:
-        """One optimizer step on a fresh batch; returns the loss (a detached tensor)."""
+    def _update(self, opt, module, loss: torch.Tensor) -> None:
+        """Backward, clip the gradient norm, step: the same update for every network of every family."""
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the loss became {loss.item()} at step {self.step}: lower the learning rate "
+                                     f"(now {self.lr_at(self.step):.2e}) or the gradient clip")
+        opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(module.parameters(), self.config.grad_clip)
+        self.scaler.step(opt)
+        self.scaler.update()
+
+    def _batch(self):
         c = self.config
         x, y = self.source.sample(c.batch_size, self.generator)
         kwargs = {}
         if c.conditional:
             drop = torch.rand(len(y), generator=self.generator) < c.label_dropout
             kwargs["y"] = torch.where(drop, torch.full_like(y, self.source.num_classes), y).to(self.device)
-        for group in self.opt.param_groups:
-            group["lr"] = self.lr_at(self.step)
+        return x.to(self.device), kwargs
+
+    def _gan_step(self) -> list[torch.Tensor]:
+        """d_steps discriminator updates (fresh real and fake batches), then one non-saturating generator update."""
+        c = self.config
+        self.disc.requires_grad_(True)
+        for _ in range(c.d_steps):
+            x, _ = self._batch()
+            with torch.no_grad():
+                fake = self.model.sample(len(x), self.generator)
+            d_loss = discriminator_loss(self.disc(x), self.disc(fake))
+            penalty = c.r1_gamma / 2 * r1_penalty(self.disc, x) if c.gan_reg == "r1" else 0.0
+            self._update(self.opt_d, self.disc, d_loss + penalty)
+        self.disc.requires_grad_(False)  # the generator's step needs gradients through D, not for D
+        g_loss = generator_loss(self.disc(self.model.sample(c.batch_size, self.generator)))
+        self._update(self.opt, self.model, g_loss)
+        return [d_loss, g_loss]
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step on a fresh batch; returns the logged losses (a detached tensor, LOSS_NAMES order)."""
+        c = self.config
+        for opt in (self.opt, self.opt_d):
+            for group in opt.param_groups if opt is not None else ():
+                group["lr"] = self.lr_at(self.step)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            loss = diffusion_loss(self.model, x.to(self.device), self.schedule, c.prediction, c.weighting,
-                                  c.gamma, generator=self.generator, **kwargs)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss became {loss.item()} at step {self.step}: lower the learning rate "
-                                     f"(now {self.lr_at(self.step):.2e}) or the gradient clip")
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.opt)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-        self.scaler.step(self.opt)
-        self.scaler.update()
+            if self.family == "gan":
+                values = self._gan_step()
+            else:
+                x, kwargs = self._batch()
+                if self.family == "vae":
+                    from .data import DIGITS_LEVELS
+                    from .vae import elbo
+
+                    levels = DIGITS_LEVELS if c.data == "digits" else None
+                    terms = elbo(self.model, x, beta=c.beta, levels=levels, generator=self.generator)
+                    values = [-terms["elbo"].mean() / x[0].numel(), terms["kl"].mean()]
+                else:
+                    values = [diffusion_loss(self.model, x, self.schedule, c.prediction, c.weighting, c.gamma,
+                                             generator=self.generator, **kwargs)]
+                self._update(self.opt, self.model, values[0])
         self.step += 1
         decay = min(c.ema_decay, (1 + self.step) / (10 + self.step))
         with torch.no_grad():
             for e, p in zip(self.ema.parameters(), self.model.parameters()):
                 e.lerp_(p, 1 - decay)
-        return loss.detach()
+        return torch.stack([v.detach().float() for v in values])
 
     def train(self, steps: int | None = None, seconds: float | None = None, progress: bool = True,
               callback=None, every: int = 500) -> Trainer:
@@ -196,11 +295,12 @@ class Trainer:
     def _flush(self, pending: list, bar) -> None:
         if not pending:
             return
-        values = torch.stack(pending).float().cpu().tolist()  # one device sync per 50 steps
-        self.losses.extend(values)
+        values = torch.stack(pending).cpu()  # (steps, losses): one device sync per 50 steps
+        for name, column in zip(self.history, values.T.tolist()):
+            self.history[name].extend(column)
         if bar is not None:
             bar.update(len(values))
-            bar.set_postfix(loss=f"{sum(values) / len(values):.4f}")
+            bar.set_postfix({name: f"{v:.4f}" for name, v in zip(self.history, values.mean(0).tolist())})
         pending.clear()
 
     # ---- checkpoints ----------------------------------------------------------------------------
@@ -214,7 +314,10 @@ class Trainer:
                 "config": asdict(self.config), "model_config": self.model_config,
                 "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
                 "scaler": self.scaler.state_dict(), "step": self.step, "elapsed": self.elapsed,
-                "losses": torch.tensor(self.losses, dtype=torch.float64), "rng": rng}
+                "losses": torch.tensor(self.losses, dtype=torch.float64), "rng": rng,
+                "history": {k: torch.tensor(v, dtype=torch.float64) for k, v in self.history.items()},
+                **({"disc_config": self.disc_config, "disc": self.disc.state_dict(), "opt_d": self.opt_d.state_dict()}
+                   if self.disc is not None else {})}
 
     def save(self, path: str | Path) -> Path:
         """Write the full training state atomically (temporary file, then rename)."""
@@ -227,8 +330,13 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if self.disc is not None:
+            ckpt_io.check_same_model(state.get("disc_config") or {}, self.disc_config, where="checkpoint's discriminator")
+            self.disc.load_state_dict(state["disc"])
+            self.opt_d.load_state_dict(state["opt_d"])
         self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
-        self.losses = state["losses"].tolist()
+        history = state.get("history") or {"loss": state["losses"]}  # files written before lesson 4
+        self.history = {k: history[k].tolist() for k in LOSS_NAMES[self.family]}
         self.generator.set_state(state["rng"]["generator"])
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
