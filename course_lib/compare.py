@@ -22,6 +22,7 @@ BUDGET = {"ring8": dict(steps=4000, batch_size=512), "grid25": dict(steps=4000, 
 QUICK_BUDGET = {"ring8": dict(steps=150, batch_size=256), "grid25": dict(steps=150, batch_size=256),
                 "digits": dict(steps=30, batch_size=64)}
 SEEDS, QUICK_SEEDS = (0, 1, 2), (0, 1)
+EXPORT_COMMAND = "python -m course_lib bench compare --json data/bench_compare.json --export data/compare --force"
 DIFFUSION_SAMPLER, DIFFUSION_NFE = "dpmpp_2m", 20  # lesson 3's best few-step sampler (Karras spacing)
 RECORD_KEYS = ("dataset", "family", "seed", "steps", "batch_size", "parameters", "train_seconds", "sampler", "nfe",
                "ms_per_sample", "samples", "hq_fraction", "modes_covered", "swd", "fd", "precision", "recall",
@@ -126,7 +127,7 @@ def run_one(dataset: str, family: str, seed: int, quick: bool = False, judge=Non
     if quick:
         nll, unit = held_out_nll(model, family, dataset, schedule, n=500, n_t=10)
     else:
-        nll, unit = held_out_nll(model, family, dataset, schedule, n=2000, n_t=100 if dataset == "digits" else None)
+        nll, unit = held_out_nll(model, family, dataset, schedule, n=2000, n_t=100)
     record = {"dataset": dataset, "family": family, "seed": seed, "steps": trainer.step,
               "batch_size": trainer.config.batch_size, "parameters": sum(p.numel() for p in model.parameters()), "train_seconds": round(trainer.elapsed, 3),
               "sampler": f"{DIFFUSION_SAMPLER}, karras, {nfe} NFE" if family == "diffusion"
@@ -143,6 +144,7 @@ def run_one(dataset: str, family: str, seed: int, quick: bool = False, judge=Non
     if export_to is not None:
         export_to.mkdir(parents=True, exist_ok=True)
         card = {k: v for k, v in record.items() if not k.endswith("curve")}
+        card["command"] = EXPORT_COMMAND
         trainer.export(export_to / f"{dataset}_{family}.pt", card)
     return {k: record[k] for k in RECORD_KEYS}
 
@@ -225,3 +227,25 @@ def main_compare(quick: bool, json_path=None, datasets=COMPARE_DATASETS, seeds=N
         write_json_atomic(records, Path(json_path))
         print(f"Wrote {json_path}")
     return 0
+
+
+def shipped_records() -> list[dict]:
+    """The full benchmark's records shipped in data/bench_compare.json."""
+    import json
+
+    from .checkpoints import shipped_dir
+
+    return json.loads((shipped_dir() / "bench_compare.json").read_text())
+
+
+def load_compared(dataset: str, family: str, folder=None):
+    """A first-seed model of the comparison (data/compare/<dataset>_<family>.pt): (model, schedule or None, card)."""
+    from .checkpoints import load_model, shipped_dir
+    from .schedules import NoiseSchedule
+
+    if dataset not in COMPARE_DATASETS or family not in FAMILY_NAMES:
+        raise ValueError(f"dataset must be one of {COMPARE_DATASETS} and family one of {FAMILY_NAMES}, "
+                         f"got {dataset!r} and {family!r}")
+    loaded = load_model(Path(folder or shipped_dir() / "compare") / f"{dataset}_{family}.pt")
+    schedule = NoiseSchedule.named(loaded.config["schedule"], loaded.config["T"]) if family == "diffusion" else None
+    return loaded.model, schedule, loaded.card

@@ -16,8 +16,8 @@ import torch
 
 from . import checkpoints as ckpt_io
 from .data import TOY_2D, digits_split, grid_of_gaussians, ring_of_gaussians
-from .losses import diffusion_loss
 from .gan import GAN_REGS, discriminator_loss, generator_loss, r1_penalty
+from .losses import diffusion_loss
 from .models import build_model
 from .schedules import SCHEDULES, NoiseSchedule
 

@@ -10,7 +10,13 @@ from course_lib import compare, metrics
 from course_lib.bench import Judge
 from course_lib.cli import main
 from course_lib.data import grid_of_gaussians, ring_of_gaussians
-from course_lib.gan import Discriminator, Generator, discriminator_loss, generator_loss, r1_penalty
+from course_lib.gan import (
+    Discriminator,
+    Generator,
+    discriminator_loss,
+    generator_loss,
+    r1_penalty,
+)
 from course_lib.models import build_model
 from course_lib.train import TrainConfig, Trainer
 from course_lib.vae import VAE, elbo, kl_to_standard_normal, reparameterize
@@ -62,7 +68,7 @@ def test_gan_losses_match_their_formulas():
 
 def test_r1_penalty_of_a_linear_discriminator_is_its_squared_weight_norm():
     lin = torch.nn.Linear(2, 1)
-    disc = lambda x: lin(x).squeeze(1)  # noqa: E731
+    disc = lambda x: lin(x).squeeze(1)
     assert r1_penalty(disc, torch.randn(50, 2)).item() == pytest.approx(lin.weight.pow(2).sum().item(), rel=1e-6)
 
 
@@ -302,3 +308,39 @@ def test_lesson4_exercise_references_agree_with_the_library():
     assert torch.equal(E.ref_reparameterize(**i), reparameterize(**i))
     i = E._inputs_discriminator(g)
     assert E.ref_discriminator_loss(**i).item() == pytest.approx(discriminator_loss(**i).item())
+
+
+# ---- the shipped full run --------------------------------------------------------------------------------------------
+
+def test_shipped_comparison_has_every_run_with_every_key_and_the_stated_budget():
+    records = compare.shipped_records()
+    assert len(records) == 3 * 3 * 3
+    for d in compare.COMPARE_DATASETS:
+        for f in compare.FAMILY_NAMES:
+            runs = [r for r in records if r["dataset"] == d and r["family"] == f]
+            assert sorted(r["seed"] for r in runs) == list(compare.SEEDS)
+            for r in runs:
+                assert set(r) == set(compare.RECORD_KEYS)
+                assert (r["steps"], r["batch_size"]) == (compare.BUDGET[d]["steps"], compare.BUDGET[d]["batch_size"])
+                assert len(r["loss_curve"]) == 100 and (r["nll"] is None) == (f == "gan")
+
+
+@pytest.mark.parametrize("dataset", compare.COMPARE_DATASETS)
+def test_shipped_first_seed_models_reproduce_their_records(dataset):
+    records = [r for r in compare.shipped_records() if r["dataset"] == dataset and r["seed"] == 0]
+    judge = Judge(dataset, records[0]["samples"])
+    for rec in records:
+        model, schedule, card = compare.load_compared(dataset, rec["family"])
+        path = C.shipped_dir() / "compare" / f"{dataset}_{rec['family']}.pt"
+        assert path.stat().st_size < 5e6 and card["command"].startswith("python -m course_lib bench compare")
+        assert sum(p.numel() for p in model.parameters()) == rec["parameters"] == card["parameters"]
+        x, nfe, _ = compare.generate(model, rec["family"], dataset, rec["samples"], seed=1000, schedule=schedule)
+        scores = judge(x)
+        assert nfe == rec["nfe"]
+        if dataset == "digits":
+            assert scores["fd"] == pytest.approx(rec["fd"], rel=0.02)
+        else:
+            assert scores["hq_fraction"] == pytest.approx(rec["hq_fraction"], abs=0.01)
+            assert abs(scores["modes_covered"] - rec["modes_covered"]) <= 1
+    with pytest.raises(ValueError, match="family"):
+        compare.load_compared(dataset, "flow")
