@@ -15,11 +15,18 @@ from pathlib import Path
 import torch
 
 from . import checkpoints as ckpt_io
-from .data import TOY_2D, digits_split, grid_of_gaussians, ring_of_gaussians
+from .data import (
+    DIGITS_LEVELS,
+    TOY_2D,
+    digits_split,
+    grid_of_gaussians,
+    ring_of_gaussians,
+)
 from .gan import GAN_REGS, discriminator_loss, generator_loss, r1_penalty
 from .losses import diffusion_loss
 from .models import build_model
 from .schedules import SCHEDULES, NoiseSchedule
+from .vae import elbo
 
 MIXTURES = {"ring8": ring_of_gaussians, "grid25": grid_of_gaussians}
 DATASETS = tuple(MIXTURES) + tuple(sorted(TOY_2D)) + ("digits",)
@@ -95,8 +102,8 @@ PRESETS = {
 }
 PRESETS["digits_cond"] = replace(PRESETS["digits"], conditional=True)
 # Lesson 4's rivals. Sizes are picked so that the network that samples has about as many parameters as the diffusion
-# network of the same data (2D: 215k; digits: the compact UNet of COMPARE_UNET, 177k); see bench.COMPARE_BUDGET.
-_GAN = dict(family="gan", lr=2e-4, betas=(0.5, 0.999), ema_decay=0.999, warmup=0, lr_decay="constant")  # DCGAN's
+# network of the same data (2D: 215k; digits: the compact UNet of COMPARE_UNET, 177k); see compare.BUDGET.
+_GAN = dict(family="gan", lr=2e-4, betas=(0.5, 0.999), warmup=0, lr_decay="constant")  # DCGAN's
 _VAE = dict(family="vae", lr=1e-3, warmup=100)
 for _name in MIXTURES:
     PRESETS[f"{_name}_gan"] = replace(PRESETS[_name], model={"net": "mlp", "hidden": 256, "depth": 3},
@@ -178,8 +185,9 @@ class Trainer:
             data_keys = {"dim": shape[0]} if len(shape) == 1 else {"in_channels": shape[0]}
             return {**c.model, **data_keys, "prediction": c.prediction,
                     "num_classes": self.source.num_classes if c.conditional else None}, None
-        net = {k: v for k, v in c.model.items() if k != "kind"}
-        net.setdefault("net", "mlp" if c.model.get("kind", "mlp") == "mlp" else c.model["kind"])
+        if c.model.get("kind", "mlp") != "mlp":
+            raise ValueError(f"a {c.family} takes model={{'net': 'mlp' | 'conv', ...}}, got kind {c.model['kind']!r}")
+        net = {"net": "mlp", **{k: v for k, v in c.model.items() if k != "kind"}}
         data_keys = {"dim": shape[0], "in_channels": None} if len(shape) == 1 else {"dim": None, "in_channels": shape[0]}
         if (net["net"] == "mlp") != (len(shape) == 1):
             raise ValueError(f"a {c.family} on {c.data} needs model net={'mlp' if len(shape) == 1 else 'conv'}, "
@@ -247,9 +255,6 @@ class Trainer:
             else:
                 x, kwargs = self._batch()
                 if self.family == "vae":
-                    from .data import DIGITS_LEVELS
-                    from .vae import elbo
-
                     levels = DIGITS_LEVELS if c.data == "digits" else None
                     terms = elbo(self.model, x, beta=c.beta, levels=levels, generator=self.generator)
                     values = [-terms["elbo"].mean() / x[0].numel(), terms["kl"].mean()]
