@@ -24,6 +24,12 @@ def _release(args) -> int:
     return 0
 
 
+def _grade(args) -> int:
+    from .grading import main_grade
+
+    return main_grade(args)
+
+
 def _train(args) -> int:
     import json
     import platform
@@ -142,6 +148,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder for the student notebooks")
     p.add_argument("--force", action="store_true", help="overwrite the student notebooks in a non-empty OUT_DIR")
     p.set_defaults(func=_release)
+    p = sub.add_parser("grade", help="grade submitted notebooks safely (CSV + JSON)",
+                       description="Run each submitted notebook in its own confined process in quick mode, call "
+                                   "its exercise functions on secret random inputs and judge the outputs against "
+                                   "the reference in this process. One CSV row per submission and exercise. A "
+                                   "journal next to --out lets an interrupted batch resume. Exit 0 when every "
+                                   "submission was graded, 1 when some could not be (status error).")
+    p.add_argument("submissions", nargs="+", metavar="SUBMISSION", help="notebook files or folders of them")
+    p.add_argument("--out", required=True, metavar="CSV", help="where to write the grades (one row per exercise)")
+    p.add_argument("--json", metavar="PATH", help="also write the rows, notes and totals as JSON")
+    p.add_argument("--timeout", type=float, default=600, metavar="SECONDS",
+                   help="time limit per submission, every cell and attempt included (default 600)")
+    p.add_argument("--cell-timeout", type=float, default=120, metavar="SECONDS",
+                   help="time limit per cell (default 120)")
+    p.add_argument("--call-timeout", type=float, default=20, metavar="SECONDS",
+                   help="time limit per call of a learner's function (default 20)")
+    p.add_argument("--memory-mb", type=int, default=6144, metavar="MB",
+                   help="address-space limit per submission (default 6144)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="submissions graded at once (default 1)")
+    p.add_argument("--scratch", metavar="DIR", help="where the per-submission scratch folders go (default: "
+                                                    "the system temporary folder)")
+    p.add_argument("--force", action="store_true", help="start afresh: replace --out/--json and forget the journal")
+    p.set_defaults(func=_grade)
     p = sub.add_parser("train", help="train a preset model and write its checkpoint and JSON card",
                        description="Train one of the shipped models from scratch (reproducing data/NAME.pt), "
                                    "measure its sample quality and write NAME.pt plus NAME.json.")

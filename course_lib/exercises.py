@@ -51,6 +51,22 @@ class CheckResult:
 
 
 EXERCISES: dict[str, Exercise] = {}
+# course_lib functions that compute an exercise's answer: the grader flags a graded function that calls one.
+LIBRARY_EQUIVALENTS = {
+    "alpha_bar_from_betas": ("course_lib.schedules.alpha_bar_from_betas",),
+    "q_sample": ("course_lib.forward.q_sample", "course_lib.forward.q_mean_std"),
+    "log_snr": ("course_lib.schedules.log_snr_from_alpha_bar", "course_lib.schedules.snr_from_alpha_bar"),
+    "simple_loss": ("course_lib.losses.diffusion_loss",),
+    "posterior_mean": ("course_lib.losses.posterior_coefficients", "course_lib.losses.q_posterior"),
+    "eps_to_x0": ("course_lib.losses.from_eps", "course_lib.losses.to_eps", "course_lib.losses.convert"),
+    "ddim_step": ("course_lib.samplers.sample_ddim",),
+    "heun_step": ("course_lib.samplers.sample_heun",),
+    "karras_sigmas": ("course_lib.samplers.karras_sigmas", "course_lib.samplers.get_sigmas"),
+    "reparameterize": ("course_lib.vae.reparameterize",),
+    "gaussian_elbo": ("course_lib.vae.gaussian_log_likelihood", "course_lib.vae.kl_to_standard_normal",
+                      "course_lib.vae.elbo"),
+    "discriminator_loss": ("course_lib.gan.discriminator_loss",),
+}
 _RESULTS: dict[str, CheckResult] = {}
 
 
@@ -88,6 +104,68 @@ def _describe(inputs: dict) -> str:
     return ", ".join(parts)
 
 
+@dataclass(frozen=True)
+class Raised:
+    """What a learner's call gave instead of a tensor: an exception (its class name), or error "" for a non-tensor."""
+
+    error: str
+    message: str
+
+
+def call_learner(fn, inputs: dict):
+    """fn(**inputs) as a tensor, or a Raised describing the exception or the non-tensor it returned."""
+    try:
+        got = fn(**_clone(inputs))
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # SystemExit too: a check must not stop the notebook
+        return Raised(type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+    if isinstance(got, torch.Tensor):
+        return got.detach()
+    try:
+        return torch.as_tensor(got)
+    except Exception:
+        return Raised("", "None" if got is None else type(got).__name__)
+
+
+def judge(ex: Exercise, inputs: dict, want: torch.Tensor, got, trial: int = 0) -> CheckResult | None:
+    """The verdict on one output of the learner's function (a tensor or a Raised); None when it matches the reference."""
+    name = ex.name
+    if isinstance(got, Raised):
+        if got.error == "NotImplementedError":
+            return CheckResult(name, NOT_ATTEMPTED, "Your function still raises NotImplementedError.",
+                               "Replace the `raise NotImplementedError` line with your code, then run the cell again.")
+        if got.error:
+            return CheckResult(name, FAILED, f"Your function raised {got.error}: {got.message}",
+                               f"It was called with {_describe(inputs)}. {ex.hint}")
+        return CheckResult(name, FAILED, f"expected a torch.Tensor, got {got.message}.",
+                           "Did you forget a `return` statement?" if got.message == "None" else ex.hint)
+    if got.shape != want.shape:
+        return CheckResult(name, FAILED, f"wrong shape: expected {tuple(want.shape)}, got {tuple(got.shape)}.",
+                           f"Inputs were {_describe(inputs)}. {ex.hint}")
+    if not (got.is_floating_point() or got.is_complex()):
+        got = got.double()
+    if not torch.isfinite(got).all():
+        return CheckResult(name, FAILED, f"your output contains {int((~torch.isfinite(got)).sum())} NaN/inf values.",
+                           f"Inputs were {_describe(inputs)}. {ex.hint}")
+    if not _close(got, want, ex):
+        err = float((got.double() - want.double()).abs().max())
+        specific = _matching_mistake(ex, inputs, got)
+        return CheckResult(name, FAILED, f"values differ from the reference (max abs error {err:.3g}) "
+                           f"on random test {trial + 1} of {ex.trials}.", specific or ex.hint)
+    return None
+
+
+def passed(ex: Exercise) -> CheckResult:
+    return CheckResult(ex.name, PASSED, f"matches the reference on {ex.trials} fresh random inputs.")
+
+
+def fresh_inputs(ex: Exercise, seed: int | None = None) -> list[dict]:
+    """ex.trials input dicts from a generator seeded with `seed` (a secret random seed when None)."""
+    gen = torch.Generator().manual_seed(secrets.randbits(62) if seed is None else seed)
+    return [ex.make_inputs(gen) for _ in range(ex.trials)]
+
+
 def run_check(name: str, fn, seed: int | None = None) -> CheckResult:
     """Grade fn against exercise `name` on fresh random inputs; returns a CheckResult and never raises."""
     ex = EXERCISES.get(name)
@@ -97,41 +175,11 @@ def run_check(name: str, fn, seed: int | None = None) -> CheckResult:
     if not callable(fn):
         return CheckResult(name, FAILED, f"expected your function, got {type(fn).__name__}.",
                            f"Pass the function itself, without calling it: check({name!r}, {name}).")
-    gen = torch.Generator().manual_seed(secrets.randbits(62) if seed is None else seed)
-    for trial in range(ex.trials):
-        inputs = ex.make_inputs(gen)
-        want = ex.reference(**_clone(inputs))
-        try:
-            got = fn(**_clone(inputs))
-        except NotImplementedError:
-            return CheckResult(name, NOT_ATTEMPTED, "Your function still raises NotImplementedError.",
-                               "Replace the `raise NotImplementedError` line with your code, then run the cell again.")
-        except KeyboardInterrupt:
-            raise
-        except BaseException as e:  # SystemExit too: a check must not stop the notebook
-            msg = str(e).splitlines()[0][:300] if str(e) else ""
-            return CheckResult(name, FAILED, f"Your function raised {type(e).__name__}: {msg}",
-                               f"It was called with {_describe(inputs)}. {ex.hint}")
-        if not isinstance(got, torch.Tensor):
-            try:
-                got = torch.as_tensor(got)
-            except Exception:
-                return CheckResult(name, FAILED, f"expected a torch.Tensor, got {type(got).__name__}.",
-                                   "Did you forget a `return` statement?" if got is None else ex.hint)
-        if got.shape != want.shape:
-            return CheckResult(name, FAILED, f"wrong shape: expected {tuple(want.shape)}, got {tuple(got.shape)}.",
-                               f"Inputs were {_describe(inputs)}. {ex.hint}")
-        if not (got.is_floating_point() or got.is_complex()):
-            got = got.double()
-        if not torch.isfinite(got).all():
-            return CheckResult(name, FAILED, f"your output contains {int((~torch.isfinite(got)).sum())} NaN/inf values.",
-                               f"Inputs were {_describe(inputs)}. {ex.hint}")
-        if not _close(got, want, ex):
-            err = float((got.double() - want.double()).abs().max())
-            specific = _matching_mistake(ex, inputs, got)
-            return CheckResult(name, FAILED, f"values differ from the reference (max abs error {err:.3g}) "
-                               f"on random test {trial + 1} of {ex.trials}.", specific or ex.hint)
-    return CheckResult(name, PASSED, f"matches the reference on {ex.trials} fresh random inputs.")
+    for trial, inputs in enumerate(fresh_inputs(ex, seed)):
+        verdict = judge(ex, inputs, ex.reference(**_clone(inputs)), call_learner(fn, inputs), trial)
+        if verdict is not None:
+            return verdict
+    return passed(ex)
 
 
 def check(name: str, fn) -> bool:
@@ -425,16 +473,26 @@ def ref_heun_step(denoise, x, sigma, sigma_next):
     return x + (sigma_next - sigma) * (d + d_next) / 2
 
 
+class _ToyDenoiser:
+    """A smooth, nonlinear stand-in for a trained denoiser: denoise(x, sigma) -> a tensor shaped like x."""
+
+    def __init__(self, w: float):
+        self.w = w
+
+    def __call__(self, x, sigma):
+        return torch.tanh(self.w * x) / (1 + sigma**2) ** 0.5
+
+    def __repr__(self) -> str:
+        return "denoise(x, sigma) (a fixed toy denoiser)"
+
+
 def _inputs_heun_step(gen):
     _, shape = _batch(gen)
     w = float(torch.rand(1, generator=gen)) + 0.5
     sigma = float(torch.rand(1, generator=gen)) * 5 + 0.5
     sigma_next = sigma * (float(torch.rand(1, generator=gen)) * 0.7 + 0.1)
 
-    def denoise(x, s):  # a smooth, nonlinear stand-in for a trained model
-        return torch.tanh(w * x) / (1 + s**2) ** 0.5
-
-    return {"denoise": denoise, "x": torch.randn(shape, generator=gen) * (1 + sigma), "sigma": sigma,
+    return {"denoise": _ToyDenoiser(w), "x": torch.randn(shape, generator=gen) * (1 + sigma), "sigma": sigma,
             "sigma_next": sigma_next}
 
 
