@@ -40,7 +40,6 @@ COLUMNS = ("submission", "exercise", "points", "max_points", "status", "message"
 WHOLE_NOTEBOOK = "(notebook)"  # the exercise column of the one row of a submission whose lesson is unknown
 MAX_NOTEBOOK_BYTES = 100 << 20
 SETUP_SECONDS = 120  # the worker's imports, before the first cell
-GRACE_SECONDS = 10  # beyond a cell's or a call's own alarm before the process is killed
 
 
 @dataclass(frozen=True)
@@ -54,9 +53,11 @@ class Limits:
     file_mb: int = 256
     threads: int = 1
     attempts: int = 3  # a cell that kills the process is skipped and the notebook run again
+    grace: float = 10.0  # beyond a cell's or a call's own alarm before the process is killed
 
     def __post_init__(self):
-        for name in ("timeout", "cell_timeout", "call_timeout", "memory_mb", "file_mb", "threads", "attempts"):
+        for name in ("timeout", "cell_timeout", "call_timeout", "memory_mb", "file_mb", "threads", "attempts",
+                     "grace"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -253,7 +254,7 @@ def _run_worker(cells, names, make_inputs, limits: Limits, deadline: float, scra
                 att.layers = tuple(str(x) for x in msg.get("layers", ()))
             elif kind == "cell":
                 att.running = ("cell", int(msg["index"]))
-                step = time.monotonic() + limits.cell_timeout + GRACE_SECONDS
+                step = time.monotonic() + limits.cell_timeout + limits.grace
             elif kind == "cell_done":
                 att.cells[int(msg["index"])] = (str(msg["status"]), str(msg["message"]))
             elif kind == "defined":
@@ -263,7 +264,7 @@ def _run_worker(cells, names, make_inputs, limits: Limits, deadline: float, scra
                 _send(job_w, encode(make_inputs(att.defined)), step)
             elif kind == "call":
                 att.running = ("call", str(msg["name"]))
-                step = time.monotonic() + limits.call_timeout * 5 + GRACE_SECONDS
+                step = time.monotonic() + limits.call_timeout * 5 + limits.grace
             elif kind == "result":
                 att.results[str(msg["name"])] = msg
             elif kind == "done":
@@ -335,9 +336,11 @@ def _verdict(sub: str, ex, inputs: list[dict], result: dict, limits: Limits) -> 
     return _row(sub, ex.name, "passed", f"matches the reference on {len(inputs)} fresh random inputs.", ex.points, ex.points)
 
 
-def _cell_reason(att: _Attempt, cell: int) -> str:
+def _cell_reason(att: _Attempt) -> str:
     if att.ended == "timeout":
         return "it ran past the time limit and ignored the alarm"
+    if att.ended == "broken":
+        return att.detail
     return "it ended the grading process (" + (att.detail or "no reason given") + ")"
 
 
@@ -349,7 +352,7 @@ def _missing_row(sub, ex, where, att: _Attempt | None, skipped: dict, out_of_tim
         return _row(sub, ex.name, "timeout", "the notebook used up its time limit before this exercise was graded.",
                     0, ex.points)
     if info.get("defined") and not info.get("callable"):
-        return _row(sub, ex.name, "failed", f"`{ex.name}` is a {info.get('type', 'value')}, not a function.", 0, ex.points)
+        return _row(sub, ex.name, "failed", f"`{ex.name}` is not a function (it is of type {info.get('type', 'unknown')}).", 0, ex.points)
     if not cells:
         return _row(sub, ex.name, "not_attempted", f"no cell defines `{ex.name}` (was its cell deleted?).", 0, ex.points)
     status, why = "failed", []
@@ -411,12 +414,10 @@ def grade_notebook(path, name: str | None = None, limits: Limits = Limits(), scr
                 rows[n] = _verdict(sub, EXERCISES[n], inputs[n], result, limits)
         if att.ended == "done":
             break
-        if att.detail and att.ended == "broken":
-            record["notes"].append(att.detail)
         kind = att.running[0] if att.running else None
         if kind == "cell":
             cell = att.running[1]
-            skipped[cell] = _cell_reason(att, cell)
+            skipped[cell] = _cell_reason(att)
             record["notes"].append(f"cell {cell} was skipped and the notebook run again: {skipped[cell]}")
         elif kind == "call" and att.running[1] in todo and att.running[1] not in rows:
             n = att.running[1]
