@@ -446,6 +446,20 @@ def grade_notebook(path, name: str | None = None, limits: Limits = Limits(), scr
     return record
 
 
+def _grade_safely(path, name, limits, scratch_base) -> dict:
+    """grade_notebook, with a failure of the grader itself (e.g. no process could start) as error rows."""
+    try:
+        return grade_notebook(path, name, limits, scratch_base)
+    except Exception as e:
+        try:
+            sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        except OSError:
+            sha = ""
+        message = f"the grader failed on this submission ({type(e).__name__}: {e})"
+        return {"submission": name, "sha256": sha, "lesson": None, "rows": [_row(name, WHOLE_NOTEBOOK, "error", message)],
+                "seconds": 0.0, "notes": [message], "sandbox": [], "retry": True}
+
+
 # ---- a batch -------------------------------------------------------------------------------------
 
 
@@ -479,7 +493,8 @@ def _read_journal(path: Path) -> dict:
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 rec = json.loads(line)
-                done[(rec["submission"], rec["sha256"])] = rec
+                if not rec.get("retry"):  # the grader itself failed on it last time: grade it again
+                    done[(rec["submission"], rec["sha256"])] = rec
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut short by an interruption: that submission is graded again
     return done
@@ -543,7 +558,7 @@ def grade_batch(paths, out, json_out=None, limits: Limits | None = None, jobs: i
          f"with {jobs} job(s)")
     lock = threading.Lock()
     with open(journal, "a", encoding="utf-8") as jf, ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(grade_notebook, p, label, limits, scratch_base): label for label, p in todo}
+        futures = {pool.submit(_grade_safely, p, label, limits, scratch_base): label for label, p in todo}
         try:
             for k, fut in enumerate(as_completed(futures), 1):
                 rec = fut.result()

@@ -278,3 +278,20 @@ def test_cli_grade_exit_codes(tmp_path):
     assert json.loads((tmp_path / "g.json").read_text())["totals"]["status"]["error"] == 1
     r = run(tmp_path / "missing.ipynb", "--out", tmp_path / "x.csv")
     assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_failure_of_the_grader_itself_is_an_error_row_and_is_retried(tmp_path, monkeypatch):
+    nb = _notebook(tmp_path / "00_a.ipynb", IMPORTS, GOOD0)
+    out = tmp_path / "grades.csv"
+
+    def broken(*args, **kwargs):
+        raise OSError("too many open files")
+
+    monkeypatch.setattr(grading, "grade_notebook", broken)
+    records, totals = grade_batch([nb], out, limits=FAST, echo=lambda s: None)
+    assert totals["status"]["error"] == 1 and "too many open files" in records[0]["rows"][0]["message"]
+    monkeypatch.undo()
+    lines = []
+    records, totals = grade_batch([nb], out, limits=FAST, echo=lines.append)
+    assert "1 to grade" in lines[0] and totals["status"] == {"passed": 1, "failed": 0, "not_attempted": 0,
+                                                             "error": 0, "timeout": 0}
