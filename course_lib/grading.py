@@ -244,6 +244,7 @@ def _run_worker(cells, names, make_inputs, limits: Limits, deadline: float, scra
     with _ACTIVE_LOCK:
         _ACTIVE.add(proc)
     chan, step = _Channel(out_r), min(deadline, time.monotonic() + SETUP_SECONDS)
+    sent = {i for i, _ in cells}  # messages about anything else are ignored: a forged flood cannot grow our state
     att.running = ("setup",)
     try:
         _send(job_w, encode(job), step)
@@ -251,22 +252,22 @@ def _run_worker(cells, names, make_inputs, limits: Limits, deadline: float, scra
             msg = chan.recv(min(deadline, step))
             kind = msg["kind"]
             if kind == "ready":
-                att.layers = tuple(str(x) for x in msg.get("layers", ()))
-            elif kind == "cell":
+                att.layers = tuple(str(x)[:100] for x in list(msg.get("layers", ()))[:5])
+            elif kind == "cell" and int(msg["index"]) in sent:
                 att.running = ("cell", int(msg["index"]))
                 step = time.monotonic() + limits.cell_timeout + limits.grace
-            elif kind == "cell_done":
-                att.cells[int(msg["index"])] = (str(msg["status"]), str(msg["message"]))
+            elif kind == "cell_done" and int(msg["index"]) in sent:
+                att.cells[int(msg["index"])] = (str(msg["status"])[:20], str(msg["message"])[:300])
             elif kind == "defined":
-                att.defined = {str(k): v for k, v in msg["names"].items() if isinstance(v, dict)}
+                att.defined = {k: v for k, v in msg["names"].items() if k in names and isinstance(v, dict)}
                 att.running = ("inputs",)
                 step = time.monotonic() + SETUP_SECONDS
                 _send(job_w, encode(make_inputs(att.defined)), step)
-            elif kind == "call":
-                att.running = ("call", str(msg["name"]))
+            elif kind == "call" and msg["name"] in names:
+                att.running = ("call", msg["name"])
                 step = time.monotonic() + limits.call_timeout * 5 + limits.grace
-            elif kind == "result":
-                att.results[str(msg["name"])] = msg
+            elif kind == "result" and msg["name"] in names:
+                att.results[msg["name"]] = msg
             elif kind == "done":
                 att.running = None
                 break
@@ -511,11 +512,16 @@ def _write_atomic(path: Path, text: str) -> None:
             os.remove(tmp)
 
 
+def _spreadsheet_safe(value):
+    """A text cell a spreadsheet would run as a formula (=, +, -, @ first) gets a leading apostrophe (OWASP)."""
+    return "'" + value if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+
+
 def _csv_text(rows) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: _spreadsheet_safe(v) for k, v in row.items()} for row in rows)
     return buf.getvalue()
 
 

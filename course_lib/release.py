@@ -45,9 +45,11 @@ class ReleaseReport:
     hidden_cells: int = 0
     outputs_cleared: int = 0
     problems: list = field(default_factory=list)
+    lesson: int | None = None
 
     def __str__(self) -> str:
-        return (f"{self.notebook}: {self.solutions} solution(s) stubbed, {self.hidden_cells} hidden-test cell(s) "
+        where = f" (lesson {self.lesson})" if self.lesson is not None else " (no graded exercise found)"
+        return (f"{self.notebook}{where}: {self.solutions} solution(s) stubbed, {self.hidden_cells} hidden-test cell(s) "
                 f"removed, outputs of {self.outputs_cleared} cell(s) cleared")
 
 
@@ -72,7 +74,7 @@ def student_notebook(nb: nbformat.NotebookNode, name: str = "notebook"):
     out = nbformat.from_dict(dict(nb))
     out.cells = cells
     out.metadata.pop("widgets", None)  # widget state belongs to outputs that are gone
-    lesson = _lesson(nb)
+    lesson = report.lesson = _lesson(nb)
     if lesson is not None:  # the grader reads this to know which exercises a renamed submission holds
         out.metadata["course_lib"] = {"lesson": lesson}
     return out, report

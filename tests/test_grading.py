@@ -295,3 +295,9 @@ def test_a_failure_of_the_grader_itself_is_an_error_row_and_is_retried(tmp_path,
     records, totals = grade_batch([nb], out, limits=FAST, echo=lines.append)
     assert "1 to grade" in lines[0] and totals["status"] == {"passed": 1, "failed": 0, "not_attempted": 0,
                                                              "error": 0, "timeout": 0}
+
+
+def test_csv_cells_cannot_become_spreadsheet_formulas():
+    text = grading._csv_text([grading._row("=HYPERLINK(\"http://x\")", "q_sample", "failed", "-1 points?")])
+    row = next(csv.DictReader(text.splitlines()))
+    assert row["submission"].startswith("'=") and row["message"] == "'-1 points?" and row["exercise"] == "q_sample"
