@@ -6,3 +6,5 @@ import os
 
 os.environ["COURSE_QUICK"] = "1"
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Triton kernels run on CPU tensors in Triton's interpreter; it is chosen when a kernel is first compiled.
+os.environ.setdefault("TRITON_INTERPRET", "1")

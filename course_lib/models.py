@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import group_norm_silu
 from .losses import PREDICTIONS
 
 
@@ -107,8 +108,8 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.conv2.bias)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x))) + self.emb(emb)[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv1(group_norm_silu(x, self.norm1)) + self.emb(emb)[:, :, None, None]
+        h = self.conv2(self.dropout(group_norm_silu(h, self.norm2)))
         return self.skip(x) + h
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
 from .losses import convert, posterior_coefficients
 from .schedules import NoiseSchedule
 
@@ -273,6 +274,10 @@ def sample_ddim(denoiser, x, sigmas, eta: float = 0.0, generator=None, progress=
     traj = _Trajectory(return_trajectory, x, sigmas[0])
     for i, s, s_next in _steps(sigmas, progress, "DDIM"):
         x0 = denoiser(x, s, **model_kwargs)
+        if eta == 0:  # one fused pass on a GPU (course_lib.kernels)
+            x = kernels.ddim_step(x, x0, s, s_next)
+            traj.add(x, s_next)
+            continue
         ab_t, ab_s = _ab(s), _ab(s_next)
         x_t = x * math.sqrt(ab_t)
         eps = (x_t - math.sqrt(ab_t) * x0) / math.sqrt(1 - ab_t)
@@ -291,8 +296,7 @@ def sample_euler(denoiser, x, sigmas, progress=False, return_trajectory=False, *
     sigmas = check_sigmas(sigmas)
     traj = _Trajectory(return_trajectory, x, sigmas[0])
     for i, s, s_next in _steps(sigmas, progress, "Euler"):
-        d = (x - denoiser(x, s, **model_kwargs)) / s
-        x = x + (s_next - s) * d
+        x = kernels.euler_step(x, denoiser(x, s, **model_kwargs), s, s_next)
         traj.add(x, s_next)
     return traj.result(x)
 
@@ -313,11 +317,10 @@ def sample_heun(denoiser, x, sigmas, s_churn: float = 0.0, s_tmin: float = 0.0, 
         s_hat = s * (1 + gamma)
         if gamma > 0:  # Algorithm 2, lines 5-6: add noise to move up to s_hat
             x = x + math.sqrt(s_hat**2 - s**2) * s_noise * _noise(x, generator)
-        d = (x - denoiser(x, s_hat, **model_kwargs)) / s_hat
-        x_next = x + (s_next - s_hat) * d
+        denoised = denoiser(x, s_hat, **model_kwargs)
+        x_next = kernels.euler_step(x, denoised, s_hat, s_next)
         if s_next > 0:  # the correction: average the slopes at both ends
-            d_next = (x_next - denoiser(x_next, s_next, **model_kwargs)) / s_next
-            x_next = x + (s_next - s_hat) * (d + d_next) / 2
+            x_next = kernels.heun_correct(x, denoised, x_next, denoiser(x_next, s_next, **model_kwargs), s_hat, s_next)
         x = x_next
         traj.add(x, s_next)
     return traj.result(x)
@@ -337,13 +340,8 @@ def sample_dpmpp_2m(denoiser, x, sigmas, progress=False, return_trajectory=False
         x0 = denoiser(x, s, **model_kwargs)
         if s_next == 0:
             x = x0
-        else:
-            h = math.log(s) - math.log(s_next)
-            d = x0
-            if old is not None:
-                r = (math.log(float(sigmas[i - 1])) - math.log(s)) / h  # h_last / h
-                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old
-            x = (s_next / s) * x - math.expm1(-h) * d
+        else:  # with h = log(s / s_next) and r = h_last / h (see kernels.dpmpp_2m_step)
+            x = kernels.dpmpp_2m_step(x, x0, old, s, s_next, float(sigmas[i - 1]) if old is not None else None)
         old = x0
         traj.add(x, s_next)
     return traj.result(x)
