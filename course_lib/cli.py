@@ -92,6 +92,8 @@ def _train(args) -> int:
 def _bench(args) -> int:
     if args.bench == "compare":
         return _bench_compare(args)
+    if args.bench == "kernels":
+        return _bench_kernels(args)
     from .bench import BENCH_DATASETS, main_samplers
 
     datasets = args.datasets or list(BENCH_DATASETS)
@@ -116,6 +118,16 @@ def _bench_compare(args) -> int:
         raise ValueError(f"--samples must be at least 10, got {args.samples}")
     return main_compare(args.quick, args.json, datasets, args.seeds, args.samples, args.device, args.force,
                         args.export)
+
+
+def _bench_kernels(args) -> int:
+    from .bench_kernels import main_kernels, summary_lines
+
+    records = main_kernels(args.json, args.force, args.quick, args.device)
+    print("\n".join(summary_lines(records)))
+    if args.json:
+        print(f"Wrote {len(records)} records to {args.json}")
+    return 0
 
 
 PRESET_NAMES = SHIPPED  # every shipped checkpoint has a preset that reproduces it
@@ -202,6 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_arguments(p, "under 3 minutes")
     p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="default: 0 1 2 (quick: 0 1)")
     p.add_argument("--export", metavar="DIR", help="also export each first-seed model to DIR/<data>_<family>.pt")
+    p = bench.add_parser("kernels", help="fused Triton kernels vs eager vs torch.compile; CUDA-graph sampling",
+                         description="Checks every Triton kernel against its torch reference (in Triton's "
+                                     "interpreter on a CPU), then times each op at several sizes for the eager "
+                                     "reference, torch.compile and Triton (CUDA only) as ms, GB/s and the fraction "
+                                     "of the copy bandwidth measured in the same run; then the digits UNet's "
+                                     "sampling loop eager, compiled and as a CUDA graph (CUDA only). --quick: one "
+                                     "size, eager (and Triton) only.")
+    p.add_argument("--quick", action="store_true", help="one size and no torch.compile (under a minute on 2 cores)")
+    p.add_argument("--json", metavar="PATH", help="also write the records to this JSON file")
+    p.add_argument("--force", action="store_true", help="replace an existing --json file")
+    p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
+    p.set_defaults(func=_bench)
     return parser
 
 

@@ -39,7 +39,10 @@ def triton_status() -> tuple[bool, str]:
     if _version("triton") is None:
         return False, "not installed (only lesson 5 needs it: pip install triton)"
     code = "import triton, triton.language"  # a subprocess: a broken Triton must not break the doctor
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as e:  # e.g. inside the grader, where starting processes is refused
+        return False, f"installed, not checked here ({type(e).__name__}: {e})"
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["unknown error"])[-1]
         return False, f"installed but fails to import: {last}"

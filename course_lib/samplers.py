@@ -84,7 +84,8 @@ def as_denoiser(model, schedule: NoiseSchedule | None = None, prediction: str | 
         t = round(t) if abs(t - round(t)) < 1e-6 else t  # on the grid: an integer timestep, as in training
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long if isinstance(t, int) else torch.float32)
         out = model(x_t, tt, **kwargs)
-        return convert(out, prediction, "x0", x_t, torch.tensor(ab, dtype=x.dtype, device=x.device))
+        # torch.full, not torch.tensor: a fill kernel, not a host-to-device copy, so the loop can be a CUDA graph
+        return convert(out, prediction, "x0", x_t, torch.full((), ab, dtype=x.dtype, device=x.device))
 
     sig = schedule.sigmas
     return Denoiser(fn, float(sig[0]), float(sig[-1]), clip, schedule)

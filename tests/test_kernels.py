@@ -130,3 +130,21 @@ def test_bad_inputs_get_clear_errors():
     with pytest.raises(ValueError, match="sigma_next"):
         K.dpmpp_2m_step(x, x, None, 1.0, 0.0, None)
     assert math.isfinite(float(K.ddim_step(x, x, 1.0, 1e-3).sum()))
+
+
+def test_bench_kernels_records_and_correctness_part(tmp_path):
+    from course_lib import bench_kernels as B
+
+    checked = B.check_kernels(torch.device("cpu"))
+    assert {r["op"] for r in checked} == {"q_sample_v", "ddim_step", "heun_correct", "dpmpp_2m_step", "group_norm_silu"}
+    assert all(r["max_error"] < 1e-4 for r in checked), checked
+    timed = B.bench_ops(torch.device("cpu"), (1,), ["eager"], progress=lambda s: None)
+    assert all(set(r) == set(B.RECORD_KEYS) for r in timed)
+    copy = next(r for r in timed if r["op"] == "copy")
+    for r in timed:
+        if r["op"] != "copy":
+            assert r["ms"] > 0 and r["gbps"] > 0 and r["max_error"] == 0
+            assert r["fraction_of_copy_bw"] == pytest.approx(r["gbps"] / copy["gbps"])
+    (tmp_path / "k.json").write_text("[]")
+    with pytest.raises(ValueError, match="--force"):
+        B.main_kernels(tmp_path / "k.json", quick=True)
