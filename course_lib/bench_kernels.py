@@ -92,14 +92,14 @@ def check_kernels(device: torch.device) -> list[dict]:
 
 
 def bench_ops(device: torch.device, sizes_mb, impls, progress=print) -> list[dict]:
-    """Time each op at each size for each impl; bandwidth against this run's copy bandwidth."""
+    """Time each op at each size for each impl; bandwidth against the copy bandwidth measured at that size."""
     out = []
     torch._dynamo.reset()  # a fresh compile cache: each op is compiled for each size, never reused stale
-    copy = copy_bandwidth(max(sizes_mb) << 20, device)
-    out.append(_record(op="copy", size=max(sizes_mb) << 20, impl="torch", gbps=copy, fraction_of_copy_bw=1.0,
-                       device=device.type))
     with torch.no_grad():
-        for mb in sizes_mb:
+        for mb in sizes_mb:  # the copy bandwidth at each size: small tensors may live in a cache
+            copy = copy_bandwidth(mb << 20, device)
+            out.append(_record(op="copy", size=mb << 20, impl="torch", ms=None, gbps=copy, fraction_of_copy_bw=1.0,
+                               device=device.type))
             n = (mb << 20) // 4
             for op, (fn, moved) in _ops(n, device, torch.Generator().manual_seed(mb)).items():
                 for impl in impls:
