@@ -6,5 +6,9 @@ import os
 
 os.environ["COURSE_QUICK"] = "1"
 os.environ.setdefault("MPLBACKEND", "Agg")
-# Triton kernels run on CPU tensors in Triton's interpreter; it is chosen when a kernel is first compiled.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# Without a GPU, Triton kernels run on CPU tensors in Triton's interpreter; it is chosen when a kernel is first
+# compiled. With a GPU the kernel tests run compiled on it (tests/test_kernels.py picks the device).
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -75,7 +75,7 @@ def _grid(n: int, block: int):
 def q_sample_reference(x0, eps, t, sqrt_ab, sqrt_1m_ab, target=None):
     """x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps per sample (Ho et al. 2020, eq. 4), and the training target."""
     shape = (-1,) + (1,) * (x0.ndim - 1)
-    a, s = sqrt_ab[t].view(shape).float(), sqrt_1m_ab[t].view(shape).float()
+    a, s = (table.to(x0.device)[t].view(shape).float() for table in (sqrt_ab, sqrt_1m_ab))
     x0f, epsf = x0.float(), eps.float()
     x_t = (a * x0f + s * epsf).to(x0.dtype)
     if target == "v":  # Salimans & Ho 2022, eq. 5

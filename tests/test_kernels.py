@@ -1,4 +1,5 @@
-"""Every Triton kernel against its torch reference, on the CPU through TRITON_INTERPRET=1 (set in conftest)."""
+"""Every Triton kernel against its torch reference: compiled on a GPU, else on the CPU in Triton's interpreter
+(TRITON_INTERPRET=1, set in conftest.py)."""
 import math
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from course_lib import kernels as K
 
 pytest.importorskip("triton")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SHAPES = [(1, 2), (3, 1, 8, 8), (5, 3, 7, 5), (2, 4, 33, 33)]  # batch 1; 105 and 8,712 elements per sample
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
 
@@ -30,8 +32,8 @@ def _close(got, want, dtype):
 def test_q_sample_kernel_matches_reference(shape, dtype, target):
     g = torch.Generator().manual_seed(0)
     ab = torch.linspace(0.9999, 0.001, 100, dtype=torch.float64)
-    x0, eps = torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
-    t = torch.randint(0, 100, (shape[0],), generator=g)
+    x0, eps = torch.randn(shape, generator=g).to(DEVICE, dtype), torch.randn(shape, generator=g).to(DEVICE, dtype)
+    t = torch.randint(0, 100, (shape[0],), generator=g).to(DEVICE)
     want = K.q_sample(x0, eps, t, ab.sqrt(), (1 - ab).sqrt(), target, impl="torch")
     got = K.q_sample(x0, eps, t, ab.sqrt(), (1 - ab).sqrt(), target, impl="triton")
     _close(got[0], want[0], dtype)
@@ -42,18 +44,18 @@ def test_q_sample_kernel_matches_reference(shape, dtype, target):
 def test_q_sample_reference_is_the_closed_form_and_non_contiguous_input_is_handled():
     g = torch.Generator().manual_seed(1)
     ab = torch.rand(50, generator=g, dtype=torch.float64)
-    x0 = torch.randn(4, 6, 3, generator=g).transpose(1, 2)  # not contiguous
-    eps = torch.randn(4, 3, 6, generator=g)
-    t = torch.tensor([0, 49, 7, 7])
+    x0 = torch.randn(4, 6, 3, generator=g).transpose(1, 2).to(DEVICE)  # not contiguous
+    eps = torch.randn(4, 3, 6, generator=g).to(DEVICE)
+    t = torch.tensor([0, 49, 7, 7], device=DEVICE)
     x_t, v = K.q_sample(x0, eps, t, ab.sqrt(), (1 - ab).sqrt(), "v", impl="triton")
-    a = ab[t].sqrt().float().view(-1, 1, 1)
-    s = (1 - ab[t]).sqrt().float().view(-1, 1, 1)
+    a = ab[t.cpu()].sqrt().float().view(-1, 1, 1).to(DEVICE)
+    s = (1 - ab[t.cpu()]).sqrt().float().view(-1, 1, 1).to(DEVICE)
     torch.testing.assert_close(x_t, a * x0 + s * eps)
     torch.testing.assert_close(v, a * eps - s * x0)
     with pytest.raises(ValueError, match="t must be in"):
-        K.q_sample(x0, eps, torch.tensor([0, 50, 1, 1]), ab.sqrt(), (1 - ab).sqrt())
+        K.q_sample(x0, eps, torch.tensor([0, 50, 1, 1], device=DEVICE), ab.sqrt(), (1 - ab).sqrt())
     with pytest.raises(ValueError, match="one integer step per sample"):
-        K.q_sample(x0, eps, torch.tensor([0, 1]), ab.sqrt(), (1 - ab).sqrt())
+        K.q_sample(x0, eps, torch.tensor([0, 1], device=DEVICE), ab.sqrt(), (1 - ab).sqrt())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -61,7 +63,7 @@ def test_q_sample_reference_is_the_closed_form_and_non_contiguous_input_is_handl
 @pytest.mark.parametrize("n", [1, 1023, 1025, 5000])
 def test_lincomb_kernel(terms, n, dtype):
     g = torch.Generator().manual_seed(n + terms)
-    ts = [torch.randn(n, generator=g).to(dtype) for _ in range(terms)]
+    ts = [torch.randn(n, generator=g).to(DEVICE, dtype) for _ in range(terms)]
     coefs = torch.randn(terms, generator=g).tolist()
     _close(K.lincomb(coefs, ts, impl="triton"), K.lincomb_reference(coefs, ts), dtype)
 
@@ -70,7 +72,7 @@ def test_lincomb_kernel(terms, n, dtype):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_sampler_steps_triton_vs_reference(shape, dtype):
     g = torch.Generator().manual_seed(2)
-    x, d, xe, dn, old = (torch.randn(shape, generator=g).to(dtype) for _ in range(5))
+    x, d, xe, dn, old = (torch.randn(shape, generator=g).to(DEVICE, dtype) for _ in range(5))
     s, s_next, s_prev = 3.0, 1.7, 5.5
     cases = [(K.euler_step, (x, d, s, s_next)), (K.ddim_step, (x, d, s, s_next)),
              (K.heun_correct, (x, d, xe, dn, s, s_next)), (K.dpmpp_2m_step, (x, d, old, s, s_next, s_prev)),
@@ -95,8 +97,8 @@ def test_group_norm_silu_kernel(shape, groups, affine, dtype):
         with torch.no_grad():
             norm.weight.normal_(generator=g)
             norm.bias.normal_(generator=g)
-    norm = norm.to(dtype)
-    x = (3 * torch.randn(shape, generator=g) + 1).to(dtype)
+    norm = norm.to(DEVICE, dtype)
+    x = (3 * torch.randn(shape, generator=g) + 1).to(DEVICE, dtype)
     with torch.no_grad():
         _close(K.group_norm_silu(x, norm, impl="triton"), K.group_norm_silu_reference(x, norm), dtype)
 
@@ -135,7 +137,7 @@ def test_bad_inputs_get_clear_errors():
 def test_bench_kernels_records_and_correctness_part(tmp_path):
     from course_lib import bench_kernels as B
 
-    checked = B.check_kernels(torch.device("cpu"))
+    checked = B.check_kernels(DEVICE)
     assert {r["op"] for r in checked} == {"q_sample_v", "ddim_step", "heun_correct", "dpmpp_2m_step", "group_norm_silu"}
     assert all(r["max_error"] < 1e-4 for r in checked), checked
     timed = B.bench_ops(torch.device("cpu"), (1,), ["eager"], progress=lambda s: None)
