@@ -41,16 +41,24 @@ def save_atomic(obj, path: str | Path) -> Path:
     return path
 
 
-def write_json_atomic(data: dict, path: str | Path) -> Path:
-    """Write a JSON file (indented, sorted keys) through a temporary file and a rename."""
+def write_text_atomic(text: str, path: str | Path) -> Path:
+    """Write a text file through a temporary file in the same folder and a rename: never half a file at `path`."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.chmod(tmp, _default_mode())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.chmod(tmp, _default_mode())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
+
+
+def write_json_atomic(data, path: str | Path) -> Path:
+    """Write a JSON file (indented, sorted keys) through a temporary file and a rename."""
+    return write_text_atomic(json.dumps(data, indent=2, sort_keys=True) + "\n", path)
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

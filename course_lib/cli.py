@@ -133,15 +133,17 @@ def _bench_kernels(args) -> int:
 PRESET_NAMES = SHIPPED  # every shipped checkpoint has a preset that reproduces it
 
 
-def _bench_arguments(p: argparse.ArgumentParser, quick_time: str) -> None:
-    """The options every benchmark shares."""
-    p.add_argument("--quick", action="store_true", help=f"a small run for checking ({quick_time} on 2 cores)")
+def _bench_arguments(p: argparse.ArgumentParser, quick_help: str, datasets: bool = True,
+                     devices=("cuda", "mps", "cpu"), device_default: str = "cpu") -> None:
+    """The options every benchmark shares (--datasets and --samples for those that sample the datasets)."""
+    p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--json", metavar="PATH", help="also write the records to this JSON file")
     p.add_argument("--force", action="store_true", help="replace an existing --json file")
-    p.add_argument("--datasets", nargs="+", metavar="NAME", help="a subset of ring8 grid25 digits")
-    p.add_argument("--samples", type=int, metavar="N", help="samples per configuration (default: 5,000 points "
-                                                            "or 1,000 digits; quick: 1,000 / 200)")
-    p.add_argument("--device", choices=("cuda", "mps", "cpu"), help="default: cpu")
+    if datasets:
+        p.add_argument("--datasets", nargs="+", metavar="NAME", help="a subset of ring8 grid25 digits")
+        p.add_argument("--samples", type=int, metavar="N", help="samples per configuration (default: 5,000 "
+                                                                "points or 1,000 digits; quick: 1,000 / 200)")
+    p.add_argument("--device", choices=devices, help=f"default: {device_default}")
     p.set_defaults(func=_bench)
 
 
@@ -205,13 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      "{1000 for DDPM, 100, 50, 20, 10, 5}: quality against the true data and seconds "
                                      "per 1,000 samples. --quick: DDPM at 100 steps, NFE in {20, 10}, fewer samples "
                                      "(under 2 minutes on 2 CPU cores).")
-    _bench_arguments(p, "under 2 minutes")
+    _bench_arguments(p, "a small run for checking (under 2 minutes on 2 cores)")
     p = bench.add_parser("compare", help="diffusion vs GAN vs VAE: same data, same budget, several seeds",
                          description="Trains diffusion, GAN and VAE on ring8, grid25 and digits with the same "
                                      "steps and batch for each of 3 seeds, then measures quality, sampling cost, "
                                      "likelihood and sharpness (about 35 minutes on 2 CPU cores). --quick: tiny "
                                      "budgets and 2 seeds (under 3 minutes).")
-    _bench_arguments(p, "under 3 minutes")
+    _bench_arguments(p, "a small run for checking (under 3 minutes on 2 cores)")
     p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="default: 0 1 2 (quick: 0 1)")
     p.add_argument("--export", metavar="DIR", help="also export each first-seed model to DIR/<data>_<family>.pt")
     p = bench.add_parser("kernels", help="fused Triton kernels vs eager vs torch.compile; CUDA-graph sampling",
@@ -221,11 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "of the copy bandwidth measured in the same run; then the digits UNet's "
                                      "sampling loop eager, compiled and as a CUDA graph (CUDA only). --quick: one "
                                      "size, eager (and Triton) only.")
-    p.add_argument("--quick", action="store_true", help="one size and no torch.compile (under a minute on 2 cores)")
-    p.add_argument("--json", metavar="PATH", help="also write the records to this JSON file")
-    p.add_argument("--force", action="store_true", help="replace an existing --json file")
-    p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
-    p.set_defaults(func=_bench)
+    _bench_arguments(p, "one size and no torch.compile (under a minute on 2 cores)", datasets=False,
+                     devices=("cuda", "cpu"), device_default="cuda when available")
     return parser
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from . import exercises
+from .checkpoints import write_json_atomic, write_text_atomic
 from .exercises import EXERCISES, Raised, judge
 from .grading_worker import MAX_MESSAGE, decode, encode
 from .release import CHECK_CALL
@@ -396,8 +397,8 @@ def grade_notebook(path, name: str | None = None, limits: Limits = Limits(), scr
         return record
     names = [ex.name for ex in expected]
     where = definitions(cells, names)
-    gen = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(os.urandom(7), "little"))
-    inputs = {ex.name: [ex.make_inputs(gen) for _ in range(ex.trials)] for ex in expected}
+    inputs = {ex.name: exercises.fresh_inputs(ex, None if seed is None else seed + i)  # None: a secret seed
+              for i, ex in enumerate(expected)}
     rows: dict[str, dict] = {}
     skipped: dict[int, str] = {}
     deadline = start + limits.timeout
@@ -501,17 +502,6 @@ def _read_journal(path: Path) -> dict:
     return done
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _spreadsheet_safe(value):
     """A text cell a spreadsheet would run as a formula (=, +, -, @ first) gets a leading apostrophe (OWASP)."""
     return "'" + value if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
@@ -590,9 +580,9 @@ def grade_batch(paths, out, json_out=None, limits: Limits | None = None, jobs: i
             raise
     records = [done[(label, sha)] for label, _, sha in keyed if (label, sha) in done]
     totals = summarize(records)
-    _write_atomic(out, _csv_text([r for rec in records for r in rec["rows"]]))
+    write_text_atomic(_csv_text([r for rec in records for r in rec["rows"]]), out)
     if json_out:
-        _write_atomic(Path(json_out), json.dumps({"totals": totals, "submissions": records}, indent=1))
+        write_json_atomic({"totals": totals, "submissions": records}, json_out)
     return records, totals
 
 

@@ -80,7 +80,12 @@ def q_sample_reference(x0, eps, t, sqrt_ab, sqrt_1m_ab, target=None):
     x_t = (a * x0f + s * epsf).to(x0.dtype)
     if target == "v":  # Salimans & Ho 2022, eq. 5
         return x_t, (a * epsf - s * x0f).to(x0.dtype)
-    return x_t, {None: None, "eps": eps, "x0": x0}[target]
+    return x_t, _input_target(target, x0, eps)
+
+
+def _input_target(target, x0, eps):
+    """The target when it is one of the inputs (or none): returned as is, nothing computed or written."""
+    return {None: None, "eps": eps, "x0": x0}[target]
 
 
 def q_sample(x0, eps, t, sqrt_ab, sqrt_1m_ab, target: str | None = None, impl: str = "auto"):
@@ -107,7 +112,7 @@ def q_sample(x0, eps, t, sqrt_ab, sqrt_1m_ab, target: str | None = None, impl: s
         x0c, epsc, t.contiguous(), sqrt_ab.to(x0.device, torch.float32).contiguous(),
         sqrt_1m_ab.to(x0.device, torch.float32).contiguous(), x_t, v, n, max(1, n // max(1, len(x0))),
         WRITE_V=target == "v", BLOCK=tk.BLOCK)
-    return x_t, (v if target == "v" else {None: None, "eps": eps, "x0": x0}[target])
+    return x_t, (v if target == "v" else _input_target(target, x0, eps))
 
 
 # ---- sampler updates: every one is a linear combination, done in one pass --------------------------

@@ -1,13 +1,13 @@
 """Student copies of source notebooks: solutions between nbgrader's markers become stubs."""
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nbformat
+
+from .checkpoints import write_text_atomic
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 CODE_STUB = ["# YOUR CODE HERE", 'raise NotImplementedError("Exercise: replace this line with your solution")']
@@ -89,17 +89,6 @@ def _lesson(nb) -> int | None:
     return lessons.pop() if len(lessons) == 1 else None
 
 
-def _write_atomic(nb, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".ipynb.part")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            nbformat.write(nb, f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def release(src_dir: str | Path, out_dir: str | Path, force: bool = False) -> list[ReleaseReport]:
     """Write a student copy of every notebook directly in src_dir into out_dir; refuse a non-empty out_dir unless force."""
     src, out = Path(src_dir), Path(out_dir)
@@ -123,5 +112,6 @@ def release(src_dir: str | Path, out_dir: str | Path, force: bool = False) -> li
         books.append((path, *student_notebook(nb, path.name)))
     out.mkdir(parents=True, exist_ok=True)  # only after every source converted: no half release
     for path, nb, _ in books:
-        _write_atomic(nb, out / path.name)
+        text = nbformat.writes(nb)
+        write_text_atomic(text if text.endswith("\n") else text + "\n", out / path.name)
     return [report for _, _, report in books]
