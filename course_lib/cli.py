@@ -182,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="submissions graded at once (default 1)")
     p.add_argument("--scratch", metavar="DIR", help="where the per-submission scratch folders go (default: "
                                                     "the system temporary folder)")
+    p.add_argument("--follow-symlinks", action="store_true",
+                   help="grade symbolic links that point outside the given folders (refused by default)")
+    p.add_argument("--released", metavar="DIR", help="the released student notebooks, whose unchanged cells are the "
+                                                     "course's own code (default: notebooks/student of this course)")
     p.add_argument("--force", action="store_true", help="start afresh: replace --out/--json and forget the journal")
     p.set_defaults(func=_grade)
     p = sub.add_parser("train", help="train a preset model and write its checkpoint and JSON card",

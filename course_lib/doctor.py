@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.metadata as md
+import os
 import platform
 import subprocess
 import sys
@@ -38,6 +39,8 @@ def triton_status() -> tuple[bool, str]:
     """Whether Triton imports, and whether it can run here (a CUDA GPU) or only in its CPU interpreter."""
     if _version("triton") is None:
         return False, "not installed (only lesson 5 needs it: pip install triton)"
+    if os.environ.get("COURSE_GRADING"):  # inside the grader's sandbox, which starts no processes
+        return False, "installed, not checked while grading"
     code = "import triton, triton.language"  # a subprocess: a broken Triton must not break the doctor
     try:
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -13,6 +13,10 @@ from typing import Callable
 import torch
 
 from . import losses, schedules
+from .grading.calls import Raised, call_learner
+from .grading.calls import clone_inputs as _clone
+from .grading.toys import ToyDenoiser as _ToyDenoiser
+from .grading.toys import ToyNetwork as _ToyNetwork
 
 PASSED, FAILED, NOT_ATTEMPTED = "passed", "failed", "not_attempted"
 _SYMBOL = {PASSED: "✅", FAILED: "❌", NOT_ATTEMPTED: "⬜"}
@@ -79,10 +83,6 @@ def register(exercise: Exercise) -> Exercise:
     return exercise
 
 
-def _clone(inputs: dict) -> dict:
-    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-
-
 def _close(got: torch.Tensor, want: torch.Tensor, ex: Exercise) -> bool:
     return got.shape == want.shape and torch.allclose(got.double(), want.double(), rtol=ex.rtol, atol=ex.atol)
 
@@ -103,30 +103,6 @@ def _describe(inputs: dict) -> str:
         parts.append(f"{k}: {tuple(v.shape)} {str(v.dtype).replace('torch.', '')}" if isinstance(v, torch.Tensor)
                      else f"{k}={v!r}")
     return ", ".join(parts)
-
-
-@dataclass(frozen=True)
-class Raised:
-    """What a learner's call gave instead of a tensor: an exception (its class name), or error "" for a non-tensor."""
-
-    error: str
-    message: str
-
-
-def call_learner(fn, inputs: dict):
-    """fn(**inputs) as a tensor, or a Raised describing the exception or the non-tensor it returned."""
-    try:
-        got = fn(**_clone(inputs))
-    except KeyboardInterrupt:
-        raise
-    except BaseException as e:  # SystemExit too: a check must not stop the notebook
-        return Raised(type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
-    if isinstance(got, torch.Tensor):
-        return got.detach()
-    try:
-        return torch.as_tensor(got)
-    except Exception:
-        return Raised("", "None" if got is None else type(got).__name__)
 
 
 def judge(ex: Exercise, inputs: dict, want: torch.Tensor, got, trial: int = 0) -> CheckResult | None:
@@ -327,19 +303,6 @@ register(Exercise(
 # ---- lesson 2: the denoising objective -----------------------------------------------------------
 
 
-class _ToyNetwork:
-    """A fixed stand-in for a trained network: model(x_t, t) -> a tensor shaped like x_t."""
-
-    def __init__(self, weight: torch.Tensor, T: int):
-        self.weight, self.T = weight, T
-
-    def __call__(self, x, t):
-        return torch.tanh(self.weight * x + _per_sample(t.to(x.dtype) / self.T, x))
-
-    def __repr__(self) -> str:
-        return "model(x_t, t) (a fixed toy network)"
-
-
 def _inputs_schedule_batch(gen, t_min: int = 0):
     b, shape = _batch(gen)
     T = int(torch.randint(20, 200, (1,), generator=gen))
@@ -472,19 +435,6 @@ def ref_heun_step(denoise, x, sigma, sigma_next):
     x_euler = x + (sigma_next - sigma) * d
     d_next = (x_euler - denoise(x_euler, sigma_next)) / sigma_next
     return x + (sigma_next - sigma) * (d + d_next) / 2
-
-
-class _ToyDenoiser:
-    """A smooth, nonlinear stand-in for a trained denoiser: denoise(x, sigma) -> a tensor shaped like x."""
-
-    def __init__(self, w: float):
-        self.w = w
-
-    def __call__(self, x, sigma):
-        return torch.tanh(self.w * x) / (1 + sigma**2) ** 0.5
-
-    def __repr__(self) -> str:
-        return "denoise(x, sigma) (a fixed toy denoiser)"
 
 
 def _inputs_heun_step(gen):

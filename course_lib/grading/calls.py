@@ -1,0 +1,43 @@
+"""Calling a learner's function: the one place an exercise's inputs meet untrusted code (in a check or a worker)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Raised:
+    """What a learner's call gave instead of a tensor: an exception (its class name), or error "" for a non-tensor."""
+
+    error: str
+    message: str
+
+
+def clone_inputs(inputs: dict) -> dict:
+    """A copy of an input dict whose tensors the learner's function may modify in place."""
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def call_learner(fn, inputs: dict):
+    """fn(**inputs) as a tensor, or a Raised describing the exception or the non-tensor it returned."""
+    try:
+        got = fn(**clone_inputs(inputs))
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # SystemExit too: a check must not stop the notebook
+        return Raised(type(e).__name__[:100], _first_line(e))
+    if isinstance(got, torch.Tensor):
+        return got.detach()
+    try:
+        return torch.as_tensor(got)
+    except Exception:
+        return Raised("", "None" if got is None else type(got).__name__[:100])
+
+
+def _first_line(e: BaseException) -> str:
+    try:
+        text = str(e)
+    except Exception:
+        return "(its message could not be read)"
+    return text.splitlines()[0][:300] if text else ""

@@ -1,0 +1,35 @@
+"""Stand-ins for trained networks that some exercises receive as inputs (importable where references are not)."""
+from __future__ import annotations
+
+import torch
+
+
+def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-sample value of shape (B,) reshaped to broadcast over `like`'s other dimensions."""
+    return v.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+class ToyNetwork:
+    """A fixed stand-in for a trained network: model(x_t, t) -> a tensor shaped like x_t."""
+
+    def __init__(self, weight: float, T: int):
+        self.weight, self.T = weight, T
+
+    def __call__(self, x, t):
+        return torch.tanh(self.weight * x + per_sample(t.to(x.dtype) / self.T, x))
+
+    def __repr__(self) -> str:
+        return "model(x_t, t) (a fixed toy network)"
+
+
+class ToyDenoiser:
+    """A smooth, nonlinear stand-in for a trained denoiser: denoise(x, sigma) -> a tensor shaped like x."""
+
+    def __init__(self, w: float):
+        self.w = w
+
+    def __call__(self, x, sigma):
+        return torch.tanh(self.w * x) / (1 + sigma**2) ** 0.5
+
+    def __repr__(self) -> str:
+        return "denoise(x, sigma) (a fixed toy denoiser)"
