@@ -237,7 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        message = f"error: {e}"
+        try:
+            print(message, file=sys.stderr)
+        except UnicodeEncodeError:  # a file name the terminal's encoding cannot show
+            print(message.encode("ascii", "backslashreplace").decode("ascii"), file=sys.stderr)
         return 2
 
 

@@ -58,19 +58,20 @@ EXERCISES: dict[str, Exercise] = {}
 # course_lib functions that compute an exercise's answer: the grader flags a graded function that calls one.
 LIBRARY_EQUIVALENTS = {
     "alpha_bar_from_betas": ("course_lib.schedules.alpha_bar_from_betas",),
-    "q_sample": ("course_lib.forward.q_sample", "course_lib.forward.q_mean_std"),
+    "q_sample": ("course_lib.forward.q_sample", "course_lib.forward.q_mean_std", "course_lib.kernels.q_sample",
+                 "course_lib.kernels.q_sample_reference"),
     "log_snr": ("course_lib.schedules.log_snr_from_alpha_bar", "course_lib.schedules.snr_from_alpha_bar"),
     "simple_loss": ("course_lib.losses.diffusion_loss",),
     "posterior_mean": ("course_lib.losses.posterior_coefficients", "course_lib.losses.q_posterior"),
     "eps_to_x0": ("course_lib.losses.from_eps", "course_lib.losses.to_eps", "course_lib.losses.convert"),
-    "ddim_step": ("course_lib.samplers.sample_ddim",),
-    "heun_step": ("course_lib.samplers.sample_heun",),
+    "ddim_step": ("course_lib.samplers.sample_ddim", "course_lib.kernels.ddim_step", "course_lib.kernels.euler_step"),
+    "heun_step": ("course_lib.samplers.sample_heun", "course_lib.kernels.heun_correct"),
     "karras_sigmas": ("course_lib.samplers.karras_sigmas", "course_lib.samplers.get_sigmas"),
     "reparameterize": ("course_lib.vae.reparameterize",),
     "gaussian_elbo": ("course_lib.vae.gaussian_log_likelihood", "course_lib.vae.kl_to_standard_normal",
                       "course_lib.vae.elbo"),
     "discriminator_loss": ("course_lib.gan.discriminator_loss",),
-    "dpmpp_2m_coefficients": ("course_lib.kernels.dpmpp_2m_step",),
+    "dpmpp_2m_coefficients": ("course_lib.kernels.dpmpp_2m_step", "course_lib.samplers.sample_dpmpp_2m"),
 }
 _RESULTS: dict[str, CheckResult] = {}
 

@@ -600,6 +600,10 @@ def test_cli_grade_exit_codes(tmp_path):
     assert json.loads((tmp_path / "g.json").read_text())["totals"]["status"]["error"] == 1
     r = run(tmp_path / "missing.ipynb", "--out", tmp_path / "x.csv")
     assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+    chinese = _notebook(tmp_path / "00_作业.ipynb", IMPORTS, GOOD0)  # a terminal that cannot show the name
+    r = subprocess.run([sys.executable, "-m", "course_lib", "grade", str(chinese), "--out", str(tmp_path / "c.csv")],
+                       capture_output=True, cwd=tmp_path, env={**env, "PYTHONIOENCODING": "latin-1"})
+    assert r.returncode == 0 and b"\\u4f5c" in r.stdout, r.stdout + r.stderr
 
 
 def test_a_failure_of_the_grader_itself_is_an_error_row_and_is_retried(tmp_path, monkeypatch):

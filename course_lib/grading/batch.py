@@ -45,8 +45,8 @@ STATUSES = ("passed", "failed", "not_attempted", "error", "timeout")
 COLUMNS = ("submission", "exercise", "points", "max_points", "status", "message", "flag")
 WHOLE_NOTEBOOK = "(notebook)"  # the exercise column of the one row of a submission whose lesson is unknown
 MAX_NOTEBOOK_BYTES = 32 << 20  # an executed lesson with its plots is 1-3 MB
-MAX_CODE_BYTES = 2 << 20  # all code cells together (the longest lesson has about 60 kB)
-MAX_CELLS = 5000
+MAX_CODE_BYTES = 256 << 10  # all code cells together (the longest lesson has 17 kB; parsing costs ~700 B/node)
+MAX_CELLS = 2000
 MAX_MESSAGE_TEXT = 400  # characters of a row's message
 SETUP_SECONDS = 120  # the worker's imports, before the first cell
 BLOCKED_MODULES = ("course_lib.exercises",)  # the references: never importable in a worker
@@ -226,7 +226,7 @@ def read_cells(data: bytes) -> tuple[list[tuple[int, str]], dict]:
             continue
         code_bytes += len(src)
         if code_bytes > MAX_CODE_BYTES:
-            raise ValueError(f"the code cells hold over {MAX_CODE_BYTES >> 20} MB of code, over the limit")
+            raise ValueError(f"the code cells hold over {MAX_CODE_BYTES >> 10} kB of code, over the limit")
         cells.append((i, src))
     metadata = nb.get("metadata")
     return cells, metadata if isinstance(metadata, dict) else {}
@@ -827,7 +827,8 @@ def grade_notebook(path, name: str | None = None, limits: Limits = Limits(), scr
         if att.ended == "broken":
             tamper.append(scan.Finding("tamper", "corrupted the grader's channel", 0))
     refused = list(dict.fromkeys(refused))
-    record["refused"] = [f"{what} ({kind})" for kind, what in refused[:20]]
+    record["refused"] = [f"{what} ({kind})" for kind, what in refused[:20] if kind != "library"]
+    record["notes"] += [f"{what} while graded" for kind, what in refused[:5] if kind == "library"]
     tamper_why = [str(f) for f in tamper] + [f"tried {what}" for kind, what in refused if kind == "tamper"]
     for ex in expected:
         if ex.name not in rows:
@@ -912,6 +913,15 @@ def _sha(sub: Submission) -> str:
         return ""
 
 
+def _say(echo, text: str) -> None:
+    """echo(text), escaped to what the terminal's encoding can show (a Latin-1 console and a Chinese file name)."""
+    text = clean(text, 2000)
+    try:
+        echo(text)
+    except UnicodeEncodeError:
+        echo(text.encode("ascii", "backslashreplace").decode("ascii"))
+
+
 def _deny_list(paths, subs, outputs, base) -> list[str]:
     """What a worker must not read: every submission, the grader's outputs and journal, the batch's scratch, and
     each given folder unless it holds the course itself (then its notebooks are denied one by one)."""
@@ -947,7 +957,7 @@ def grade_batch(paths, out, json_out=None, limits: Limits | None = None, jobs: i
     done = _read_journal(journal)
     keyed = [(sub, _sha(sub)) for sub in subs]
     todo = [sub for sub, sha in keyed if (sub.label, sha) not in done or not sha]
-    say = lambda text: echo(clean(text, 2000))  # noqa: E731  (labels may hold anything a file name can)
+    say = lambda text: _say(echo, text)  # noqa: E731  (labels may hold anything a file name can)
     say(f"{len(subs)} submission(s): {len(subs) - len(todo)} already graded in {display_path(journal)}, "
         f"{len(todo)} to grade with {jobs} job(s)")
     base = Path(tempfile.mkdtemp(prefix="course-grade-batch-", dir=scratch_base))  # 0700: workers see only their own
@@ -1006,12 +1016,12 @@ def main_grade(args) -> int:
     records, totals = grade_batch(args.submissions, args.out, args.json, limits, args.jobs, args.force, args.scratch,
                                   follow_symlinks=args.follow_symlinks, released=args.released)
     s = totals["status"]
-    print(f"Graded {totals['submissions']} submission(s) in {time.monotonic() - start:.0f} s: "
-          f"{totals['points']}/{totals['max_points']} points; " + ", ".join(f"{v} {k}" for k, v in s.items() if v)
-          + (f"; {totals['flagged']} flagged for review" if totals["flagged"] else ""))
-    print(f"Wrote {display_path(args.out)}" + (f" and {display_path(args.json)}" if args.json else ""))
+    _say(print, f"Graded {totals['submissions']} submission(s) in {time.monotonic() - start:.0f} s: "
+                f"{totals['points']}/{totals['max_points']} points; " + ", ".join(f"{v} {k}" for k, v in s.items() if v)
+                + (f"; {totals['flagged']} flagged for review" if totals["flagged"] else ""))
+    _say(print, f"Wrote {display_path(args.out)}" + (f" and {display_path(args.json)}" if args.json else ""))
     if totals["ungradable"]:
-        print(f"{len(totals['ungradable'])} submission(s) could not be graded in full (status error): "
-              + ", ".join(totals["ungradable"][:10]) + (" ..." if len(totals["ungradable"]) > 10 else ""))
+        _say(print, f"{len(totals['ungradable'])} submission(s) could not be graded in full (status error): "
+                    + ", ".join(totals["ungradable"][:10]) + (" ..." if len(totals["ungradable"]) > 10 else ""))
         return 1
     return 0

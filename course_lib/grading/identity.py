@@ -155,6 +155,12 @@ def _expand(obj, todo: list, codes: dict, note) -> None:
         return
     if isinstance(obj, (types.BuiltinFunctionType, types.BuiltinMethodType)):
         return
+    if isinstance(obj, (staticmethod, classmethod)):
+        todo.append(obj.__func__)
+        return
+    if isinstance(obj, property):
+        todo += [obj.fget, obj.fset, obj.fdel]
+        return
     if type(obj).__name__ in ("partial", "partialmethod"):
         todo += [obj.func, *obj.args, *obj.keywords.values()]
         return

@@ -259,7 +259,7 @@ _PATH_ARGS = {"os.remove": (0,), "os.rmdir": (0,), "os.rename": (0, 1), "os.trun
               "os.chown": (0,), "os.link": (0, 1), "os.symlink": (1,), "os.mkdir": (0,), "os.utime": (0,),
               "shutil.rmtree": (0,), "os.chflags": (0,), "os.setxattr": (0,), "os.removexattr": (0,),
               "os.mkfifo": (0,), "os.mknod": (0,)}
-_FRAME_ATTRS = ("__code__", "tb_frame", "gi_frame", "cr_frame", "ag_frame")
+_FRAME_ATTRS = ("tb_frame", "gi_frame", "cr_frame", "ag_frame")  # not __code__: torch.compile reads it from C
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 MAX_REFUSALS = 50
 
@@ -374,7 +374,10 @@ def install_hook(channel_fd: int, trusted_code) -> None:
             refuse("tamper", f"calling native code ({event})")
         elif event in ("sys.setprofile", "sys.settrace"):
             if not only_trusted_on_stack():
-                refuse("tamper", event)
+                if from_submission():
+                    refuse("tamper", event)
+                elif len(refusals) < MAX_REFUSALS:  # a library (torch.compile) switching it: allowed, noted
+                    refusals.append(("library", f"{event} by a library"))
         elif event in ("os.kill", "os.killpg"):
             if args[0] not in (os.getpid(), 0):
                 refuse("signal", "signalling other processes")

@@ -14,13 +14,15 @@ course's own code). Two kinds of finding:
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from dataclasses import dataclass
 
 ALLOWED_MAGICS = {"matplotlib", "time", "timeit", "capture", "load_ext", "autoreload", "config", "precision",
                   "pip", "conda", "cd", "pwd", "ls", "who", "whos", "env", "pinfo", "pdef", "pdoc", "psource",
                   "history", "lsmagic", "magic", "debug", "xmode", "alias_magic", "html", "markdown", "latex"}
-TAMPER_MODULES = {"ctypes", "_ctypes", "cffi", "gc", "inspect", "dis", "marshal", "pickle", "_pickle", "copyreg", "dill",
+TAMPER_MODULES = {"ctypes", "_ctypes", "cffi", "gc", "inspect", "dis", "profile", "cProfile", "_lsprof", "pdb", "bdb",
+                  "trace", "marshal", "pickle", "_pickle", "copyreg", "dill",
                   "cloudpickle", "joblib", "shelve", "importlib", "imp", "runpy", "pkgutil", "zipimport", "code",
                   "codeop", "atexit", "faulthandler", "resource", "fcntl", "mmap", "posix", "nt", "builtins",
                   "__builtin__", "_io", "linecache", "tokenize", "weakref", "tracemalloc", "sysconfig", "site", "_imp",
@@ -274,6 +276,12 @@ def _parse(source: str):
         return None, magics
 
 
+@functools.lru_cache(maxsize=32)
+def _trusted_trees(trusted: frozenset) -> tuple:
+    """The parsed cells of a released lesson (the same for every submission of that lesson)."""
+    return tuple(t for t in (_parse(src)[0] for src in sorted(trusted)) if t is not None)
+
+
 def scan(cells, trusted: set[str], graded: dict[str, set[str]], references: set[str]) -> tuple[list[Finding],
                                                                                             dict[str, list[Finding]]]:
     """(tamper findings, {exercise: copy findings}) for a submission's code cells [(number, source)].
@@ -283,12 +291,8 @@ def scan(cells, trusted: set[str], graded: dict[str, set[str]], references: set[
     """
     parsed = {i: _parse(src) for i, src in cells}
     changed = [i for i, src in cells if normalize(src) not in trusted]
-    trusted_trees = []
-    for src in trusted:
-        tree, _ = _parse(src)
-        if tree is not None:
-            trusted_trees.append(tree)
-    aliases = _Aliases([t for t, _ in parsed.values() if t is not None] + trusted_trees)
+    trusted_trees = _trusted_trees(frozenset(trusted))
+    aliases = _Aliases([t for t, _ in parsed.values() if t is not None] + list(trusted_trees))
     lesson_uses = set()
     for tree in trusted_trees:
         lesson_uses |= _tamper_in(tree, aliases)
@@ -303,19 +307,18 @@ def scan(cells, trusted: set[str], graded: dict[str, set[str]], references: set[
                     tamper.append(Finding("tamper", what, i))
         if tree is not None:
             tamper += [Finding("tamper", w, i) for w in sorted(_tamper_in(tree, aliases) - lesson_uses)]
+    cell_binds = {i: _bindings(tree) for i, (tree, _) in parsed.items() if tree is not None}
     binds: dict[str, list] = {}
     for i in changed:
-        tree, _ = parsed[i]
-        if tree is not None:
-            for name, nodes in _bindings(tree).items():
-                binds.setdefault(name, []).extend((i, n) for n in nodes)
+        for name, nodes in cell_binds.get(i, {}).items():
+            binds.setdefault(name, []).extend((i, n) for n in nodes)
     copy = {}
     for name, answers in graded.items():
-        last = [i for i, src in cells if parsed[i][0] is not None and name in _bindings(parsed[i][0])]
+        last = [i for i, _ in cells if name in cell_binds.get(i, {})]
         if not last or last[-1] not in changed:
             copy[name] = []  # the released stub, or not defined at all: nothing the learner wrote to read
             continue
-        frontier = [(last[-1], n) for n in _bindings(parsed[last[-1]][0])[name]]
+        frontier = [(last[-1], n) for n in cell_binds[last[-1]][name]]
         nodes, seen = [], set()
         while frontier and len(nodes) < 300:
             cell, node = frontier.pop()

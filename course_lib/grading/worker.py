@@ -20,6 +20,7 @@ from . import channel, identity, sandbox
 from .calls import Raised, call_learner
 
 _audit = sys.audit
+MAX_OUTPUT = 2 << 20  # bytes per output: every exercise's answer is a few kB
 
 
 class GradingTimeout(BaseException):
@@ -211,6 +212,9 @@ def _call(fn, trials, library: dict, seconds: float):
             outputs.append({"error": got.error[:100], "message": got.message[:300]})
         elif got is None:
             outputs.append({"error": "", "message": "a tensor the grader could not read"})
+        elif got.numel() * got.element_size() > MAX_OUTPUT:
+            outputs.append({"error": "", "message": f"a tensor of {got.numel() * got.element_size() >> 20} MB, "
+                                                    f"over the grader's {MAX_OUTPUT >> 20} MB limit"})
         else:
             outputs.append(got)
     return outputs, sorted(used), subclass
