@@ -80,8 +80,10 @@ def snr_weight(snr: torch.Tensor, prediction: str = "eps", kind: str = "uniform"
     if gamma <= 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
     clipped = snr.clamp(max=gamma)
-    # the x0-space weight min(SNR, gamma) rewritten for each target's scale
-    return {"x0": clipped, "eps": clipped / snr, "v": clipped / (snr + 1), "score": clipped / snr}[prediction]
+    # the x0-space weight min(SNR, gamma) rewritten for each target's scale: an error in eps is sqrt(SNR) times the
+    # x0 error, in v sqrt(SNR + 1) times, in the score sqrt(SNR (SNR + 1)) times (score = -eps / sqrt(1 - ab))
+    return {"x0": clipped, "eps": clipped / snr, "v": clipped / (snr + 1),
+            "score": clipped / (snr * (snr + 1))}[prediction]
 
 
 def training_target(kind: str, x0: torch.Tensor, eps: torch.Tensor, x_t: torch.Tensor,

@@ -75,6 +75,23 @@ def test_posterior_at_t0_is_exact_and_bad_shapes_fail():
         L.q_posterior(x0, torch.randn(3, 3), 5, s)
 
 
+@pytest.mark.parametrize("target", ["x0", "eps", "v", "score"])
+def test_min_snr_weight_times_target_error_is_min_snr_times_x0_error(target):
+    """The weight rescales each target's squared error to min(SNR, gamma) times the x0-space squared error.
+
+    Independent of snr_weight's formula: the errors are measured by converting one perturbed prediction into every
+    parametrization with `convert` at the same x_t."""
+    g = torch.Generator().manual_seed(3)
+    ab = torch.rand(64, 1, generator=g, dtype=torch.float64) * 0.998 + 0.001
+    x0, eps = torch.randn(64, 8, generator=g, dtype=torch.float64), torch.randn(64, 8, generator=g, dtype=torch.float64)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    wrong_x0 = x0 + 0.1 * torch.randn(64, 8, generator=g, dtype=torch.float64)  # a model's imperfect prediction
+    err = lambda kind: ((L.convert(wrong_x0, "x0", kind, x_t, ab) - L.from_eps(eps, kind, x_t, ab)) ** 2).sum(1)
+    snr = (ab / (1 - ab)).flatten()
+    w = L.snr_weight(snr, target, "min_snr", gamma=5.0)
+    torch.testing.assert_close(w * err(target), snr.clamp(max=5.0) * err("x0"), rtol=1e-9, atol=1e-12)
+
+
 def test_min_snr_weights():
     snr = torch.tensor([0.1, 1.0, 5.0, 50.0])
     torch.testing.assert_close(L.snr_weight(snr, "x0", "min_snr", 5.0), torch.tensor([0.1, 1.0, 5.0, 5.0]))
