@@ -5,6 +5,7 @@ quality against the true data and seconds per 1,000 samples. Targets are reporte
 """
 from __future__ import annotations
 
+import math
 import platform
 import time
 
@@ -18,7 +19,7 @@ NFE_QUICK = (20, 10)
 # 10 NFE on other noise seeds than the benchmark's (lesson 3 repeats the sweep on the 2D data).
 KARRAS_RANGE = {"ring8": (0.04, 2.0), "grid25": (0.04, 2.0), "digits": (0.1, 80.0)}
 SPACING = {"ddpm": "uniform", "ddim": "trailing", "euler": "karras", "heun": "karras", "dpmpp_2m": "karras",
-           "euler_ancestral": "karras"}
+           "euler_ancestral": "karras", "dpmpp_2m_sde": "karras"}
 
 
 def bench_configs(quick: bool = False) -> list[tuple[str, str, int]]:
@@ -68,6 +69,57 @@ class Judge:
                    "modes_covered": metrics.modes_covered(x, self.mixture),
                    "swd": metrics.sliced_wasserstein(x, self.ref)}
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+
+
+# diffusers' schedulers, driving our checkpoints through diffusers' own loop (an independent implementation)
+DIFFUSERS_SCHEDULERS = {"dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+                        "unipc": ("UniPCMultistepScheduler", {}), "euler": ("EulerDiscreteScheduler", {}),
+                        "ddim": ("DDIMScheduler", {"clip_sample": False})}
+DIFFUSERS_SPACINGS = {"karras": {"use_karras_sigmas": True}, "trailing": {"timestep_spacing": "trailing"}}
+
+
+def diffusers_eps_model(model, schedule, clip: float | None):
+    """Our model as the eps-predictor of x_t that diffusers' schedulers call, at integer or fractional timesteps,
+    with the x0 estimate clipped exactly as our samplers clip it (so only the schedulers differ)."""
+    log_sigmas = schedule.sigmas.log()
+
+    def fn(x_t, t):
+        t = torch.as_tensor(t, dtype=torch.float64).flatten()[:1].clamp(0, schedule.T - 1)
+        lo = int(t.floor())
+        hi = min(lo + 1, schedule.T - 1)
+        w = float(t - lo)
+        sigma = math.exp((1 - w) * float(log_sigmas[lo]) + w * float(log_sigmas[hi]))
+        ab = 1.0 / (1.0 + sigma * sigma)
+        tt = torch.full((x_t.shape[0],), float(t), dtype=torch.float32) if w else torch.full((x_t.shape[0],), lo)
+        eps = model(x_t.float(), tt)
+        if clip is None:
+            return eps
+        x0 = ((x_t - math.sqrt(1 - ab) * eps) / math.sqrt(ab)).clamp(-clip, clip)
+        return (x_t - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
+
+    return fn
+
+
+def run_diffusers(pretrained, dataset: str, scheduler: str, spacing: str, nfe: int, noise: torch.Tensor,
+                  judge: Judge) -> dict:
+    """One record: diffusers' `scheduler` with `spacing` for `nfe` steps on a shipped checkpoint, same noise."""
+    import diffusers
+
+    cls, kwargs = DIFFUSERS_SCHEDULERS[scheduler]
+    sched = getattr(diffusers, cls)(num_train_timesteps=pretrained.schedule.T,
+                                    trained_betas=pretrained.schedule.betas.float().numpy(),
+                                    prediction_type="epsilon", **kwargs, **DIFFUSERS_SPACINGS[spacing])
+    model = diffusers_eps_model(pretrained.model, pretrained.schedule, 1.0 if dataset == "digits" else None)
+    sched.set_timesteps(nfe)
+    start = time.perf_counter()
+    x = noise * sched.init_noise_sigma
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(model(sched.scale_model_input(x, t), t), t, x).prev_sample
+    seconds = time.perf_counter() - start
+    return {"dataset": dataset, "sampler": f"diffusers:{scheduler}", "spacing": spacing, "nfe": len(sched.timesteps),
+            "steps": len(sched.timesteps), "samples": len(noise), "seconds": round(seconds * 1000 / len(noise), 3),
+            **judge(x)}
 
 
 def bench_sigmas(dataset: str, sampler: str, nfe: int, schedule, spacing: str | None = None) -> torch.Tensor:
@@ -192,4 +244,71 @@ def main_samplers(quick: bool, json_path=None, datasets=BENCH_DATASETS, samples=
     if json_path is not None:
         write_json_atomic(records, Path(json_path))
         print(f"Wrote {json_path}")
+    return 0
+
+
+# ---- tuning each shipped checkpoint's noise levels (stored in its card, used by samplers.sample) -------------------
+
+TUNED_NFE = {"dpmpp_2m": (5, 10, 20)}  # the default sampler at several budgets; every other sampler at 10 NFE
+
+
+def tuning_score(judge: Judge):
+    """What tuning maximises: the high-quality share with every mode covered (2D), or minus the FD (digits)."""
+    def score(x: torch.Tensor) -> float:
+        r = judge(x)
+        if judge.dataset == "digits":
+            return -r["fd"]
+        return r["hq_fraction"] - (0 if r["modes_covered"] == len(judge.mixture.modes) else 1)
+    return score
+
+
+def tune_checkpoint(dataset: str, samplers=None, samples: int | None = None, progress: bool = True,
+                    budgets=None) -> dict:
+    """{sampler: {nfe: tuned Karras parameters}} for a shipped checkpoint, tuned on noise seed TUNE_SEED only."""
+    from .checkpoints import load_pretrained
+    from .samplers import SAMPLERS, sample, steps_for_nfe
+    from .step_schedules import TUNE_SEED, tune_karras
+
+    p = load_pretrained(dataset)
+    n = samples or (500 if dataset == "digits" else 1000)
+    judge = Judge(dataset, n)
+    shape = (n, 1, 8, 8) if dataset == "digits" else (n, 2)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(TUNE_SEED))
+    clip = 1.0 if dataset == "digits" else None
+    out: dict = {}
+    for sampler in samplers or list(SAMPLERS):
+        for nfe in budgets or TUNED_NFE.get(sampler, (10,)):
+            def run(sigmas, sampler=sampler):
+                return sample(p.model, noise, p.schedule, sampler, sigmas=sigmas, clip=clip,
+                              generator=torch.Generator().manual_seed(TUNE_SEED)).x
+            start = time.perf_counter()
+            tuned = tune_karras(run, tuning_score(judge), steps_for_nfe(sampler, nfe), progress=progress)
+            out.setdefault(sampler, {})[str(nfe)] = tuned
+            if progress:
+                print(f"{dataset} {sampler} at {nfe} NFE: {tuned} ({time.perf_counter() - start:.0f} s)", flush=True)
+    return out
+
+
+def main_tune(preset: str, samplers=None, samples: int | None = None, budgets=None) -> int:
+    """The `tune` command: tune a shipped checkpoint's noise levels and store them in its card."""
+    from .checkpoints import shipped_dir, update_card
+    from .step_schedules import TUNE_SEED
+
+    if preset not in BENCH_DATASETS:
+        raise ValueError(f"tuning needs a way to score samples; choose one of {BENCH_DATASETS}")
+    start = time.perf_counter()
+    tuned = tune_checkpoint(preset, samplers, samples, budgets=budgets)
+    path = shipped_dir() / f"{preset}.pt"
+    old = __import__("course_lib.checkpoints", fromlist=["load_checkpoint"]).load_checkpoint(path).get("card", {})
+    merged = {**(old.get("sampling") or {})}
+    for sampler, per_nfe in tuned.items():
+        merged[sampler] = {**merged.get(sampler, {}), **per_nfe}
+    update_card(path, sampling=merged, sampling_tuning={
+        "how": "Karras spacing (sigma_min, sigma_max, rho) chosen per sampler and budget by a grid then Powell's "
+               "method, maximising " + ("minus the FD" if preset == "digits" else "the high-quality share with every "
+                                        "mode covered") + f" of samples from noise seed {TUNE_SEED} (never evaluated on)",
+        "command": f"python -m course_lib tune --preset {preset}" + (f" --samplers {' '.join(samplers)}" if samplers else "")
+        + (f" --nfe {' '.join(map(str, budgets))}" if budgets else ""), "machine": machine(),
+        "seconds": round(time.perf_counter() - start)})
+    print(f"Wrote the tuned noise levels into {path} and {path.with_suffix('.json')}")
     return 0

@@ -138,7 +138,21 @@ def load_pretrained(name_or_path: str | Path, device=None, which: str = "ema") -
     model.eval().requires_grad_(False)
     if device is not None:
         model.to(device)
-    return Pretrained(model, NoiseSchedule.named(config["schedule"], config["T"]), config, ckpt.get("card", {}))
+    card = ckpt.get("card", {})
+    model.sampling = card.get("sampling")  # tuned noise levels: samplers.sample uses them by default
+    return Pretrained(model, NoiseSchedule.named(config["schedule"], config["T"]), config, card)
+
+
+def update_card(path: str | Path, **fields) -> dict:
+    """Add or replace fields of a checkpoint's card, in the file and in its JSON sidecar; the weights are unchanged."""
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    card = {**ckpt.get("card", {}), **fields}
+    ckpt["card"] = card
+    save_atomic(ckpt, path)
+    if path.with_suffix(".json").exists():
+        write_json_atomic(card, path.with_suffix(".json"))
+    return card
 
 
 class Loaded(NamedTuple):

@@ -18,6 +18,9 @@ import torch
 from . import kernels
 from .losses import convert, posterior_coefficients
 from .schedules import NoiseSchedule
+from .step_schedules import (SPACINGS, _check_steps, check_sigmas, check_timesteps, get_sigmas,  # noqa: F401
+                             default_sigmas, karras_sigmas, leading_timesteps, sigmas_from_timesteps,
+                             trailing_timesteps, uniform_timesteps)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Models as denoisers D(x, sigma)
@@ -31,10 +34,11 @@ class Denoiser:
     """
 
     def __init__(self, fn, sigma_min: float = 0.002, sigma_max: float = 80.0, clip: float | None = None,
-                 schedule: NoiseSchedule | None = None):
+                 schedule: NoiseSchedule | None = None, sampling: dict | None = None):
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
         self.fn, self.sigma_min, self.sigma_max, self.clip, self.schedule = fn, float(sigma_min), float(sigma_max), clip, schedule
+        self.sampling = sampling  # tuned noise levels per sampler and budget (course_lib.step_schedules)
         self.nfe = 0
 
     def __call__(self, x: torch.Tensor, sigma, **kwargs) -> torch.Tensor:
@@ -68,7 +72,8 @@ def as_denoiser(model, schedule: NoiseSchedule | None = None, prediction: str | 
                 clip: float | None = None) -> Denoiser:
     """Wrap a model as D(x, sigma): a Denoiser is returned as is (or re-wrapped with clip); an eps / x0 / v model needs its schedule."""
     if isinstance(model, Denoiser):
-        return model if clip is None else Denoiser(model.fn, model.sigma_min, model.sigma_max, clip, model.schedule)
+        return model if clip is None else Denoiser(model.fn, model.sigma_min, model.sigma_max, clip, model.schedule,
+                                                   model.sampling)
     if not callable(model):
         raise TypeError(f"model must be callable, got {type(model).__name__}")
     prediction = prediction or getattr(model, "prediction", None)
@@ -88,7 +93,7 @@ def as_denoiser(model, schedule: NoiseSchedule | None = None, prediction: str | 
         return convert(out, prediction, "x0", x_t, torch.full((), ab, dtype=x.dtype, device=x.device))
 
     sig = schedule.sigmas
-    return Denoiser(fn, float(sig[0]), float(sig[-1]), clip, schedule)
+    return Denoiser(fn, float(sig[0]), float(sig[-1]), clip, schedule, getattr(model, "sampling", None))
 
 
 def as_model(denoiser: Denoiser, schedule: NoiseSchedule, prediction: str = "eps"):
@@ -105,101 +110,6 @@ def as_model(denoiser: Denoiser, schedule: NoiseSchedule, prediction: str = "eps
 
     model.prediction = prediction
     return model
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Step spacings: which noise levels to visit
-
-
-def check_timesteps(timesteps, schedule: NoiseSchedule) -> list[int]:
-    """A strictly decreasing list of integer timesteps in [0, T-1], or a clear error."""
-    if timesteps is None:
-        return list(range(schedule.T - 1, -1, -1))
-    ts = [int(t) for t in torch.as_tensor(timesteps).flatten().tolist()]
-    if not ts:
-        raise ValueError("timesteps must not be empty")
-    if any(a <= b for a, b in zip(ts, ts[1:])):
-        raise ValueError(f"timesteps must be strictly decreasing (noisiest first), got {ts[:8]}...")
-    if ts[0] >= schedule.T or ts[-1] < 0:
-        raise ValueError(f"timesteps must lie in [0, {schedule.T - 1}], got {ts[0]} ... {ts[-1]}")
-    return ts
-
-
-def check_sigmas(sigmas) -> torch.Tensor:
-    """A 1-D float64 tensor of at least 2 finite, strictly decreasing noise levels; only the last may be 0."""
-    if isinstance(sigmas, (str, bytes)) or sigmas is None:
-        raise TypeError(f"sigmas must be a list or 1-D tensor of floats, got {type(sigmas).__name__}")
-    s = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
-    if s.numel() < 2:
-        raise ValueError(f"sigmas needs at least 2 noise levels (a start and an end), got {s.numel()}")
-    if not torch.isfinite(s).all():
-        raise ValueError("sigmas must be finite")
-    if (s[:-1] <= s[1:]).any():
-        raise ValueError(f"sigmas must be strictly decreasing (noisiest first), got {[round(v, 4) for v in s[:6].tolist()]}...")
-    if s[-1] < 0:
-        raise ValueError(f"sigmas must be >= 0, got {s[-1].item()}")
-    return s
-
-
-def _check_steps(n, most: int | None = None) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or (most is not None and n > most):
-        raise ValueError(f"the number of steps must be an int in [1, {most or 'inf'}], got {n!r}")
-    return n
-
-
-def uniform_timesteps(schedule: NoiseSchedule, n: int) -> list[int]:
-    """n timesteps evenly spaced from T-1 down to 0, diffusers' 'linspace' (Nichol & Dhariwal 2021, sec. 4)."""
-    n = _check_steps(n, schedule.T)
-    return sorted({round(i * (schedule.T - 1) / max(n - 1, 1)) for i in range(n)}, reverse=True)
-
-
-def leading_timesteps(schedule: NoiseSchedule, n: int) -> list[int]:
-    """diffusers' 'leading' spacing: 0, T//n, 2T//n, ... reversed; never visits the last (noisiest) timestep."""
-    n = _check_steps(n, schedule.T)
-    return [i * (schedule.T // n) for i in range(n)][::-1]
-
-
-def trailing_timesteps(schedule: NoiseSchedule, n: int) -> list[int]:
-    """diffusers' 'trailing' spacing: T-1, T-1-T/n, ... (Lin et al. 2024, 'Common diffusion noise schedules are flawed', sec. 3.3)."""
-    n = _check_steps(n, schedule.T)
-    return [round(schedule.T - i * schedule.T / n) - 1 for i in range(n)]
-
-
-def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
-    """n noise levels from sigma_max to sigma_min, evenly spaced in sigma^(1/rho), then 0 (Karras et al. 2022, eq. 5)."""
-    n = _check_steps(n)
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return torch.cat([(hi + ramp * (lo - hi)) ** rho, torch.zeros(1, dtype=torch.float64)])
-
-
-def sigmas_from_timesteps(schedule: NoiseSchedule, timesteps) -> torch.Tensor:
-    """The noise levels sigma_t = sqrt((1 - ab_t) / ab_t) of the given timesteps, then 0."""
-    ts = check_timesteps(timesteps, schedule)
-    return torch.cat([schedule.sigmas[ts], torch.zeros(1, dtype=torch.float64)])
-
-
-SPACINGS = ("uniform", "leading", "trailing", "karras")
-
-
-def get_sigmas(n: int, spacing: str = "uniform", schedule: NoiseSchedule | None = None,
-               sigma_min: float | None = None, sigma_max: float | None = None, rho: float = 7.0) -> torch.Tensor:
-    """n + 1 decreasing noise levels (the last 0) for n steps: 'uniform' / 'leading' / 'trailing' in t, or 'karras'."""
-    if spacing not in SPACINGS:
-        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
-    if spacing == "karras":
-        if schedule is not None:
-            sigma_min = float(schedule.sigmas[0]) if sigma_min is None else sigma_min
-            sigma_max = float(schedule.sigmas[-1]) if sigma_max is None else sigma_max
-        if sigma_min is None or sigma_max is None:
-            raise ValueError("karras spacing needs a schedule or both sigma_min and sigma_max")
-        return karras_sigmas(n, sigma_min, sigma_max, rho)
-    if schedule is None:
-        raise ValueError(f"{spacing!r} spacing picks timesteps, so it needs the model's NoiseSchedule")
-    pick = {"uniform": uniform_timesteps, "leading": leading_timesteps, "trailing": trailing_timesteps}[spacing]
-    return sigmas_from_timesteps(schedule, pick(schedule, n))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -327,12 +237,25 @@ def sample_heun(denoiser, x, sigmas, s_churn: float = 0.0, s_tmin: float = 0.0, 
     return traj.result(x)
 
 
+R_MIN = 0.5  # the multistep correction weighs D - D_prev by 1 / (2r): below this step ratio it amplifies error
+
+
+def _second_order_ok(sigmas: torch.Tensor, i: int, r: float) -> bool:
+    """Whether step i (sigmas[i] -> sigmas[i+1] > 0) may use the multistep correction: not when the previous step
+    was much shorter than this one (r = h_prev / h < R_MIN), and not on the last step before sigma = 0 (as
+    diffusers' lower_order_final), where the jump down to the smallest noise level is usually the largest."""
+    return r >= R_MIN and not (i == len(sigmas) - 3 and float(sigmas[-1]) == 0)
+
+
 @torch.no_grad()
-def sample_dpmpp_2m(denoiser, x, sigmas, progress=False, return_trajectory=False, **model_kwargs):
+def sample_dpmpp_2m(denoiser, x, sigmas, stable: bool = True, progress=False, return_trajectory=False, **model_kwargs):
     """DPM-Solver++(2M), the multistep 2nd-order data-prediction solver (Lu et al. 2022, Algorithm 2).
 
-    With lambda = -log sigma and h the step in lambda, it reuses the previous D to extrapolate; the first
-    step and the final step to sigma = 0 are first order (= DDIM).
+    With lambda = -log sigma and h the step in lambda, it reuses the previous D to extrapolate. The first step,
+    the final step to sigma = 0, the step before it, and any step more than twice as long as the one before are
+    first order (= DDIM): with r = h_prev / h the extrapolation weighs D - D_prev by 1 / (2r), which on a uniform
+    10-step schedule reaches 20 at the end and throws the samples away (lesson 3 shows it). stable=False is the
+    plain Algorithm 2 (as k-diffusion and diffusers' DPMSolverMultistepScheduler), second order whenever it can be.
     """
     sigmas = check_sigmas(sigmas)
     traj = _Trajectory(return_trajectory, x, sigmas[0])
@@ -342,7 +265,41 @@ def sample_dpmpp_2m(denoiser, x, sigmas, progress=False, return_trajectory=False
         if s_next == 0:
             x = x0
         else:  # with h = log(s / s_next) and r = h_last / h (see kernels.dpmpp_2m_step)
-            x = kernels.dpmpp_2m_step(x, x0, old, s, s_next, float(sigmas[i - 1]) if old is not None else None)
+            use = old is not None and (not stable or _second_order_ok(
+                sigmas, i, math.log(float(sigmas[i - 1]) / s) / math.log(s / s_next)))
+            x = kernels.dpmpp_2m_step(x, x0, old if use else None, s, s_next, float(sigmas[i - 1]) if use else None)
+        old = x0
+        traj.add(x, s_next)
+    return traj.result(x)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(denoiser, x, sigmas, eta: float = 1.0, generator=None, progress=False,
+                        return_trajectory=False, **model_kwargs):
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022, 'DPM-Solver++', sec. 5 and app. B): the data-prediction solver of the
+    reverse SDE, exact for its linear part, with DPM-Solver++(2M)'s multistep correction.
+
+    With h = log(sigma / sigma_next): x' = (sigma_next / sigma) e^{-eta h} x + (1 - e^{-(1+eta) h}) D
+    + sigma_next sqrt(1 - e^{-2 eta h}) z. eta = 0 is the ODE solver (DPM-Solver++(2M)), eta = 1 the reverse SDE.
+    The correction is skipped where the step ratio would make it unstable (see sample_dpmpp_2m)."""
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
+    sigmas = check_sigmas(sigmas)
+    traj = _Trajectory(return_trajectory, x, sigmas[0])
+    old, h_last = None, None
+    for i, s, s_next in _steps(sigmas, progress, "DPM-Solver++(2M) SDE"):
+        x0 = denoiser(x, s, **model_kwargs)
+        if s_next == 0:
+            x = x0
+        else:
+            h = math.log(s / s_next)
+            k = -math.expm1(-(1 + eta) * h)
+            x = (s_next / s) * math.exp(-eta * h) * x + k * x0
+            if old is not None and _second_order_ok(sigmas, i, h_last / h):
+                x = x + k / (2 * h_last / h) * (x0 - old)
+            if eta > 0:
+                x = x + s_next * math.sqrt(-math.expm1(-2 * eta * h)) * _noise(x, generator)
+            h_last = h
         old = x0
         traj.add(x, s_next)
     return traj.result(x)
@@ -371,6 +328,7 @@ SAMPLERS = {
     "euler": sample_euler,
     "heun": sample_heun,
     "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
     "euler_ancestral": sample_euler_ancestral,
 }
 
@@ -402,16 +360,19 @@ class SampleResult:
     sigmas: torch.Tensor
     seconds: float
     trajectory: torch.Tensor | None = None
+    spacing: str = ""  # which noise levels were used, in words
 
 
 def sample(model, noise: torch.Tensor, schedule: NoiseSchedule | None = None, sampler: str = "dpmpp_2m",
-           steps: int | None = None, spacing: str = "uniform", sigmas=None, timesteps=None,
+           steps: int | None = None, spacing: str = "auto", sigmas=None, timesteps=None,
            prediction: str | None = None, clip: float | None = None, generator: torch.Generator | None = None,
            progress: bool = False, return_trajectory: bool = False, model_kwargs: dict | None = None,
            **options) -> SampleResult:
     """Sample from any model with any sampler: give exactly one of steps (+ spacing), timesteps or sigmas.
 
-    `noise` is standard normal; it is scaled to sqrt(1 + sigma_max^2), which is exactly x_T = noise in the
+    spacing='auto' (the default) uses the model's tuned Karras noise levels for this sampler and budget when it has
+    them (every shipped checkpoint does, `load_pretrained` attaches them), else Karras spacing over the model's whole
+    noise range; 'uniform', 'leading', 'trailing' and 'karras' are the standard spacings. `noise` is standard normal; it is scaled to sqrt(1 + sigma_max^2), which is exactly x_T = noise in the
     alpha-bar view, so the same noise gives comparable samples through every sampler. Options (variance, eta,
     s_churn, ...) go to the sampler; model_kwargs (e.g. y=labels) to the model.
     """
@@ -422,9 +383,14 @@ def sample(model, noise: torch.Tensor, schedule: NoiseSchedule | None = None, sa
         raise ValueError("give exactly one of steps=, timesteps= or sigmas=")
     den = as_denoiser(model, schedule, prediction, clip)
     schedule = schedule or den.schedule
+    how = "given"
     if steps is not None:
-        most = schedule.T if schedule is not None and spacing != "karras" else None
-        sig = get_sigmas(_check_steps(steps, most), spacing, schedule, den.sigma_min, den.sigma_max)
+        if spacing == "auto":
+            sig, how = default_sigmas(_check_steps(steps), nfe_for_steps(sampler, steps), sampler, schedule,
+                                      den.sigma_min, den.sigma_max, den.sampling)
+        else:
+            most = schedule.T if schedule is not None and spacing != "karras" else None
+            sig, how = get_sigmas(_check_steps(steps, most), spacing, schedule, den.sigma_min, den.sigma_max), spacing
     elif timesteps is not None:
         if schedule is None:
             raise ValueError("timesteps= needs the model's NoiseSchedule; pass sigmas= for a plain denoiser")
@@ -443,7 +409,7 @@ def sample(model, noise: torch.Tensor, schedule: NoiseSchedule | None = None, sa
     if not torch.isfinite(x).all():
         raise FloatingPointError(f"{sampler} produced {int((~torch.isfinite(x)).sum())} non-finite values; "
                                  "check the model and the noise levels")
-    return SampleResult(x, den.nfe - nfe0, sig, time.perf_counter() - start, traj)
+    return SampleResult(x, den.nfe - nfe0, sig, time.perf_counter() - start, traj, how)
 
 
 def sample_ddpm(model, x: torch.Tensor, schedule: NoiseSchedule, timesteps=None, prediction: str | None = None,

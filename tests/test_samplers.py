@@ -119,6 +119,71 @@ def test_convergence_order_on_a_gaussian_target(name, order):
         assert 2**order * 0.85 < a / b < 2**order * 1.2, errs
 
 
+def test_dpmpp_2m_drops_to_first_order_where_its_extrapolation_is_unstable():
+    # r = h_prev / h: the correction weighs D - D_prev by 1 / (2r); below R_MIN, and on the step before the final
+    # jump to 0, the step is DDIM's
+    sig = torch.tensor([10.0, 5.0, 4.0, 0.1, 0.05, 0.0], dtype=torch.float64)
+    h = lambda i: math.log(sig[i] / sig[i + 1])
+    assert S._second_order_ok(sig, 1, h(0) / h(1)) and not S._second_order_ok(sig, 2, h(1) / h(2))  # r = 0.06
+    assert not S._second_order_ok(sig, 3, h(2) / h(3))  # the last step before sigma = 0 (r = 5.3)
+    assert S._second_order_ok(sig[:-1], 3, h(2) / h(3))  # no final jump: second order to the end
+    # on a Gaussian target, with uniform spacing that ends in a long jump, it is no worse than DDIM on the same levels
+    s = NoiseSchedule.named("linear", 1000)
+    model, z, sd = gaussian_eps_model(s, 0.05), _z(2000), 0.05
+    exact = lambda x_start: gaussian_ode_solution(x_start, float(s.sigmas[-1]), 0.0, sd)
+    x_start = z * math.sqrt(1 + float(s.sigmas[-1]) ** 2)
+    errs = {name: (S.sample(model, z, s, name, steps=10, spacing="uniform").x - exact(x_start)).abs().mean().item()
+            for name in ("ddim", "dpmpp_2m")}
+    assert errs["dpmpp_2m"] <= errs["ddim"], errs
+
+
+@pytest.mark.parametrize("sd", [0.5, 1.0])
+def test_dpmpp_2m_sde_samples_the_target_and_is_the_ode_solver_at_eta_0(sd):
+    sig = S.karras_sigmas(200, 0.002, 80.0)
+    x = S.sample(gaussian_denoiser(sd, 0.3), _z(), sampler="dpmpp_2m_sde", sigmas=sig,
+                 generator=torch.Generator().manual_seed(1)).x
+    se_mean, se_var = sd / math.sqrt(2 * N), math.sqrt(2 / (2 * N))
+    assert abs(x.mean().item() - 0.3) < 5 * se_mean and abs(x.var().item() / sd**2 - 1) < 5 * se_var
+    ode = S.sample(gaussian_denoiser(sd, 0.3), _z(), sampler="dpmpp_2m", sigmas=sig).x
+    sde0 = S.sample(gaussian_denoiser(sd, 0.3), _z(), sampler="dpmpp_2m_sde", sigmas=sig, eta=0.0).x
+    torch.testing.assert_close(sde0, ode, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="eta"):
+        S.sample(gaussian_denoiser(sd), _z(4), sampler="dpmpp_2m_sde", sigmas=sig, eta=1.5)
+
+
+def test_the_default_uses_the_models_tuned_noise_levels_or_says_it_has_none():
+    s = NoiseSchedule.named("linear", 1000)
+    model, z = gaussian_eps_model(s, 0.5), _z(8)
+    res = S.sample(model, z, s, steps=10)
+    assert "not tuned" in res.spacing
+    torch.testing.assert_close(res.sigmas, S.karras_sigmas(10, float(s.sigmas[0]), float(s.sigmas[-1])))
+    model.sampling = {"dpmpp_2m": {"5": {"sigma_min": 0.05, "sigma_max": 2.0, "rho": 3.0},
+                                   "20": {"sigma_min": 0.01, "sigma_max": 9.0, "rho": 7.0}}}
+    res = S.sample(model, z, s, steps=8)  # 8 is nearer 5 than 20 in log NFE
+    assert "tuned" in res.spacing and res.sigmas[0].item() == pytest.approx(2.0)
+    torch.testing.assert_close(res.sigmas, S.karras_sigmas(8, 0.05, 2.0, 3.0))
+    assert S.sample(model, z, s, steps=14).sigmas[0].item() == pytest.approx(9.0)
+    assert "not tuned" in S.sample(model, z, s, "euler", steps=10).spacing  # tuned for another sampler only
+    assert S.sample(model, z, s, steps=10, spacing="uniform").spacing == "uniform"
+
+
+def test_tuning_beats_the_whole_range_on_noise_it_never_saw():
+    """tune_karras on the exact denoiser of the ring of 8 (modes 0.05 wide) at 5 steps, scored on other noise."""
+    from course_lib.data import ring_of_gaussians
+    from course_lib.metrics import hq_fraction
+    from course_lib.step_schedules import tune_karras
+
+    ring = ring_of_gaussians()
+    den = mixture_denoiser(ring)
+    run = lambda z: lambda sig: S.sample(den, z, sampler="dpmpp_2m", sigmas=sig).x
+    tune_z, eval_z = _z(1000, seed=1), _z(4000, seed=2)
+    tuned = tune_karras(run(tune_z), lambda x: hq_fraction(x, ring), steps=5, refine=20)
+    assert tuned["evaluations"] > 50 and set(tuned) >= {"sigma_min", "sigma_max", "rho", "score"}
+    good = hq_fraction(run(eval_z)(S.karras_sigmas(5, tuned["sigma_min"], tuned["sigma_max"], tuned["rho"])), ring)
+    wide = hq_fraction(run(eval_z)(S.karras_sigmas(5, 0.002, 80.0)), ring)
+    assert good > wide + 0.1, (good, wide)  # 4,000 points: a standard error under 0.01
+
+
 def test_ddim_is_euler_and_ddim_eta1_is_ddpm_with_beta_tilde():
     s = NoiseSchedule.named("linear", 1000)
     model, z = gaussian_eps_model(s, 0.5), _z(2000)
@@ -287,9 +352,11 @@ def test_matches_diffusers(kind, spacing, extra):
         sig = torch.cat([torch.as_tensor(sched.sigmas[:-1], dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
         torch.testing.assert_close(sig[:-1], S.karras_sigmas(10, float(p.schedule.sigmas[0]), float(p.schedule.sigmas[-1]))[:-1],
                                    rtol=1e-4, atol=0)  # diffusers keeps sigmas in float32
-        ours = S.sample(p.model, z, p.schedule, kind, steps=10, spacing="karras").x
+        ours = S.sample(p.model, z, p.schedule, kind, steps=10, spacing="karras",
+                        **({"stable": False} if kind == "dpmpp_2m" else {})).x
     else:
-        ours = S.sample(p.model, z, p.schedule, kind, timesteps=ts.long().tolist()).x
+        options = {"stable": False} if kind == "dpmpp_2m" else {}  # diffusers runs the plain Algorithm 2
+        ours = S.sample(p.model, z, p.schedule, kind, timesteps=ts.long().tolist(), **options).x
         if spacing in ("leading", "trailing"):  # and our spacings pick diffusers' timesteps
             assert ts.long().tolist() == getattr(S, f"{spacing}_timesteps")(p.schedule, 10)
     torch.testing.assert_close(ours.float(), theirs.float(), rtol=1e-3, atol=1e-3)
