@@ -18,9 +18,19 @@ import torch
 from . import kernels
 from .losses import convert, posterior_coefficients
 from .schedules import NoiseSchedule
-from .step_schedules import (SPACINGS, _check_steps, check_sigmas, check_timesteps, get_sigmas,  # noqa: F401
-                             default_sigmas, karras_sigmas, leading_timesteps, sigmas_from_timesteps,
-                             trailing_timesteps, uniform_timesteps)
+from .step_schedules import (  # noqa: F401
+    SPACINGS,
+    _check_steps,
+    check_sigmas,
+    check_timesteps,
+    default_sigmas,
+    get_sigmas,
+    karras_sigmas,
+    leading_timesteps,
+    sigmas_from_timesteps,
+    trailing_timesteps,
+    uniform_timesteps,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Models as denoisers D(x, sigma)

@@ -15,6 +15,7 @@ import torch
 
 from .schedules import NoiseSchedule
 
+
 def check_timesteps(timesteps, schedule: NoiseSchedule) -> list[int]:
     """A strictly decreasing list of integer timesteps in [0, T-1], or a clear error."""
     if timesteps is None:
