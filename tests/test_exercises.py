@@ -19,7 +19,9 @@ def test_every_known_mistake_fails_with_its_own_hint(name):
     for wrong, hint in ex.mistakes:
         r = E.run_check(name, wrong, seed=0)
         assert r.status == E.FAILED, (name, hint)
-        if "values differ" in r.message:  # mistakes that run produce the targeted hint
+        if ex.assess is not None:  # graded on behaviour: the verdict names what went wrong
+            assert hint in r.message + " " + r.hint, (name, hint, str(r))
+        elif "values differ" in r.message:  # mistakes that run produce the targeted hint
             assert r.hint == hint
 
 
@@ -92,3 +94,27 @@ def test_progress_counts_points(capsys, monkeypatch):
 def test_registry_refuses_duplicates():
     with pytest.raises(ValueError, match="already registered"):
         E.register(E.EXERCISES["q_sample"])
+
+
+def test_a_plain_euler_loop_passes_sample_loop_on_every_task():
+    """The lesson promises that a plain Euler loop passes: 40 random tasks (budgets 8-10, sigma_max 10-30)."""
+    def euler(denoise, x, sigmas):
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            d = denoise(x, s)
+            x = d if s_next == 0 else x + (s_next - s) * (x - d) / s
+        return x
+    for seed in range(40):
+        assert E.run_check("sample_loop", euler, seed=seed).passed, seed
+
+
+def test_behaviour_exercises_grade_the_trained_weights_not_the_reported_loss():
+    """A step that reports a falling loss but never trains fails on its weights; one that replaces the network fails."""
+    fake = iter(torch.linspace(1, 0.1, 10_000).tolist())
+    r = E.run_check("train_step", lambda model, optimizer, x0, alpha_bar: next(fake), seed=3)
+    assert r.status == E.FAILED and "never changed" in r.message
+
+    def swap(model, optimizer, x0, alpha_bar):
+        model.out = torch.nn.Linear(5, 2)  # a different network than the one handed over
+        return 1.0
+    r = E.run_check("train_step", swap, seed=3)
+    assert r.status == E.FAILED and "different weights or shapes" in r.message

@@ -220,8 +220,18 @@ def library_fingerprints(functions: dict) -> dict[str, str]:
 
 
 def resolve(dotted: str):
-    """The object a dotted name ('course_lib.schedules.alpha_bar_from_betas') names, importing its module."""
+    """The object a dotted name ('course_lib.schedules.alpha_bar_from_betas', 'course_lib.train.Trainer.train_step')
+    names, importing the longest module prefix it starts with."""
     import importlib
 
-    module, _, attr = dotted.rpartition(".")
-    return getattr(sys.modules.get(module) or importlib.import_module(module), attr)
+    parts = dotted.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:cut])
+        try:
+            obj = sys.modules.get(module) or importlib.import_module(module)
+        except ImportError:
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(f"no module in {dotted!r}")

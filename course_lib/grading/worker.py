@@ -174,8 +174,10 @@ def _plain(got) -> torch.Tensor | None:
     return out if type(out) is torch.Tensor else None
 
 
-def _call(fn, trials, library: dict, seconds: float):
-    """fn on each input dict under a time limit, with a profiler noting every library-equivalent code that runs."""
+def _call(fn, trials, library: dict, seconds: float, harness: str | None = None):
+    """fn on each input dict under a time limit, with a profiler noting every library-equivalent code that runs.
+
+    With `harness`, fn runs inside that procedure of course_lib.grading.harnesses, whose dict of tensors is sent."""
     used: set = set()
     memo: dict = {}
     seen: dict = {}
@@ -195,10 +197,12 @@ def _call(fn, trials, library: dict, seconds: float):
             with _Limit(seconds):
                 sys.setprofile(profiler)
                 try:
-                    got = call_learner(fn, inputs)
+                    got = call_learner(fn, inputs, harness)
                     if isinstance(got, torch.Tensor):
                         subclass |= type(got) is not torch.Tensor
                         got = _plain(got)
+                    elif isinstance(got, dict):  # a harness's tensors (made by the library, from the learner's)
+                        got = {str(k): _plain(v) if isinstance(v, torch.Tensor) else None for k, v in got.items()}
                 finally:
                     sys.setprofile(None)
         except GradingTimeout:
@@ -210,6 +214,12 @@ def _call(fn, trials, library: dict, seconds: float):
                 outputs.append({"timeout": True})
                 break  # one time-out is enough: do not spend the limit again on every trial
             outputs.append({"error": got.error[:100], "message": got.message[:300]})
+        elif isinstance(got, dict):
+            size = sum(v.numel() * v.element_size() for v in got.values() if v is not None)
+            if any(v is None for v in got.values()) or size > MAX_OUTPUT:
+                outputs.append({"error": "", "message": "a result the grader could not read or over its size limit"})
+            else:
+                outputs.append({"harness": got})
         elif got is None:
             outputs.append({"error": "", "message": "a tensor the grader could not read"})
         elif got.numel() * got.element_size() > MAX_OUTPUT:
@@ -275,7 +285,9 @@ def main(argv=None) -> None:
     for name, trials in inputs.items():
         _send("call", name=name)
         fn = ns.get(name)
-        outputs, used, subclass = _call(fn, trials, library.get(name, {}), job["call_timeout"])
+        outputs, used, subclass = _call(fn, trials, library.get(name, {}),
+                                        job.get("call_seconds", {}).get(name, job["call_timeout"]),
+                                        job.get("harness", {}).get(name))
         try:
             _send("result", name=name, outputs=outputs, library=used, subclass=subclass, **_reach_report(fn),
                   refused=_refusals())

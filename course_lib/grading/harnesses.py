@@ -1,0 +1,118 @@
+"""Fixed procedures that run a learner's function for the exercises graded on behaviour, not on equality.
+
+A harness runs where the learner's code runs (the notebook, or the grader's confined worker) and returns only plain
+tensors: the losses and the trained weights, or the samples. The verdict is computed from those tensors by
+`course_lib.exercises` (in the grader: in the parent process, with its own copy of the library), so the learner's
+code never gets to touch the code that samples or scores. Every procedure is small enough for a laptop CPU: a few
+seconds each.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# The tasks: a random 2D Gaussian mixture (a ring of K modes, randomly rotated) and a short training budget.
+TRAIN_STEPS = 2000
+BATCH = 256
+T_TRAIN = 100
+SAMPLE_POINTS = 1000
+
+
+def task_mixture(k: int, angle: float, radius: float = 1.0, std: float = 0.08):
+    """The exercise's data: k equal Gaussians on a ring of `radius`, rotated by `angle` radians."""
+    from ..data import GaussianMixture2D
+
+    a = angle + torch.arange(k, dtype=torch.float64) * 2 * math.pi / k
+    modes = radius * torch.stack([torch.cos(a), torch.sin(a)], dim=1)
+    return GaussianMixture2D(f"ring{k}", modes.float(), std)
+
+
+def denoiser_net(seed: int):
+    """The small noise-prediction network the training-step exercise trains (the same one each time for a seed)."""
+    from ..models import TimeMLP
+
+    torch.manual_seed(seed)
+    return TimeMLP(dim=2, hidden=128, depth=3, temb_dim=32)
+
+
+def vae_net(seed: int):
+    """The small VAE the VAE-step exercise trains."""
+    from ..vae import VAE
+
+    torch.manual_seed(seed)
+    return VAE(net="mlp", latent=2, dim=2, hidden=64, depth=2)
+
+
+def _as_loss(value, step: int) -> float:
+    """The loss the learner's step returned, as a float, or a clear error."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise TypeError(f"your step returned a tensor of shape {tuple(value.shape)} at step {step}; return the "
+                            "batch's loss, a single number (a 0-d tensor or loss.item())")
+        return float(value.detach())
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"your step returned {type(value).__name__} at step {step}; return the batch's loss (a number)")
+
+
+def _train(fn, model, data, seed: int, steps: int, extra: tuple) -> dict:
+    """Call fn(model, optimizer, x0, *extra) for `steps` batches of `data`; the losses and the final weights."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(seed + 1)
+    losses = []
+    torch.manual_seed(seed + 2)  # the learner's own torch.randn / randint calls are reproducible too
+    model.train()
+    for step in range(steps):
+        losses.append(_as_loss(fn(model, optimizer, data.sample(BATCH, gen), *extra), step))
+    out = {"losses": torch.tensor(losses, dtype=torch.float64)}
+    out.update({f"param.{k}": v.detach().clone() for k, v in model.state_dict().items()})
+    return out
+
+
+def train_diffusion(fn, seed: int, k: int, angle: float, steps: int = TRAIN_STEPS) -> dict:
+    """Lesson 2: train the small denoiser on the task's mixture with the learner's train_step(model, optimizer, x0,
+    alpha_bar) for `steps` batches of BATCH points, on a linear schedule of T_TRAIN steps."""
+    from ..schedules import NoiseSchedule
+
+    schedule = NoiseSchedule.named("cosine", T_TRAIN)
+    alpha_bar = schedule.alpha_bar.float().clone()
+    return _train(fn, denoiser_net(seed), task_mixture(k, angle), seed, steps, (alpha_bar,))
+
+
+def train_vae(fn, seed: int, k: int, angle: float, steps: int = TRAIN_STEPS) -> dict:
+    """Lesson 4: train the small VAE on the task's mixture with the learner's vae_step(vae, optimizer, x)."""
+    return _train(fn, vae_net(seed), task_mixture(k, angle), seed, steps, ())
+
+
+class BudgetExceeded(RuntimeError):
+    """The learner's sampler asked the denoiser for more evaluations than the budget allows."""
+
+
+def sample_with_loop(fn, seed: int, k: int, angle: float, sigma_max: float, sigma_min: float, rho: float,
+                     nfe: int) -> dict:
+    """Lesson 3: the learner's sample_loop(denoise, x, sigmas) on the exact denoiser of the task's mixture, from
+    x = sigma_max * noise over `nfe` Karras steps, allowed at most `nfe` calls of denoise."""
+    from ..analytic import mixture_denoiser
+    from ..step_schedules import karras_sigmas
+
+    exact = mixture_denoiser(task_mixture(k, angle))
+    calls = [0]
+
+    def denoise(x, sigma):
+        """D(x, sigma): the best estimate of the clean points x0 given noisy points x at noise level sigma."""
+        calls[0] += 1
+        if calls[0] > nfe:
+            raise BudgetExceeded(f"denoise was called more than {nfe} times (the budget is {nfe} evaluations, "
+                                 f"one per step of the {nfe} steps)")
+        if not isinstance(x, torch.Tensor) or x.shape != (SAMPLE_POINTS, 2):
+            raise ValueError(f"denoise expects the whole batch of points, shape ({SAMPLE_POINTS}, 2)")
+        return exact(x, float(sigma)).float()
+
+    sigmas = karras_sigmas(nfe, sigma_min, sigma_max, rho).float()
+    x = torch.randn(SAMPLE_POINTS, 2, generator=torch.Generator().manual_seed(seed)) * sigmas[0]
+    torch.manual_seed(seed + 1)  # a stochastic sampler's noise is reproducible
+    out = fn(denoise, x.clone(), sigmas.clone())
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"sample_loop returned {type(out).__name__}; return the final points, a tensor")
+    return {"samples": out.detach().float().clone(), "calls": torch.tensor(calls[0])}
