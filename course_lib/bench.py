@@ -76,6 +76,8 @@ DIFFUSERS_SCHEDULERS = {"dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_
                         "unipc": ("UniPCMultistepScheduler", {}), "euler": ("EulerDiscreteScheduler", {}),
                         "ddim": ("DDIMScheduler", {"clip_sample": False})}
 DIFFUSERS_SPACINGS = {"karras": {"use_karras_sigmas": True}, "trailing": {"timestep_spacing": "trailing"}}
+# every scheduler with every spacing it supports (diffusers' DDIMScheduler has no Karras sigmas)
+DIFFUSERS_CONFIGS = [(s, sp) for s in DIFFUSERS_SCHEDULERS for sp in DIFFUSERS_SPACINGS if (s, sp) != ("ddim", "karras")]
 
 
 def diffusers_eps_model(model, schedule, clip: float | None):
@@ -105,6 +107,8 @@ def run_diffusers(pretrained, dataset: str, scheduler: str, spacing: str, nfe: i
     """One record: diffusers' `scheduler` with `spacing` for `nfe` steps on a shipped checkpoint, same noise."""
     import diffusers
 
+    if (scheduler, spacing) not in DIFFUSERS_CONFIGS:
+        raise ValueError(f"diffusers has no {scheduler!r} with {spacing!r} spacing; choose from {DIFFUSERS_CONFIGS}")
     cls, kwargs = DIFFUSERS_SCHEDULERS[scheduler]
     sched = getattr(diffusers, cls)(num_train_timesteps=pretrained.schedule.T,
                                     trained_betas=pretrained.schedule.betas.float().numpy(),

@@ -360,3 +360,32 @@ def test_matches_diffusers(kind, spacing, extra):
         if spacing in ("leading", "trailing"):  # and our spacings pick diffusers' timesteps
             assert ts.long().tolist() == getattr(S, f"{spacing}_timesteps")(p.schedule, 10)
     torch.testing.assert_close(ours.float(), theirs.float(), rtol=1e-3, atol=1e-3)
+
+
+def test_update_card_changes_the_card_and_its_sidecar_but_not_the_weights(tmp_path):
+    import shutil
+
+    from course_lib.checkpoints import load_checkpoint, load_pretrained, shipped_dir, update_card
+
+    path = tmp_path / "ring8.pt"
+    shutil.copy(shipped_dir() / "ring8.pt", path)
+    shutil.copy(shipped_dir() / "ring8.json", tmp_path / "ring8.json")
+    before = load_checkpoint(path)
+    tuned = {"dpmpp_2m": {"10": {"sigma_min": 0.1, "sigma_max": 3.0, "rho": 5.0}}}
+    card = update_card(path, sampling=tuned)
+    after = load_checkpoint(path)
+    assert card["sampling"] == tuned and after["card"]["sampling"] == tuned
+    assert after["card"]["preset"] == before["card"]["preset"]  # the other fields are kept
+    import json
+    assert json.loads((tmp_path / "ring8.json").read_text())["sampling"] == tuned
+    weights = before["weights"]
+    assert weights and _flat(weights).keys() == _flat(after["weights"]).keys()
+    assert all(torch.equal(v, _flat(after["weights"])[k]) for k, v in _flat(weights).items())
+    assert load_pretrained(path).model.sampling == tuned
+
+
+def _flat(tree, prefix=""):
+    """{path: tensor} of a nested dict of tensors (a checkpoint's weights)."""
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree}
+    return {k2: v2 for k, v in tree.items() for k2, v2 in _flat(v, f"{prefix}.{k}").items()}
