@@ -660,6 +660,15 @@ def _losses_verdict(name: str, losses: torch.Tensor, changed: bool) -> CheckResu
     return None
 
 
+def _trained_or_verdict(name: str, outputs: dict, net):
+    """(the trained network, None), or (None, the verdict on what went wrong with the training run)."""
+    got, why = _trained(outputs, net)
+    if why:
+        return None, CheckResult(name, FAILED, why + ".", "Train the network you are given in place; do not replace it.")
+    net, changed = got
+    return net, _losses_verdict(name, outputs.get("losses", torch.zeros(0)).double(), changed)
+
+
 def _trained(outputs: dict, net):
     """Load the harness's returned weights into a fresh `net`; (net, weights changed?) or a message why not."""
     params = {k[len("param."):]: v for k, v in outputs.items() if k.startswith("param.")}
@@ -693,11 +702,7 @@ def assess_train_step(inputs: dict, outputs: dict) -> CheckResult | None:
     from .schedules import NoiseSchedule
 
     name = "train_step"
-    got, why = _trained(outputs, _H.denoiser_net(inputs["seed"]))
-    if why:
-        return CheckResult(name, FAILED, why + ".", "Train the network you are given in place; do not replace it.")
-    net, changed = got
-    verdict = _losses_verdict(name, outputs.get("losses", torch.zeros(0)).double(), changed)
+    net, verdict = _trained_or_verdict(name, outputs, _H.denoiser_net(inputs["seed"]))
     if verdict:
         return verdict
     schedule = NoiseSchedule.named("cosine", _H.T_TRAIN)
@@ -794,11 +799,7 @@ def assess_vae_step(inputs: dict, outputs: dict) -> CheckResult | None:
     from .vae import elbo
 
     name = "vae_step"
-    got, why = _trained(outputs, _H.vae_net(inputs["seed"]))
-    if why:
-        return CheckResult(name, FAILED, why + ".", "Train the VAE you are given in place; do not replace it.")
-    vae, changed = got
-    verdict = _losses_verdict(name, outputs.get("losses", torch.zeros(0)).double(), changed)
+    vae, verdict = _trained_or_verdict(name, outputs, _H.vae_net(inputs["seed"]))
     if verdict:
         return verdict
     mix = _H.task_mixture(inputs["k"], inputs["angle"])

@@ -21,11 +21,11 @@ SAMPLE_POINTS = 1000
 
 def task_mixture(k: int, angle: float, radius: float = 1.0, std: float = 0.08):
     """The exercise's data: k equal Gaussians on a ring of `radius`, rotated by `angle` radians."""
-    from ..data import GaussianMixture2D
+    from ..data import GaussianMixture2D, ring_of_gaussians
 
-    a = angle + torch.arange(k, dtype=torch.float64) * 2 * math.pi / k
-    modes = radius * torch.stack([torch.cos(a), torch.sin(a)], dim=1)
-    return GaussianMixture2D(f"ring{k}", modes.float(), std)
+    ring = ring_of_gaussians(k, radius, std)
+    c, s = math.cos(angle), math.sin(angle)
+    return GaussianMixture2D(ring.name, ring.modes @ torch.tensor([[c, s], [-s, c]]), std)
 
 
 def denoiser_net(seed: int):
