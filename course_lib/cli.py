@@ -102,7 +102,7 @@ def _bench(args) -> int:
             raise ValueError(f"unknown dataset {d!r}; choose from {list(BENCH_DATASETS)}")
     if args.samples is not None and args.samples < 10:
         raise ValueError(f"--samples must be at least 10, got {args.samples}")
-    return main_samplers(args.quick, args.json, datasets, args.samples, args.device, args.force)
+    return main_samplers(args.quick, args.json, datasets, args.samples, args.device, args.force, args.seeds)
 
 
 def _bench_compare(args) -> int:
@@ -218,12 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Benchmarks that print a table and, with --json, save flat records.")
     bench = p.add_subparsers(dest="bench", metavar="BENCHMARK")
     bench.required = True
-    p = bench.add_parser("samplers", help="every sampler x NFE on the shipped checkpoints",
-                         description="For each shipped checkpoint (ring8, grid25, digits) and each sampler, NFE in "
-                                     "{1000 for DDPM, 100, 50, 20, 10, 5}: quality against the true data and seconds "
-                                     "per 1,000 samples. --quick: DDPM at 100 steps, NFE in {20, 10}, fewer samples "
-                                     "(under 2 minutes on 2 CPU cores).")
-    _bench_arguments(p, "a small run for checking (under 2 minutes on 2 cores)")
+    p = bench.add_parser("samplers", help="every sampler x spacing x NFE on the shipped checkpoints, and diffusers",
+                         description="For each shipped checkpoint (ring8, grid25, digits): DDPM at 1,000 steps (the "
+                                     "reference), then every sampler on every spacing (uniform, trailing, Karras over "
+                                     "the whole range, and 'auto', the tuned default) and diffusers' schedulers at NFE "
+                                     "50, 20, 10, 5 (digits: 20, 10, 5), for noise seeds 0 1 2 (the extra "
+                                     "seeds rerun the reference and, at 10 NFE, the tuned levels and diffusers): quality against the true data "
+                                     "and seconds per 1,000 samples (about an hour on 2 CPU cores). --quick: DDPM "
+                                     "at 100 steps, NFE 20 and 10, one seed, fewer samples (about 2 minutes).")
+    _bench_arguments(p, "a small run for checking (about 2 minutes on 2 cores)")
+    p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="noise seeds (default: 0 1 2; quick: 0)")
     p = bench.add_parser("compare", help="diffusion vs GAN vs VAE: same data, same budget, several seeds",
                          description="Trains diffusion, GAN and VAE on ring8, grid25 and digits with the same "
                                      "steps and batch for each of 3 seeds, then measures quality, sampling cost, "

@@ -24,6 +24,9 @@ QUICK_BUDGET = {"ring8": dict(steps=150, batch_size=256), "grid25": dict(steps=1
 SEEDS, QUICK_SEEDS = (0, 1, 2), (0, 1)
 EXPORT_COMMAND = "python -m course_lib bench compare --json data/bench_compare.json --export data/compare --force"
 DIFFUSION_SAMPLER, DIFFUSION_NFE = "dpmpp_2m", 20  # lesson 3's best few-step sampler (Karras spacing)
+# The freshly trained comparison models have no tuned card, so they sample with one fixed Karras range per dataset,
+# chosen by a sigma_max sweep at 10 NFE on the shipped checkpoints before the comparison ran, the same for every seed.
+DIFFUSION_KARRAS_RANGE = {"ring8": (0.04, 2.0), "grid25": (0.04, 2.0), "digits": (0.1, 80.0)}
 RECORD_KEYS = ("dataset", "family", "seed", "steps", "batch_size", "parameters", "train_seconds", "sampler", "nfe",
                "ms_per_sample", "samples", "hq_fraction", "modes_covered", "swd", "fd", "precision", "recall",
                "class_coverage", "nll", "nll_unit", "hf_energy", "final_loss", "loss_curve", "g_loss_curve")
@@ -49,12 +52,11 @@ def generate(model, family: str, dataset: str, n: int, seed: int = 1, schedule=N
     model.eval()
     start = time.perf_counter()
     if family == "diffusion":
-        from .bench import bench_sigmas
-        from .samplers import sample
+        from .samplers import karras_sigmas, sample
 
         device = next(model.parameters()).device
         shape = (n, 1, 8, 8) if dataset == "digits" else (n, 2)
-        sigmas = bench_sigmas(dataset, DIFFUSION_SAMPLER, DIFFUSION_NFE, schedule)
+        sigmas = karras_sigmas(DIFFUSION_NFE, *DIFFUSION_KARRAS_RANGE[dataset])
         res = sample(model, torch.randn(shape, generator=g).to(device), schedule, DIFFUSION_SAMPLER, sigmas=sigmas,
                      clip=1.0 if dataset == "digits" else None, generator=g)
         x, nfe = res.x, res.nfe
@@ -255,3 +257,74 @@ def load_compared(dataset: str, family: str, folder=None):
     loaded = load_model(Path(folder or shipped_dir() / "compare") / f"{dataset}_{family}.pt")
     schedule = NoiseSchedule.named(loaded.config["schedule"], loaded.config["T"]) if family == "diffusion" else None
     return loaded.model, schedule, loaded.card
+
+
+def claims(records: list[dict], hf_real: float, demo: str | None = None) -> list[tuple[str, str, str]]:
+    """Lesson 4's verdicts, computed from the benchmark's records: (claim, what was measured, verdict) per claim.
+
+    `hf_real` is the high-frequency share of real test digits (the blur yardstick); `demo` an optional line about
+    the live mode-collapse demonstration, appended to the mode-collapse evidence."""
+    from .train import MIXTURES
+
+    summary = {(r["dataset"], r["family"]): r for r in summarize(records)}
+    datasets = list(dict.fromkeys(r["dataset"] for r in records))
+    missing = [(d, f) for d in COMPARE_DATASETS for f in FAMILY_NAMES if (d, f) not in summary]
+    if missing:
+        raise ValueError(f"the verdicts need every dataset x family; missing {missing}")
+    mean = lambda d, f, key: summary[(d, f)][key]
+    main_key = lambda d: "fd" if d == "digits" else "hq_fraction"
+
+    def best(d, key):
+        vals = {f: mean(d, f, key) for f in FAMILY_NAMES}
+        return (min if key in ("fd", "nll") else max)(vals, key=vals.get)
+
+    rows = []
+    wins = [d for d in datasets if best(d, main_key(d)) == "diffusion"]
+    rows.append(("Diffusion gives the best samples",
+                 "best quality (hq, or FD on digits): " + ", ".join(f"{d}: {best(d, main_key(d))}" for d in datasets),
+                 f"holds on {len(wins)} of {len(datasets)} datasets"))
+
+    def coverage(f):
+        runs_2d = [r for r in records if r["family"] == f and r["dataset"] in MIXTURES]
+        full = sum(r["modes_covered"] == len(MIXTURES[r["dataset"]]().modes) for r in runs_2d)
+        classes = [r["class_coverage"] for r in records if r["family"] == f and r["dataset"] == "digits"]
+        return full, len(runs_2d), min(classes), max(classes)
+
+    cov = {f: coverage(f) for f in FAMILY_NAMES}
+    rows.append(("GANs mode-collapse",
+                 "all modes in " + ", ".join(f"{f} {c[0]}/{c[1]}" for f, c in cov.items()) + " 2D runs; digit classes "
+                 + ", ".join(f"{f} {c[2]}-{c[3]}" for f, c in cov.items()) + (f"; {demo}" if demo else ""),
+                 ("can happen (demo, and fewer digit classes than diffusion), but no benchmark GAN lost a 2D mode"
+                  if cov["gan"][0] == cov["gan"][1] else "holds in some runs")))
+    ratio = mean("digits", "vae", "hf_energy") / hf_real
+    least = min(FAMILY_NAMES, key=lambda f: mean("digits", f, "hf_energy")) == "vae"
+    below = hf_real - mean("digits", "vae", "hf_energy") > 3 * summary[("digits", "vae")]["hf_energy_std"]
+    rows.append(("VAEs are blurry",
+                 f"VAE high-frequency share {ratio:.2f} x real (diffusion "
+                 f"{mean('digits', 'diffusion', 'hf_energy') / hf_real:.2f} x, GAN "
+                 f"{mean('digits', 'gan', 'hf_energy') / hf_real:.2f} x); 2D hq: VAE "
+                 f"{mean('grid25', 'vae', 'hq_fraction'):.2f} vs diffusion {mean('grid25', 'diffusion', 'hq_fraction'):.2f}",
+                 (f"holds, mildly: the VAE's samples have the least fine detail, {100 * (1 - ratio):.0f}% less than "
+                  "real digits" if least and below else "does not hold at this budget")))
+    slow = mean("digits", "diffusion", "ms_per_sample") / mean("digits", "gan", "ms_per_sample")
+    rows.append(("Diffusion is slow to sample",
+                 f"{mean('digits', 'diffusion', 'nfe'):.0f} NFE vs 1; {slow:.0f}x the GAN's time per digit (this CPU)",
+                 "holds (by the number of network evaluations; lesson 3 cuts the steps, lesson 5 their cost)"))
+
+    def spread(d, f):  # std / mean of the dataset's main quality metric across seeds
+        s = summary[(d, f)]
+        return s[f"{main_key(d)}_std"] / abs(s[main_key(d)]) if s[main_key(d)] else float("inf")
+
+    stable = {d: min(FAMILY_NAMES, key=lambda f: spread(d, f)) for d in datasets}
+    rows.append(("Diffusion training is more stable",
+                 "seed-to-seed spread of the main metric (std / mean): " + "; ".join(
+                     f"{d}: " + ", ".join(f"{f} {spread(d, f):.3f}" for f in FAMILY_NAMES) for d in datasets),
+                 "smallest spread: " + ", ".join(f"{d} {f}" for d, f in stable.items())
+                 + (" (holds)" if list(stable.values()).count("diffusion") > len(datasets) / 2 else
+                    " (does not hold by this measure; diffusion's loss curves are the smoothest)")))
+    nll_wins = [d for d in datasets if mean(d, "diffusion", "nll") < mean(d, "vae", "nll")]
+    rows.append(("Diffusion has the better likelihood",
+                 "upper bounds on the NLL (lower is better): " + ", ".join(
+                     f"{d} diffusion {mean(d, 'diffusion', 'nll'):.2f} vs VAE {mean(d, 'vae', 'nll'):.2f}" for d in datasets),
+                 f"holds on {len(nll_wins)} of {len(datasets)} datasets"))
+    return rows

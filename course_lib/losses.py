@@ -128,10 +128,17 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, var
     return torch.log((upper - lower).clamp(min=1e-12))
 
 
-def _x0_hat(model, x_t, t, schedule, prediction, **model_kwargs):
+def _x0_hat(model, x_t, t, schedule, prediction, clip=None, **model_kwargs):
     ab_t = schedule.at(schedule.alpha_bar, t, x_t)
     out = model(x_t.to(torch.get_default_dtype()), t, **model_kwargs).to(x_t.dtype)
-    return convert(out, prediction, "x0", x_t, ab_t)
+    x0 = convert(out, prediction, "x0", x_t, ab_t)
+    return x0 if clip is None else x0.clamp(-clip, clip)
+
+
+def _check_clip(clip):
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
+        raise ValueError(f"clip must be None or a positive number (the data range), got {clip!r}")
+    return clip
 
 
 def _check_bound_args(model, prediction, variance):
@@ -146,13 +153,19 @@ def _check_bound_args(model, prediction, variance):
 
 @torch.no_grad()
 def vlb_term(model, x0: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, prediction: str | None = None,
-             variance: str = "beta", generator: torch.Generator | None = None, **model_kwargs) -> torch.Tensor:
-    """L_{t-1} = KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) per sample, summed over dimensions, in nats (t >= 1)."""
+             variance: str = "beta", generator: torch.Generator | None = None, clip: float | None = None,
+             **model_kwargs) -> torch.Tensor:
+    """The ELBO's KL term at array index t >= 1, per sample, summed over dimensions, in nats (Ho et al. 2020, eq. 5).
+
+    In the papers' numbering (steps 1..T, lesson 0) index t is step t + 1, so this is
+    L_t = KL(q(x_t | x_{t+1}, x_0) || p(x_t | x_{t+1})); index 0 is the decoder's step (`variational_bound`).
+    `clip` clamps the model's x0 estimate to [-clip, clip], as the samplers do for data in that range."""
     prediction = _check_bound_args(model, prediction, variance)
+    _check_clip(clip)
     x0 = x0.double() if x0.device.type == "cpu" else x0
     x_t = q_sample(x0, t, schedule, generator=generator)
     mean_q, var_q = q_posterior(x0, x_t, t, schedule)
-    mean_p, _ = q_posterior(_x0_hat(model, x_t, t, schedule, prediction, **model_kwargs), x_t, t, schedule)
+    mean_p, _ = q_posterior(_x0_hat(model, x_t, t, schedule, prediction, clip, **model_kwargs), x_t, t, schedule)
     var_p = schedule.at(schedule.betas, t, x_t) if variance == "beta" else var_q
     return gaussian_kl(mean_q, var_q, mean_p, var_p).flatten(1).sum(1)
 
@@ -160,7 +173,7 @@ def vlb_term(model, x0: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, 
 @torch.no_grad()
 def variational_bound(model, x0: torch.Tensor, schedule: NoiseSchedule, prediction: str | None = None,
                       variance: str = "beta", levels: int | None = None, n_t: int | None = None,
-                      generator: torch.Generator | None = None, **model_kwargs) -> dict:
+                      generator: torch.Generator | None = None, clip: float | None = None, **model_kwargs) -> dict:
     """Per-sample negative ELBO, L_prior + sum_t L_t + L_0 (Ho et al. 2020, eq. 5), in nats.
 
     Reverse variances are fixed: 'beta' (beta_t) or 'posterior' (beta-tilde_t). With `levels` the data is
@@ -168,15 +181,21 @@ def variational_bound(model, x0: torch.Tensor, schedule: NoiseSchedule, predicti
     it is a Gaussian density. `n_t=None` sums every t exactly; an int estimates the sum from n_t uniformly
     drawn timesteps per sample (unbiased). Returns tensors of shape (B,): prior, diffusion, decoder, total,
     and bits_per_dim = total / (D ln 2).
+
+    `clip` bounds the reverse model whose x0 estimate is clamped to [-clip, clip] (the model the samplers run on
+    data in that range). Any reverse model gives a valid bound; for data inside the range clamping moves every
+    estimate closer to the truth, so each term can only fall. It matters at the cosine schedule's last step, where
+    an eps-model's x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab) divides a tiny eps error by sqrt(ab) ~ 5e-5.
     """
     prediction = _check_bound_args(model, prediction, variance)
+    _check_clip(clip)
     if levels is not None and (x0.min() < -1 or x0.max() > 1):
         raise ValueError("discrete data (levels given) must lie in [-1, 1]")
     b, dims, T = x0.shape[0], x0[0].numel(), schedule.T
     x0 = x0.double() if x0.device.type == "cpu" else x0
 
     def kl_term(t):
-        return vlb_term(model, x0, t, schedule, prediction, variance, generator, **model_kwargs)
+        return vlb_term(model, x0, t, schedule, prediction, variance, generator, clip, **model_kwargs)
 
     last = torch.full((b,), T - 1, device=x0.device)
     ab_last = schedule.at(schedule.alpha_bar, last, x0)
@@ -190,7 +209,7 @@ def variational_bound(model, x0: torch.Tensor, schedule: NoiseSchedule, predicti
         diffusion = (T - 1) * torch.stack(draws).mean(0)
     zero = torch.zeros((b,), dtype=torch.long, device=x0.device)
     x_0 = q_sample(x0, zero, schedule, generator=generator)
-    mean, var = _x0_hat(model, x_0, zero, schedule, prediction, **model_kwargs), schedule.at(schedule.betas, zero, x0)
+    mean, var = _x0_hat(model, x_0, zero, schedule, prediction, clip, **model_kwargs), schedule.at(schedule.betas, zero, x0)
     if levels is None:
         log_p = -0.5 * (torch.log(2 * torch.pi * var) + (x0 - mean) ** 2 / var)
     else:

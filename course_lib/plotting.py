@@ -31,12 +31,30 @@ def make_grid(images, nrow: int | None = None, pad: int = 1) -> np.ndarray:
     return grid[..., 0] if c == 1 else grid
 
 
-def image_grid(images, nrow: int | None = None, ax=None, title: str | None = None):
-    """Show (B, C, H, W) images in [-1, 1] as one grid; returns the axes."""
+def image_grid(images, nrow: int | None = None, ax=None, title: str | None = None, value_range=(-1.0, 1.0),
+               cmap: str = "gray", colorbar: bool = False, label: str | None = None):
+    """Show (B, C, H, W) images as one grid; returns the axes.
+
+    `value_range` (lo, hi) is mapped to black..white (default [-1, 1], the data range); pass a row's own range
+    for signed fields such as predicted noise, with a diverging `cmap` and `colorbar=True`. `label` names the
+    grid on its left (the ticks are hidden, not the axis, so a label set later shows too)."""
+    lo, hi = (float(v) for v in value_range)
+    if not hi > lo:
+        raise ValueError(f"value_range must be (lo, hi) with hi > lo, got {value_range!r}")
     ax = ax or plt.subplots(figsize=(4, 4))[1]
-    grid = make_grid(images, nrow)
-    ax.imshow(grid, cmap="gray" if grid.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
-    ax.set_axis_off()
+    scaled = (_to_numpy(images) - lo) / (hi - lo) * 2 - 1  # make_grid maps [-1, 1] to [0, 1]
+    grid = make_grid(scaled, nrow)
+    im = ax.imshow(grid, cmap=cmap if grid.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if colorbar:
+        bar = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        bar.set_ticks([0, 0.5, 1])
+        bar.set_ticklabels([f"{lo:.3g}", f"{(lo + hi) / 2:.3g}", f"{hi:.3g}"])
+    if label:
+        ax.set_ylabel(label)
     if title:
         ax.set_title(title)
     return ax

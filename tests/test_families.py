@@ -358,3 +358,24 @@ def test_shipped_first_seed_models_reproduce_their_records(dataset):
             assert abs(scores["modes_covered"] - rec["modes_covered"]) <= 1
     with pytest.raises(ValueError, match="family"):
         compare.load_compared(dataset, "flow")
+
+
+def test_lesson4_verdicts_follow_the_records():
+    import copy
+
+    records = compare.shipped_records()
+    rows = {claim: (measured, verdict) for claim, measured, verdict in compare.claims(records, hf_real=0.32)}
+    assert len(rows) == 6 and all(m and v for m, v in rows.values())
+    # change the evidence and the verdict changes with it
+    changed = copy.deepcopy(records)
+    for r in changed:
+        if r["family"] == "diffusion":
+            r["nll"] = -100.0
+        if r["family"] == "gan" and r["dataset"] == "grid25" and r["seed"] == 0:
+            r["modes_covered"] = 24
+    rows2 = {claim: verdict for claim, _, verdict in compare.claims(changed, hf_real=0.32, demo="demo: 3/25")}
+    assert rows2["Diffusion has the better likelihood"] == "holds on 3 of 3 datasets"
+    assert rows2["GANs mode-collapse"] == "holds in some runs"
+    assert "demo: 3/25" in compare.claims(changed, 0.32, demo="demo: 3/25")[1][1]
+    with pytest.raises(ValueError, match="missing"):
+        compare.claims([r for r in records if r["family"] != "vae"], 0.32)

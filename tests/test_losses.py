@@ -180,6 +180,25 @@ def test_the_discretized_likelihood_is_a_distribution_over_the_levels():
         assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-9)
 
 
+def test_clipping_the_x0_estimate_can_only_lower_the_bound_of_data_in_range():
+    # discrete data in [-1, 1] and an eps model that is slightly wrong: at the cosine schedule's last steps its x0
+    # estimate divides the error by sqrt(alpha_bar) and lands far outside [-1, 1]; clamping it is a better model
+    s = NoiseSchedule.named("cosine", 200)
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randint(0, 17, (500, 4), generator=g).double() / 8 - 1)
+    exact = _gaussian_eps_model(s, x.std().item())
+    model = lambda x_t, t: exact(x_t, t) + 0.05
+    runs = {clip: L.variational_bound(model, x, s, "eps", variance="beta", levels=17, clip=clip,
+                                      generator=torch.Generator().manual_seed(4)) for clip in (None, 1.0)}
+    assert (runs[1.0]["total"] <= runs[None]["total"] + 1e-9).all()  # same noise draws: term by term
+    last = torch.full((len(x),), s.T - 1)
+    tail = {clip: L.vlb_term(model, x, last, s, "eps", clip=clip, generator=torch.Generator().manual_seed(5)).mean().item()
+            for clip in (None, 1.0)}
+    assert tail[1.0] < tail[None] / 10  # the last step is where the unclipped estimate explodes
+    with pytest.raises(ValueError, match="clip"):
+        L.variational_bound(model, x, s, "eps", clip=0)
+
+
 def test_variational_bound_rejects_bad_input():
     s = NoiseSchedule.named("linear", 50)
     model = _gaussian_eps_model(s, 1.0)

@@ -59,6 +59,19 @@ def test_make_grid_places_images():
         plotting.make_grid(torch.zeros(2, 8, 8))
 
 
+def test_image_grid_maps_its_value_range_and_keeps_a_row_label():
+    field = torch.linspace(-0.2, 0.2, 4).reshape(1, 1, 2, 2)
+    ax = plotting.image_grid(field, value_range=(-0.2, 0.2), cmap="RdBu_r", colorbar=True, label="as eps")
+    shown = ax.images[0].get_array()
+    assert shown[1, 1] == pytest.approx(0.0) and shown[2, 2] == pytest.approx(1.0)  # -0.2 -> 0, 0.2 -> 1
+    assert ax.get_ylabel() == "as eps" and len(ax.figure.axes) == 2  # the colour bar is a second axes
+    clamped = plotting.image_grid(field).images[0].get_array()  # default [-1, 1]: a weak field is mid-grey
+    assert 0.35 < clamped[1, 1] < clamped[2, 2] < 0.65
+    with pytest.raises(ValueError, match="value_range"):
+        plotting.image_grid(field, value_range=(1, 1))
+    matplotlib.pyplot.close("all")
+
+
 def test_scatter_has_labelled_axes():
     ax = plotting.scatter_2d(torch.randn(100, 2), modes=torch.zeros(1, 2), title="t")
     assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title() == "t"

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from course_lib import metrics as M
-from course_lib.schedules import NoiseSchedule
 
 
 def _gauss(n, d, seed, scale=1.0, shift=0.0):
@@ -61,27 +60,72 @@ def test_class_coverage_and_bad_input():
 
 def test_bench_records_and_targets(tmp_path, capsys):
     from course_lib import bench
+    from course_lib.checkpoints import load_pretrained
     from course_lib.cli import main
+    from course_lib.metrics import hq_fraction
+    from course_lib.samplers import SAMPLERS, sample
 
     out = tmp_path / "b.json"
-    configs = [("ddpm", "uniform", 20), ("dpmpp_2m", "karras", 10), ("heun", "karras", 10)]
-    records = bench.bench_samplers(["ring8"], samples=300, configs=configs, progress=False)
-    assert [r["nfe"] for r in records] == [20, 10, 9]  # counted: Heun spends 2 per step but the last
+    configs = [("ddpm", "uniform", 20), ("dpmpp_2m", "auto", 10), ("heun", "karras", 10),
+               ("diffusers:dpmpp_2m", "karras", 10)]
+    records = bench.bench_samplers(["ring8"], samples=300, seeds=(0, 1), configs=configs, progress=False)
+    assert [r["nfe"] for r in records] == [20, 10, 9, 10] * 2  # counted: Heun spends 2 per step but the last
+    assert [r["seed"] for r in records] == [0] * 4 + [1] * 4
     for r in records:
-        assert {"dataset", "sampler", "nfe", "seconds", "hq_fraction", "modes_covered", "swd"} <= set(r)
+        assert {"dataset", "sampler", "spacing", "nfe", "seconds", "hq_fraction", "modes_covered", "swd"} <= set(r)
         assert 0 <= r["hq_fraction"] <= 1 and r["swd"] > 0 and r["seconds"] > 0
+    # 'auto' is exactly what a learner's default call gives, on the same noise
+    p = load_pretrained("ring8")
+    z = torch.randn(300, 2, generator=torch.Generator().manual_seed(1))
+    mine = sample(p.model, z, p.schedule, steps=10).x
+    from course_lib.data import ring_of_gaussians
+    assert abs(hq_fraction(mine, ring_of_gaussians()) - records[5]["hq_fraction"]) < 1e-3
+    # seeds are averaged, with their spread
+    agg = bench.aggregate(records)
+    assert len(agg) == 4 and all(r["seeds"] == 2 for r in agg) and bench.aggregate(agg) == agg
+    pair = [r["hq_fraction"] for r in records if r["sampler"] == "heun"]
+    assert agg[2]["hq_fraction"] == pytest.approx(sum(pair) / 2, abs=1e-4)
+    assert agg[2]["hq_fraction_sd"] == pytest.approx(abs(pair[0] - pair[1]) / 2 ** 0.5, abs=1e-4)
+    assert bench.reference(records, "ring8")["nfe"] == 20
     t = bench.targets(records)[0]
     assert t["dataset"] == "ring8" and isinstance(t["met"], bool) and "hq" in t["detail"]
-    assert "dpmpp_2m" in bench.format_table(records)
+    assert t["default"].startswith("dpmpp_2m (auto, 10 NFE)") and t["diffusers"].startswith("diffusers:dpmpp_2m")
+    assert "dpmpp_2m" in bench.format_table(records) and "+-" in bench.format_table(records)
+    fewest = bench.fewest_nfe(records, "ring8")
+    assert set(fewest) == {("dpmpp_2m", "auto"), ("heun", "karras"), ("diffusers:dpmpp_2m", "karras")}
+    ref20 = bench.reference(records, "ring8")
+    for r in bench.aggregate(records)[1:]:
+        assert (fewest[(r["sampler"], r["spacing"])] == r["nfe"]) == bench.matches_reference(r, ref20)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()
+    bench.plot_frontier(records, "ring8", ax)
+    labels = ax.get_legend_handles_labels()[1]
+    assert "dpmpp_2m (auto)" in labels and "diffusers, best scheduler + spacing" in labels and ax.get_xlabel()
+    plt.close(fig)
+    table = bench.pivot(records, "ring8", 10, "hq_fraction")
+    assert "auto" in table and "karras" in table and "heun" in table
+    with pytest.raises(ValueError, match="unknown metric"):
+        bench.pivot(records, "ring8", 10, "fd")
     ref = {"dataset": "ring8", "hq_fraction": 0.97, "modes_covered": 8}
     assert bench.matches_reference({**ref, "hq_fraction": 0.93}, ref)
     assert not bench.matches_reference({**ref, "hq_fraction": 0.91}, ref)
     assert not bench.matches_reference({**ref, "modes_covered": 7}, ref)
     assert bench.matches_reference({"dataset": "digits", "fd": 10.9}, {"dataset": "digits", "fd": 10.0})
     assert not bench.matches_reference({"dataset": "digits", "fd": 11.1}, {"dataset": "digits", "fd": 10.0})
-    s = NoiseSchedule.named("linear")
-    assert len(bench.bench_sigmas("ring8", "heun", 10, s)) == 6  # 5 Heun steps (9 NFE) + the final 0
-    assert bench.bench_sigmas("ring8", "ddim", 10, s)[0] == s.sigmas[-1]  # trailing starts at t = T-1
+    # the grid: every sampler on every spacing at every budget, then diffusers; extra digits seeds repeat 10 NFE
+    grid = bench.bench_configs(quick=True)
+    assert grid[0] == ("ddpm", "uniform", 100)
+    for name in SAMPLERS:
+        assert {(name, sp, 10) for sp in bench.BENCH_SPACINGS} <= set(grid)
+    assert ("diffusers:unipc", "karras", 20) in grid and ("diffusers:ddim", "karras", 10) not in grid
+    spread = bench.spread_configs(bench.bench_configs(dataset="digits"))
+    assert spread[0] == ("ddpm", "uniform", 1000) and {c[2] for c in spread[1:]} == {10}
+    assert ("dpmpp_2m", "auto", 10) in spread and ("dpmpp_2m", "uniform", 10) not in spread
+    assert ("diffusers:unipc", "karras", 10) in spread
+    with pytest.raises(ValueError, match="unknown dataset"):
+        bench.bench_configs(dataset="moons")
     # the command: refuses to overwrite, writes flat records, fails cleanly on bad input
     out.write_text("mine")
     assert main(["bench", "samplers", "--quick", "--json", str(out), "--datasets", "ring8"]) == 2
@@ -104,3 +148,9 @@ def test_bench_judges_digits_by_classifier_features():
     noise = judge(torch.rand(200, 1, 8, 8) * 2 - 1)
     assert real["fd"] < noise["fd"] / 5 and real["precision"] > noise["precision"]
     assert real["class_coverage"] == 10
+    # FD is biased upward at small n: the held-out floor is scored at its own size, and so are samples
+    big = bench.Judge("digits", 600)(digits_split("train")[0][:600])
+    assert "fd_at_test_n" in big and big["fd_at_test_n"] > big["fd"]
+    floor = judge.real_floor()
+    assert floor["samples"] == 297 and floor["fd_at_test_n"] == floor["fd"]
+    assert floor["fd_train_subset"] < floor["fd"]  # the training set's own images sit closer than new ones
