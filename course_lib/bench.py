@@ -310,7 +310,7 @@ def targets(records: list[dict]) -> list[dict]:
             t["met"] = ours["fd"] <= 1.10 * ref["fd"]
             t["detail"] = f"best FD {100 * (ours['fd'] / ref['fd'] - 1):+.1f}% vs the reference (target <= +10%)"
         else:
-            d = default or {"hq_fraction": 0.0, "modes_covered": 0}
+            d = default or {"dataset": dataset, "hq_fraction": 0.0, "modes_covered": 0}
             above = d["hq_fraction"] - theirs["hq_fraction"] if theirs else float("nan")
             t["met"] = matches_reference(d, ref) and above >= 0.05
             t["detail"] = (f"default {d['hq_fraction'] - ref['hq_fraction']:+.3f} hq vs the reference (target >= -0.05, "
