@@ -5,6 +5,7 @@ quality against the true data and seconds per 1,000 samples. Targets are reporte
 """
 from __future__ import annotations
 
+import inspect
 import math
 import platform
 import time
@@ -92,8 +93,7 @@ class Judge:
         if self.dataset != "digits":
             raise ValueError("real_floor is for the digits (the 2D mixtures are scored against their exact density)")
         test = digits_split("test")[0]
-        out = self(test)
-        out["fd_at_test_n"] = out["fd"]
+        out = self(test)  # one chunk of the test set's size: fd_at_test_n == fd
         g = torch.Generator().manual_seed(0)
         subsets = [self.ref[torch.randperm(len(self.ref), generator=g)[:self.n_test]] for _ in range(3)]
         out["fd_train_subset"] = round(sum(metrics.frechet_distance(x, self.ref) for x in subsets) / 3, 4)
@@ -202,8 +202,8 @@ def bench_samplers(datasets=BENCH_DATASETS, quick: bool = False, samples: int | 
                    device=None, progress: bool = True, configs=None) -> list[dict]:
     """Run the sampler benchmark: one record per (dataset, sampler, spacing, nfe, seed).
 
-    Full runs use SEEDS_FULL, the extra seeds repeating only `spread_configs` (the reference and 10 NFE, where the
-    targets are); quick runs seed 0; explicit `configs` run on every seed. The
+    Full runs use SEEDS_FULL, the extra seeds repeating only `spread_configs` (the reference, and at 10 NFE the tuned
+    levels and diffusers: what the targets compare); quick runs seed 0; explicit `configs` run on every seed. The
     digits records start with the held-out real images scored the same way (`Judge.real_floor`)."""
     from .checkpoints import load_pretrained
 
@@ -272,7 +272,7 @@ def default_record(records: list[dict], dataset: str, nfe: int = 10) -> dict | N
     """What a learner's default call gives: `sample(model, noise, steps=nfe)` (DPM-Solver++(2M), spacing 'auto')."""
     from .samplers import sample
 
-    default = __import__("inspect").signature(sample).parameters["sampler"].default
+    default = inspect.signature(sample).parameters["sampler"].default
     rows = [r for r in aggregate(records) if r["dataset"] == dataset and r["sampler"] == default
             and r["spacing"] == "auto" and r["nfe"] == nfe]
     return rows[0] if rows else None
