@@ -1,21 +1,33 @@
 """course_lib: the tested library behind the hands-on diffusion course. One module per idea the lessons teach."""
 from __future__ import annotations
 
-from .runtime import budget, get_device, is_quick, seed_everything
-
 __version__ = "0.1.0"
 __all__ = ["check", "progress", "budget", "get_device", "is_quick", "seed_everything"]
 
+# The shipped checkpoints in data/, by name (here, not in checkpoints.py, so the command line can list them
+# without importing torch: `python -m course_lib --help` answers at once).
+SHIPPED_MODELS = ("ring8", "grid25", "digits", "digits_cond", "digits_classifier")
 
-def check(name: str, fn) -> bool:
-    """Check your function for exercise `name`: prints passed / failed with a hint / not attempted; returns a bool."""
+
+def __getattr__(name: str):
+    """budget, get_device, is_quick and seed_everything come from course_lib.runtime, imported on first use."""
+    if name in ("budget", "get_device", "is_quick", "seed_everything"):
+        from . import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(f"module 'course_lib' has no attribute {name!r}")
+
+
+def check(name: str, fn):
+    """Check your function for exercise `name`: prints passed / failed with a hint / not attempted; returns a verdict
+    that is true when it passed (and shows nothing more in a notebook)."""
     from .exercises import check as _check  # imported on first use: the grader's sandbox never loads the answers
 
     return _check(name, fn)
 
 
-def progress(lesson: int | None = None) -> tuple[int, int]:
-    """Print the status of every exercise (of one lesson if given) checked this session; return (points, max)."""
+def progress(lesson: int | None = None):
+    """Print the status of every exercise (of one lesson if given) checked this session; return (points, total)."""
     from .exercises import progress as _progress
 
     return _progress(lesson)

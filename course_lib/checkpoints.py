@@ -9,10 +9,12 @@ from typing import NamedTuple
 
 import torch
 
+from . import SHIPPED_MODELS
+
 FORMAT = "course_lib.checkpoint"
 VERSION = 1
 KINDS = ("train_state", "weights")
-SHIPPED = ("ring8", "grid25", "digits", "digits_cond", "digits_classifier")
+SHIPPED = SHIPPED_MODELS
 
 
 def _default_mode() -> int:
@@ -69,8 +71,15 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, random bytes, a pickle of something else ...
+        msg = str(e)  # PyTorch's own text suggests weights_only=False: wrong advice for a file of unknown origin
+        detail = (msg.split("WeightsUnpickler error:", 1)[1].strip() if "WeightsUnpickler error:" in msg else msg)
+        detail = (detail.splitlines() or [""])[0][:200]
+        if "Unsupported global" in detail:  # a pickle of code or objects: never unpickle it
+            raise ValueError(f"{path} holds Python objects besides tensors, which course_lib refuses to unpickle "
+                             f"(unpickling can run code): {detail.split(' was not')[0]}. It is not a course_lib "
+                             "checkpoint; never load a file you did not make yourself with weights_only=False.") from None
         raise ValueError(f"{path} is not a readable checkpoint (corrupt or truncated?): "
-                         f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+                         f"{type(e).__name__}: {detail}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not a course_lib checkpoint (no format={FORMAT!r} field)")
     if ckpt.get("version") != VERSION or ckpt.get("kind") not in KINDS:
@@ -128,6 +137,9 @@ def load_pretrained(name_or_path: str | Path, device=None, which: str = "ema") -
     path = Path(name_or_path)
     if str(name_or_path) in SHIPPED:
         path = shipped_dir() / f"{name_or_path}.pt"
+    elif not path.exists() and path.suffix == "" and len(path.parts) == 1:  # a mistyped shipped name
+        raise ValueError(f"no shipped model called {str(name_or_path)!r}; the shipped ones are {list(SHIPPED)} "
+                         "(or give the path of a checkpoint file)")
     ckpt = load_checkpoint(path)
     config = ckpt["config"]
     if "schedule" not in config or config.get("family", "diffusion") != "diffusion":

@@ -5,7 +5,7 @@ import argparse
 import sys
 from dataclasses import asdict
 
-from .checkpoints import SHIPPED
+from . import SHIPPED_MODELS as SHIPPED
 
 
 def _doctor(args) -> int:

@@ -11,8 +11,45 @@ from packaging.version import Version
 
 from . import runtime
 
-REQUIRED = ["torch", "numpy", "matplotlib", "scikit-learn", "tqdm", "nbformat"]
-OPTIONAL = ["jupyterlab", "ipykernel", "ipywidgets", "nbval", "pytest", "triton"]
+
+def _requirements(extra: str | None = None) -> dict[str, str]:
+    """{distribution: version specifier} as course_lib declares them (pyproject.toml), without an extra or for one."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    try:
+        declared = md.requires("course_lib") or []
+    except md.PackageNotFoundError:  # running from a source tree that was never installed
+        declared = []
+    out = {}
+    for spec in declared:
+        try:
+            req = Requirement(spec)
+        except InvalidRequirement:
+            continue
+        marker = str(req.marker or "")
+        if (f'extra == "{extra}"' in marker) if extra else "extra ==" not in marker:
+            out[req.name] = str(req.specifier)
+    return out
+
+
+# every dependency pyproject.toml declares, with its range (bare names where course_lib's metadata is missing)
+REQUIRED = _requirements() or dict.fromkeys(["torch", "numpy", "matplotlib", "ipywidgets", "jupyterlab", "ipykernel",
+                                             "ipython", "scikit-learn", "tqdm", "nbformat", "packaging", "scipy",
+                                             "POT"], "")
+OPTIONAL = {n: v for n, v in (_requirements("test") or dict.fromkeys(
+    ["pytest", "nbval", "nbclient", "diffusers", "prdc", "triton"], "")).items() if n not in REQUIRED}
+
+
+def requirement_status(dist: str, specifier: str) -> tuple[bool, str]:
+    """Whether `dist` is installed in the range `specifier`, and the line to print."""
+    from packaging.specifiers import SpecifierSet
+
+    v = _version(dist)
+    if v is None:
+        return False, "MISSING"
+    if specifier and not SpecifierSet(specifier).contains(Version(v), prereleases=True):
+        return False, f"{v} (outside the required {specifier})"
+    return True, v
 
 def _version(dist: str) -> str | None:
     try:
@@ -58,12 +95,14 @@ def report() -> tuple[bool, list[str]]:
     """The doctor's findings as (course can run, lines to print)."""
     lines, ok = [], True
     lines.append(f"Python       {platform.python_version()} on {platform.system()} {platform.machine()}")
-    for dist in REQUIRED:
-        v = _version(dist)
-        ok &= v is not None
-        lines.append(f"{dist:<13}{v or 'MISSING (required)'}")
-    for dist in OPTIONAL:
-        lines.append(f"{dist:<13}{_version(dist) or 'not installed'}")
+    for dist, spec in REQUIRED.items():
+        good, text = requirement_status(dist, spec)
+        ok &= good
+        lines.append(f"{dist:<13}{text}{'' if good else ' (required)'}")
+    for dist, spec in OPTIONAL.items():
+        good, text = requirement_status(dist, spec)
+        lines.append(f"{dist:<13}{text if _version(dist) else 'not installed'}"
+                     + ("" if good or not _version(dist) else " (tests only)"))
     try:
         import torch
 

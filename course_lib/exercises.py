@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -175,8 +175,46 @@ def run_check(name: str, fn, seed: int | None = None) -> CheckResult:
     return passed(ex)
 
 
-def check(name: str, fn) -> bool:
-    """Check your function for exercise `name`: prints passed / failed with a hint / not attempted; returns a bool."""
+class Verdict:
+    """What `check` returns: true when the exercise passed (`if check(...)`, `== True` work). It displays nothing in
+    a notebook, because check has already printed the verdict (a bare True / False under it was noise)."""
+
+    __slots__ = ("name", "passed")
+
+    def __init__(self, name: str, passed: bool):
+        self.name, self.passed = name, bool(passed)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def __eq__(self, other):
+        if isinstance(other, (bool, Verdict)):
+            return self.passed == bool(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.passed)
+
+    def __repr__(self) -> str:
+        return f"Verdict({self.name!r}, passed={self.passed})"
+
+    def _ipython_display_(self) -> None:  # IPython shows no Out[n] for an object that displays itself as nothing
+        return None
+
+
+class Score(NamedTuple):
+    """What `progress` returns: (points, total), a plain tuple that displays nothing in a notebook (it printed)."""
+
+    points: int
+    total: int
+
+    def _ipython_display_(self) -> None:
+        return None
+
+
+def check(name: str, fn) -> Verdict:
+    """Check your function for exercise `name`: prints passed / failed with a hint / not attempted; returns a Verdict,
+    true when it passed."""
     try:
         result = run_check(name, fn)
     except KeyboardInterrupt:
@@ -186,11 +224,11 @@ def check(name: str, fn) -> bool:
                              "This is a bug in the course, not your code: please report it.")
     _RESULTS[result.name] = result
     print(result)
-    return result.passed
+    return Verdict(result.name, result.passed)
 
 
-def progress(lesson: int | None = None) -> tuple[int, int]:
-    """Print the status of every exercise (of one lesson if given) checked this session; return (points, max)."""
+def progress(lesson: int | None = None) -> Score:
+    """Print the status of every exercise (of one lesson if given) checked this session; return (points, total)."""
     names = [n for n, ex in EXERCISES.items() if lesson is None or ex.lesson == lesson]
     got = total = 0
     for n in names:
@@ -200,7 +238,7 @@ def progress(lesson: int | None = None) -> tuple[int, int]:
         got += ex.points if status == PASSED else 0
         print(f"{_SYMBOL[status]} lesson {ex.lesson}  {n:<24} {status.replace('_', ' ')}")
     print(f"Total: {got} / {total} points")
-    return got, total
+    return Score(got, total)
 
 
 # ---- the exercises ------------------------------------------------------------------------------

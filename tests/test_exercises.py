@@ -8,7 +8,7 @@ from course_lib import exercises as E
 
 @pytest.mark.parametrize("name", sorted(E.EXERCISES))
 def test_reference_passes_its_own_check(name, capsys):
-    assert E.check(name, E.EXERCISES[name].reference) is True
+    assert E.check(name, E.EXERCISES[name].reference)
     assert "passed" in capsys.readouterr().out
 
 
@@ -40,7 +40,7 @@ def _stub(**kwargs):
 
 
 def test_not_attempted(capsys):
-    assert E.check("alpha_bar_from_betas", _stub) is False
+    assert not E.check("alpha_bar_from_betas", _stub)
     out = capsys.readouterr().out
     assert "not attempted" in out and "NotImplementedError" in out
 
@@ -56,7 +56,7 @@ def test_not_attempted(capsys):
     (42, "expected your function"),
 ])
 def test_bad_submissions_fail_without_raising(fn, fragment, capsys):
-    assert E.check("alpha_bar_from_betas", fn) is False
+    assert not E.check("alpha_bar_from_betas", fn)
     assert fragment in capsys.readouterr().out
 
 
@@ -69,14 +69,14 @@ def test_in_place_modification_cannot_fool_the_reference():
 
 
 def test_numpy_outputs_are_accepted_when_right():
-    assert E.check("alpha_bar_from_betas", lambda betas: torch.cumprod(1 - betas, 0).numpy()) is True
+    assert E.check("alpha_bar_from_betas", lambda betas: torch.cumprod(1 - betas, 0).numpy())
 
 
 def test_unknown_exercise_and_broken_checker_never_raise(capsys, monkeypatch):
-    assert E.check("no_such_exercise", lambda: 0) is False
+    assert not E.check("no_such_exercise", lambda: 0)
     assert "Known exercises" in capsys.readouterr().out
     monkeypatch.setattr(E, "run_check", lambda *a, **k: 1 / 0)
-    assert E.check("q_sample", E.ref_q_sample) is False
+    assert not E.check("q_sample", E.ref_q_sample)
     assert "bug in the course" in capsys.readouterr().out
 
 
@@ -89,6 +89,21 @@ def test_progress_counts_points(capsys, monkeypatch):
     assert (got, total) == (1, len(lesson1))
     out = capsys.readouterr().out
     assert f"Total: 1 / {len(lesson1)} points" in out
+
+
+def test_check_and_progress_show_nothing_more_in_a_notebook(monkeypatch):
+    """Their verdict is printed; the value they return must not add a stray Out[n]: True (issue 23)."""
+    from IPython.core.formatters import DisplayFormatter
+
+    monkeypatch.setattr(E, "_RESULTS", {})
+    fmt = DisplayFormatter()
+    ok, bad = E.check("alpha_bar_from_betas", E.ref_alpha_bar_from_betas), E.check("q_sample", _stub)
+    score = E.progress(lesson=1)
+    assert ok and not bad and ok == True and bad == False and ok != bad  # noqa: E712 (the comparison is the point)
+    assert isinstance(score, tuple) and score[0] == 1
+    for value in (ok, bad, score):
+        assert fmt.format(value) == ({}, {}), value
+    assert fmt.format(True)[0] == {"text/plain": "True"}  # what a plain bool would have shown
 
 
 def test_registry_refuses_duplicates():

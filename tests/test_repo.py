@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from course_lib.runtime import COLAB_INSTALL_CELL, REPO_URL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,15 +57,29 @@ def _requirement_names(specs):
     return {re.split(r"[<>=!~\[ ]", s.strip(), maxsplit=1)[0].lower() for s in specs}
 
 
-def test_environment_yml_installs_what_pyproject_asks_for():
+def test_environment_yml_is_valid_for_conda_and_installs_what_the_lessons_need():
+    """Parsed as conda does: a YAML mapping whose pip: list pip reads as a requirements file, line by line."""
     import tomllib
+    from packaging.requirements import InvalidRequirement, Requirement
 
+    yaml = pytest.importorskip("yaml")
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    assert env["channels"] == ["conda-forge"]  # the `pytorch` channel is no longer updated
+    conda = [d for d in env["dependencies"] if isinstance(d, str)]
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert "pip" in conda
+    for line in pip:  # every pip line: a requirement, or an editable install of this folder
+        if line.startswith(("-e ", "--editable ")):
+            assert line.split(None, 1)[1].split("#")[0].strip() == ".", line
+            continue
+        assert not line.startswith("-"), f"pip rejects the option {line!r} as a requirement line"
+        try:
+            Requirement(line)
+        except InvalidRequirement as e:
+            raise AssertionError(f"environment.yml pip line {line!r} is not a requirement: {e}") from None
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = _requirement_names(project["dependencies"] + project["optional-dependencies"]["test"])
-    wanted = {"pytorch" if n == "torch" else n for n in wanted}
-    env = (ROOT / "environment.yml").read_text()
-    assert "conda-forge" in env and "  - pytorch\n" not in env.split("dependencies:")[0]  # no pytorch channel
-    listed = _requirement_names(re.findall(r"^ +- ([A-Za-z][\w.-]*[^\n]*)$", env, re.M))  # conda and pip: lines
+    wanted = {"pytorch" if n == "torch" else n for n in _requirement_names(project["dependencies"])}
+    listed = _requirement_names(conda + [p for p in pip if not p.startswith("-")])
     assert wanted <= listed, f"missing from environment.yml: {sorted(wanted - listed)}"
 
 
@@ -74,6 +90,43 @@ def test_doctor_exits_zero_here_and_help_works():
     for args in (["--help"], ["doctor", "--help"]):
         r = subprocess.run([sys.executable, "-m", "course_lib", *args], capture_output=True, text=True)
         assert r.returncode == 0 and "usage" in r.stdout
+
+
+def test_doctor_checks_every_declared_requirement_and_its_range():
+    import tomllib
+
+    from course_lib import doctor
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert {n.lower() for n in doctor.REQUIRED} == _requirement_names(project["dependencies"])
+    assert doctor.requirement_status("no-such-distribution-xyz", "") == (False, "MISSING")
+    good, text = doctor.requirement_status("numpy", ">=999")
+    assert not good and "outside the required >=999" in text
+    assert doctor.requirement_status("numpy", ">=1.0")[0]
+
+
+def test_the_command_line_answers_help_without_importing_torch():
+    code = ("import sys; from course_lib import cli; cli.build_parser().format_help(); "
+            "assert 'torch' not in sys.modules, 'torch imported'; import course_lib; course_lib.budget(full=2, quick=1)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_regular_install_ships_every_subpackage(tmp_path):
+    """Colab installs the course with a plain `pip install` (not editable): the wheel must hold all of course_lib."""
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"  # a copy: the build writes build/ and *.egg-info beside the sources
+    shutil.copytree(ROOT / "course_lib", src / "course_lib", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                        str(tmp_path / "wheel"), str(src)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    names = set(zipfile.ZipFile(next((tmp_path / "wheel").glob("*.whl"))).namelist())
+    sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "course_lib").rglob("*.py")}
+    assert sources <= names, sorted(sources - names)
 
 
 def test_doctor_fails_on_a_bad_quick_setting():

@@ -75,6 +75,10 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
         C.load_weights(UNet(base=8, mults=(1, 2), num_res=1, heads=2), tmp_path / "mlp.pt")
 
 
+class _Pickled:
+    """An object a weights-only load must refuse."""
+
+
 def test_corrupt_truncated_and_foreign_files_are_refused(tmp_path):
     tr = Trainer(TrainConfig(**TINY_MLP))
     good = tr.save(tmp_path / "good.pt")
@@ -82,12 +86,19 @@ def test_corrupt_truncated_and_foreign_files_are_refused(tmp_path):
     (tmp_path / "noise.pt").write_bytes(bytes(range(256)) * 8)
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
     for name in ("cut.pt", "noise.pt"):
-        with pytest.raises(ValueError, match="not a readable checkpoint"):
+        with pytest.raises(ValueError, match="not a readable checkpoint") as err:
             C.load_checkpoint(tmp_path / name)
+        assert "False" not in str(err.value)  # no advice to retry with weights_only=False
     with pytest.raises(ValueError, match="not a course_lib checkpoint"):
         C.load_checkpoint(tmp_path / "foreign.pt")
     with pytest.raises(FileNotFoundError):
         C.load_checkpoint(tmp_path / "missing.pt")
+    torch.save({"format": C.FORMAT, "hook": _Pickled()}, tmp_path / "code.pt")  # a pickle of arbitrary objects
+    with pytest.raises(ValueError, match="refuses to unpickle") as err:
+        C.load_checkpoint(tmp_path / "code.pt")
+    assert "weights_only=False will" not in str(err.value)  # never PyTorch's advice to load it unsafely
+    with pytest.raises(ValueError, match=r"no shipped model called 'rin8'.*'ring8', 'grid25'"):
+        C.load_pretrained("rin8")
     tr.export(tmp_path / "weights.pt")
     with pytest.raises(ValueError, match="cannot be resumed"):
         Trainer.resume(tmp_path / "weights.pt")
