@@ -24,6 +24,30 @@ def _release(args) -> int:
     return 0
 
 
+def _colab(args) -> int:
+    from pathlib import Path
+
+    from . import colab
+
+    root = Path(args.root)
+    if not (root / "notebooks").is_dir() or not (root / "README.md").is_file():
+        raise ValueError(f"{root} is not the course repository (no notebooks/ and README.md)")
+    url = args.url or colab.REPO_URL
+    colab.repo_slug(url)  # a clear error for a URL that is not a GitHub repository
+    changed = colab.sync(root, url, write=not args.check)
+    if args.check:
+        for path in changed:
+            print(f"{path}: its Colab links or install cell do not match {url}")
+        print("in step" if not changed else "run `python -m course_lib colab` to fix them, then `release`")
+        return 1 if changed else 0
+    for path in changed:
+        print(f"updated {path}")
+    print(f"Colab links, install cells and homepage point at {url}"
+          + ("; now refresh the student copies: python -m course_lib release notebooks notebooks/student --force"
+             if changed else " (nothing to change)"))
+    return 0
+
+
 def _grade(args) -> int:
     from .grading import main_grade
 
@@ -162,6 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder for the student notebooks")
     p.add_argument("--force", action="store_true", help="overwrite the student notebooks in a non-empty OUT_DIR")
     p.set_defaults(func=_release)
+    p = sub.add_parser("colab", help="point the Colab badges and install cells at the course's repository",
+                       description="Rewrite every Colab link, the lessons' install cell and pyproject.toml's homepage "
+                                   "from course_lib.colab.REPO_URL (or --url, which also becomes REPO_URL: how a fork "
+                                   "makes Colab open its own copy). --check only reports what differs (exit 1).")
+    p.add_argument("--url", metavar="URL", help="https://github.com/OWNER/NAME (default: the current REPO_URL)")
+    p.add_argument("--root", default=".", metavar="DIR", help="the course repository (default: .)")
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if anything is out of step")
+    p.set_defaults(func=_colab)
+
     p = sub.add_parser("grade", help="grade submitted notebooks safely (CSV + JSON)",
                        description="Run each submitted notebook in its own confined process in quick mode, call "
                                    "its exercise functions on secret random inputs and judge the outputs against "

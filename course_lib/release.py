@@ -8,6 +8,7 @@ from pathlib import Path
 import nbformat
 
 from .checkpoints import write_text_atomic
+from .colab import student_links
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 CODE_STUB = ["# YOUR CODE HERE", 'raise NotImplementedError("Exercise: replace this line with your solution")']
@@ -67,6 +68,8 @@ def student_notebook(nb: nbformat.NotebookNode, name: str = "notebook"):
         except ValueError as e:
             raise ValueError(f"{name}, cell {i + 1}: {e}") from None
         report.solutions += n
+        if cell.cell_type == "markdown":  # its Colab badge opens this student copy, not the solved lesson
+            cell.source = student_links(cell.source, name)
         if cell.cell_type == "code":
             report.outputs_cleared += bool(cell.outputs)
             cell.outputs, cell.execution_count = [], None

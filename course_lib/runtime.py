@@ -9,18 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-QUICK_ENV = "COURSE_QUICK"
-REPO_URL = "https://github.com/diffusion-course/diffusion-course"
+from .colab import REPO_URL, install_cell  # noqa: F401 (re-exported) where the course is hosted; the install cell every lesson starts with
 
-# The first code cell of every lesson. It must run before course_lib exists on Colab,
-# so it is plain text here and the tests check every notebook starts with it.
-COLAB_INSTALL_CELL = f"""\
-# On Colab: fetch the course and install course_lib (about a minute). Elsewhere this does nothing.
-import os, sys
-if "google.colab" in sys.modules and not os.path.isdir("/content/diffusion-course"):
-    !git clone -q --depth 1 {REPO_URL} /content/diffusion-course
-    %pip install -q /content/diffusion-course  # a regular install: importable without restarting
-    %cd /content/diffusion-course/notebooks"""
+QUICK_ENV = "COURSE_QUICK"
+
+COLAB_INSTALL_CELL = install_cell()
 
 
 def is_quick() -> bool:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from course_lib.runtime import COLAB_INSTALL_CELL, REPO_URL
+from course_lib import colab
+from course_lib.runtime import COLAB_INSTALL_CELL
 
 ROOT = Path(__file__).resolve().parents[1]
 LESSONS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -31,17 +32,22 @@ def test_readme_has_exactly_two_commands_and_ci_runs_them_verbatim():
     assert ci.index("python -m pip install --quiet torch==2.13.0") < ci.index(setup) < ci.index(test)
 
 
-def test_every_lesson_starts_with_the_colab_cell_and_has_a_colab_badge():
+def test_every_lesson_starts_with_the_colab_cell_and_its_badges_open_the_right_copy():
     readme = (ROOT / "README.md").read_text()
-    assert LESSONS
-    for p in LESSONS + sorted((ROOT / "notebooks" / "student").glob("*.ipynb")):
+    students = sorted((ROOT / "notebooks" / "student").glob("*.ipynb"))
+    assert LESSONS and [p.name for p in students] == [p.name for p in LESSONS]
+    for p in LESSONS + students:
         cells = json.loads(p.read_text())["cells"]
         first_code = next(c for c in cells if c["cell_type"] == "code")
         assert "".join(first_code["source"]) == COLAB_INSTALL_CELL, f"{p.name}: first code cell is not the install cell"
-    for p in LESSONS:
-        badge = f"colab.research.google.com/github/{REPO_URL.split('github.com/')[1]}/blob/main/notebooks/{p.name}"
-        assert badge in readme, f"README lacks the Colab link of {p.name}"
-        assert badge in p.read_text(), f"{p.name} lacks its own Colab badge"
+        where = p.relative_to(ROOT).as_posix()
+        links = re.findall(r"https://colab\.research\.google\.com/github/[^)\s]+", p.read_text())
+        assert links and set(links) == {colab.badge_url(where)}, f"{where}: its badge must open {where}, got {links}"
+    for p in students:  # the README sends learners to the copies with blank exercises
+        assert colab.badge_url(f"notebooks/student/{p.name}") in readme, f"README lacks the Colab link of {p.name}"
+        assert colab.badge_url(f"notebooks/{p.name}") not in readme, f"a README badge opens the solved {p.name}"
+    assert colab.sync(ROOT, write=False) == [], "run `python -m course_lib colab`: links or install cells are stale"
+    assert COLAB_INSTALL_CELL in readme
 
 
 def test_committed_lessons_are_executed_in_full_mode():
