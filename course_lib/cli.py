@@ -179,6 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="check the installation, device, widgets, Triton and quick mode",
                        description="Print what is installed and which device the course uses; exit 0 when the course can run.")
     p.set_defaults(func=_doctor)
+    p = sub.add_parser("start", help="copy the student lessons into your own work folder (never overwrites)",
+                       description="Copy every student lesson (exercises blank) into DIR, default my-work/, which git "
+                                   "and the tests ignore. A lesson already in DIR is kept as it is, so running it "
+                                   "again after a course update only adds new lessons.")
+    p.add_argument("dest", nargs="?", default="my-work", metavar="DIR", help="your work folder (default: my-work)")
+    p.add_argument("--repo", metavar="PATH", help="the course repository (default: this checkout, or .)")
+    p.set_defaults(func=lambda a: __import__("course_lib.workspace", fromlist=["main_start"]).main_start(a.dest, a.repo))
+
     p = sub.add_parser("release", help="write student copies of the source notebooks",
                        description="Copy every notebook in SRC_DIR to OUT_DIR with solutions replaced by stubs, "
                                    "cells tagged hidden-tests removed and outputs cleared.")
