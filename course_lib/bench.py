@@ -145,6 +145,10 @@ def run_diffusers(pretrained, dataset: str, scheduler: str, spacing: str, nfe: i
                                     prediction_type="epsilon", **kwargs, **DIFFUSERS_SPACINGS[spacing])
     model = diffusers_eps_model(pretrained.model, pretrained.schedule, 1.0 if dataset == "digits" else None)
     sched.set_timesteps(nfe)
+    if hasattr(sched, "set_begin_index"):
+        # as diffusers' pipelines do: a schedule whose first timesteps repeat (Karras sigmas on a cosine schedule
+        # all round to t=999) would otherwise start one step late and index past its sigmas at the end
+        sched.set_begin_index(0)
     start = time.perf_counter()
     x = noise.cpu() * sched.init_noise_sigma
     with torch.no_grad():
@@ -198,17 +202,29 @@ def run_config(pretrained, dataset: str, sampler: str, spacing: str, nfe: int, n
             **judge(res.x)}
 
 
+def record_key(r: dict) -> tuple:
+    """What identifies one benchmark record: (dataset, sampler, spacing, nfe, seed)."""
+    return (r["dataset"], r["sampler"], r["spacing"], r["nfe"], r.get("seed", 0))
+
+
 def bench_samplers(datasets=BENCH_DATASETS, quick: bool = False, samples: int | None = None, seeds=None,
-                   device=None, progress: bool = True, configs=None) -> list[dict]:
+                   device=None, progress: bool = True, configs=None, done=(), on_record=None) -> list[dict]:
     """Run the sampler benchmark: one record per (dataset, sampler, spacing, nfe, seed).
 
     Full runs use SEEDS_FULL, the extra seeds repeating only `spread_configs` (the reference, and at 10 NFE the tuned
     levels and diffusers: what the targets compare); quick runs seed 0; explicit `configs` run on every seed. The
-    digits records start with the held-out real images scored the same way (`Judge.real_floor`)."""
+    digits records start with the held-out real images scored the same way (`Judge.real_floor`). Records in `done`
+    (an interrupted run's) are kept, not rerun; `on_record(records)` is called after each new one."""
     from .checkpoints import load_pretrained
 
     seeds = tuple(seeds if seeds is not None else ((0,) if quick else SEEDS_FULL))
+    finished = {record_key(r): r for r in done}
     records = []
+
+    def add(r: dict) -> None:
+        records.append(r)
+        if on_record is not None:
+            on_record(records)
     for dataset in datasets:
         if dataset not in BENCH_DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}; choose from {BENCH_DATASETS}")
@@ -217,7 +233,8 @@ def bench_samplers(datasets=BENCH_DATASETS, quick: bool = False, samples: int | 
         p.model.eval()
         judge = Judge(dataset, n)
         if dataset == "digits":
-            records.append(judge.real_floor())
+            key = ("digits", "real (held-out)", "-", 0, 0)
+            add(finished[key] if key in finished else judge.real_floor())
         shape = (n, 1, 8, 8) if dataset == "digits" else (n, 2)
         every = configs or bench_configs(quick, dataset, with_diffusers=have_diffusers())
         for k, seed in enumerate(seeds):
@@ -227,8 +244,17 @@ def bench_samplers(datasets=BENCH_DATASETS, quick: bool = False, samples: int | 
                 from tqdm.auto import tqdm
                 todo = tqdm(todo, desc=f"bench {dataset} seed {seed}", leave=False)
             for sampler, spacing, nfe in todo:
-                records.append(run_config(p, dataset, sampler, spacing, nfe, noise, judge, seed))
+                earlier = [r for k, r in finished.items() if k[:3] == (dataset, sampler, spacing) and k[4] == seed
+                           and r["steps"] == steps_for_config(sampler, nfe)]
+                add(earlier[0] if earlier else run_config(p, dataset, sampler, spacing, nfe, noise, judge, seed))
     return records
+
+
+def steps_for_config(sampler: str, nfe: int) -> int:
+    """The steps a configuration's record stores: diffusers' schedulers take one step per evaluation."""
+    from .samplers import steps_for_nfe
+
+    return nfe if sampler.startswith("diffusers:") else steps_for_nfe(sampler, nfe)
 
 
 METRICS = ("hq_fraction", "modes_covered", "swd", "fd", "fd_at_test_n", "precision", "recall", "class_coverage",
@@ -337,6 +363,23 @@ def fewest_nfe(records: list[dict], dataset: str) -> dict:
     return out
 
 
+def fewest_table(records: list[dict], dataset: str) -> str:
+    """`fewest_nfe` as a sampler x spacing text table: the fewest measured NFE matching DDPM's reference, or '-'."""
+    need = fewest_nfe(records, dataset)
+    if not need:
+        raise ValueError(f"no {dataset} records besides the reference")
+    samplers = list(dict.fromkeys(k[0] for k in need))
+    spacings = [s for s in dict.fromkeys((*BENCH_SPACINGS, *DIFFUSERS_SPACINGS)) if any(k[1] == s for k in need)]
+    width = max(len(s) for s in samplers)
+    ref = reference(records, dataset)
+    lines = [f"{dataset}: fewest NFE matching ddpm with {ref['nfe']} NFE ('-': no measured budget does)",
+             " " * width + "".join(f"{s:>10s}" for s in spacings)]
+    for name in samplers:
+        cells = [("-" if need[(name, s)] is None else str(need[(name, s)])) if (name, s) in need else "" for s in spacings]
+        lines.append(f"{name:{width}s}" + "".join(f"{c:>10s}" for c in cells))
+    return "\n".join(lines)
+
+
 def plot_frontier(records: list[dict], dataset: str, ax, spacing: str = "auto") -> None:
     """Quality vs NFE on `dataset`: each of our samplers on `spacing`, diffusers' best scheduler per budget, DDPM on
     uniform spacing (the classic), and DDPM's reference run as a line with the target band."""
@@ -425,17 +468,41 @@ def machine() -> str:
     return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
+def partial_path(json_path) -> "Path":
+    """Where `bench samplers --json FILE` keeps the records of a run in progress (FILE.partial)."""
+    from pathlib import Path
+
+    return Path(f"{json_path}.partial")
+
+
 def main_samplers(quick: bool, json_path=None, datasets=BENCH_DATASETS, samples=None, device=None,
-                  force: bool = False, seeds=None) -> int:
-    """The `bench samplers` command: run, print the table and the targets, optionally write JSON records."""
+                  force: bool = False, seeds=None, resume: bool = False) -> int:
+    """The `bench samplers` command: run, print the table and the targets, optionally write JSON records.
+
+    With --json, every finished record is saved to FILE.partial as the run goes; --resume continues from it (a run
+    that stopped loses at most the configuration it was on), and the finished run replaces it with FILE."""
+    import json
     from pathlib import Path
 
     from .checkpoints import write_json_atomic
 
     if json_path is not None and Path(json_path).exists() and not force:
         raise ValueError(f"{json_path} exists; pass --force to replace it (or choose another --json)")
+    if resume and json_path is None:
+        raise ValueError("--resume continues a run saved with --json FILE; pass the same --json")
+    done, on_record = [], None
+    if json_path is not None:
+        partial = partial_path(json_path)
+        if resume and partial.exists():
+            done = json.loads(partial.read_text())
+            print(f"Resuming from {partial}: {len(done)} records already measured")
+        elif partial.exists() and not force:
+            raise ValueError(f"{partial} holds an unfinished run: pass --resume to continue it, or --force to start "
+                             "again")
+        on_record = lambda recs: write_json_atomic(recs, partial)  # noqa: E731
     start = time.perf_counter()
-    records = bench_samplers(datasets, quick=quick, samples=samples, seeds=seeds, device=device)
+    records = bench_samplers(datasets, quick=quick, samples=samples, seeds=seeds, device=device, done=done,
+                             on_record=on_record)
     print(format_table(records))
     if not have_diffusers():
         print("diffusers is not installed: its schedulers were not run (pip install diffusers)")
@@ -445,6 +512,7 @@ def main_samplers(quick: bool, json_path=None, datasets=BENCH_DATASETS, samples=
     print(f"{len(records)} configurations in {time.perf_counter() - start:.0f} s on {machine()}")
     if json_path is not None:
         write_json_atomic(records, Path(json_path))
+        partial_path(json_path).unlink(missing_ok=True)
         print(f"Wrote {json_path}")
     return 0
 

@@ -126,7 +126,8 @@ def _bench(args) -> int:
             raise ValueError(f"unknown dataset {d!r}; choose from {list(BENCH_DATASETS)}")
     if args.samples is not None and args.samples < 10:
         raise ValueError(f"--samples must be at least 10, got {args.samples}")
-    return main_samplers(args.quick, args.json, datasets, args.samples, args.device, args.force, args.seeds)
+    return main_samplers(args.quick, args.json, datasets, args.samples, args.device, args.force, args.seeds,
+                         args.resume)
 
 
 def _bench_compare(args) -> int:
@@ -269,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "at 100 steps, NFE 20 and 10, one seed, fewer samples (about 2 minutes).")
     _bench_arguments(p, "a small run for checking (about 2 minutes on 2 cores)")
     p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="noise seeds (default: 0 1 2; quick: 0)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a run that stopped, from the records it saved in JSON.partial (needs --json)")
     p = bench.add_parser("compare", help="diffusion vs GAN vs VAE: same data, same budget, several seeds",
                          description="Trains diffusion, GAN and VAE on ring8, grid25 and digits with the same "
                                      "steps and batch for each of 3 seeds, then measures quality, sampling cost, "

@@ -96,6 +96,14 @@ def test_bench_records_and_targets(tmp_path, capsys):
     ref20 = bench.reference(records, "ring8")
     for r in bench.aggregate(records)[1:]:
         assert (fewest[(r["sampler"], r["spacing"])] == r["nfe"]) == bench.matches_reference(r, ref20)
+    table = bench.fewest_table(records, "ring8").splitlines()
+    assert "ddpm with 20 NFE" in table[0] and table[1].split() == ["karras", "auto"]
+    spacings = table[1].split()
+    width = len(table[1]) - 10 * len(spacings)
+    for r in bench.aggregate(records)[1:]:  # each row shows its configuration's fewest NFE, or '-'
+        row = next(line for line in table[2:] if line.split()[0] == r["sampler"])
+        j = spacings.index(r["spacing"])
+        assert row[width + 10 * j:width + 10 * (j + 1)].strip() == str(fewest[(r["sampler"], r["spacing"])] or "-")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -137,6 +145,27 @@ def test_bench_records_and_targets(tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert len(saved) == len(bench.bench_configs(quick=True)) and all(r["dataset"] == "ring8" for r in saved)
     assert "target" in capsys.readouterr().out
+    assert not bench.partial_path(out).exists()  # a finished run leaves only its JSON
+    # a run that stopped: its saved records are kept as measured (not rerun), the rest are run, then FILE replaces
+    # FILE.partial; an unfinished run is never silently restarted
+    again = tmp_path / "again.json"
+    bench.partial_path(again).write_text(json.dumps(saved[:-2]))
+    assert main(["bench", "samplers", "--quick", "--json", str(again), "--datasets", "ring8",
+                 "--samples", "200"]) == 2
+    assert "--resume" in capsys.readouterr().err and not again.exists()
+    assert main(["bench", "samplers", "--quick", "--json", str(again), "--resume", "--datasets", "ring8",
+                 "--samples", "200"]) == 0
+    assert f"{len(saved) - 2} records already measured" in capsys.readouterr().out
+    resumed = json.loads(again.read_text())
+    assert resumed[:-2] == saved[:-2] and [bench.record_key(r) for r in resumed] == [bench.record_key(r) for r in saved]
+    assert not bench.partial_path(again).exists()
+    assert main(["bench", "samplers", "--quick", "--resume"]) == 2
+    assert "--json" in capsys.readouterr().err
+
+
+def noise_fd_bound(judge, noise):
+    """The FD of the starting noise itself (clipped to pixel range): any sampler that ran must land well below it."""
+    return judge(noise.clamp(-1, 1))["fd"]
 
 
 def test_bench_judges_digits_by_classifier_features():
@@ -151,6 +180,11 @@ def test_bench_judges_digits_by_classifier_features():
     # FD is biased upward at small n: the held-out floor is scored at its own size, and so are samples
     big = bench.Judge("digits", 600)(digits_split("train")[0][:600])
     assert "fd_at_test_n" in big and big["fd_at_test_n"] > big["fd"]
+    # diffusers' Karras sigmas on the cosine schedule repeat t=999 at the start: the loop still takes every step
+    from course_lib.checkpoints import load_pretrained
+    noise = torch.randn(100, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    r = bench.run_diffusers(load_pretrained("digits"), "digits", "dpmpp_2m", "karras", 20, noise, judge)
+    assert r["nfe"] == 20 and r["fd"] < noise_fd_bound(judge, noise)
     floor = judge.real_floor()
     assert floor["samples"] == 297 and floor["fd_at_test_n"] == floor["fd"]
     assert floor["fd_train_subset"] < floor["fd"]  # the training set's own images sit closer than new ones
