@@ -468,7 +468,7 @@ def machine() -> str:
     return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def partial_path(json_path) -> "Path":
+def partial_path(json_path):
     """Where `bench samplers --json FILE` keeps the records of a run in progress (FILE.partial)."""
     from pathlib import Path
 

@@ -1,9 +1,9 @@
 """A learner's work folder: the student lessons copied once, never overwritten, ignored by git and by the tests."""
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from course_lib import workspace
 from course_lib.cli import main
