@@ -12,3 +12,8 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The student copies are not executed a second time by nbval: tests/test_grading.py runs every cell of every one of
+# them through the batch grader (no cell may raise; every exercise reads 'not attempted') and tests/test_browser.py
+# runs one in JupyterLab; tests/test_repo.py checks they are the released form of the sources.
+collect_ignore = ["notebooks/student"]
