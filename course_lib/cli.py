@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "the whole range, and 'auto', the tuned default) and diffusers' schedulers at NFE "
                                      "50, 20, 10, 5 (digits: 20, 10, 5), for noise seeds 0 1 2 (the extra "
                                      "seeds rerun the reference and, at 10 NFE, the tuned levels and diffusers): quality against the true data "
-                                     "and seconds per 1,000 samples (about an hour on 2 CPU cores). --quick: DDPM "
+                                     "and seconds per 1,000 samples (about two hours on 2 CPU cores, most of it the digits reference). --quick: DDPM "
                                      "at 100 steps, NFE 20 and 10, one seed, fewer samples (about 2 minutes).")
     _bench_arguments(p, "a small run for checking (about 2 minutes on 2 cores)")
     p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="noise seeds (default: 0 1 2; quick: 0)")

@@ -22,6 +22,7 @@ ALLOWED = {
     "90%": "a stated target (90% high-quality samples)",
     "80%": "a stated target (80% of copy bandwidth)",
     "10%": "a stated target (FD within 10%)",
+    "70%": "lesson 3's sampling-loop exercise threshold (exercises.SAMPLE_HQ_FLOOR, asserted below)",
     "2x": "a stated target (twice the eager chain)",
     "0.999": "the cosine schedule's beta clip (Nichol & Dhariwal 2021)",
     "0.3": "arithmetic intensity of an elementwise step, derived in the text (1 FLOP per 16 bytes, times 5)",
@@ -36,6 +37,11 @@ ALLOWED = {
     "14": "floats moved per element by the unfused step chain, counted in lesson 5's text",
     "100": "the loss-curve resolution the comparison benchmark stores (compare.curve)",
 }
+
+
+def test_allowed_thresholds_match_the_code():
+    from course_lib.exercises import SAMPLE_HQ_FLOOR
+    assert f"{SAMPLE_HQ_FLOOR:.0%}" == "70%"
 
 
 def _text(cells, kind):
