@@ -37,7 +37,8 @@ def _toy_notebook():
     nb.cells = [
         nbformat.v4.new_markdown_cell("# Title"),
         nbformat.v4.new_code_cell("def f():\n    ### BEGIN SOLUTION\n    return 42\n    ### END SOLUTION",
-                                  outputs=[nbformat.v4.new_output("stream", text="hi")], execution_count=3),
+                                  outputs=[nbformat.v4.new_output("stream", text="hi")], execution_count=3,
+                                  metadata={"execution": {"iopub.status.busy": "2026-12-01T14:44:02Z"}, "tags": ["x"]}),
         nbformat.v4.new_code_cell("assert f() == 42", metadata={"tags": ["hidden-tests"]}),
     ]
     return nb
@@ -50,6 +51,7 @@ def test_student_notebook_strips_solutions_hidden_tests_and_outputs():
     code = nb.cells[1]
     assert "42" not in code.source and "NotImplementedError" in code.source
     assert code.outputs == [] and code.execution_count is None
+    assert "execution" not in code.metadata and code.metadata["tags"] == ["x"]  # timings go, tags stay
     nbformat.validate(nb)
 
 
