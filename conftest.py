@@ -1,6 +1,7 @@
 """Test-wide settings: quick mode for every notebook and test, and a headless matplotlib backend.
 
-Set here, at import, so the Jupyter kernels that nbval starts inherit them.
+Set here, at import, so the Jupyter kernels and graders the tests start inherit them (and nbval's kernels, when the
+lessons are run by hand with `python -m pytest --nbval-lax notebooks`).
 """
 import os
 
@@ -13,7 +14,7 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# The student copies are not executed a second time by nbval: tests/test_grading.py runs every cell of every one of
-# them through the batch grader (no cell may raise; every exercise reads 'not attempted') and tests/test_browser.py
-# runs one in JupyterLab; tests/test_repo.py checks they are the released form of the sources.
+# The lessons are not collected by default (pyproject's testpaths is tests/): tests/test_grading.py runs every cell of
+# every lesson and student copy through the batch grader. Run by hand with nbval, the student copies are skipped: they
+# are the released form of the sources (tests/test_repo.py), and tests/test_browser.py runs one in JupyterLab.
 collect_ignore = ["notebooks/student"]

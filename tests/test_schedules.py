@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,3 +121,16 @@ def test_bad_inputs():
         s.check_timesteps("3")
     with pytest.raises(ValueError, match="shape"):
         s.at(s.alpha_bar, torch.tensor([1, 2]), torch.zeros(3, 2))
+
+
+def test_lesson_1_saved_schedule_table_is_what_the_library_prints_now():
+    """Lesson 1 prints every schedule's repr; its saved output (what a learner reads on the web) must still be true."""
+    import nbformat
+
+    path = Path(__file__).resolve().parents[1] / "notebooks" / "01_forward_process.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    cells = [c for c in nb.cells if c.cell_type == "code" and c.source.strip() == "for s in scheds.values():\n    print(s)"]
+    assert len(cells) == 1, "lesson 1's cell that prints the schedules was not found"
+    saved = "".join(o.get("text", "") for o in cells[0].outputs if o.output_type == "stream").strip().splitlines()
+    now = [repr(NoiseSchedule.named(n, T=1000)) for n in S.SCHEDULES]
+    assert saved == now
