@@ -131,7 +131,7 @@ class Pretrained(NamedTuple):
 
 def load_pretrained(name_or_path: str | Path, device=None, which: str = "ema") -> Pretrained:
     """A diffusion model ready to sample (eval mode), its noise schedule, its training config and its card."""
-    from .models import build_model
+    from .nets import build_model
     from .schedules import NoiseSchedule
 
     path = Path(name_or_path)
@@ -175,7 +175,7 @@ class Loaded(NamedTuple):
 
 def load_model(path: str | Path, device=None, which: str = "ema") -> Loaded:
     """Any exported model (diffusion network, GAN generator, VAE) in eval mode, with its training config and card."""
-    from .models import build_model
+    from .nets import build_model
 
     ckpt = load_checkpoint(path)
     model = build_model(ckpt["model_config"])

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict
 
 from . import SHIPPED_MODELS as SHIPPED
 
@@ -15,7 +14,7 @@ def _doctor(args) -> int:
 
 
 def _release(args) -> int:
-    from .release import release
+    from .grading.release import release
 
     reports = release(args.src_dir, args.out_dir, force=args.force)
     for r in reports:
@@ -79,8 +78,9 @@ def _train(args) -> int:
         clf, card = train_classifier(steps=args.steps or 2_000)
         card.update(preset=args.preset, machine=machine, command=command)
     else:
-        from .models import count_parameters
-        from .train import Trainer, held_out_likelihood, preset, sample_quality
+        from .evaluate import held_out_likelihood, sample_quality
+        from .nets import count_parameters
+        from .train import Trainer, preset
 
         config = preset(args.preset, **({"steps": args.steps} if args.steps else {}))
         state = Path(args.state) if args.state else None
@@ -98,7 +98,7 @@ def _train(args) -> int:
                 "final_loss": round(sum(trainer.losses[-200:]) / len(trainer.losses[-200:]), 5)}
         if not args.no_eval:
             print("Measuring sample quality and the likelihood bound ...")
-            ema, cfg = trainer.ema, asdict(trainer.config)
+            ema, cfg = trainer.ema, trainer.config.to_dict()
             n = args.eval_samples or (1000 if trainer.config.data == "digits" else 2000)
             card["quality"] = sample_quality(ema, trainer.schedule, cfg, n=n, progress=True)
             n_t = 100 if trainer.config.data == "digits" else None
@@ -118,7 +118,7 @@ def _bench(args) -> int:
         return _bench_compare(args)
     if args.bench == "kernels":
         return _bench_kernels(args)
-    from .bench import BENCH_DATASETS, main_samplers
+    from .bench.samplers import BENCH_DATASETS, main_samplers
 
     datasets = args.datasets or list(BENCH_DATASETS)
     for d in datasets:
@@ -131,7 +131,7 @@ def _bench(args) -> int:
 
 
 def _bench_compare(args) -> int:
-    from .compare import COMPARE_DATASETS, main_compare
+    from .bench.compare import COMPARE_DATASETS, main_compare
 
     datasets = args.datasets or list(COMPARE_DATASETS)
     for d in datasets:
@@ -146,7 +146,7 @@ def _bench_compare(args) -> int:
 
 
 def _bench_kernels(args) -> int:
-    from .bench_kernels import main_kernels, summary_lines
+    from .bench.kernels import main_kernels, summary_lines
 
     records = main_kernels(args.json, args.force, args.quick, args.device)
     print("\n".join(summary_lines(records)))
@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, metavar="N", help="tuning samples (default 1,000 points or 500 digits)")
     p.add_argument("--nfe", type=int, nargs="+", metavar="N", help="budgets to tune (default: 5 10 20 for dpmpp_2m, "
                                                                    "10 for the others)")
-    p.set_defaults(func=lambda a: __import__("course_lib.bench", fromlist=["main_tune"]).main_tune(
+    p.set_defaults(func=lambda a: __import__("course_lib.bench.samplers", fromlist=["main_tune"]).main_tune(
         a.preset, a.samplers, a.samples, a.nfe))
     p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | kernels)",
                        description="Benchmarks that print a table and, with --json, save flat records.")

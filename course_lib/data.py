@@ -233,3 +233,34 @@ def load_mnist(kind: str = "mnist", split: str = "train", root: str | Path | Non
         raise ValueError(f"{folder}: images {images.shape} and labels {labels.shape} do not match")
     x = torch.from_numpy(images.astype(np.float32)).unsqueeze(1) / 127.5 - 1.0
     return x, torch.from_numpy(labels.astype(np.int64))
+
+
+# ---- training batches (course_lib.train) ------------------------------------------------------------------------
+
+MIXTURES = {"ring8": ring_of_gaussians, "grid25": grid_of_gaussians}
+DATASETS = tuple(MIXTURES) + tuple(sorted(TOY_2D)) + ("digits",)
+
+
+class DataSource:
+    """Batches of training data drawn with the trainer's generator: fresh points for 2D, resampled images for digits."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.num_classes = None
+        if name in MIXTURES:
+            self.mixture = MIXTURES[name]()
+        if name == "digits":
+            self.images, self.labels = digits_split("train")
+            self.num_classes = 10
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.images.shape[1:]) if self.name == "digits" else (2,)
+
+    def sample(self, n: int, generator: torch.Generator):
+        if self.name == "digits":
+            idx = torch.randint(len(self.images), (n,), generator=generator)
+            return self.images[idx], self.labels[idx]
+        if self.name in MIXTURES:
+            return self.mixture.sample(n, generator), None
+        return TOY_2D[self.name](n, generator=generator).float(), None

@@ -10,6 +10,7 @@ from .forward import q_sample
 from .schedules import NoiseSchedule
 
 PREDICTIONS = ("eps", "x0", "v", "score")
+WEIGHTINGS = ("uniform", "min_snr")
 
 
 def _check_prediction(kind: str) -> str:
@@ -75,8 +76,8 @@ def snr_weight(snr: torch.Tensor, prediction: str = "eps", kind: str = "uniform"
     _check_prediction(prediction)
     if kind == "uniform":
         return torch.ones_like(snr)
-    if kind != "min_snr":
-        raise ValueError(f"weighting must be 'uniform' or 'min_snr', got {kind!r}")
+    if kind not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {kind!r}")
     if gamma <= 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
     clipped = snr.clamp(max=gamma)

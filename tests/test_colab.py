@@ -72,7 +72,7 @@ def test_a_fork_repoints_every_badge_install_cell_and_the_homepage(tmp_path, cap
 
 
 def test_student_copies_badges_open_the_student_copy(tmp_path):
-    from course_lib.release import release
+    from course_lib.grading.release import release
 
     release(ROOT / "notebooks", tmp_path)
     for p in sorted(tmp_path.glob("*.ipynb")):

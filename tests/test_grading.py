@@ -342,6 +342,9 @@ CASES = {
                          {"alpha_bar_from_betas": F, "q_sample": F, "log_snr": F}, "subclass", "library_reference"),
     "01_reads_solutions": ([IMPORTS, f"src = open({str(NOTEBOOKS / '01_forward_process.ipynb')!r}).read()", *GOOD1],
                            {n: P for n in ALL1}, "", ""),
+    "01_reads_references": ([IMPORTS, f"src = open({str(ROOT / 'course_lib' / 'exercises' / 'lesson01.py')!r}).read()",
+                             f"names = os.listdir({str(ROOT / 'course_lib' / 'exercises')!r})", *GOOD1],
+                            {n: P for n in ALL1}, "", ""),
     "01_imports_references": ([IMPORTS, "import importlib\nE = importlib.import_module('course_lib.exercises')\n"
                                "alpha_bar_from_betas = E.ref_alpha_bar_from_betas", *GOOD1[1:]],
                               {"alpha_bar_from_betas": F, "q_sample": F, "log_snr": F}, "exercise references",
@@ -495,6 +498,8 @@ def test_hostile_batch(tmp_path):
     assert "starting processes" in refused("00_fork") and "network" in refused("00_udp")
     assert "reading" in refused("01_reads_solutions") and "course_lib/exercises" in refused("01_imports_references")
     assert "importing course_lib.exercises" in refused("00_forger")
+    # the references are a package: its every file (and a bytecode cache beside them) is out of reach
+    assert "reading" in refused("01_reads_references") and "listing" in refused("01_reads_references")
     snoop = records["00_snoop.ipynb"]
     assert not snoop["notes"], snoop["notes"]  # no read succeeded (the cell would have raised)
     assert "starting threads" in refused("01_thread") and "threads" in rows[("01_thread.ipynb",

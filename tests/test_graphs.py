@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from course_lib.checkpoints import load_pretrained
-from course_lib.graphs import LoopSampler
+from course_lib.kernels.graphs import LoopSampler
 from course_lib.samplers import get_sigmas, sample
 
 

@@ -135,7 +135,7 @@ def test_bad_inputs_get_clear_errors():
 
 
 def test_bench_kernels_records_and_correctness_part(tmp_path):
-    from course_lib import bench_kernels as B
+    from course_lib.bench import kernels as B
 
     checked = B.check_kernels(DEVICE)
     assert {r["op"] for r in checked} == {"q_sample_v", "ddim_step", "heun_correct", "dpmpp_2m_step", "group_norm_silu"}

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from course_lib.losses import diffusion_loss
-from course_lib.models import (
+from course_lib.nets import (
     TimeMLP,
     UNet,
     build_model,
@@ -32,7 +32,7 @@ def test_unet_keeps_the_image_shape(size):
 
 
 def test_unet_attends_at_the_lowest_resolution_only():
-    from course_lib.models import SelfAttention
+    from course_lib.nets import SelfAttention
 
     model = UNet(**SMALL_UNET)
     seen = []

@@ -1,6 +1,6 @@
 import torch
 
-from course_lib import profiling
+from course_lib.kernels import profiling
 
 
 def test_profile_counts_the_operators_of_a_known_chain_and_groups_their_time():

@@ -6,7 +6,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from course_lib.release import CODE_STUB, release, strip_solutions, student_notebook
+from course_lib.grading.release import CODE_STUB, release, strip_solutions, student_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"

@@ -141,3 +141,81 @@ def test_doctor_fails_on_a_bad_quick_setting():
     env = dict(os.environ, COURSE_QUICK="maybe")
     r = subprocess.run([sys.executable, "-m", "course_lib", "doctor"], capture_output=True, text=True, env=env)
     assert r.returncode == 1 and "COURSE_QUICK must be" in r.stdout
+
+
+# ---- the package's shape (issue 15) ----------------------------------------------------------------------------------
+
+PACKAGE = ROOT / "course_lib"
+TOOLING = ("course_lib.grading", "course_lib.bench", "course_lib.cli", "course_lib.doctor", "course_lib.workspace",
+           "course_lib.exercises", "course_lib.__main__")
+# one idea each, however long: the batch grader; the sandbox's layers; every sampler; the sampler benchmark
+LONG_BUT_ONE_IDEA = {"course_lib.grading.batch", "course_lib.grading.sandbox", "course_lib.samplers",
+                     "course_lib.bench.samplers"}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """module -> the course_lib modules it imports, anywhere in its body (imports inside functions included).
+
+    `from pkg import sub` counts as importing pkg.sub when sub is a module; a package's own ancestors are not counted
+    (Python has imported them already)."""
+    import ast
+
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else [])) if node.level else node.module or ""
+                subs = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in modules]
+                found.update(subs + ([target] if len(subs) < len(node.names) and target in modules else []))
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name in modules)
+        graph[name] = {m for m in found if m != name and not name.startswith(m + ".")}
+    return graph
+
+
+def test_the_package_has_no_import_cycle_even_counting_imports_inside_functions():
+    graph, state, cycles = _import_graph(), {}, []
+
+    def visit(u, stack):
+        state[u] = "open"
+        for v in sorted(graph[u]):
+            if state.get(v) == "open":
+                cycles.append(stack[stack.index(v):] + [v])
+            elif v not in state:
+                visit(v, stack + [v])
+        state[u] = "done"
+
+    for u in sorted(graph):
+        if u not in state:
+            visit(u, [u])
+    assert len(graph) > 40 and not cycles, cycles
+
+
+def test_the_lessons_modules_never_reach_the_tooling():
+    graph = _import_graph()
+
+    def reach(u, seen):
+        for v in graph[u] - seen:
+            seen.add(v)
+            reach(v, seen)
+        return seen
+
+    learner = [m for m in graph if not m.startswith(TOOLING) and m != "course_lib"]
+    assert {"course_lib.nets.unet", "course_lib.families.gan", "course_lib.train", "course_lib.samplers"} <= set(learner)
+    bad = {m: sorted(v for v in reach(m, set()) if v.startswith(TOOLING)) for m in learner}
+    assert not {m: v for m, v in bad.items() if v}
+
+
+def test_modules_stay_short_unless_they_are_one_idea():
+    long = {_module_name(p): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    long = {m: n for m, n in long.items() if n > 420}
+    assert set(long) <= LONG_BUT_ONE_IDEA, long

@@ -59,7 +59,7 @@ def test_class_coverage_and_bad_input():
 
 
 def test_bench_records_and_targets(tmp_path, capsys):
-    from course_lib import bench
+    from course_lib.bench import samplers as bench
     from course_lib.checkpoints import load_pretrained
     from course_lib.cli import main
     from course_lib.metrics import hq_fraction
@@ -169,7 +169,7 @@ def noise_fd_bound(judge, noise):
 
 
 def test_bench_judges_digits_by_classifier_features():
-    from course_lib import bench
+    from course_lib.bench import samplers as bench
     from course_lib.data import digits_split
 
     judge = bench.Judge("digits", 100)

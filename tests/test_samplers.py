@@ -312,7 +312,7 @@ def test_bad_input_gives_clear_errors():
         S.sample(model, [[0.0, 0.0]], s, "euler", steps=10)
     with pytest.raises(ValueError, match="returned shape"):
         S.sample(S.Denoiser(lambda x, sigma: x[:, :1]), z, sampler="euler", sigmas=[1.0, 0.0])
-    from course_lib.models import TimeMLP
+    from course_lib.nets import TimeMLP
     with pytest.raises(ValueError, match="shape"):  # 3-D points into a 2-D model
         S.sample(TimeMLP(2, hidden=16, depth=1), torch.zeros(4, 3), s, "heun", steps=3)
     with pytest.raises(FloatingPointError, match="non-finite"):

@@ -16,8 +16,8 @@ from course_lib.checkpoints import (
     shipped_dir,
 )
 from course_lib.classifier import accuracy, judge, load_classifier
-from course_lib.data import digits_split
-from course_lib.train import MIXTURES, sample_quality
+from course_lib.data import MIXTURES, digits_split
+from course_lib.evaluate import sample_quality
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 

@@ -69,7 +69,7 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     other = Trainer(TrainConfig(**{**TINY_MLP, "model": {"kind": "mlp", "hidden": 48, "depth": 2}}))
     with pytest.raises(ValueError, match=r"different model \(hidden: 32 in the checkpoint, 48 here\)"):
         other.load_state_dict(C.load_checkpoint(tmp_path / "mlp.pt"))
-    from course_lib.models import UNet
+    from course_lib.nets import UNet
 
     with pytest.raises(ValueError, match="different model.*kind: 'mlp'"):
         C.load_weights(UNet(base=8, mults=(1, 2), num_res=1, heads=2), tmp_path / "mlp.pt")
@@ -149,6 +149,48 @@ def test_config_and_preset_errors():
     with pytest.raises(ValueError, match="unknown preset"):
         preset("imagenet")
     assert preset("digits_cond").conditional and not preset("digits").conditional
+
+
+def test_each_family_owns_its_fields_given_and_read_flat():
+    from dataclasses import replace
+
+    from course_lib.families import DiffusionOptions, GANOptions
+
+    c = TrainConfig(data="digits", prediction="v", schedule="cosine", model={"kind": "unet", "base": 8})
+    assert type(c.options) is DiffusionOptions and c.prediction == "v" and c.options.schedule == "cosine"
+    assert c.to_dict()["prediction"] == "v" and "gan_reg" not in c.to_dict()
+    assert TrainConfig.from_dict(c.to_dict()) == c
+    g = replace(c, family="gan", model={"net": "conv", "base": 4}, gan_reg="r1")  # diffusion's fields do not follow
+    assert type(g.options) is GANOptions and g.gan_reg == "r1" and "prediction" not in g.to_dict()
+    with pytest.raises(ValueError, match="'prediction' is a field of the diffusion family, not of 'gan'"):
+        TrainConfig(family="gan", prediction="v")  # a field of another family: refused, not silently ignored
+    with pytest.raises(TypeError, match="not a field of the training loop"):
+        preset("ring8", learning_rate=1e-3)
+    with pytest.raises(AttributeError, match="no field 'beta'"):
+        TrainConfig().beta
+    with pytest.raises(ValueError, match="family must be one of"):
+        TrainConfig(family="flow")
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        TrainConfig(weighting="snr")  # caught when the config is made, not at the first training step
+    with pytest.raises(TypeError, match="needs a TrainConfig"):
+        Trainer(TINY_MLP)
+
+
+@pytest.mark.parametrize("family", ["diffusion", "gan", "vae"])
+def test_checkpoints_written_before_the_families_were_split_resume_exactly(family):
+    """tests/fixtures: a half-trained state per family written by the old flat-config loop (commit ce8a723), and the
+    losses and EMA that loop reached when it went on; the new loop must continue to exactly the same place."""
+    from pathlib import Path
+
+    fixtures = Path(__file__).parent / "fixtures"
+    want = json.loads((fixtures / "train_state_v0.json").read_text())["continued_to"][family]
+    old = C.load_checkpoint(fixtures / f"train_state_{family}_v0.pt")
+    assert {"latent", "gan_reg", "beta", "prediction"} <= set(old["config"])  # every family's fields, flat
+    tr = Trainer.resume(fixtures / f"train_state_{family}_v0.pt")
+    assert tr.family == family and tr.step == 4
+    tr.train(progress=False)
+    assert tr.step == want["step"] and tr.losses == want["losses"]
+    assert sum(p.double().sum() for p in tr.ema.state_dict().values()).item() == want["ema_sum"]
 
 
 def test_loss_plot_and_smoothing():

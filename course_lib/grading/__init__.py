@@ -1,5 +1,5 @@
-"""Exercises graded safely: the batch grader (batch), its confined worker (worker, sandbox, channel), and what it
-reads of a submission without running it (scan, identity).
+"""Exercises graded safely: the batch grader (batch), its confined worker (worker, sandbox, channel), what it reads of
+a submission without running it (scan, identity), and the student copies it grades (release).
 
 The names below load course_lib.grading.batch on first use: the worker, which runs inside this package, must never
 import the exercise references that batch imports.

@@ -286,7 +286,7 @@ _RELEASED_LOCK = threading.Lock()
 def released_sources(lesson: int, folder: Path | None = None) -> set[str]:
     """Normalized sources of the released lesson's code cells (the student copy in notebooks/student, or the
     source notebook with its solutions stubbed); empty if neither is found."""
-    from ..release import student_notebook
+    from .release import student_notebook
 
     key = (lesson, str(folder))
     with _RELEASED_LOCK:
@@ -432,10 +432,11 @@ def _matplotlib_cache() -> str | None:
 
 
 def _protected_paths(policy: dict) -> list[str]:
-    """What no worker may read: the course's notebooks (solutions), the exercise references, the submissions,
-    the output folder with its journal, and the other workers' scratch folders."""
+    """What no worker may read: the course's notebooks (solutions), the exercise references (the whole package, its
+    bytecode cache included), the submissions, the output folder with its journal, and the other workers' scratch
+    folders."""
     root = _course_root()
-    return [str(root / "notebooks"), str(Path(exercises.__file__).resolve()), *policy.get("deny", [])]
+    return [str(root / "notebooks"), str(Path(exercises.__file__).resolve().parent), *policy.get("deny", [])]
 
 
 def _run_worker(cells, names, make_inputs, limits: Limits, deadline: float, scratch_base, policy: dict) -> _Attempt:

@@ -30,7 +30,7 @@ def task_mixture(k: int, angle: float, radius: float = 1.0, std: float = 0.08):
 
 def denoiser_net(seed: int):
     """The small noise-prediction network the training-step exercise trains (the same one each time for a seed)."""
-    from ..models import TimeMLP
+    from ..nets import TimeMLP
 
     torch.manual_seed(seed)
     return TimeMLP(dim=2, hidden=128, depth=3, temb_dim=32)
@@ -38,7 +38,7 @@ def denoiser_net(seed: int):
 
 def vae_net(seed: int):
     """The small VAE the VAE-step exercise trains."""
-    from ..vae import VAE
+    from ..nets import VAE
 
     torch.manual_seed(seed)
     return VAE(net="mlp", latent=2, dim=2, hidden=64, depth=2)

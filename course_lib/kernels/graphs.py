@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .samplers import SAMPLERS, as_denoiser, check_sigmas, nfe_for_steps
+from ..samplers import SAMPLERS, as_denoiser, check_sigmas, nfe_for_steps
 
 DETERMINISTIC = ("ddim", "euler", "heun", "dpmpp_2m")  # no fresh noise inside the loop: replayable as is
 MODES = ("eager", "graph", "compile")

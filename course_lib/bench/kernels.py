@@ -52,7 +52,7 @@ def copy_bandwidth(n_bytes: int, device: torch.device) -> float:
 
 def _ops(n: int, device: torch.device, gen: torch.Generator):
     """name -> (function of impl, tensors of n floats read + written): each op on about n elements."""
-    from . import kernels as K
+    from .. import kernels as K
 
     r = lambda *shape: torch.randn(*shape, generator=gen).to(device)  # noqa: E731
     x, d, xe, dn, old = (r(n) for _ in range(5))
@@ -120,9 +120,9 @@ def bench_ops(device: torch.device, sizes_mb, impls, progress=print) -> list[dic
 
 def bench_sampling(device: torch.device, modes, batch: int = 64, nfe: int = 10, progress=print) -> list[dict]:
     """Samples per second of the shipped digits UNet with DPM-Solver++(2M) at `nfe` steps, per loop mode."""
-    from .checkpoints import load_pretrained
-    from .graphs import LoopSampler
-    from .samplers import get_sigmas
+    from ..checkpoints import load_pretrained
+    from ..kernels.graphs import LoopSampler
+    from ..samplers import get_sigmas
 
     p = load_pretrained("digits", device=device)
     sig = get_sigmas(nfe, "karras", p.schedule, 0.1, 80.0)
@@ -141,8 +141,8 @@ def bench_sampling(device: torch.device, modes, batch: int = 64, nfe: int = 10, 
 
 def main_kernels(json_path=None, force: bool = False, quick: bool = False, device=None, progress=print) -> list[dict]:
     """The whole benchmark; returns (and with json_path writes) the records."""
-    from .checkpoints import write_json_atomic
-    from .kernels import triton_available
+    from ..checkpoints import write_json_atomic
+    from ..kernels import triton_available
 
     if json_path and os.path.exists(json_path) and not force:
         raise ValueError(f"{json_path} exists; pass --force to replace it")

@@ -1,7 +1,7 @@
 """Fused kernels for diffusion: a Triton kernel on CUDA tensors, the pure-torch reference everywhere else.
 
 Each op has a `*_reference` written with ordinary torch ops (the definition, and what CPUs run) and a public
-function that dispatches: impl="auto" launches the Triton kernel (course_lib.triton_kernels) when every tensor
+function that dispatches: impl="auto" launches the Triton kernel (course_lib.kernels.triton_kernels) when every tensor
 is on a CUDA device, Triton imports and no gradient is needed; impl="triton" forces it (with TRITON_INTERPRET=1
 set before the first launch it runs on CPU tensors in Triton's interpreter, which is how the tests check it);
 impl="torch" forces the reference. Non-contiguous inputs are copied to contiguous ones first.

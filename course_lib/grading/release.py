@@ -7,8 +7,8 @@ from pathlib import Path
 
 import nbformat
 
-from .checkpoints import write_text_atomic
-from .colab import student_links
+from ..checkpoints import write_text_atomic
+from ..colab import student_links
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 CODE_STUB = ["# YOUR CODE HERE", 'raise NotImplementedError("Exercise: replace this line with your solution")']
@@ -86,7 +86,7 @@ def student_notebook(nb: nbformat.NotebookNode, name: str = "notebook"):
 
 def _lesson(nb) -> int | None:
     """The one lesson whose exercises this notebook checks (None if it checks none, or several lessons')."""
-    from .exercises import EXERCISES
+    from ..exercises import EXERCISES
 
     names = {m for c in nb.cells if c.cell_type == "code" for m in CHECK_CALL.findall(c.source)}
     lessons = {EXERCISES[n].lesson for n in names if n in EXERCISES}

@@ -26,7 +26,7 @@ SPREAD_NFE = 10  # the extra seeds run only the reference and every configuratio
 def bench_configs(quick: bool = False, dataset: str = "ring8", with_diffusers: bool = True) -> list[tuple[str, str, int]]:
     """(sampler, spacing, nfe budget) in benchmark order: DDPM at 1,000 steps first (the reference), then every
     sampler on every spacing at each budget, then diffusers' schedulers (prefixed 'diffusers:') on the same budgets."""
-    from .samplers import SAMPLERS
+    from ..samplers import SAMPLERS
 
     if dataset not in BENCH_DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose from {BENCH_DATASETS}")
@@ -48,13 +48,13 @@ class Judge:
     """Scores samples of one dataset against fixed reference data: 2D hq / modes / SWD, digits FD / precision / recall."""
 
     def __init__(self, dataset: str, n: int, seed: int = 12345):
-        from .train import MIXTURES
+        from ..train import MIXTURES
 
         self.dataset = dataset
         g = torch.Generator().manual_seed(seed)
         if dataset == "digits":
-            from .classifier import load_classifier
-            from .data import digits_split
+            from ..classifier import load_classifier
+            from ..data import digits_split
 
             self.clf = load_classifier()
             with torch.no_grad():
@@ -67,7 +67,7 @@ class Judge:
             raise ValueError(f"no benchmark for {dataset!r}; choose from {BENCH_DATASETS}")
 
     def __call__(self, x: torch.Tensor) -> dict:
-        from . import metrics
+        from .. import metrics
 
         x = x.detach().float().cpu()
         if self.dataset == "digits":
@@ -87,8 +87,8 @@ class Judge:
     def real_floor(self) -> dict:
         """Held-out real digits scored like samples: the best FD / precision / recall a sampler can honestly reach
         at that sample size (the reference features are the training set the model was trained on)."""
-        from . import metrics
-        from .data import digits_split
+        from .. import metrics
+        from ..data import digits_split
 
         if self.dataset != "digits":
             raise ValueError("real_floor is for the digits (the 2D mixtures are scored against their exact density)")
@@ -188,7 +188,7 @@ def run_config(pretrained, dataset: str, sampler: str, spacing: str, nfe: int, n
 
     Ours go through `samplers.sample(steps=..., spacing=...)`, exactly the call a learner makes ('auto' is its
     default); 'diffusers:<name>' runs diffusers' scheduler of that name on the same checkpoint and noise."""
-    from .samplers import sample, steps_for_nfe
+    from ..samplers import sample, steps_for_nfe
 
     if sampler.startswith("diffusers:"):
         return run_diffusers(pretrained, dataset, sampler.split(":", 1)[1], spacing, nfe, noise, judge, seed)
@@ -215,7 +215,7 @@ def bench_samplers(datasets=BENCH_DATASETS, quick: bool = False, samples: int | 
     levels and diffusers: what the targets compare); quick runs seed 0; explicit `configs` run on every seed. The
     digits records start with the held-out real images scored the same way (`Judge.real_floor`). Records in `done`
     (an interrupted run's) are kept, not rerun; `on_record(records)` is called after each new one."""
-    from .checkpoints import load_pretrained
+    from ..checkpoints import load_pretrained
 
     seeds = tuple(seeds if seeds is not None else ((0,) if quick else SEEDS_FULL))
     finished = {record_key(r): r for r in done}
@@ -252,7 +252,7 @@ def bench_samplers(datasets=BENCH_DATASETS, quick: bool = False, samples: int | 
 
 def steps_for_config(sampler: str, nfe: int) -> int:
     """The steps a configuration's record stores: diffusers' schedulers take one step per evaluation."""
-    from .samplers import steps_for_nfe
+    from ..samplers import steps_for_nfe
 
     return nfe if sampler.startswith("diffusers:") else steps_for_nfe(sampler, nfe)
 
@@ -296,7 +296,7 @@ def best(records: list[dict], dataset: str, nfe: int = 10, ours: bool = True) ->
 
 def default_record(records: list[dict], dataset: str, nfe: int = 10) -> dict | None:
     """What a learner's default call gives: `sample(model, noise, steps=nfe)` (DPM-Solver++(2M), spacing 'auto')."""
-    from .samplers import sample
+    from ..samplers import sample
 
     default = inspect.signature(sample).parameters["sampler"].default
     rows = [r for r in aggregate(records) if r["dataset"] == dataset and r["sampler"] == default
@@ -383,7 +383,7 @@ def fewest_table(records: list[dict], dataset: str) -> str:
 def plot_frontier(records: list[dict], dataset: str, ax, spacing: str = "auto") -> None:
     """Quality vs NFE on `dataset`: each of our samplers on `spacing`, diffusers' best scheduler per budget, DDPM on
     uniform spacing (the classic), and DDPM's reference run as a line with the target band."""
-    from .samplers import SAMPLERS
+    from ..samplers import SAMPLERS
 
     agg = [r for r in aggregate(records) if r["dataset"] == dataset and r["nfe"] > 0]
     ref = reference(agg, dataset)
@@ -484,7 +484,7 @@ def main_samplers(quick: bool, json_path=None, datasets=BENCH_DATASETS, samples=
     import json
     from pathlib import Path
 
-    from .checkpoints import write_json_atomic
+    from ..checkpoints import write_json_atomic
 
     if json_path is not None and Path(json_path).exists() and not force:
         raise ValueError(f"{json_path} exists; pass --force to replace it (or choose another --json)")
@@ -535,9 +535,9 @@ def tuning_score(judge: Judge):
 def tune_checkpoint(dataset: str, samplers=None, samples: int | None = None, progress: bool = True,
                     budgets=None) -> dict:
     """{sampler: {nfe: tuned Karras parameters}} for a shipped checkpoint, tuned on noise seed TUNE_SEED only."""
-    from .checkpoints import load_pretrained
-    from .samplers import SAMPLERS, sample, steps_for_nfe
-    from .step_schedules import TUNE_SEED, tune_karras
+    from ..checkpoints import load_pretrained
+    from ..samplers import SAMPLERS, sample, steps_for_nfe
+    from ..step_schedules import TUNE_SEED, tune_karras
 
     p = load_pretrained(dataset)
     n = samples or (500 if dataset == "digits" else 1000)
@@ -561,8 +561,8 @@ def tune_checkpoint(dataset: str, samplers=None, samples: int | None = None, pro
 
 def main_tune(preset: str, samplers=None, samples: int | None = None, budgets=None) -> int:
     """The `tune` command: tune a shipped checkpoint's noise levels and store them in its card."""
-    from .checkpoints import shipped_dir, update_card
-    from .step_schedules import TUNE_SEED
+    from ..checkpoints import shipped_dir, update_card
+    from ..step_schedules import TUNE_SEED
 
     if preset not in BENCH_DATASETS:
         raise ValueError(f"tuning needs a way to score samples; choose one of {BENCH_DATASETS}")

@@ -34,7 +34,7 @@ RECORD_KEYS = ("dataset", "family", "seed", "steps", "batch_size", "parameters",
 
 def compare_config(dataset: str, family: str, seed: int, quick: bool = False):
     """The TrainConfig of one benchmark run: the family's preset for `dataset` with the shared budget and `seed`."""
-    from .train import COMPARE_UNET, preset
+    from ..train import COMPARE_UNET, preset
 
     if dataset not in COMPARE_DATASETS or family not in FAMILY_NAMES:
         raise ValueError(f"dataset must be one of {COMPARE_DATASETS} and family one of {FAMILY_NAMES}, "
@@ -52,7 +52,7 @@ def generate(model, family: str, dataset: str, n: int, seed: int = 1, schedule=N
     model.eval()
     start = time.perf_counter()
     if family == "diffusion":
-        from .samplers import karras_sigmas, sample
+        from ..samplers import karras_sigmas, sample
 
         device = next(model.parameters()).device
         shape = (n, 1, 8, 8) if dataset == "digits" else (n, 2)
@@ -80,10 +80,10 @@ def held_out_nll(model, family: str, dataset: str, schedule=None, n: int = 2000,
     negative ELBO (beta = 1, 16 draws of z). A GAN defines no likelihood: None. n_t: the diffusion bound's sum over
     timesteps is exact for None, else estimated without bias from n_t random timesteps per sample.
     """
-    from .data import DIGITS_LEVELS, digits_split
-    from .losses import variational_bound
-    from .train import DataSource
-    from .vae import elbo
+    from ..data import DIGITS_LEVELS, digits_split
+    from ..losses import variational_bound
+    from ..train import DataSource
+    from ..vae import elbo
 
     g = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
@@ -118,9 +118,9 @@ def curve(values, points: int = 100) -> list[float]:
 def run_one(dataset: str, family: str, seed: int, quick: bool = False, judge=None, samples: int | None = None,
             device=None, progress: bool = False, export_to: Path | None = None) -> dict:
     """Train one (dataset, family, seed) with the shared budget, then measure it; returns its flat record."""
-    from . import metrics
-    from .bench import Judge
-    from .train import Trainer
+    from .. import metrics
+    from ..train import Trainer
+    from .samplers import Judge
 
     n = samples or default_samples(dataset, quick)
     judge = judge or Judge(dataset, n)
@@ -160,7 +160,7 @@ def run_one(dataset: str, family: str, seed: int, quick: bool = False, judge=Non
 def bench_compare(datasets=COMPARE_DATASETS, quick: bool = False, seeds=None, families=FAMILY_NAMES,
                   samples: int | None = None, device=None, progress: bool = True, export_to=None) -> list[dict]:
     """Every family x dataset x seed; the seed-0 models are exported to `export_to` when it is given."""
-    from .bench import Judge
+    from .samplers import Judge
 
     seeds = tuple(seeds if seeds is not None else (QUICK_SEEDS if quick else SEEDS))
     todo = [(d, f, s) for d in datasets for f in families for s in seeds]
@@ -222,8 +222,8 @@ def format_summary(records: list[dict]) -> str:
 def main_compare(quick: bool, json_path=None, datasets=COMPARE_DATASETS, seeds=None, samples=None, device=None,
                  force: bool = False, export_to=None) -> int:
     """The `bench compare` command: run, print the summary, optionally write the JSON records."""
-    from .bench import machine
-    from .checkpoints import write_json_atomic
+    from ..checkpoints import write_json_atomic
+    from .samplers import machine
 
     if json_path is not None and Path(json_path).exists() and not force:
         raise ValueError(f"{json_path} exists; pass --force to replace it (or choose another --json)")
@@ -241,15 +241,15 @@ def shipped_records() -> list[dict]:
     """The full benchmark's records shipped in data/bench_compare.json."""
     import json
 
-    from .checkpoints import shipped_dir
+    from ..checkpoints import shipped_dir
 
     return json.loads((shipped_dir() / "bench_compare.json").read_text())
 
 
 def load_compared(dataset: str, family: str, folder=None):
     """A first-seed model of the comparison (data/compare/<dataset>_<family>.pt): (model, schedule or None, card)."""
-    from .checkpoints import load_model, shipped_dir
-    from .schedules import NoiseSchedule
+    from ..checkpoints import load_model, shipped_dir
+    from ..schedules import NoiseSchedule
 
     if dataset not in COMPARE_DATASETS or family not in FAMILY_NAMES:
         raise ValueError(f"dataset must be one of {COMPARE_DATASETS} and family one of {FAMILY_NAMES}, "
@@ -264,7 +264,7 @@ def claims(records: list[dict], hf_real: float, demo: str | None = None) -> list
 
     `hf_real` is the high-frequency share of real test digits (the blur yardstick); `demo` an optional line about
     the live mode-collapse demonstration, appended to the mode-collapse evidence."""
-    from .train import MIXTURES
+    from ..train import MIXTURES
 
     summary = {(r["dataset"], r["family"]): r for r in summarize(records)}
     datasets = list(dict.fromkeys(r["dataset"] for r in records))

@@ -1,0 +1,264 @@
+"""Graded exercises: each runs the learner's function against a reference on fresh random inputs.
+
+This file is the machinery (the registry, `check`, `progress`, the judge); each lesson's exercises, with their
+references, input makers and the hints for known mistakes, are in their own file here (lesson01.py ... lesson5.py,
+on_behaviour.py for the ones graded on what a training run or a sampling loop produced). A new lesson adds a file and
+a line at the bottom of this one. The grader's workers may neither import nor read anything in this folder.
+
+`check(name, fn)` never raises (except on Ctrl-C): it prints passed / failed (with a hint) / not
+attempted and returns a bool. Results are remembered for this session; `progress()` shows the total.
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+
+from ..grading.calls import Raised, call_learner
+from ..grading.calls import clone_inputs as _clone
+
+PASSED, FAILED, NOT_ATTEMPTED = "passed", "failed", "not_attempted"
+_SYMBOL = {PASSED: "✅", FAILED: "❌", NOT_ATTEMPTED: "⬜"}
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """One exercise: the reference, a generator of fresh keyword inputs, and known mistakes with hints."""
+
+    name: str
+    lesson: int
+    reference: Callable
+    make_inputs: Callable[[torch.Generator], dict]
+    hint: str
+    mistakes: tuple = ()  # (wrong implementation, hint shown when the learner's output matches it)
+    trials: int = 5
+    rtol: float = 1e-5
+    atol: float = 1e-6
+    points: int = 1
+    # graded on behaviour: `harness` (a function of course_lib.grading.harnesses) runs the learner's function in a
+    # fixed procedure and returns tensors; `assess(inputs, outputs)` gives the verdict (None: passed)
+    harness: str | None = None
+    assess: Callable | None = None
+    passed_message: str = ""
+    seconds: float | None = None  # the grader's time limit per call when it must exceed --call-timeout
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    status: str
+    message: str
+    hint: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status == PASSED
+
+    def __str__(self) -> str:
+        text = f"{_SYMBOL[self.status]} {self.name}: {self.status.replace('_', ' ')}. {self.message}"
+        return text + (f"\n   Hint: {self.hint}" if self.hint else "")
+
+
+EXERCISES: dict[str, Exercise] = {}
+# course_lib functions that compute an exercise's answer: the grader flags a graded function that calls one.
+LIBRARY_EQUIVALENTS = {
+    "alpha_bar_from_betas": ("course_lib.schedules.alpha_bar_from_betas",),
+    "q_sample": ("course_lib.forward.q_sample", "course_lib.forward.q_mean_std", "course_lib.kernels.q_sample",
+                 "course_lib.kernels.q_sample_reference"),
+    "log_snr": ("course_lib.schedules.log_snr_from_alpha_bar", "course_lib.schedules.snr_from_alpha_bar"),
+    "simple_loss": ("course_lib.losses.diffusion_loss",),
+    "posterior_mean": ("course_lib.losses.posterior_coefficients", "course_lib.losses.q_posterior"),
+    "eps_to_x0": ("course_lib.losses.from_eps", "course_lib.losses.to_eps", "course_lib.losses.convert"),
+    "ddim_step": ("course_lib.samplers.sample_ddim", "course_lib.kernels.ddim_step", "course_lib.kernels.euler_step"),
+    "heun_step": ("course_lib.samplers.sample_heun", "course_lib.kernels.heun_correct"),
+    "karras_sigmas": ("course_lib.samplers.karras_sigmas", "course_lib.samplers.get_sigmas"),
+    "reparameterize": ("course_lib.vae.reparameterize",),
+    "gaussian_elbo": ("course_lib.vae.gaussian_log_likelihood", "course_lib.vae.kl_to_standard_normal",
+                      "course_lib.vae.elbo"),
+    "discriminator_loss": ("course_lib.gan.discriminator_loss",),
+    "dpmpp_2m_coefficients": ("course_lib.kernels.dpmpp_2m_step", "course_lib.samplers.sample_dpmpp_2m"),
+}
+_RESULTS: dict[str, CheckResult] = {}
+
+
+def register(exercise: Exercise) -> Exercise:
+    """Add an exercise to the registry (names are unique)."""
+    if exercise.name in EXERCISES:
+        raise ValueError(f"exercise {exercise.name!r} is already registered")
+    EXERCISES[exercise.name] = exercise
+    return exercise
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, ex: Exercise) -> bool:
+    return got.shape == want.shape and torch.allclose(got.double(), want.double(), rtol=ex.rtol, atol=ex.atol)
+
+
+def _matching_mistake(ex: Exercise, inputs: dict, got: torch.Tensor) -> str | None:
+    for wrong, hint in ex.mistakes:
+        try:
+            if _close(got, torch.as_tensor(wrong(**_clone(inputs))), ex):
+                return hint
+        except Exception:  # a mistake that cannot even run on these inputs is simply not this one
+            continue
+    return None
+
+
+def _describe(inputs: dict) -> str:
+    parts = []
+    for k, v in inputs.items():
+        parts.append(f"{k}: {tuple(v.shape)} {str(v.dtype).replace('torch.', '')}" if isinstance(v, torch.Tensor)
+                     else f"{k}={v!r}")
+    return ", ".join(parts)
+
+
+def judge(ex: Exercise, inputs: dict, want: torch.Tensor | None, got, trial: int = 0) -> CheckResult | None:
+    """The verdict on one output of the learner's function (a tensor, a harness's dict of tensors, or a Raised);
+    None when it matches the reference (or, for a behaviour exercise, when `assess` finds nothing wrong)."""
+    name = ex.name
+    if isinstance(got, Raised):
+        if got.error == "NotImplementedError":
+            return CheckResult(name, NOT_ATTEMPTED, "Your function still raises NotImplementedError.",
+                               "Replace the `raise NotImplementedError` line with your code, then run the cell again.")
+        if got.error:
+            return CheckResult(name, FAILED, f"Your function raised {got.error}: {got.message}",
+                               f"It was called with {_describe(inputs)}. {ex.hint}")
+        return CheckResult(name, FAILED, f"expected a torch.Tensor, got {got.message}.",
+                           "Did you forget a `return` statement?" if got.message == "None" else ex.hint)
+    if ex.assess is not None:
+        return ex.assess(inputs, got) if isinstance(got, dict) else CheckResult(
+            name, FAILED, "the grading procedure returned no result.", "This is a bug in the course: please report it.")
+    if got.shape != want.shape:
+        return CheckResult(name, FAILED, f"wrong shape: expected {tuple(want.shape)}, got {tuple(got.shape)}.",
+                           f"Inputs were {_describe(inputs)}. {ex.hint}")
+    if not (got.is_floating_point() or got.is_complex()):
+        got = got.double()
+    if not torch.isfinite(got).all():
+        return CheckResult(name, FAILED, f"your output contains {int((~torch.isfinite(got)).sum())} NaN/inf values.",
+                           f"Inputs were {_describe(inputs)}. {ex.hint}")
+    if not _close(got, want, ex):
+        err = float((got.double() - want.double()).abs().max())
+        specific = _matching_mistake(ex, inputs, got)
+        return CheckResult(name, FAILED, f"values differ from the reference (max abs error {err:.3g}) "
+                           f"on random test {trial + 1} of {ex.trials}.", specific or ex.hint)
+    return None
+
+
+def passed(ex: Exercise) -> CheckResult:
+    return CheckResult(ex.name, PASSED, ex.passed_message or f"matches the reference on {ex.trials} fresh random inputs.")
+
+
+def reference_output(ex: Exercise, inputs: dict):
+    """What the learner's output is compared with: the reference's output, or None for a behaviour exercise."""
+    return None if ex.assess is not None else ex.reference(**_clone(inputs))
+
+
+def fresh_inputs(ex: Exercise, seed: int | None = None) -> list[dict]:
+    """ex.trials input dicts from a generator seeded with `seed` (a secret random seed when None)."""
+    gen = torch.Generator().manual_seed(secrets.randbits(62) if seed is None else seed)
+    return [ex.make_inputs(gen) for _ in range(ex.trials)]
+
+
+def run_check(name: str, fn, seed: int | None = None) -> CheckResult:
+    """Grade fn against exercise `name` on fresh random inputs; returns a CheckResult and never raises."""
+    ex = EXERCISES.get(name)
+    if ex is None:
+        return CheckResult(name, FAILED, f"there is no exercise called {name!r}.",
+                           f"Known exercises: {', '.join(sorted(EXERCISES))}.")
+    if not callable(fn):
+        return CheckResult(name, FAILED, f"expected your function, got {type(fn).__name__}.",
+                           f"Pass the function itself, without calling it: check({name!r}, {name}).")
+    for trial, inputs in enumerate(fresh_inputs(ex, seed)):
+        verdict = judge(ex, inputs, reference_output(ex, inputs), call_learner(fn, inputs, ex.harness), trial)
+        if verdict is not None:
+            return verdict
+    return passed(ex)
+
+
+class Verdict:
+    """What `check` returns: true when the exercise passed (`if check(...)`, `== True` work). It displays nothing in
+    a notebook, because check has already printed the verdict (a bare True / False under it was noise)."""
+
+    __slots__ = ("name", "passed")
+
+    def __init__(self, name: str, passed: bool):
+        self.name, self.passed = name, bool(passed)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def __eq__(self, other):
+        if isinstance(other, (bool, Verdict)):
+            return self.passed == bool(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.passed)
+
+    def __repr__(self) -> str:
+        return f"Verdict({self.name!r}, passed={self.passed})"
+
+    def _ipython_display_(self) -> None:  # IPython shows no Out[n] for an object that displays itself as nothing
+        return None
+
+
+class Score(NamedTuple):
+    """What `progress` returns: (points, total), a plain tuple that displays nothing in a notebook (it printed)."""
+
+    points: int
+    total: int
+
+    def _ipython_display_(self) -> None:
+        return None
+
+
+def check(name: str, fn) -> Verdict:
+    """Check your function for exercise `name`: prints passed / failed with a hint / not attempted; returns a Verdict,
+    true when it passed."""
+    try:
+        result = run_check(name, fn)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # a bug in a reference must still not raise in a learner's face
+        result = CheckResult(str(name), FAILED, f"the checker itself failed ({type(e).__name__}: {e}).",
+                             "This is a bug in the course, not your code: please report it.")
+    _RESULTS[result.name] = result
+    print(result)
+    return Verdict(result.name, result.passed)
+
+
+def progress(lesson: int | None = None) -> Score:
+    """Print the status of every exercise (of one lesson if given) checked this session; return (points, total)."""
+    names = [n for n, ex in EXERCISES.items() if lesson is None or ex.lesson == lesson]
+    got = total = 0
+    for n in names:
+        ex, res = EXERCISES[n], _RESULTS.get(n)
+        status = res.status if res else NOT_ATTEMPTED
+        total += ex.points
+        got += ex.points if status == PASSED else 0
+        print(f"{_SYMBOL[status]} lesson {ex.lesson}  {n:<24} {status.replace('_', ' ')}")
+    print(f"Total: {got} / {total} points")
+    return Score(got, total)
+
+
+# ---- the exercises, one file per lesson (each registers its own; imported last, as they use the names above) ------
+
+from . import lesson01, lesson2, lesson3, lesson4, lesson5, on_behaviour  # noqa: E402, F401  (registration order)
+from .lesson01 import ref_alpha_bar_from_betas, ref_log_snr, ref_noise_images, ref_q_sample  # noqa: E402, F401
+from .lesson2 import ref_eps_to_x0, ref_posterior_mean, ref_simple_loss  # noqa: E402, F401
+from .lesson3 import ref_ddim_step, ref_heun_step, ref_karras_sigmas  # noqa: E402, F401
+from .lesson4 import ref_discriminator_loss, ref_gaussian_elbo, ref_reparameterize  # noqa: E402, F401
+from .lesson5 import ref_dpmpp_2m_coefficients  # noqa: E402, F401
+from .on_behaviour import (  # noqa: E402, F401
+    ELBO_GAP,
+    MODE_SHARE,
+    SAMPLE_HQ_FLOOR,
+    TRAIN_HQ_FLOOR,
+    assess_sample_loop,
+    assess_train_step,
+    assess_vae_step,
+    ref_sample_loop,
+    ref_train_step,
+    ref_vae_step,
+)

@@ -1,0 +1,25 @@
+"""The families the training loop trains (course_lib.train.Trainer): each supplies its own config fields, its networks
+and its training step, so adding a family (flow matching, a text model) adds a file here and a line in FAMILIES.
+
+- diffusion.py: one denoiser trained on the simple loss (lesson 2);
+- gan.py: a generator and a discriminator, `d_steps` discriminator updates per generator update (lesson 4);
+- vae.py: an encoder and a decoder trained together on the ELBO (lesson 4).
+"""
+from __future__ import annotations
+
+from .base import Family
+from .diffusion import DiffusionFamily, DiffusionOptions
+from .gan import GANFamily, GANOptions
+from .vae import VAEFamily, VAEOptions
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (DiffusionFamily(), GANFamily(), VAEFamily())}
+
+__all__ = ["FAMILIES", "Family", "family", "DiffusionFamily", "DiffusionOptions", "GANFamily", "GANOptions",
+           "VAEFamily", "VAEOptions"]
+
+
+def family(name: str) -> Family:
+    """The family called `name`, or a ValueError naming the ones there are."""
+    if name not in FAMILIES:
+        raise ValueError(f"family must be one of {tuple(FAMILIES)}, got {name!r}")
+    return FAMILIES[name]
