@@ -274,11 +274,10 @@ register(Exercise(
     passed_message=f"{_H.TRAIN_STEPS} of your steps trained a VAE whose held-out ELBO is within {ELBO_GAP:g} nats "
                    f"of the data's exact log-likelihood."))
 LIBRARY_EQUIVALENTS.update({
-    "train_step": ("course_lib.losses.diffusion_loss", "course_lib.train.Trainer.train_step",
-                   "course_lib.families.diffusion.DiffusionFamily.step"),
+    "train_step": ("course_lib.losses.diffusion_loss", "course_lib.train.Trainer.train_step"),
     "sample_loop": ("course_lib.samplers.sample", "course_lib.samplers.sample_euler", "course_lib.samplers.sample_ddim",
                     "course_lib.samplers.sample_dpmpp_2m", "course_lib.samplers.sample_heun",
                     "course_lib.samplers.sample_euler_ancestral", "course_lib.samplers.sample_dpmpp_2m_sde",
                     "course_lib.kernels.ddim_step", "course_lib.kernels.euler_step", "course_lib.kernels.dpmpp_2m_step"),
-    "vae_step": ("course_lib.vae.elbo", "course_lib.train.Trainer.train_step", "course_lib.families.vae.VAEFamily.step"),
+    "vae_step": ("course_lib.vae.elbo", "course_lib.train.Trainer.train_step"),
 })
