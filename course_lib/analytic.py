@@ -61,3 +61,43 @@ def mixture_denoiser(mixture):
 
     radius = float(modes.norm(dim=1).max()) + 3 * s2**0.5
     return Denoiser(fn, sigma_min=0.002, sigma_max=max(80.0, 10 * radius))
+
+
+def mixture_conditional_denoiser(mixture):
+    """The exact class-conditional D(x, sigma, y) of an equal-weight Gaussian mixture whose label is the mode:
+    mode y's Gaussian denoiser mu_y + s^2 / (s^2 + sigma^2) (x - mu_y); y = K (the number of modes) is 'no label'
+    and gives the unconditional mixture_denoiser, as a network trained with label dropout does."""
+    from .samplers import Denoiser
+
+    modes, s2 = mixture.modes.double(), float(mixture.std) ** 2
+    k = len(modes)
+    uncond = mixture_denoiser(mixture)
+
+    def fn(x, sigma, y=None):
+        if y is None:
+            raise ValueError(f"pass y= (labels 0..{k - 1}, or {k} for 'no label')")
+        y = torch.as_tensor(y, device=x.device).long().expand(x.shape[0])
+        if (y < 0).any() or (y > k).any():
+            raise ValueError(f"labels must be in 0..{k} ({k} = no label), got {y.min().item()} to {y.max().item()}")
+        mu = modes.to(x.device, x.dtype)[y.clamp(max=k - 1)]
+        out = mu + s2 / (s2 + sigma**2) * (x - mu)
+        none = y == k
+        if none.any():
+            out = torch.where(none[:, None], uncond.fn(x, sigma), out)
+        return out
+
+    den = Denoiser(fn, uncond.sigma_min, uncond.sigma_max)
+    den.config = {"num_classes": k}  # the 'no label' index, where course_lib.guidance looks for it on a network
+    return den
+
+
+def mixture_class_logits(mixture):
+    """The exact classifier of noisy mixture data: log p(y | x, sigma) up to a constant, i.e. -|x - mu_y|^2 / (2 (s^2 +
+    sigma^2)) (each mode equally likely; x = x0 + sigma eps is N(mu_y, (s^2 + sigma^2) I) given y)."""
+    modes, s2 = mixture.modes.double(), float(mixture.std) ** 2
+
+    def logits(x, sigma):
+        m = modes.to(x.device, x.dtype)
+        return -((x[:, None, :] - m[None]) ** 2).sum(-1) / (2 * (s2 + sigma**2))
+
+    return logits

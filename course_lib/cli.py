@@ -96,7 +96,11 @@ def _train(args) -> int:
         card = {"preset": args.preset, "steps": trainer.step, "train_seconds": round(trainer.elapsed, 1),
                 "machine": machine, "command": command, "parameters": count_parameters(trainer.model),
                 "final_loss": round(sum(trainer.losses[-200:]) / len(trainer.losses[-200:]), 5)}
-        if not args.no_eval:
+        if not args.no_eval and trainer.family == "classifier":
+            from .evaluate import noisy_accuracy
+
+            card["quality"] = noisy_accuracy(trainer.ema, trainer.schedule)
+        elif not args.no_eval:
             print("Measuring sample quality and the likelihood bound ...")
             ema, cfg = trainer.ema, trainer.config.to_dict()
             n = args.eval_samples or (1000 if trainer.config.data == "digits" else 2000)

@@ -1,4 +1,5 @@
-"""Measuring a trained diffusion model, for its checkpoint card and the tests: sample quality and the likelihood bound."""
+"""Measuring a trained model, for its checkpoint card and the tests: a diffusion model's sample quality and likelihood
+bound, a noise-aware classifier's accuracy per noise level."""
 from __future__ import annotations
 
 import math
@@ -80,3 +81,20 @@ def held_out_likelihood(model, schedule: NoiseSchedule, config: dict, n: int = 2
         out[f"nll_bound_{variance}"] = round(vals.mean().item(), 4)
         out[f"nll_bound_{variance}_stderr"] = round(vals.std().item() / math.sqrt(len(vals)), 4)
     return out
+
+
+@torch.no_grad()
+def noisy_accuracy(classifier, schedule: NoiseSchedule, steps=(0, 100, 250, 400, 550, 700, 850, 999),
+                   seed: int = 0) -> dict:
+    """A noise-aware classifier's accuracy on the held-out digits noised to each step t (one noise draw per image)."""
+    from .forward import q_sample
+
+    g = torch.Generator().manual_seed(seed)
+    device = _device_of(classifier)
+    x, y = digits_split("test")
+    out = {}
+    for t in steps:
+        xt = q_sample(x, int(t), schedule, generator=g).to(device)
+        logits = classifier(xt, torch.full((len(x),), int(t), device=device))
+        out[str(int(t))] = round((logits.argmax(1).cpu() == y).float().mean().item(), 4)
+    return {"accuracy_by_step": out, "data": f"{len(x)} held-out test images", "chance": 0.1}

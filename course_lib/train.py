@@ -139,6 +139,9 @@ for _name in MIXTURES:
 COMPARE_UNET = {"kind": "unet", "base": 16, "mults": [1, 2], "num_res": 1}
 PRESETS["digits_gan"] = replace(PRESETS["digits"], model={"net": "conv", "base": 40}, latent=32, **_GAN)
 PRESETS["digits_vae"] = replace(PRESETS["digits"], model={"net": "conv", "base": 24}, latent=32, **_VAE)
+# Lesson 6: the noise-aware classifier that guides the unconditional digits model (same schedule as PRESETS["digits"])
+PRESETS["digits_noisy_classifier"] = TrainConfig(data="digits", family="classifier", schedule="cosine", batch_size=128,
+                                                 model={"kind": "noisy_classifier", "base": 32}, lr=1e-3, steps=4_000)
 
 
 def preset(name: str, **overrides) -> TrainConfig:

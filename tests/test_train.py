@@ -17,7 +17,12 @@ def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
 
 
-@pytest.mark.parametrize("cfg", [TINY_MLP, TINY_UNET], ids=["mlp-ring8", "unet-digits-conditional"])
+TINY_CLASSIFIER = dict(data="digits", family="classifier", batch_size=8, steps=10, warmup=2,
+                       model={"kind": "noisy_classifier", "base": 8})
+
+
+@pytest.mark.parametrize("cfg", [TINY_MLP, TINY_UNET, TINY_CLASSIFIER],
+                         ids=["mlp-ring8", "unet-digits-conditional", "noisy-classifier-digits"])
 def test_resumed_training_is_bit_for_bit_the_uninterrupted_run(tmp_path, cfg):
     config = TrainConfig(**cfg)
     straight = Trainer(config).train(progress=False)

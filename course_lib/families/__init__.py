@@ -3,18 +3,20 @@ and its training step, so adding a family (flow matching, a text model) adds a f
 
 - diffusion.py: one denoiser trained on the simple loss (lesson 2);
 - gan.py: a generator and a discriminator, `d_steps` discriminator updates per generator update (lesson 4);
-- vae.py: an encoder and a decoder trained together on the ELBO (lesson 4).
+- vae.py: an encoder and a decoder trained together on the ELBO (lesson 4);
+- classifier.py: a noise-aware classifier p(y | x_t, t) for classifier guidance (lesson 6).
 """
 from __future__ import annotations
 
 from .base import Family
+from .classifier import ClassifierFamily, ClassifierOptions
 from .diffusion import DiffusionFamily, DiffusionOptions
 from .gan import GANFamily, GANOptions
 from .vae import VAEFamily, VAEOptions
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (DiffusionFamily(), GANFamily(), VAEFamily())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (DiffusionFamily(), GANFamily(), VAEFamily(), ClassifierFamily())}
 
-__all__ = ["FAMILIES", "Family", "family", "DiffusionFamily", "DiffusionOptions", "GANFamily", "GANOptions",
+__all__ = ["FAMILIES", "Family", "family", "ClassifierFamily", "ClassifierOptions", "DiffusionFamily", "DiffusionOptions", "GANFamily", "GANOptions",
            "VAEFamily", "VAEOptions"]
 
 

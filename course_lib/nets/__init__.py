@@ -11,15 +11,17 @@ from torch import nn
 from .blocks import ConvDecoder, ConvEncoder, ResMLP, check_data_shape, timestep_embedding
 from .gan import Discriminator, Generator
 from .mlp import TimeMLP
+from .noisy_classifier import NoisyClassifier
 from .unet import ResBlock, SelfAttention, UNet
 from .vae import VAE
 
 # kind -> class. A new network registers here (and its module imports only torch, .blocks and the math it uses).
-MODELS = {"mlp": TimeMLP, "unet": UNet, "generator": Generator, "discriminator": Discriminator, "vae": VAE}
+MODELS = {"mlp": TimeMLP, "unet": UNet, "generator": Generator, "discriminator": Discriminator, "vae": VAE,
+          "noisy_classifier": NoisyClassifier}
 DENOISERS = ("mlp", "unet")  # the kinds a diffusion model may use
 
 __all__ = ["MODELS", "DENOISERS", "build_model", "count_parameters", "describe", "TimeMLP", "UNet", "ResBlock",
-           "SelfAttention", "Generator", "Discriminator", "VAE", "ResMLP", "ConvEncoder", "ConvDecoder",
+           "SelfAttention", "NoisyClassifier", "Generator", "Discriminator", "VAE", "ResMLP", "ConvEncoder", "ConvDecoder",
            "check_data_shape", "timestep_embedding"]
 
 
