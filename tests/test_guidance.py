@@ -157,3 +157,25 @@ def test_the_noise_aware_classifier_family_learns_digits_and_is_at_chance_on_pur
         TrainConfig(data="ring8", family="classifier")
     with pytest.raises(ValueError, match="noisy_classifier"):
         TrainConfig(data="digits", family="classifier")  # the loop's default model is a 2D MLP
+
+
+def test_the_guidance_benchmark_records_every_configuration_and_guidance_raises_label_accuracy(monkeypatch, tmp_path):
+    import json
+
+    from course_lib.bench import guidance as G
+    from course_lib.cli import main
+
+    monkeypatch.setattr(G, "QUICK_SCALES", {"cfg": (0.0, 3.0), "classifier": (4.0,)})
+    records = G.bench_guidance(quick=True, samples=40, progress=lambda s: None)
+    assert [(r["method"], r["scale"]) for r in records] == [("cfg", 0.0), ("cfg", 3.0), ("classifier", 4.0)]
+    assert all(set(r) == set(G.RECORD_KEYS) and r["nfe"] == 10 and r["samples"] == 40 for r in records)
+    acc = {(r["method"], r["scale"]): r["label_accuracy"] for r in records}
+    # 40 samples: unguided (w = 0) labels match by chance (0.1, standard error 0.05); guided ones nearly always
+    assert acc[("cfg", 0.0)] < 0.35 and acc[("cfg", 3.0)] > 0.85 and acc[("classifier", 4.0)] > 0.85
+    out = tmp_path / "g.json"
+    assert main(["bench", "guidance", "--quick", "--samples", "10", "--json", str(out)]) == 0
+    assert len(json.loads(out.read_text())) == 3
+    assert main(["bench", "guidance", "--quick", "--json", str(out)]) == 2  # never overwrites without --force
+    assert main(["bench", "guidance", "--quick", "--seeds", "1", "1"]) == 2
+    with pytest.raises(ValueError, match="method must be one of"):
+        G.guided("sag", 1.0, {"digits_cond": None})
