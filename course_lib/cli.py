@@ -156,8 +156,8 @@ def _bench_guidance(args) -> int:
 
     if args.seeds is not None and (len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0):
         raise ValueError(f"--seeds must be distinct non-negative ints, got {args.seeds}")
-    if args.samples is not None and args.samples < 10:
-        raise ValueError(f"--samples must be at least 10, got {args.samples}")
+    if args.samples is not None and args.samples < 20:
+        raise ValueError(f"--samples must be at least 20 (two per class), got {args.samples}")
     return main_guidance(args.quick, args.json, args.samples, args.force, args.seeds)
 
 

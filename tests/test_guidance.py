@@ -173,9 +173,10 @@ def test_the_guidance_benchmark_records_every_configuration_and_guidance_raises_
     # 40 samples: unguided (w = 0) labels match by chance (0.1, standard error 0.05); guided ones nearly always
     assert acc[("cfg", 0.0)] < 0.35 and acc[("cfg", 3.0)] > 0.85 and acc[("classifier", 4.0)] > 0.85
     out = tmp_path / "g.json"
-    assert main(["bench", "guidance", "--quick", "--samples", "10", "--json", str(out)]) == 0
+    assert main(["bench", "guidance", "--quick", "--samples", "20", "--json", str(out)]) == 0
     assert len(json.loads(out.read_text())) == 3
     assert main(["bench", "guidance", "--quick", "--json", str(out)]) == 2  # never overwrites without --force
     assert main(["bench", "guidance", "--quick", "--seeds", "1", "1"]) == 2
+    assert main(["bench", "guidance", "--quick", "--samples", "19"]) == 2
     with pytest.raises(ValueError, match="method must be one of"):
         G.guided("sag", 1.0, {"digits_cond": None})

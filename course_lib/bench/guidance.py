@@ -58,6 +58,8 @@ def bench_guidance(quick: bool = False, samples: int | None = None, seeds=None, 
     from ..samplers import sample, steps_for_nfe
 
     n = samples or (200 if quick else 1000)
+    if not isinstance(n, int) or n < 20:
+        raise ValueError(f"samples must be an int of at least 20 (two per class, for the per-class diversity), got {n!r}")
     seeds = seeds or ((0,) if quick else (0, 1, 2))
     nfe = nfe or (10 if quick else 20)
     models = {"digits": load_pretrained("digits"), "digits_cond": load_pretrained("digits_cond"),
