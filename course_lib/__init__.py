@@ -9,6 +9,11 @@ __all__ = ["check", "progress", "budget", "get_device", "is_quick", "seed_everyt
 SHIPPED_MODELS = ("ring8", "grid25", "digits", "digits_cond", "digits_classifier", "digits_noisy_classifier")
 
 
+from . import _moved  # noqa: E402
+
+_moved.install()  # the module names of earlier releases (course_lib.models, ...) still import
+
+
 def __getattr__(name: str):
     """budget, get_device, is_quick and seed_everything come from course_lib.runtime, imported on first use."""
     if name in ("budget", "get_device", "is_quick", "seed_everything"):

@@ -23,3 +23,14 @@ def r1_penalty(disc: nn.Module, real: torch.Tensor) -> torch.Tensor:
     real = real.detach().requires_grad_(True)
     (grad,) = torch.autograd.grad(disc(real).sum(), real, create_graph=True)
     return grad.pow(2).flatten(1).sum(1).mean()
+
+
+def __getattr__(name: str):
+    """The networks lived here in earlier releases; they are in course_lib.nets.gan now (still importable from here)."""
+    if name in ("Generator", "Discriminator"):
+        from ._moved import moved_warning
+        from .nets import gan as nets_gan
+
+        moved_warning(f"course_lib.gan.{name}", f"course_lib.nets.gan.{name}")
+        return getattr(nets_gan, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

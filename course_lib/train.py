@@ -358,3 +358,14 @@ def plot_losses(losses, ax=None, window: int = 100, title: str | None = None):
     ax.set(yscale="log", xlabel="optimizer step", ylabel="training loss", title=title)
     ax.legend(frameon=False)
     return ax
+
+
+def __getattr__(name: str):
+    """sample_quality and held_out_likelihood lived here in earlier releases; they are in course_lib.evaluate now."""
+    if name in ("sample_quality", "held_out_likelihood"):
+        from . import evaluate
+        from ._moved import moved_warning
+
+        moved_warning(f"course_lib.train.{name}", f"course_lib.evaluate.{name}")
+        return getattr(evaluate, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -44,3 +44,14 @@ def elbo(vae, x: torch.Tensor, beta: float = 1.0, levels: int | None = None, n_z
         recon = recon + gaussian_log_likelihood(x, mean, log_scale, levels) / n_z
     kl = kl_to_standard_normal(mu, logvar)
     return {"elbo": recon - beta * kl, "reconstruction": recon, "kl": kl}
+
+
+def __getattr__(name: str):
+    """The networks lived here in earlier releases; they are in course_lib.nets.vae now (still importable from here)."""
+    if name in ("VAE", "LOG_SCALE_RANGE"):
+        from ._moved import moved_warning
+        from .nets import vae as nets_vae
+
+        moved_warning(f"course_lib.vae.{name}", f"course_lib.nets.vae.{name}")
+        return getattr(nets_vae, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

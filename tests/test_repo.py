@@ -219,3 +219,45 @@ def test_modules_stay_short_unless_they_are_one_idea():
     long = {_module_name(p): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
     long = {m: n for m, n in long.items() if n > 420}
     assert set(long) <= LONG_BUT_ONE_IDEA, long
+
+
+# every `course_lib` import line of the student lessons as released before the package layout (commit ce8a723), and
+# the attributes those lessons read from the two modules that became packages: a learner's saved copy still runs
+OLD_IMPORTS = """
+from course_lib import bench, check, progress, runtime
+from course_lib import check, compare, metrics, progress, runtime
+from course_lib import kernels as K
+from course_lib import triton_kernels
+from course_lib.bench import Judge
+from course_lib.bench_kernels import copy_bandwidth, load_json, summary_lines, time_ms
+from course_lib.bench_kernels import main_kernels
+from course_lib.graphs import LoopSampler
+from course_lib.models import TimeMLP, UNet, describe
+from course_lib.profiling import profile_ops
+from course_lib.train import Trainer, plot_losses, preset, sample_quality
+from course_lib.gan import Generator, Discriminator
+from course_lib.vae import VAE
+from course_lib.release import release
+[bench.SEEDS_FULL, bench.aggregate, bench.bench_samplers, bench.fewest_table, bench.pivot, bench.plot_frontier,
+ bench.reference, bench.targets]
+[compare.BUDGET, compare.COMPARE_DATASETS, compare.FAMILY_NAMES, compare.claims, compare.compare_config,
+ compare.format_summary, compare.generate, compare.load_compared, compare.shipped_records, compare.summarize]
+import course_lib.nets, course_lib.evaluate, course_lib.bench.samplers
+assert TimeMLP is course_lib.nets.TimeMLP and sample_quality is course_lib.evaluate.sample_quality
+assert Judge is course_lib.bench.samplers.Judge
+"""
+
+
+def test_the_module_names_of_the_previous_release_still_import_and_say_where_they_moved():
+    code = ("import warnings\nwarnings.simplefilter('always')\nwith warnings.catch_warnings(record=True) as w:\n"
+            + "".join(f"    {line}\n" for line in OLD_IMPORTS.strip().splitlines())
+            + "print('\\n'.join(str(x.message) for x in w if x.category is FutureWarning))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr
+    for old, new in [("course_lib.models", "course_lib.nets"), ("course_lib.graphs", "course_lib.kernels.graphs"),
+                     ("course_lib.train.sample_quality", "course_lib.evaluate.sample_quality"),
+                     ("course_lib.bench.Judge", "course_lib.bench.samplers.Judge"),
+                     ("course_lib.gan.Generator", "course_lib.nets.gan.Generator")]:
+        assert f"{old} is now {new}" in out.stdout, (old, out.stdout)
+    with pytest.raises(ImportError):
+        __import__("course_lib.no_such_module")

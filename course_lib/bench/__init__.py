@@ -1,0 +1,17 @@
+"""The benchmarks behind `python -m course_lib bench ...`: samplers (lesson 3), compare (lesson 4), kernels (lesson 5),
+guidance (lesson 6). Each prints a table and, with --json, writes flat records; the shipped ones are in data/."""
+from __future__ import annotations
+
+
+def __getattr__(name: str):
+    """Earlier releases had the sampler benchmark here (`from course_lib import bench; bench.targets(...)`,
+    `from course_lib.bench import Judge`): its names still resolve, to course_lib.bench.samplers."""
+    import importlib
+
+    samplers = importlib.import_module(".samplers", __name__)
+    if name.startswith("__") or not hasattr(samplers, name):
+        raise AttributeError(f"module 'course_lib.bench' has no attribute {name!r}")
+    from .._moved import moved_warning
+
+    moved_warning(f"course_lib.bench.{name}", f"course_lib.bench.samplers.{name}")
+    return getattr(samplers, name)
