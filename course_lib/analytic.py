@@ -51,11 +51,11 @@ def mixture_denoiser(mixture):
     from .samplers import Denoiser
 
     modes, s2 = mixture.modes.double(), float(mixture.std) ** 2
+    logits = mixture_class_logits(mixture)
 
     def fn(x, sigma):
         m = modes.to(x.device, x.dtype)
-        logits = -((x[:, None, :] - m[None]) ** 2).sum(-1) / (2 * (s2 + sigma**2))
-        r = torch.softmax(logits, dim=1)  # (B, K)
+        r = torch.softmax(logits(x, sigma), dim=1)  # (B, K): p(mode | x), Bayes with equal weights
         shrink = s2 / (s2 + sigma**2)
         return (r[..., None] * (m[None] + shrink * (x[:, None, :] - m[None]))).sum(1)
 

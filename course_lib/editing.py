@@ -10,12 +10,7 @@ import math
 
 import torch
 
-from .losses import posterior_coefficients
-from .samplers import SAMPLERS, as_denoiser, check_sigmas
-
-
-def _ab(sigma: float) -> float:
-    return 1.0 / (1.0 + sigma * sigma)
+from .samplers import SAMPLERS, ancestral_step, as_denoiser, check_sigmas
 
 
 @torch.no_grad()
@@ -53,13 +48,7 @@ def inpaint(denoiser, known: torch.Tensor, mask: torch.Tensor, sigmas, resample:
         for r in range(resample):
             if keep.any():
                 x = torch.where(keep, known + s * draw(known), x)
-            x0 = den(x, s, **model_kwargs)
-            if s_next == 0:
-                x = x0
-            else:  # x_s ~ q(x_s | x_t, x0), written in the sigma view
-                ab_t, ab_s = torch.tensor(_ab(s), dtype=torch.float64), torch.tensor(_ab(s_next), dtype=torch.float64)
-                c_x0, c_xt, var = (float(c) for c in posterior_coefficients(ab_t, ab_s))
-                x = (c_x0 * x0 + c_xt * x * math.sqrt(_ab(s)) + math.sqrt(var) * draw(x)) / math.sqrt(_ab(s_next))
+            x = ancestral_step(x, den(x, s, **model_kwargs), s, s_next, "posterior", generator)
             if r < resample - 1:  # back to level s: x0 + s eps from x0 + s_next eps adds variance s^2 - s_next^2
                 x = x + math.sqrt(s * s - s_next * s_next) * draw(x)
     return torch.where(keep, known, x)

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .samplers import Denoiser, as_denoiser
+from .samplers import Denoiser, as_denoiser, timesteps_for_sigma
 
 
 def _labels(y, x: torch.Tensor, null_label: int) -> torch.Tensor:
@@ -103,17 +103,12 @@ def classifier_log_prob(classifier, schedule=None):
 
     `classifier` is either fn(x, sigma) -> logits already in that view (course_lib.analytic's exact ones), or a
     noise-aware network clf(x_t, t) -> logits trained in the alpha-bar view of `schedule` (x_t = sqrt(ab) x)."""
-    from .samplers import sigma_to_t
-
     if schedule is None:
         return lambda x, sigma: torch.log_softmax(classifier(x, sigma), dim=1)
 
     def fn(x, sigma):
-        ab = 1.0 / (1.0 + sigma * sigma)
-        t = sigma_to_t(schedule, sigma)
-        t = round(t) if abs(t - round(t)) < 1e-6 else t
-        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long if isinstance(t, int) else torch.float32)
-        return torch.log_softmax(classifier(x * math.sqrt(ab), tt), dim=1)
+        x_t = x * math.sqrt(1.0 / (1.0 + sigma * sigma))  # the same point in the alpha-bar view
+        return torch.log_softmax(classifier(x_t, timesteps_for_sigma(schedule, sigma, x)), dim=1)
 
     return fn
 

@@ -78,6 +78,14 @@ def sigma_to_t(schedule: NoiseSchedule, sigma: float) -> float:
     return lo + w
 
 
+def timesteps_for_sigma(schedule: NoiseSchedule, sigma: float, x: torch.Tensor) -> torch.Tensor:
+    """The (B,) timesteps a network trained on `schedule` gets for noise level sigma: integers on the grid (as in
+    training), fractional between grid points (sigma_to_t)."""
+    t = sigma_to_t(schedule, sigma)
+    t = round(t) if abs(t - round(t)) < 1e-6 else t
+    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long if isinstance(t, int) else torch.float32)
+
+
 def as_denoiser(model, schedule: NoiseSchedule | None = None, prediction: str | None = None,
                 clip: float | None = None) -> Denoiser:
     """Wrap a model as D(x, sigma): a Denoiser is returned as is (or re-wrapped with clip); an eps / x0 / v model needs its schedule."""
@@ -95,10 +103,7 @@ def as_denoiser(model, schedule: NoiseSchedule | None = None, prediction: str | 
     def fn(x, sigma, **kwargs):
         ab = 1.0 / (1.0 + sigma * sigma)
         x_t = x * math.sqrt(ab)  # the same point in the alpha-bar view
-        t = sigma_to_t(schedule, sigma)
-        t = round(t) if abs(t - round(t)) < 1e-6 else t  # on the grid: an integer timestep, as in training
-        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long if isinstance(t, int) else torch.float32)
-        out = model(x_t, tt, **kwargs)
+        out = model(x_t, timesteps_for_sigma(schedule, sigma, x), **kwargs)
         # torch.full, not torch.tensor: a fill kernel, not a host-to-device copy, so the loop can be a CUDA graph
         return convert(out, prediction, "x0", x_t, torch.full((), ab, dtype=x.dtype, device=x.device))
 
@@ -158,6 +163,19 @@ def _ab(sigma: float) -> float:
     return 1.0 / (1.0 + sigma * sigma)
 
 
+def ancestral_step(x, x0, s: float, s_next: float, variance: str = "beta", generator=None):
+    """One DDPM step from level s to s_next given the estimate x0: a draw of q(x_s | x_t, x0) (Ho et al. 2020, eq. 7)
+    with the variance 'beta' (beta_{t|s} = 1 - ab_t / ab_s) or 'posterior' (beta-tilde), in the sigma view; to 0, x0."""
+    if s_next == 0:
+        return x0
+    ab_t, ab_s = torch.tensor(_ab(s), dtype=torch.float64), torch.tensor(_ab(s_next), dtype=torch.float64)
+    c_x0, c_xt, var = (float(c) for c in posterior_coefficients(ab_t, ab_s))
+    if variance == "beta":
+        var = 1 - _ab(s) / _ab(s_next)
+    x_s = c_x0 * x0 + c_xt * x * math.sqrt(_ab(s)) + math.sqrt(var) * _noise(x, generator)
+    return x_s / math.sqrt(_ab(s_next))
+
+
 @torch.no_grad()
 def sample_ancestral(denoiser, x, sigmas, variance: str = "beta", generator=None, progress=False,
                      return_trajectory=False, **model_kwargs):
@@ -171,16 +189,7 @@ def sample_ancestral(denoiser, x, sigmas, variance: str = "beta", generator=None
     sigmas = check_sigmas(sigmas)
     traj = _Trajectory(return_trajectory, x, sigmas[0])
     for i, s, s_next in _steps(sigmas, progress, "DDPM"):
-        x0 = denoiser(x, s, **model_kwargs)
-        if s_next == 0:
-            x = x0
-        else:
-            ab_t, ab_s = torch.tensor(_ab(s), dtype=torch.float64), torch.tensor(_ab(s_next), dtype=torch.float64)
-            c_x0, c_xt, var = (float(c) for c in posterior_coefficients(ab_t, ab_s))
-            if variance == "beta":
-                var = 1 - _ab(s) / _ab(s_next)
-            x_s = c_x0 * x0 + c_xt * x * math.sqrt(_ab(s)) + math.sqrt(var) * _noise(x, generator)
-            x = x_s / math.sqrt(_ab(s_next))
+        x = ancestral_step(x, denoiser(x, s, **model_kwargs), s, s_next, variance, generator)
         traj.add(x, s_next)
     return traj.result(x)
 

@@ -3,6 +3,14 @@ guidance (lesson 6). Each prints a table and, with --json, writes flat records; 
 from __future__ import annotations
 
 
+def refuse_to_overwrite(json_path, force: bool) -> None:
+    """Every benchmark's --json: an existing file is replaced only with --force."""
+    from pathlib import Path
+
+    if json_path is not None and Path(json_path).exists() and not force:
+        raise ValueError(f"{json_path} exists; pass --force to replace it (or choose another --json)")
+
+
 def __getattr__(name: str):
     """Earlier releases had the sampler benchmark here (`from course_lib import bench; bench.targets(...)`,
     `from course_lib.bench import Judge`): its names still resolve, to course_lib.bench.samplers."""

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from . import refuse_to_overwrite
+
 COMPARE_DATASETS = ("ring8", "grid25", "digits")
 FAMILY_NAMES = ("diffusion", "gan", "vae")
 # The budget is the same for every family on a dataset. Measured on 2 CPU cores, seconds per run for diffusion / GAN /
@@ -225,8 +227,7 @@ def main_compare(quick: bool, json_path=None, datasets=COMPARE_DATASETS, seeds=N
     from ..checkpoints import write_json_atomic
     from .samplers import machine
 
-    if json_path is not None and Path(json_path).exists() and not force:
-        raise ValueError(f"{json_path} exists; pass --force to replace it (or choose another --json)")
+    refuse_to_overwrite(json_path, force)
     start = time.perf_counter()
     records = bench_compare(datasets, quick=quick, seeds=seeds, samples=samples, device=device, export_to=export_to)
     print(format_summary(records))

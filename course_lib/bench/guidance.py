@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from . import refuse_to_overwrite
 from .samplers import Judge, machine
 
 SCALES = {"cfg": (0.0, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0), "cfg_interval": (2.0, 3.0, 5.0, 8.0),
@@ -122,8 +123,7 @@ def main_guidance(quick: bool, json_path=None, samples=None, force: bool = False
 
     from ..checkpoints import write_json_atomic
 
-    if json_path is not None and Path(json_path).exists() and not force:
-        raise ValueError(f"{json_path} exists; pass --force to replace it (or choose another --json)")
+    refuse_to_overwrite(json_path, force)
     start = time.perf_counter()
     records = bench_guidance(quick=quick, samples=samples, seeds=seeds)
     print(f"{'method':>12} {'scale':>6} {'label acc':>9} {'FD':>7} {'precision':>9} {'recall':>7} {'diversity':>9}")

@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from . import refuse_to_overwrite
+
 RECORD_KEYS = ("op", "size", "impl", "ms", "gbps", "fraction_of_copy_bw", "device", "max_error", "samples_per_s")
 SIZES_MB = {"cuda": (1, 4, 16, 64, 256), "cpu": (1, 4, 16)}
 QUICK_SIZES_MB = (1,)
@@ -144,8 +146,7 @@ def main_kernels(json_path=None, force: bool = False, quick: bool = False, devic
     from ..checkpoints import write_json_atomic
     from ..kernels import triton_available
 
-    if json_path and os.path.exists(json_path) and not force:
-        raise ValueError(f"{json_path} exists; pass --force to replace it")
+    refuse_to_overwrite(json_path, force)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but no CUDA GPU is available")

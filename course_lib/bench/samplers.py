@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from . import refuse_to_overwrite
+
 BENCH_DATASETS = ("ring8", "grid25", "digits")
 NFE_FULL = (50, 20, 10, 5)
 NFE_DIGITS = (20, 10, 5)  # the digits UNet costs about 0.4 s per NFE per 1,000 samples on 2 CPU cores
@@ -486,8 +488,7 @@ def main_samplers(quick: bool, json_path=None, datasets=BENCH_DATASETS, samples=
 
     from ..checkpoints import write_json_atomic
 
-    if json_path is not None and Path(json_path).exists() and not force:
-        raise ValueError(f"{json_path} exists; pass --force to replace it (or choose another --json)")
+    refuse_to_overwrite(json_path, force)
     if resume and json_path is None:
         raise ValueError("--resume continues a run saved with --json FILE; pass the same --json")
     done, on_record = [], None
