@@ -80,9 +80,17 @@ def test_the_noise_aware_classifier_reads_clean_digits_and_steers_the_unconditio
     from course_lib.guidance import classifier_guidance, load_noisy_classifier
     from course_lib.samplers import sample
 
+    from course_lib.evaluate import noisy_accuracy
+    from course_lib.schedules import NoiseSchedule
+
     log_prob = load_noisy_classifier()
-    acc = card("digits_noisy_classifier")["quality"]["accuracy_by_step"]
-    assert acc["0"] >= 0.95 and acc["999"] < 0.2 and log_prob.card["quality"]["accuracy_by_step"] == acc
+    # measured again here, not read from the card: the card must say what the shipped weights do
+    acc = noisy_accuracy(log_prob.model, NoiseSchedule.named("cosine", 1000))["accuracy_by_step"]
+    assert acc == card("digits_noisy_classifier")["quality"]["accuracy_by_step"] == log_prob.card["quality"][
+        "accuracy_by_step"]
+    # 297 held-out digits: at t = 0 the 95% floor is far below the 99.7% measured (standard error 0.003); at t = 999
+    # nothing of the image is left, and no classifier beats the largest class share (0.11) by more than chance
+    assert acc["0"] >= 0.95 and acc["999"] < 0.2
     # guided towards labels 0..9 at scale 4, judged by the other shipped classifier. Measured: 0.996 with 500 samples
     # at 20 steps; with n = 200 (standard error 0.021 at 0.9) a drop to 0.9 is far outside chance
     pre, clf = load_pretrained("digits"), load_classifier()
