@@ -77,10 +77,9 @@ def test_a_model_that_ignores_its_input_fails_the_digits_floor():
 
 
 def test_the_noise_aware_classifier_reads_clean_digits_and_steers_the_unconditional_model():
+    from course_lib.evaluate import noisy_accuracy
     from course_lib.guidance import classifier_guidance, load_noisy_classifier
     from course_lib.samplers import sample
-
-    from course_lib.evaluate import noisy_accuracy
     from course_lib.schedules import NoiseSchedule
 
     log_prob = load_noisy_classifier()
