@@ -6,7 +6,8 @@ __all__ = ["check", "progress", "budget", "get_device", "is_quick", "seed_everyt
 
 # The shipped checkpoints in data/, by name (here, not in checkpoints.py, so the command line can list them
 # without importing torch: `python -m course_lib --help` answers at once).
-SHIPPED_MODELS = ("ring8", "grid25", "digits", "digits_cond", "digits_classifier", "digits_noisy_classifier")
+SHIPPED_MODELS = ("ring8", "ring8_cond", "grid25", "digits", "digits_cond", "digits_classifier",
+                  "digits_noisy_classifier")
 
 
 from . import _moved  # noqa: E402

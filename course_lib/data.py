@@ -242,13 +242,15 @@ DATASETS = tuple(MIXTURES) + tuple(sorted(TOY_2D)) + ("digits",)
 
 
 class DataSource:
-    """Batches of training data drawn with the trainer's generator: fresh points for 2D, resampled images for digits."""
+    """Batches of training data drawn with the trainer's generator: fresh points for 2D, resampled images for digits;
+    with labels where the data has them (the digit; a mixture point's mode), else None."""
 
     def __init__(self, name: str):
         self.name = name
         self.num_classes = None
         if name in MIXTURES:
             self.mixture = MIXTURES[name]()
+            self.num_classes = len(self.mixture.modes)  # the label of a point is its mode
         if name == "digits":
             self.images, self.labels = digits_split("train")
             self.num_classes = 10
@@ -262,5 +264,5 @@ class DataSource:
             idx = torch.randint(len(self.images), (n,), generator=generator)
             return self.images[idx], self.labels[idx]
         if self.name in MIXTURES:
-            return self.mixture.sample(n, generator), None
+            return self.mixture.sample(n, generator, return_labels=True)  # the same draws as without labels
         return TOY_2D[self.name](n, generator=generator).float(), None

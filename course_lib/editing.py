@@ -13,19 +13,38 @@ import torch
 from .samplers import SAMPLERS, ancestral_step, as_denoiser, check_sigmas
 
 
+def repaint_path(n_steps: int, resample: int = 1, jump: int = 1) -> list[int]:
+    """The order in which RePaint visits noise-level indices 0 (most noise) .. n_steps (clean): down `jump` steps,
+    then back up `jump` and down again, `resample - 1` times per block (Lugmayr et al. 2022, sec. 4.2)."""
+    if not isinstance(n_steps, int) or n_steps < 1:
+        raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
+    for name, v in (("resample", resample), ("jump", jump)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    path = [0]
+    for start in range(0, n_steps, jump):
+        end = min(start + jump, n_steps)
+        passes = resample if end < n_steps else 1
+        for r in range(passes):
+            path += list(range(start + 1, end + 1))
+            if r < passes - 1:
+                path += list(range(end - 1, start - 1, -1))
+    return path
+
+
 @torch.no_grad()
-def inpaint(denoiser, known: torch.Tensor, mask: torch.Tensor, sigmas, resample: int = 1,
+def inpaint(denoiser, known: torch.Tensor, mask: torch.Tensor, sigmas, resample: int = 1, jump: int = 1,
             generator: torch.Generator | None = None, noise: torch.Tensor | None = None, schedule=None,
             **model_kwargs) -> torch.Tensor:
     """Fill in where mask is 0, keeping `known` where mask is 1, with DDPM posterior steps (Ho et al. 2020, eq. 7).
 
-    Before each step the known region is replaced by `known` noised to the current level (the replacement method;
-    Song et al. 2021, app. I); with resample = r > 1 each step is repeated r times, re-noising the result back to the
-    current level in between (RePaint, Lugmayr et al. 2022, alg. 1 with jump length 1), which lets the generated
-    part agree with the known part. The result equals `known` exactly where mask is 1.
+    Before each step down the known region is replaced by `known` noised to the current level (the replacement
+    method; Song et al. 2021, app. I). With resample = r > 1, every block of `jump` steps is walked r times: after
+    each pass but the last the result is re-noised back up to the block's first level, one level at a time (RePaint,
+    Lugmayr et al. 2022, alg. 1 and sec. 4.2; they use jump 10, r 10), which lets the generated part agree with the
+    known part. The last block is not repeated (there is no noise left to harmonise with). Costs about r times the
+    evaluations of replacement. The result equals `known` exactly where mask is 1.
     """
-    if not isinstance(resample, int) or resample < 1:
-        raise ValueError(f"resample must be a positive int, got {resample!r}")
     if not isinstance(known, torch.Tensor) or not known.is_floating_point():
         raise TypeError(f"known must be a floating-point tensor, got {type(known).__name__}")
     mask = torch.as_tensor(mask, device=known.device)
@@ -38,19 +57,20 @@ def inpaint(denoiser, known: torch.Tensor, mask: torch.Tensor, sigmas, resample:
     keep = mask.bool()
     den = as_denoiser(denoiser, schedule)
     sigmas = check_sigmas(sigmas)
+    path = repaint_path(len(sigmas) - 1, resample, jump)
 
     def draw(like):
         return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
 
     x = (noise.to(known) if noise is not None else draw(known)) * math.sqrt(1 + float(sigmas[0]) ** 2)
-    for i in range(len(sigmas) - 1):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        for r in range(resample):
+    for a, b in zip(path[:-1], path[1:]):
+        s, s_next = float(sigmas[a]), float(sigmas[b])
+        if b > a:  # down one level: put the known part in at this level, then one posterior step
             if keep.any():
                 x = torch.where(keep, known + s * draw(known), x)
             x = ancestral_step(x, den(x, s, **model_kwargs), s, s_next, "posterior", generator)
-            if r < resample - 1:  # back to level s: x0 + s eps from x0 + s_next eps adds variance s^2 - s_next^2
-                x = x + math.sqrt(s * s - s_next * s_next) * draw(x)
+        else:  # back up one level: x0 + s eps from x0 + s_next eps... here s < s_next: add variance s_next^2 - s^2
+            x = x + math.sqrt(s_next * s_next - s * s) * draw(x)
     return torch.where(keep, known, x)
 
 

@@ -45,13 +45,23 @@ def sample_quality(model, schedule: NoiseSchedule, config: dict, n: int = 2000, 
         if kwargs:
             out["label_accuracy"] = (clf(x).argmax(1) == kwargs["y"].cpu()).float().mean().item()
     else:
+        mixture = MIXTURES[data]() if data in MIXTURES else None
+        conditional = bool(config.get("conditional")) and mixture is not None
+        kwargs = {"y": (torch.arange(n) % len(mixture.modes)).to(device)} if conditional else {}
         x = sample_ddpm(model, torch.randn(n, 2, generator=g).to(device), schedule, ts, generator=g,
-                        progress=progress).cpu()
+                        progress=progress, **kwargs).cpu()
         out = {}
-        if data in MIXTURES:
-            mixture = MIXTURES[data]()
+        if mixture is not None:
             out = {"hq_fraction": hq_fraction(x, mixture), "modes_covered": modes_covered(x, mixture),
                    "modes": len(mixture.modes)}
+        if conditional:  # the label is the mode: how often the nearest mode is the one asked for; and the same
+            # network without labels (its 'no label' index), the unconditional model that guidance needs
+            from .metrics import nearest_mode
+
+            out["label_accuracy"] = (nearest_mode(x, mixture)[0] == kwargs["y"].cpu()).float().mean().item()
+            x_unc = sample_ddpm(model, torch.randn(n, 2, generator=g).to(device), schedule, ts, generator=g).cpu()
+            out["no_label"] = {"hq_fraction": hq_fraction(x_unc, mixture),
+                               "modes_covered": modes_covered(x_unc, mixture)}
     out.update(samples=n, sampler=f"DDPM ancestral, {len(ts) if ts else schedule.T} steps",
                sample_seconds=round(time.perf_counter() - start, 2))
     if return_samples:
@@ -68,16 +78,21 @@ def held_out_likelihood(model, schedule: NoiseSchedule, config: dict, n: int = 2
 
     g = torch.Generator().manual_seed(seed)
     device = _device_of(model)
+    kwargs = {}
     if config["data"] == "digits":
         x = digits_split("test")[0].to(device)
         levels, key, unit = DIGITS_LEVELS, "bits_per_dim", "bits/dim"
     else:
-        x = DataSource(config["data"]).sample(n, g)[0].to(device)
-        levels, key, unit = None, "total", "nats per point"
-    out = {"unit": unit, "data": f"{len(x)} held-out {'test images' if levels else 'fresh points'}",
+        x, y = DataSource(config["data"]).sample(n, g)
+        x, levels, key, unit = x.to(device), None, "total", "nats per point"
+        if config.get("conditional") and y is not None:  # the bound of p(x | y), at the points' own labels
+            kwargs = {"y": y.to(device)}
+    out = {"unit": unit, "data": f"{len(x)} held-out {'test images' if levels else 'fresh points'}"
+                                 + (", each given its mode as the label" if kwargs else ""),
            "timesteps": "all" if n_t is None else f"{n_t} random per sample"}
     for variance in ("beta", "posterior"):
-        vals = variational_bound(model, x, schedule, variance=variance, levels=levels, n_t=n_t, generator=g)[key]
+        vals = variational_bound(model, x, schedule, variance=variance, levels=levels, n_t=n_t, generator=g,
+                                 **kwargs)[key]
         out[f"nll_bound_{variance}"] = round(vals.mean().item(), 4)
         out[f"nll_bound_{variance}_stderr"] = round(vals.std().item() / math.sqrt(len(vals)), 4)
     return out

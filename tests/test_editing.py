@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from course_lib.editing import inpaint, sdedit
+from course_lib.editing import inpaint, repaint_path, sdedit
 from course_lib.samplers import Denoiser, karras_sigmas, sample_ancestral
 
 # 2D Gaussian data, std 0.5 per coordinate, correlation 0.8: given x1 = a, x2 ~ N(0.8 a, (1 - 0.64) 0.25)
@@ -48,6 +48,30 @@ def test_repaint_samples_the_true_conditional_where_replacement_does_not():
     assert gap[10] < 0.25 * gap[1] and gap[10] < 0.03  # RePaint's resampling closes most of the gap
 
 
+@pytest.mark.parametrize("n, r, jump", [(1, 1, 1), (7, 1, 3), (7, 3, 1), (10, 4, 3), (9, 2, 9), (6, 5, 2)])
+def test_repaint_visits_each_block_resample_times_one_level_at_a_time(n, r, jump):
+    path = repaint_path(n, r, jump)
+    assert path[0] == 0 and path[-1] == n and all(abs(b - a) == 1 for a, b in zip(path, path[1:]))
+    downs = [(a, b) for a, b in zip(path, path[1:]) if b > a]
+    last = n - (n - 1) // jump * jump  # the size of the last block, which is walked once (nothing left to harmonise)
+    assert len(downs) == r * (n - last) + last
+    for i in range(n):  # step i -> i + 1 is taken r times, once if it is in the last block
+        assert downs.count((i, i + 1)) == (1 if i >= n - last else r)
+    ups = [(a, b) for a, b in zip(path, path[1:]) if b < a]
+    assert all(max(a, b) <= n - last for a, b in ups)  # never re-noised from the last block
+
+
+def test_repaint_with_jumps_also_conditions_the_generated_part():
+    # the same statistics as above (n = 4,000; standard error 0.005): jumps of 5 levels, 10 passes each
+    n, a = 4000, 0.6
+    known = torch.zeros(n, 2, dtype=torch.float64)
+    known[:, 0] = a
+    mask, sig = torch.tensor([1.0, 0.0], dtype=torch.float64), karras_sigmas(100, 0.002, 20.0)
+    x = inpaint(_gaussian_denoiser(), known, mask, sig, resample=10, jump=5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(x[:, 0], known[:, 0])
+    assert abs(x[:, 1].mean().item() - 0.8 * a) < 0.03
+
+
 def test_sdedit_trades_faithfulness_for_realism_as_sigma_start_grows():
     far = torch.full((2000, 2), 3.0, dtype=torch.float64)  # an input far from the data (12 standard deviations out)
     sig = karras_sigmas(30, 0.002, 20.0)
@@ -68,6 +92,8 @@ def test_bad_inputs_are_refused():
         inpaint(den, known, torch.zeros(3), sig)
     with pytest.raises(ValueError, match="resample"):
         inpaint(den, known, torch.zeros(2), sig, resample=0)
+    with pytest.raises(ValueError, match="jump"):
+        inpaint(den, known, torch.zeros(2), sig, jump=0)
     with pytest.raises(ValueError, match="sigma_start"):
         sdedit(den, known, 0.0001, sig)
     with pytest.raises(ValueError, match="sampler must be one of"):

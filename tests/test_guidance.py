@@ -180,3 +180,45 @@ def test_the_guidance_benchmark_records_every_configuration_and_guidance_raises_
     assert main(["bench", "guidance", "--quick", "--samples", "19"]) == 2
     with pytest.raises(ValueError, match="method must be one of"):
         G.guided("sag", 1.0, {"digits_cond": None})
+    with pytest.raises(ValueError, match="unknown method"):
+        G.bench_guidance(samples=20, scales={"sag": (1.0,)})
+    # the per-class FD is the mean of the per-class FDs (checked against metrics directly on two classes)
+    from course_lib.metrics import frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    feats, real = torch.randn(40, 3, generator=g), torch.randn(60, 3, generator=g) + 1
+    labels, real_labels = torch.arange(40) % 2, torch.arange(60) % 2
+    want = sum(frechet_distance(feats[labels == c], real[real_labels == c]) for c in (0, 1)) / 2
+    assert G.fd_per_class(feats, labels, real, real_labels) == pytest.approx(want)
+
+
+def test_a_mixture_source_labels_each_point_with_its_mode_and_draws_the_same_points_as_before():
+    from course_lib.data import DataSource
+    from course_lib.train import TrainConfig
+
+    src = DataSource("ring8")
+    x, y = src.sample(500, torch.Generator().manual_seed(0))
+    assert src.num_classes == 8 and y.shape == (500,) and y.dtype == torch.long
+    assert torch.equal(x, ring_of_gaussians().sample(500, torch.Generator().manual_seed(0)))  # unconditional runs unchanged
+    # std 0.05 against modes 0.77 apart: a point is nearest its own mode unless 7.6 std out (never, at n = 500)
+    assert torch.equal(torch.cdist(x, ring_of_gaussians().modes).argmin(1), y)
+    with pytest.raises(ValueError, match="labelled data"):
+        TrainConfig(data="two_moons", conditional=True)
+
+
+def test_the_guided_loop_harness_counts_its_budget_and_refuses_bad_labels():
+    from course_lib.grading import harnesses as H
+
+    def greedy(denoise, x, sigmas, y, scale):  # three evaluations per step: over the budget of two
+        for s in sigmas[:-1].tolist():
+            denoise(x, s, y), denoise(x, s), denoise(x, s)
+        return x
+
+    with pytest.raises(H.BudgetExceeded, match="budget"):
+        H.guided_sampling(greedy, seed=0, angle=0.0, scale=3.0, nfe=5, sigma_max=10.0, sigma_min=0.02)
+    with pytest.raises(ValueError, match="integer labels"):
+        H.guided_sampling(lambda denoise, x, sigmas, y, scale: denoise(x, 1.0, y.float()), seed=0, angle=0.0,
+                          scale=3.0, nfe=5, sigma_max=10.0, sigma_min=0.02)
+    out = H.guided_sampling(lambda denoise, x, sigmas, y, scale: denoise(x, float(sigmas[-2]), y), seed=0, angle=0.0,
+                            scale=3.0, nfe=5, sigma_max=10.0, sigma_min=0.02)
+    assert set(out) == {"labels", "samples_1", "samples_w"} and out["samples_1"].shape == (H.SAMPLE_POINTS, 2)

@@ -6,7 +6,9 @@ sampler (DPM-Solver++(2M)) on the same noise levels (the digits model's tuned on
 noise, labels 0..9 in turn. Each record: label accuracy (by the shipped clean
 digits classifier, which the guidance never sees), FD / precision / recall against the real training digits in that
 classifier's features (course_lib.bench.samplers.Judge), and per-class diversity (the trace of the feature covariance
-within each requested class, over the real digits' of that class: 1 is as varied as the data).
+within each requested class, over the real digits' of that class: 1 is as varied as the data) and the FD to the real
+digits of the requested class, averaged over classes (`fd_per_class`; at 100 samples per class in 128 features it is
+biased upward, so compare it only between records of the same size).
 """
 from __future__ import annotations
 
@@ -17,13 +19,13 @@ import torch
 from . import refuse_to_overwrite
 from .samplers import Judge, machine
 
-SCALES = {"cfg": (0.0, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0), "cfg_interval": (2.0, 3.0, 5.0, 8.0),
+SCALES = {"cfg": (0.0, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 8.0), "cfg_interval": (2.0, 3.0, 5.0, 8.0),
           "cfg_rescale": (3.0, 5.0, 8.0), "classifier": (0.0, 1.0, 2.0, 4.0, 8.0)}
 QUICK_SCALES = {"cfg": (0.0, 1.0, 3.0), "cfg_interval": (3.0,), "cfg_rescale": (3.0,), "classifier": (0.0, 2.0)}
 INTERVAL = (0.3, 3.0)  # guidance only in the middle of the digits model's range (0.006 .. 157); see the lesson's sweep
 RESCALE = 0.7  # Lin et al. (2024) use 0.7
 RECORD_KEYS = ("dataset", "method", "scale", "interval", "rescale", "nfe", "seed", "samples", "label_accuracy", "fd",
-               "fd_at_test_n", "precision", "recall", "class_coverage", "diversity", "seconds")
+               "fd_at_test_n", "fd_per_class", "precision", "recall", "class_coverage", "diversity", "seconds")
 
 
 def guided(method: str, scale: float, models: dict):
@@ -50,13 +52,37 @@ def diversity(feats: torch.Tensor, labels: torch.Tensor, real_feats: torch.Tenso
     return sum(ratios) / len(ratios)
 
 
+def fd_per_class(feats: torch.Tensor, labels: torch.Tensor, real_feats: torch.Tensor, real_labels: torch.Tensor) -> float:
+    """Mean over the requested classes c of FD(samples asked to be c, real digits of class c)."""
+    from ..metrics import frechet_distance
+
+    fds = [frechet_distance(feats[labels == c], real_feats[real_labels == c]) for c in labels.unique()
+           if int((labels == c).sum()) > 1]
+    return sum(fds) / len(fds)
+
+
+def digits_sigmas(nfe: int, sampler: str = "dpmpp_2m") -> torch.Tensor:
+    """The noise levels every guided digits sampler uses here: the unconditional digits model's tuned ones for this
+    sampler and NFE (digits_cond has the same schedule but no tuned levels of its own; untuned Karras levels over its
+    whole range would handicap classifier-free guidance at low NFE)."""
+    from ..checkpoints import load_pretrained
+    from ..samplers import steps_for_nfe
+    from ..step_schedules import default_sigmas
+
+    unc = load_pretrained("digits")
+    den_sigmas = unc.schedule.sigmas
+    return default_sigmas(steps_for_nfe(sampler, nfe), nfe, sampler, unc.schedule, float(den_sigmas[0]),
+                          float(den_sigmas[-1]), unc.model.sampling)[0]
+
+
 def bench_guidance(quick: bool = False, samples: int | None = None, seeds=None, nfe: int | None = None,
-                   progress=print) -> list[dict]:
-    """Every method at every scale: one flat record per (method, scale, seed)."""
+                   progress=print, scales: dict | None = None) -> list[dict]:
+    """Every method at every scale (SCALES, QUICK_SCALES, or `scales`: method -> scales): one flat record per
+    (method, scale, seed)."""
     from ..checkpoints import load_pretrained
     from ..data import digits_split
     from ..guidance import load_noisy_classifier
-    from ..samplers import sample, steps_for_nfe
+    from ..samplers import sample
 
     n = samples or (200 if quick else 1000)
     if not isinstance(n, int) or n < 20:
@@ -70,18 +96,14 @@ def bench_guidance(quick: bool = False, samples: int | None = None, seeds=None, 
     with torch.no_grad():
         real_feats = judge.clf.features(real_x)
     y = torch.arange(n) % 10
-    # one set of noise levels for every method: the unconditional digits model's tuned levels for this sampler and
-    # NFE (digits_cond has the same schedule but no tuned levels of its own; untuned Karras levels over its whole
-    # range would handicap classifier-free guidance at low NFE)
-    from ..step_schedules import default_sigmas
-
-    unc = models["digits"]
-    den_sigmas = unc.schedule.sigmas
-    sigmas, _ = default_sigmas(steps_for_nfe("dpmpp_2m", nfe), nfe, "dpmpp_2m", unc.schedule, float(den_sigmas[0]),
-                               float(den_sigmas[-1]), unc.model.sampling)
+    sigmas = digits_sigmas(nfe)  # one set of noise levels for every method
     records = []
-    for method, scales in (QUICK_SCALES if quick else SCALES).items():
-        for scale in scales:
+    scales = scales or (QUICK_SCALES if quick else SCALES)
+    unknown = set(scales) - set(SCALES)
+    if unknown:
+        raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {sorted(SCALES)}")
+    for method, method_scales in scales.items():
+        for scale in method_scales:
             for seed in seeds:
                 noise = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
                 start = time.perf_counter()
@@ -95,7 +117,8 @@ def bench_guidance(quick: bool = False, samples: int | None = None, seeds=None, 
                        "interval": list(INTERVAL) if method == "cfg_interval" else None,
                        "rescale": RESCALE if method == "cfg_rescale" else 0.0, "nfe": nfe, "seed": seed, "samples": n,
                        "label_accuracy": round((pred == y).float().mean().item(), 4),
-                       "diversity": round(diversity(feats, y, real_feats, real_y), 4), "seconds": round(seconds, 2),
+                       "diversity": round(diversity(feats, y, real_feats, real_y), 4),
+                       "fd_per_class": round(fd_per_class(feats, y, real_feats, real_y), 4), "seconds": round(seconds, 2),
                        **scores}
                 records.append({k: rec.get(k) for k in RECORD_KEYS})
                 progress(f"{method:>12} scale {scale:>4}: label acc {rec['label_accuracy']:.3f}, FD {rec['fd']:.1f}, "
@@ -112,7 +135,7 @@ def summarize(records: list[dict]) -> list[dict]:
     out = []
     for (method, scale), rs in groups.items():
         mean = {k: round(sum(r[k] for r in rs) / len(rs), 4)
-                for k in ("label_accuracy", "fd", "precision", "recall", "diversity")}
+                for k in ("label_accuracy", "fd", "fd_per_class", "precision", "recall", "diversity") if k in rs[0]}
         out.append({"method": method, "scale": scale, "seeds": len(rs), **mean})
     return out
 

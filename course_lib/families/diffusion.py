@@ -17,7 +17,7 @@ class DiffusionOptions:
     prediction: str = "eps"             # what the network outputs: eps | x0 | v
     weighting: str = "uniform"          # loss weighting: uniform | min_snr
     gamma: float = 5.0                  # min-SNR-gamma clip
-    conditional: bool = False           # feed class labels (digits only)
+    conditional: bool = False           # feed class labels (digits; a mixture's mode)
     label_dropout: float = 0.1          # share of labels replaced by 'no label' (for classifier-free guidance)
 
     def __post_init__(self):
@@ -41,8 +41,11 @@ class DiffusionFamily(Family):
     name, Options, loss_names = "diffusion", DiffusionOptions, ("loss",)
 
     def check(self, config) -> None:
-        if config.options.conditional and config.data != "digits":
-            raise ValueError("conditional=True needs labelled data (data='digits')")
+        from ..data import MIXTURES
+
+        if config.options.conditional and config.data not in ("digits", *MIXTURES):
+            raise ValueError(f"conditional=True needs labelled data (digits, or a mixture whose label is the mode: "
+                             f"{', '.join(MIXTURES)}), got data={config.data!r}")
 
     def networks(self, config, shape, num_classes):
         o = config.options

@@ -116,3 +116,44 @@ def sample_with_loop(fn, seed: int, k: int, angle: float, sigma_max: float, sigm
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"sample_loop returned {type(out).__name__}; return the final points, a tensor")
     return {"samples": out.detach().float().clone(), "calls": torch.tensor(calls[0])}
+
+
+GUIDE_K, GUIDE_STD = 6, 0.4  # lesson 6's task: six overlapping modes, so that guidance visibly changes the labels
+
+
+def guided_sampling(fn, seed: int, angle: float, scale: float, nfe: int, sigma_max: float, sigma_min: float) -> dict:
+    """Lesson 6: the learner's guided_sample_loop(denoise, x, sigmas, y, scale), run twice from the same noise, at
+    scale 1 and at `scale`, on the exact class-conditional denoiser of a ring of GUIDE_K overlapping modes (the label
+    is the mode), from x = sigma_max * noise over `nfe` Karras steps; in each run denoise may see at most 2 * nfe
+    batches of points (a conditional and an unconditional one per step)."""
+    from ..analytic import mixture_conditional_denoiser
+    from ..step_schedules import karras_sigmas
+
+    exact = mixture_conditional_denoiser(task_mixture(GUIDE_K, angle, std=GUIDE_STD))
+    labels = torch.arange(SAMPLE_POINTS) % GUIDE_K
+    sigmas = karras_sigmas(nfe, sigma_min, sigma_max, 7.0).float()
+    noise = torch.randn(SAMPLE_POINTS, 2, generator=torch.Generator().manual_seed(seed)) * sigmas[0]
+    out = {"labels": labels}
+    for name, w in (("samples_1", 1.0), ("samples_w", float(scale))):
+        seen = [0]
+
+        def denoise(x, sigma, y=None):
+            """D(x, sigma, y): the best estimate of the clean points given noisy x, for labels y (a tensor of ints
+            in 0 .. K-1); y=None gives the unconditional estimate (the 'no label' prediction)."""
+            if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != 2:
+                raise ValueError(f"denoise expects points of shape (N, 2), got {getattr(x, 'shape', type(x).__name__)}")
+            seen[0] += x.shape[0]
+            if seen[0] > 2 * nfe * SAMPLE_POINTS:
+                raise BudgetExceeded(f"denoise saw more than {2 * nfe} batches of {SAMPLE_POINTS} points (the budget: "
+                                     f"one conditional and one unconditional evaluation per step of the {nfe} steps)")
+            y = torch.full((x.shape[0],), GUIDE_K) if y is None else torch.as_tensor(y)
+            if y.shape != (x.shape[0],) or y.is_floating_point() or bool(((y < 0) | (y > GUIDE_K)).any()):
+                raise ValueError(f"y must be None or {x.shape[0]} integer labels in 0 .. {GUIDE_K} ({GUIDE_K}: no label)")
+            return exact(x.double(), float(sigma), y=y).float()
+
+        torch.manual_seed(seed + 1)  # a stochastic sampler's noise is reproducible
+        got = fn(denoise, noise.clone(), sigmas.clone(), labels.clone(), w)
+        if not isinstance(got, torch.Tensor):
+            raise TypeError(f"guided_sample_loop returned {type(got).__name__}; return the final points, a tensor")
+        out[name] = got.detach().float().clone()
+    return out
