@@ -102,7 +102,7 @@ def test_corrupt_truncated_and_foreign_files_are_refused(tmp_path):
     with pytest.raises(ValueError, match="refuses to unpickle") as err:
         C.load_checkpoint(tmp_path / "code.pt")
     assert "weights_only=False will" not in str(err.value)  # never PyTorch's advice to load it unsafely
-    with pytest.raises(ValueError, match=r"no shipped model called 'rin8'.*'ring8', 'grid25'"):
+    with pytest.raises(ValueError, match=r"no shipped model called 'rin8'.*'ring8', 'ring8_cond', 'grid25'"):
         C.load_pretrained("rin8")
     tr.export(tmp_path / "weights.pt")
     with pytest.raises(ValueError, match="cannot be resumed"):
@@ -150,7 +150,7 @@ def test_config_and_preset_errors():
     with pytest.raises(ValueError, match="data must be one of"):
         TrainConfig(data="cifar")
     with pytest.raises(ValueError, match="labelled data"):
-        TrainConfig(data="ring8", conditional=True)
+        TrainConfig(data="two_moons", conditional=True)  # a mixture's mode is its label; two moons has none
     with pytest.raises(ValueError, match="unknown preset"):
         preset("imagenet")
     assert preset("digits_cond").conditional and not preset("digits").conditional
@@ -182,7 +182,7 @@ def test_each_family_owns_its_fields_given_and_read_flat():
 
 
 @pytest.mark.parametrize("family", ["diffusion", "gan", "vae"])
-def test_checkpoints_written_before_the_families_were_split_resume_exactly(family):
+def test_checkpoints_written_before_the_families_were_split_resume_to_the_same_place(family):
     """tests/fixtures: a half-trained state per family written by the old flat-config loop (commit ce8a723), and the
     losses and EMA that loop reached when it went on; the new loop must continue to exactly the same place."""
     from pathlib import Path
@@ -194,8 +194,13 @@ def test_checkpoints_written_before_the_families_were_split_resume_exactly(famil
     tr = Trainer.resume(fixtures / f"train_state_{family}_v0.pt")
     assert tr.family == family and tr.step == 4
     tr.train(progress=False)
-    assert tr.step == want["step"] and tr.losses == want["losses"]
-    assert sum(p.double().sum() for p in tr.ema.state_dict().values()).item() == want["ema_sum"]
+    # the fixture was continued on another machine: float32 kernels (oneDNN / MKL) may pick another summation order
+    # on another CPU, so the numbers agree to float32 rounding (a wrong RNG state, step or config moves them by far
+    # more: the losses of one step differ by 10-50% between batches), not bit for bit; bit-exact resume on one machine
+    # is test_resumed_training_is_bit_for_bit_the_uninterrupted_run, which writes and reads its own state
+    assert tr.step == want["step"] and tr.losses == pytest.approx(want["losses"], rel=1e-5)
+    ema_sum = sum(p.double().sum() for p in tr.ema.state_dict().values()).item()
+    assert ema_sum == pytest.approx(want["ema_sum"], rel=1e-6)
 
 
 def test_loss_plot_and_smoothing():
