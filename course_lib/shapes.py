@@ -1,0 +1,172 @@
+"""`shapes`: captioned 32x32 RGB images generated procedurally, deterministically and offline (lessons 7, 8 and 10).
+
+One or two objects (a shape, a colour, a size, a place) on a black background, each image with a caption from a
+small grammar that parses back to its attributes:
+
+    "a small red circle at the top left"              one object: size, colour, shape, position
+    "a blue square left of a green triangle"           two objects and their relation (left of, right of, above, below)
+
+Some (colour, shape) pairs never occur in the train and test splits, only in the `heldout` split, to measure
+compositional generalisation (a model that has seen red things and triangles, but never a red triangle).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+SIZE = 32
+SHAPES = ("circle", "square", "triangle", "cross")
+COLOURS = {"red": (1.0, 0.15, 0.15), "green": (0.2, 0.9, 0.2), "blue": (0.25, 0.4, 1.0), "yellow": (1.0, 0.9, 0.1),
+           "magenta": (0.95, 0.2, 0.95), "cyan": (0.1, 0.9, 0.95)}
+SIZES = {"small": 3.5, "large": 6.0}  # radius in pixels of a 32x32 image
+POSITIONS = {"top left": (0, 0), "top": (0, 1), "top right": (0, 2), "left": (1, 0), "center": (1, 1),
+             "right": (1, 2), "bottom left": (2, 0), "bottom": (2, 1), "bottom right": (2, 2)}  # (row, column)
+RELATIONS = ("left of", "right of", "above", "below")
+HELD_OUT = (("red", "triangle"), ("blue", "circle"), ("green", "cross"), ("yellow", "square"))
+SPLITS = ("train", "test", "heldout")
+_SUPER = 4  # render at 4x and average: anti-aliased edges
+VOCAB = ("<pad>", "a", "at", "the", "of", "left", "right", "above", "below", "top", "bottom", "center",
+         *SIZES, *COLOURS, *SHAPES)
+
+
+def _split_seed(split: str, seed: int) -> int:
+    """One generator seed per (split, seed), stable across machines and Python versions."""
+    return int.from_bytes(hashlib.sha256(f"shapes/{split}/{seed}".encode()).digest()[:7], "big")
+
+
+def _choice(options, gen) -> int:
+    return int(torch.randint(len(options), (1,), generator=gen))
+
+
+def _object(gen, split: str, size: str | None = None) -> dict:
+    """A random (colour, shape, size) for `split`: train / test avoid HELD_OUT pairs, heldout uses only them."""
+    if split == "heldout":
+        colour, shape = HELD_OUT[_choice(HELD_OUT, gen)]
+    else:
+        allowed = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELD_OUT]
+        colour, shape = allowed[_choice(allowed, gen)]
+    return {"shape": shape, "colour": colour, "size": size or tuple(SIZES)[_choice(SIZES, gen)]}
+
+
+def _centre(cell: tuple[int, int], gen) -> tuple[float, float]:
+    """The (row, column) centre in pixels of a 3x3 grid cell (6, 16 or 26), jittered by up to 1 pixel: a large shape
+    at an edge loses at most a pixel."""
+    r, c = (6 + 10 * v + (float(torch.rand(1, generator=gen)) - 0.5) * 2 for v in cell)
+    return r, c
+
+
+def _scene(gen, split: str) -> dict:
+    """One scene: one object at a named position, or two objects in a relation (half the scenes each)."""
+    if _choice((1, 2), gen) == 0:
+        obj = _object(gen, split)
+        pos = tuple(POSITIONS)[_choice(POSITIONS, gen)]
+        obj["position"], obj["centre"] = pos, _centre(POSITIONS[pos], gen)
+        return {"objects": [obj], "relation": None}
+    a, b = _object(gen, split, "small"), _object(gen, split, "small")
+    relation = RELATIONS[_choice(RELATIONS, gen)]
+    k = _choice((0, 1, 2), gen)  # the row (left / right) or column (above / below) the pair shares
+    if relation in ("left of", "right of"):
+        first, second = (k, 0), (k, 2)
+    else:
+        first, second = (0, k), (2, k)
+    if relation in ("right of", "below"):
+        first, second = second, first
+    a["centre"], b["centre"] = _centre(first, gen), _centre(second, gen)
+    return {"objects": [a, b], "relation": relation}
+
+
+def caption(scene: dict) -> str:
+    """The caption of a scene: 'a small red circle at the top left' or 'a red circle left of a blue square'."""
+    objs = scene["objects"]
+    if scene["relation"] is None:
+        o = objs[0]
+        return f"a {o['size']} {o['colour']} {o['shape']} at the {o['position']}"
+    a, b = objs
+    return f"a {a['colour']} {a['shape']} {scene['relation']} a {b['colour']} {b['shape']}"
+
+
+def parse_caption(text: str) -> dict:
+    """The attributes a caption names: {'objects': [{'shape', 'colour', 'size'?, 'position'?}, ...], 'relation'}.
+    Size and position are optional in a prompt ('a red circle'); an unknown word is a ValueError listing VOCAB."""
+    if not isinstance(text, str):
+        raise TypeError(f"a caption is a str, got {type(text).__name__}")
+    words = text.lower().replace(",", " ").split()
+    unknown = [w for w in words if w not in VOCAB or w == "<pad>"]
+    if unknown:
+        raise ValueError(f"unknown word(s) {unknown} in {text!r}; the vocabulary is: {', '.join(VOCAB[1:])}")
+    i, objects, relation = 0, [], None
+
+    def obj(i):
+        if i >= len(words) or words[i] != "a":
+            raise ValueError(f"expected 'a' at word {i + 1} of {text!r} (grammar: 'a [size] colour shape "
+                             f"[at the position]' or 'a colour shape relation a colour shape')")
+        o, i = {}, i + 1
+        if i < len(words) and words[i] in SIZES:
+            o["size"], i = words[i], i + 1
+        if i + 1 >= len(words) or words[i] not in COLOURS or words[i + 1] not in SHAPES:
+            raise ValueError(f"expected a colour then a shape after 'a' in {text!r}")
+        o["colour"], o["shape"] = words[i], words[i + 1]
+        return o, i + 2
+
+    o, i = obj(i)
+    objects.append(o)
+    rest = " ".join(words[i:])
+    if rest.startswith("at the "):
+        pos = rest[len("at the "):]
+        if pos not in POSITIONS:
+            raise ValueError(f"unknown position {pos!r} in {text!r}; positions: {', '.join(POSITIONS)}")
+        o["position"] = pos
+    elif rest:
+        relation = next((r for r in RELATIONS if rest.startswith(r + " ")), None)
+        if relation is None:
+            raise ValueError(f"expected 'at the <position>' or a relation ({', '.join(RELATIONS)}) in {text!r}")
+        o2, j = obj(i + len(relation.split()))
+        if j != len(words):
+            raise ValueError(f"unexpected words after the second object in {text!r}")
+        objects.append(o2)
+    return {"objects": objects, "relation": relation}
+
+
+def _mask(shape: str, radius: float, centre: tuple[float, float], rows: torch.Tensor, cols: torch.Tensor):
+    """Coverage (0/1) of one shape on the supersampled grid of pixel coordinates."""
+    dy, dx = rows - centre[0], cols - centre[1]
+    if shape == "circle":
+        return dx**2 + dy**2 <= radius**2
+    if shape == "square":
+        half = radius / math.sqrt(2) * 1.2
+        return (dx.abs() <= half) & (dy.abs() <= half)
+    if shape == "triangle":  # apex up, base at +radius/2
+        top, base = -radius, radius * 0.6
+        half_width = (dy - top) / (base - top) * radius
+        return (dy >= top) & (dy <= base) & (dx.abs() <= half_width)
+    if shape == "cross":
+        arm = radius * 0.35
+        return ((dx.abs() <= arm) & (dy.abs() <= radius)) | ((dy.abs() <= arm) & (dx.abs() <= radius))
+    raise ValueError(f"unknown shape {shape!r}; shapes: {SHAPES}")
+
+
+def render(scene: dict) -> torch.Tensor:
+    """The (3, 32, 32) float32 image of a scene in [-1, 1] (black background), anti-aliased."""
+    n = SIZE * _SUPER
+    coords = (torch.arange(n, dtype=torch.float32) + 0.5) / _SUPER
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    img = torch.zeros(3, n, n)
+    for o in scene["objects"]:
+        m = _mask(o["shape"], SIZES[o["size"]], o["centre"], rows, cols)
+        img[:, m] = torch.tensor(COLOURS[o["colour"]])[:, None]
+    img = torch.nn.functional.avg_pool2d(img[None], _SUPER)[0]
+    return img * 2 - 1
+
+
+def make_shapes(n: int, split: str = "train", seed: int = 0) -> tuple[torch.Tensor, list[str], list[dict]]:
+    """n captioned images of a split: (images (n, 3, 32, 32) in [-1, 1], captions, scenes); the same (n, split, seed)
+    gives the same bytes on any machine. Test and heldout use their own generators, so no image repeats across them."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    gen = torch.Generator().manual_seed(_split_seed(split, seed))
+    scenes = [_scene(gen, split) for _ in range(n)]
+    return torch.stack([render(s) for s in scenes]), [caption(s) for s in scenes], scenes
