@@ -170,3 +170,48 @@ def make_shapes(n: int, split: str = "train", seed: int = 0) -> tuple[torch.Tens
     gen = torch.Generator().manual_seed(_split_seed(split, seed))
     scenes = [_scene(gen, split) for _ in range(n)]
     return torch.stack([render(s) for s in scenes]), [caption(s) for s in scenes], scenes
+
+
+MAX_WORDS = 10  # the longest caption has 8 words
+
+
+def tokenize(captions, max_len: int = MAX_WORDS) -> torch.Tensor:
+    """Captions as (n, max_len) int64 indices into VOCAB, padded with 0 ('<pad>') after the last word; every caption
+    is checked by parse_caption first, so a prompt the grammar does not know is refused with the vocabulary."""
+    if isinstance(captions, str):
+        captions = [captions]
+    out = torch.zeros(len(captions), max_len, dtype=torch.long)
+    index = {w: i for i, w in enumerate(VOCAB)}
+    for row, text in enumerate(captions):
+        parse_caption(text)
+        words = text.lower().replace(",", " ").split()
+        if len(words) > max_len:
+            raise ValueError(f"{text!r} has {len(words)} words; max_len is {max_len}")
+        out[row, :len(words)] = torch.tensor([index[w] for w in words])
+    return out
+
+
+def detokenize(tokens: torch.Tensor) -> list[str]:
+    """The captions back from tokenize's indices (padding dropped)."""
+    return [" ".join(VOCAB[int(i)] for i in row if int(i) != 0) for row in tokens]
+
+
+LABELS = ("count", "shape", "colour", "size", "position", "shape2", "colour2", "relation")
+
+
+def scene_labels(scenes: list[dict]) -> dict[str, torch.Tensor]:
+    """Integer targets per scene for an attribute classifier: count (0: one object, 1: two), the first object's
+    shape, colour; for one object its size and position, for two the second's shape and colour and the relation;
+    -1 where an attribute does not apply."""
+    out = {k: torch.full((len(scenes),), -1, dtype=torch.long) for k in LABELS}
+    for i, s in enumerate(scenes):
+        a = s["objects"][0]
+        out["count"][i] = len(s["objects"]) - 1
+        out["shape"][i], out["colour"][i] = SHAPES.index(a["shape"]), tuple(COLOURS).index(a["colour"])
+        if s["relation"] is None:
+            out["size"][i], out["position"][i] = tuple(SIZES).index(a["size"]), tuple(POSITIONS).index(a["position"])
+        else:
+            b = s["objects"][1]
+            out["shape2"][i], out["colour2"][i] = SHAPES.index(b["shape"]), tuple(COLOURS).index(b["colour"])
+            out["relation"][i] = RELATIONS.index(s["relation"])
+    return out

@@ -79,3 +79,34 @@ def test_prompts_with_optional_words_parse_and_bad_ones_are_refused_with_the_voc
         S.make_shapes(4, "val")
     with pytest.raises(ValueError, match="positive int"):
         S.make_shapes(0)
+
+
+def test_tokens_round_trip_pad_with_zero_and_refuse_what_the_grammar_does_not_know():
+    _, caps, scenes = S.make_shapes(100, "train", seed=5)
+    tok = S.tokenize(caps)
+    assert tok.shape == (100, S.MAX_WORDS) and tok.dtype == torch.long
+    assert S.detokenize(tok) == caps
+    lengths = (tok != 0).sum(1)
+    for row, n in zip(tok, lengths):  # words first, then only padding
+        assert (row[:n] != 0).all() and (row[n:] == 0).all()
+    assert S.tokenize("a red circle").tolist()[0][:4] == [S.VOCAB.index(w) for w in ("a", "red", "circle")] + [0]
+    with pytest.raises(ValueError, match="vocabulary"):
+        S.tokenize(["a red circle", "a red dodecahedron"])
+    with pytest.raises(ValueError, match="max_len"):
+        S.tokenize("a small red circle at the top left", max_len=5)
+
+
+def test_scene_labels_match_the_scenes():
+    _, caps, scenes = S.make_shapes(200, "train", seed=6)
+    lab = S.scene_labels(scenes)
+    assert set(lab) == set(S.LABELS) and all(v.shape == (200,) for v in lab.values())
+    for i, (text, s) in enumerate(zip(caps, scenes)):
+        p = S.parse_caption(text)
+        assert lab["count"][i] == len(p["objects"]) - 1
+        assert S.SHAPES[lab["shape"][i]] == p["objects"][0]["shape"]
+        assert tuple(S.COLOURS)[lab["colour"][i]] == p["objects"][0]["colour"]
+        if p["relation"] is None:
+            assert tuple(S.POSITIONS)[lab["position"][i]] == p["objects"][0]["position"] and lab["relation"][i] == -1
+        else:
+            assert S.RELATIONS[lab["relation"][i]] == p["relation"] and lab["position"][i] == -1
+            assert S.SHAPES[lab["shape2"][i]] == p["objects"][1]["shape"]
