@@ -57,22 +57,19 @@ def _cg_prob(score, x, y, weight, bias, scale):
     return score + scale * (py * (weight[y] - p @ weight)).reshape(x.shape)
 
 
-def ref_guided_sample_loop(denoise, x, sigmas, y, scale):
-    """Euler (= DDIM) steps on the classifier-free guided denoiser D_u + w (D_c - D_u), two evaluations per step."""
-    for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
-        d_c, d_u = denoise(x, s, y), denoise(x, s)
-        d = d_u + scale * (d_c - d_u)
-        x = d if s_next == 0 else x + (s_next - s) * (x - d) / s
-    return x
-
-
 def _loop_with(combine):
+    """A guided Euler (= DDIM) loop that combines the conditional and unconditional predictions with `combine`."""
     def loop(denoise, x, sigmas, y, scale):
         for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
             d = combine(denoise(x, s, y), denoise(x, s), scale)
             x = d if s_next == 0 else x + (s_next - s) * (x - d) / s
         return x
     return loop
+
+
+def ref_guided_sample_loop(denoise, x, sigmas, y, scale):
+    """Euler (= DDIM) steps on the classifier-free guided denoiser D_u + w (D_c - D_u), two evaluations per step."""
+    return _loop_with(ref_cfg_denoiser)(denoise, x, sigmas, y, scale)
 
 
 def _label_accuracy(name: str, x, labels, mixture) -> tuple[float | None, CheckResult | None]:
@@ -133,7 +130,7 @@ register(Exercise(
                "(diffusers' guidance_scale), so start from d_uncond."),
               (lambda d_cond, d_uncond, scale: d_cond + scale * (d_uncond - d_cond),
                "The difference points from the unconditional to the conditional prediction: d_cond - d_uncond."),
-              (lambda d_cond, d_uncond, scale: scale * d_cond + (1 - scale) * d_cond,
+              (lambda d_cond, d_uncond, scale: d_cond,
                "Both predictions take part: d_uncond + scale (d_cond - d_uncond).")),
     rtol=1e-5, atol=1e-5))
 register(Exercise(
