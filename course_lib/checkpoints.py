@@ -58,6 +58,22 @@ def write_text_atomic(text: str, path: str | Path) -> Path:
     return path
 
 
+def write_bytes_atomic(data: bytes, path: str | Path) -> Path:
+    """Write bytes through a temporary file in the same folder and a rename: never half a file at `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, _default_mode())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
 def write_json_atomic(data, path: str | Path) -> Path:
     """Write a JSON file (indented, sorted keys) through a temporary file and a rename."""
     return write_text_atomic(json.dumps(data, indent=2, sort_keys=True) + "\n", path)
@@ -142,6 +158,9 @@ def load_pretrained(name_or_path: str | Path, device=None, which: str = "ema") -
                          "(or give the path of a checkpoint file)")
     ckpt = load_checkpoint(path)
     config = ckpt["config"]
+    if ckpt["model_config"].get("kind") == "text_unet":
+        raise ValueError(f"{path} holds a text-to-image model: load it with "
+                         "course_lib.text2image.load_text_to_image")
     if "schedule" not in config or config.get("family", "diffusion") != "diffusion":
         raise ValueError(f"{path} holds no diffusion model (family {config.get('family')!r}); "
                          f"load it with load_model")

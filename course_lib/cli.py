@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from . import SHIPPED_MODELS as SHIPPED
+from .shapes_presets import PRESETS as SHAPES_PRESETS
 
 
 def _doctor(args) -> int:
@@ -77,6 +78,11 @@ def _train(args) -> int:
 
         clf, card = train_classifier(steps=args.steps or 2_000)
         card.update(preset=args.preset, machine=machine, command=command)
+    elif args.preset in SHAPES_PRESETS:  # lesson 7's models: their own loops (course_lib.shapes_presets)
+        from .shapes_presets import train_preset
+
+        _, card, export = train_preset(args.preset, args.steps)
+        card.update(preset=args.preset, machine=machine, command=command)
     else:
         from .evaluate import held_out_likelihood, sample_quality
         from .nets import count_parameters
@@ -109,6 +115,8 @@ def _train(args) -> int:
             card["likelihood"] = held_out_likelihood(ema, trainer.schedule, cfg, n_t=n_t)
     if args.preset == "digits_classifier":
         export_classifier(clf, out, card)
+    elif args.preset in SHAPES_PRESETS:
+        export(out, card)
     else:
         trainer.export(out, card)
     write_json_atomic(card, out.with_suffix(".json"))
@@ -124,6 +132,13 @@ def _bench(args) -> int:
         return _bench_compare(args)
     if args.bench == "kernels":
         return _bench_kernels(args)
+    if args.bench == "t2i":
+        from .bench.t2i import main_t2i
+
+        if args.samples is not None and args.samples < 10:
+            raise ValueError(f"--samples must be at least 10, got {args.samples}")
+        main_t2i(args.quick, args.json, args.samples, args.force)
+        return 0
     from .bench.samplers import BENCH_DATASETS, main_samplers
 
     datasets = args.datasets or list(BENCH_DATASETS)
@@ -134,6 +149,28 @@ def _bench(args) -> int:
         raise ValueError(f"--samples must be at least 10, got {args.samples}")
     return main_samplers(args.quick, args.json, datasets, args.samples, args.device, args.force, args.seeds,
                          args.resume)
+
+
+def _generate(args) -> int:
+    from pathlib import Path
+
+    from .text2image import DEFAULT_NFE, load_text_to_image, save_grid
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out must name a .png file, got {out}")
+    if out.exists() and not args.force:
+        raise ValueError(f"{out} exists; pass --force to replace it (or choose another --out)")
+    if args.n < 1 or args.n > 64:
+        raise ValueError(f"--n must be between 1 and 64, got {args.n}")
+    model = load_text_to_image(args.model)
+    scale = model.card.get("best_scale") if args.scale is None else args.scale
+    prompts = [p for p in args.prompt for _ in range(args.n)]
+    images = model.generate(prompts, scale=scale, nfe=args.nfe or DEFAULT_NFE, sampler=args.sampler, seed=args.seed)
+    save_grid(images, out, rows=len(args.prompt))
+    print(f"Wrote {out}: {args.n} sample(s) per prompt for {len(args.prompt)} prompt(s), {args.model}, "
+          f"guidance {scale:g}, {args.nfe or DEFAULT_NFE} NFE ({args.sampler}), seed {args.seed}")
+    return 0
 
 
 def _bench_compare(args) -> int:
@@ -272,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                    "10 for the others)")
     p.set_defaults(func=lambda a: __import__("course_lib.bench.samplers", fromlist=["main_tune"]).main_tune(
         a.preset, a.samplers, a.samples, a.nfe))
-    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels)",
+    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | t2i)",
                        description="Benchmarks that print a table and, with --json, save flat records.")
     bench = p.add_subparsers(dest="bench", metavar="BENCHMARK")
     bench.required = True
@@ -318,6 +355,33 @@ def build_parser() -> argparse.ArgumentParser:
                                      "size, eager (and Triton) only.")
     _bench_arguments(p, "one size and no torch.compile (under a minute on 2 cores)", datasets=False,
                      devices=("cuda", "cpu"), device_default="cuda when available")
+    p = bench.add_parser("t2i", help="text-to-image: latent vs pixel, per guidance scale, NFE and sampler",
+                         description="Generates images for shapes test prompts (one object, two objects, held-out "
+                                     "colour-shape pairs) with the shipped latent (shapes_ldm) and pixel "
+                                     "(shapes_pixel) models, per guidance scale, NFE and sampler; records prompt "
+                                     "adherence per attribute (the shipped attribute classifier), binding, FD and "
+                                     "seconds, and each model's training cost per step (about 15 minutes on 2 CPU "
+                                     "cores). --quick: two scales at 10 NFE, 100 prompts (about 2 minutes).")
+    p.add_argument("--quick", action="store_true", help="a small run for checking")
+    p.add_argument("--json", metavar="PATH", help="also write the records to this JSON file")
+    p.add_argument("--force", action="store_true", help="replace an existing --json file")
+    p.add_argument("--samples", type=int, metavar="N", help="prompts per configuration (default 500; quick 100)")
+    p.set_defaults(func=_bench)
+    p = sub.add_parser("generate", help="images from a text prompt with the shipped text-to-image model",
+                       description="Render a grid of samples for one or more prompts of the shapes grammar ('a "
+                                   "[size] colour shape [at the position]' or 'a colour shape left of|right of|above|"
+                                   "below a colour shape'), one row per prompt, with the shipped latent diffusion "
+                                   "model (or --model shapes_pixel, or a checkpoint file).")
+    p.add_argument("prompt", nargs="+", help='e.g. "a red circle above a blue square"')
+    p.add_argument("--out", required=True, metavar="PNG", help="the image file to write")
+    p.add_argument("--n", type=int, default=8, metavar="N", help="samples per prompt (default 8)")
+    p.add_argument("--scale", type=float, metavar="W", help="guidance scale (default: the model card's best)")
+    p.add_argument("--nfe", type=int, metavar="N", help="denoiser evaluations (default 20)")
+    p.add_argument("--sampler", default="dpmpp_2m", help="a lesson-3 sampler (default dpmpp_2m)")
+    p.add_argument("--model", default="shapes_ldm", metavar="NAME", help="shapes_ldm, shapes_pixel or a .pt file")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=_generate)
     return parser
 
 

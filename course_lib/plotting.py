@@ -101,3 +101,23 @@ def as_html(anim):
     from IPython.display import HTML
 
     return HTML(anim.to_jshtml(default_mode="once"))
+
+
+def captioned_images(images, captions, ncol: int = 4, width: float = 2.4, fontsize: int = 8, title: str | None = None):
+    """Small RGB images in [-1, 1], each with its caption above it; returns the figure."""
+    import textwrap
+
+    n = len(images)
+    if len(captions) != n:
+        raise ValueError(f"{n} images but {len(captions)} captions")
+    nrow = -(-n // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(width * ncol, width * nrow * 1.1), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, cap in zip(axes.flat, images, captions):
+        image_grid(img[None], nrow=1, ax=ax)
+        ax.set_title("\n".join(textwrap.wrap(cap, 22)), fontsize=fontsize)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

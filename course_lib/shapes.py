@@ -199,12 +199,33 @@ def detokenize(tokens: torch.Tensor) -> list[str]:
 LABELS = ("count", "shape", "colour", "size", "position", "shape2", "colour2", "relation")
 
 
+def canonical(scene: dict) -> dict:
+    """The same scene named one way only: 'a blue square right of a red circle' is 'a red circle left of a blue square',
+    'below' becomes 'above'. An image cannot tell which of two equivalent captions it was drawn from, so labels (and
+    prompt adherence) use this form: first the left (or upper) object, then the other, relation 'left of' or 'above'."""
+    if scene.get("relation") not in ("right of", "below"):
+        return scene
+    a, b = scene["objects"]
+    return {**scene, "objects": [b, a], "relation": {"right of": "left of", "below": "above"}[scene["relation"]]}
+
+
+def canonical_caption(text: str) -> str:
+    """A caption in canonical form (see `canonical`): equivalent captions of one scene give the same string."""
+    s = canonical(parse_caption(text))
+    if s["relation"] is None:
+        return " ".join(text.lower().replace(",", " ").split())
+    a, b = s["objects"]
+    return f"a {a['colour']} {a['shape']} {s['relation']} a {b['colour']} {b['shape']}"
+
+
 def scene_labels(scenes: list[dict]) -> dict[str, torch.Tensor]:
     """Integer targets per scene for an attribute classifier: count (0: one object, 1: two), the first object's
-    shape, colour; for one object its size and position, for two the second's shape and colour and the relation;
-    -1 where an attribute does not apply."""
+    shape, colour; for one object its size and position, for two (in canonical order: the left or upper object first)
+    the second's shape and colour and the relation (index into RELATIONS: 0 'left of' or 2 'above'); -1 where an
+    attribute does not apply."""
     out = {k: torch.full((len(scenes),), -1, dtype=torch.long) for k in LABELS}
     for i, s in enumerate(scenes):
+        s = canonical(s)
         a = s["objects"][0]
         out["count"][i] = len(s["objects"]) - 1
         out["shape"][i], out["colour"][i] = SHAPES.index(a["shape"]), tuple(COLOURS).index(a["colour"])

@@ -102,6 +102,10 @@ def test_scene_labels_match_the_scenes():
     assert set(lab) == set(S.LABELS) and all(v.shape == (200,) for v in lab.values())
     for i, (text, s) in enumerate(zip(caps, scenes)):
         p = S.parse_caption(text)
+        if p["relation"] in ("right of", "below"):  # labels name the pair one way: left (upper) object first
+            flipped = {"right of": "left of", "below": "above"}[p["relation"]]
+            assert S.canonical(s)["relation"] == flipped and S.canonical(S.canonical(s)) == S.canonical(s)
+            p = {"objects": p["objects"][::-1], "relation": flipped}
         assert lab["count"][i] == len(p["objects"]) - 1
         assert S.SHAPES[lab["shape"][i]] == p["objects"][0]["shape"]
         assert tuple(S.COLOURS)[lab["colour"][i]] == p["objects"][0]["colour"]

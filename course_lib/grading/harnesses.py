@@ -157,3 +157,53 @@ def guided_sampling(fn, seed: int, angle: float, scale: float, nfe: int, sigma_m
             raise TypeError(f"guided_sample_loop returned {type(got).__name__}; return the final points, a tensor")
         out[name] = got.detach().float().clone()
     return out
+
+
+TEXT_GUIDE_BATCH = 6
+
+
+def text_guidance_task(seed: int):
+    """Lesson 7's task: a small text-conditioned UNet and text encoder with random weights, six captions, noisy
+    latents and timesteps (the same for a seed, in the worker and in the grader)."""
+    from ..nets import TextEncoder, TextUNet
+    from ..shapes import COLOURS, SHAPES, VOCAB, tokenize
+
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    unet = TextUNet(in_channels=4, base=16, mults=[1, 2], heads=2, groups=4, context_dim=16).eval()
+    text = TextEncoder(len(VOCAB), dim=16, depth=1, heads=2).eval()
+    with torch.no_grad():
+        for p in unet.parameters():  # no zero-initialised layers: every input matters
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+        colours = list(COLOURS)
+        prompts = [f"a {colours[int(torch.randint(6, (1,), generator=g))]} {SHAPES[int(torch.randint(4, (1,), generator=g))]}"
+                   for _ in range(TEXT_GUIDE_BATCH)]
+        context, mask = text(tokenize(prompts))
+        null_context, null_mask = text(torch.zeros(1, tokenize(prompts).shape[1], dtype=torch.long))
+    x = torch.randn(TEXT_GUIDE_BATCH, 4, 8, 8, generator=g)
+    t = torch.randint(1, 1000, (TEXT_GUIDE_BATCH,), generator=g)
+    return unet, {"x": x, "t": t, "context": context, "mask": mask, "null_context": null_context,
+                  "null_mask": null_mask}
+
+
+def text_guidance(fn, seed: int, scale: float) -> dict:
+    """Lesson 7: the learner's text_guided_eps(model, x, t, context, mask, null_context, null_mask, scale) on the task
+    of `seed`; the model may see at most 2B rows in all (one conditional and one empty-caption prediction each)."""
+    unet, task = text_guidance_task(seed)
+    seen = [0]
+
+    def model(x, t, context=None, mask=None):
+        """The noise prediction eps(x, t, context, mask) of the text-conditioned UNet."""
+        if context is None or mask is None:
+            raise ValueError("call model(x, t, context=..., mask=...): the UNet needs the caption's states and mask")
+        seen[0] += x.shape[0]
+        if seen[0] > 2 * TEXT_GUIDE_BATCH:
+            raise BudgetExceeded(f"model saw more than {2 * TEXT_GUIDE_BATCH} rows: one conditional and one "
+                                 "empty-caption prediction per image is all guidance needs")
+        with torch.no_grad():
+            return unet(x, t, context=context, mask=mask)
+
+    got = fn(model, *(task[k].clone() for k in ("x", "t", "context", "mask", "null_context", "null_mask")), scale)
+    if not isinstance(got, torch.Tensor):
+        raise TypeError(f"text_guided_eps returned {type(got).__name__}; return the guided noise prediction, a tensor")
+    return {"eps": got.detach().float().clone()}

@@ -1,0 +1,36 @@
+"""Lesson 7's shipped models and how each is trained: `python -m course_lib train --preset NAME` runs these
+(the classifier, autoencoder and mini-CLIP first: the two diffusion models use the shipped ones)."""
+from __future__ import annotations
+
+PRESETS = {
+    "shapes_classifier": dict(steps=2000),
+    "shapes_ae": dict(steps=2500, batch_size=32),
+    "shapes_clip": dict(steps=1500, batch_size=256),
+    "shapes_ldm": dict(space="latent", steps=3000, batch_size=64, eval_every=500),
+    "shapes_pixel": dict(space="pixel", steps=800, batch_size=32, eval_every=200),
+}
+
+
+def train_preset(name: str, steps: int | None = None, progress: bool = True):
+    """Train a lesson-7 preset; returns (model, card, export(path, card))."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown lesson-7 preset {name!r}; choose one of {list(PRESETS)}")
+    kwargs = {**PRESETS[name], **({"steps": steps} if steps else {})}
+    if name == "shapes_classifier":
+        from .attributes import export, train_attribute_classifier
+        model, card = train_attribute_classifier(progress=progress, **kwargs)
+    elif name == "shapes_ae":
+        from .attributes import export
+        from .autoencoder import train_autoencoder
+        model, card = train_autoencoder(progress=progress, **kwargs)
+        card["batch_size"] = kwargs["batch_size"]
+    elif name == "shapes_clip":
+        from .attributes import export
+        from .clip import train_clip
+        model, card = train_clip(progress=progress, **kwargs)
+    else:
+        from .text2image import export as export_t2i
+        from .text2image import train_text_to_image
+        model, card = train_text_to_image(progress=progress, **kwargs)
+        return model, card, lambda path, c: export_t2i(model, path, c, name)
+    return model, card, lambda path, c: export(model, path, c, {"preset": name})
