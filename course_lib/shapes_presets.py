@@ -6,8 +6,8 @@ PRESETS = {
     "shapes_classifier": dict(steps=2000),
     "shapes_ae": dict(steps=2500, batch_size=32),
     "shapes_clip": dict(steps=1500, batch_size=256),
-    "shapes_ldm": dict(space="latent", steps=3000, batch_size=64, eval_every=500),
-    "shapes_pixel": dict(space="pixel", steps=800, batch_size=32, eval_every=200),
+    "shapes_ldm": dict(space="latent", steps=3500, batch_size=64, eval_every=500),
+    "shapes_pixel": dict(space="pixel", steps=700, batch_size=32, eval_every=175),
 }
 
 

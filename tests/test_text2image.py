@@ -185,3 +185,57 @@ def test_caption_guidance_at_one_is_the_conditional_model_and_at_zero_the_uncond
     for bad in (-1, float("nan"), "3", True):
         with pytest.raises(ValueError, match="guidance scale"):
             caption_guidance(den, bad, null_c, null_m)
+
+
+def test_fit_trains_keeps_an_ema_and_calls_back_without_counting_the_callback():
+    from course_lib.fit import fit
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 1)
+    w_true = torch.tensor([[1.0, -2.0, 0.5]])
+    x = torch.randn(256, 3)
+    y = x @ w_true.T
+    seen = []
+    ema, log = fit(net, lambda step: ((net(x) - y) ** 2).mean(), 300, lr=0.05, warmup=10, ema=0.9, progress=False,
+                   callback=lambda step, m, sec: seen.append((step, m is not net)), every=100)
+    assert log["losses"][-1] < 1e-3 * log["losses"][0]
+    assert seen == [(100, True), (200, True)]  # the EMA copy, not the live model; none at the last step
+    assert torch.allclose(ema.weight, w_true, atol=0.05) and not ema.weight.requires_grad
+    with pytest.raises(FloatingPointError, match="loss became"):
+        fit(net, lambda step: torch.tensor(float("nan"), requires_grad=True), 2, progress=False)
+    with pytest.raises(ValueError, match="steps"):
+        fit(net, lambda step: net(x).mean(), 0, progress=False)
+
+
+def test_canonical_captions_name_a_pair_one_way():
+    assert S.canonical_caption("a blue square right of a red circle") == "a red circle left of a blue square"
+    assert S.canonical_caption("a red circle below a green cross") == "a green cross above a red circle"
+    assert S.canonical_caption("a red circle above a green cross") == "a red circle above a green cross"
+    assert S.canonical_caption("A small red circle at the top") == "a small red circle at the top"
+
+
+def test_prompt_labels_and_adherence_read_prompts_in_canonical_order():
+    from course_lib.attributes import adherence, prompt_labels
+
+    a = prompt_labels(["a blue square right of a red circle", "a red circle"])
+    assert a["shape"].tolist() == [S.SHAPES.index("circle")] * 2 and a["colour2"][0] == list(S.COLOURS).index("blue")
+    assert a["relation"].tolist() == [S.RELATIONS.index("left of"), -1] and a["position"].tolist() == [-1, -1]
+
+    class Oracle(torch.nn.Module):  # reads the attributes from the scenes we drew: the judge is exact
+        def __init__(self, labels):
+            super().__init__()
+            self.labels = labels
+
+        def forward(self, x):
+            idx = x[:, 0, 0, 0].long()
+            return {k: F.one_hot(v[idx].clamp(min=0), 9).float() for k, v in self.labels.items()}
+
+    _, caps, scenes = S.make_shapes(40, "train", seed=2)
+    images = torch.arange(40.0)[:, None, None, None].expand(40, 3, 32, 32)
+    judge = Oracle(S.scene_labels(scenes))
+    assert adherence(judge, images, caps)["all"] == 1.0
+    flipped = [S.canonical_caption(c) for c in caps]  # the same scenes in the other wording: still right
+    assert adherence(judge, images, flipped)["all"] == 1.0
+    wrong = [c.replace("red", "green") if "red" in c else c.replace("green", "red") for c in caps]
+    got = adherence(judge, images, wrong)
+    assert got["all"] < 1.0 and got["colour"] < 1.0 and "binding" in got

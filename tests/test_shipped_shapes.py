@@ -1,0 +1,126 @@
+"""Lesson 7's shipped models (data/shapes_*.pt): the judge reads real images right, the autoencoder reconstructs at
+28 dB, the mini-CLIP retrieves, the text-to-image models follow prompts; `generate` and `bench t2i` run.
+
+The sampling runs here are short (48 prompts, 10 NFE), so their floors sit below the cards' numbers (500 prompts,
+20 NFE, measured by `python -m course_lib bench t2i`): a share's standard error at n = 48 is at most 0.072."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from course_lib.attributes import accuracy, adherence, dataset, load_attribute_classifier
+from course_lib.autoencoder import decode, encode, load_autoencoder
+from course_lib.clip import load_clip, retrieval
+from course_lib.nets.autoencoder import psnr
+from course_lib.text2image import image_grid, load_text_to_image, single_object_prompts
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def card(name):
+    return json.loads((DATA / f"{name}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def clf():
+    return load_attribute_classifier()
+
+
+def test_the_attribute_classifier_reads_real_images_and_rejects_wrong_captions(clf):
+    images, captions, labels = dataset(300, "test", 0)
+    acc = accuracy(clf, images, labels)
+    assert min(acc.values()) >= 0.97 and min(card("shapes_classifier")["test_accuracy"].values()) >= 0.97
+    assert adherence(clf, images, captions)["all"] >= 0.95
+    shuffled = list(captions[1:]) + [captions[0]]  # every image judged against its neighbour's caption
+    assert adherence(clf, images, shuffled)["all"] < 0.2
+    held = dataset(300, "heldout", 0)  # the judge has seen the held-out pairs (the generators have not)
+    assert min(accuracy(clf, held[0], held[2]).values()) >= 0.9
+
+
+def test_the_autoencoder_reconstructs_held_out_images_at_28_db(clf):
+    ae, scale = load_autoencoder()
+    c = card("shapes_ae")
+    x, _, labels = dataset(200, "test", 0)
+    recon = decode(ae, encode(ae, x))
+    assert psnr(recon, x).mean().item() >= 28 and c["psnr_test"] >= 28 and c["psnr_heldout"] >= 28
+    real, rec = accuracy(clf, x, labels), accuracy(clf, recon, labels)
+    assert all(rec[k] >= real[k] - 0.04 for k in real)  # the card's 1,000 images: within 2 points
+    assert all(c["classifier_reconstructed"][k] >= c["classifier_real"][k] - 0.02 for k in c["classifier_real"])
+    z = encode(ae, dataset(20_000, "train", 0)[0][:1000]) * scale
+    assert abs(z.std().item() - 1.0) < 0.05 and scale == pytest.approx(c["scale_factor"])
+
+
+def test_the_mini_clip_retrieves_captions_far_above_chance():
+    images, captions, _ = dataset(300, "test", 0)
+    r = retrieval(load_clip(), images, list(captions))
+    assert r["text_to_image"] >= 0.5 and r["image_to_text"] >= 0.3 and r["chance_image_to_text"] < 0.01
+
+
+def test_the_latent_model_follows_one_object_prompts(clf):
+    model = load_text_to_image("shapes_ldm")
+    prompts = single_object_prompts(48)
+    images = model.generate(prompts, nfe=10, seed=3)
+    assert images.shape == (48, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
+    acc = adherence(clf, images, prompts)
+    # the card's curve: 99.5% of 200 prompts with every attribute right at w = 3, 10 NFE
+    assert min(acc[k] for k in ("shape", "colour", "position", "size")) >= 0.85, acc
+    unguided = adherence(clf, model.generate(prompts, scale=0.0, nfe=10, seed=3), prompts)
+    assert unguided["all"] < acc["all"] - 0.3  # w = 0 is the unconditional model: the prompt is ignored
+
+
+@pytest.mark.parametrize("name", ["shapes_ldm", "shapes_pixel"])
+def test_both_text_to_image_models_were_trained_within_fifteen_minutes_and_keep_their_curve(name):
+    c = card(name)
+    assert c["space"] == ("latent" if name == "shapes_ldm" else "pixel") and c["train_seconds"] < 15 * 60
+    steps = [p["step"] for p in c["curve"]]
+    assert steps == sorted(steps) and steps[-1] == c["steps"] and c["curve"][-1]["seconds"] == c["train_seconds"]
+    images = load_text_to_image(name).generate(["a red circle", "a blue square left of a red circle"], nfe=4)
+    assert images.shape == (2, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
+
+
+def test_bad_prompts_get_the_vocabulary():
+    model = load_text_to_image("shapes_ldm")
+    with pytest.raises(ValueError, match="vocabulary is: a, at"):
+        model.generate(["a red circle", "a purple circle"])
+
+
+def test_image_grid_lays_out_rows_with_gutters():
+    x = torch.stack([torch.full((3, 2, 2), v) for v in (-1.0, 1.0, 0.0)])
+    g = image_grid(x, rows=2, upscale=1)
+    assert g.shape == (2 * 3 + 1, 2 * 3 + 1, 3) and g.dtype == torch.uint8
+    assert (g[1:3, 1:3] == 0).all() and (g[1:3, 4:6] == 255).all() and (g[4:6, 1:3] == 128).all()
+    assert (g[0] == 128).all() and (g[3] == 128).all()
+
+
+def test_generate_writes_a_png_and_never_overwrites_without_force(tmp_path, capsys):
+    from PIL import Image
+
+    from course_lib.cli import main
+
+    out = tmp_path / "grid.png"
+    args = ["generate", "a red circle above a blue square", "a small green square at the top", "--out", str(out),
+            "--n", "3", "--nfe", "4"]
+    assert main(args) == 0
+    assert Image.open(out).size == (3 * 129 + 1, 2 * 129 + 1)
+    out.write_bytes(b"mine")
+    assert main(args) == 2 and out.read_bytes() == b"mine"
+    assert "exists" in capsys.readouterr().err
+    assert main(args + ["--force"]) == 0 and out.read_bytes() != b"mine"
+    assert main(["generate", "a purple circle", "--out", str(tmp_path / "x.png")]) == 2
+    assert "vocabulary" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+
+
+def test_bench_t2i_quick_records_what_the_issue_asks(tmp_path):
+    from course_lib.bench.t2i import RECORD_KEYS, main_t2i
+
+    path = tmp_path / "t2i.json"
+    records = main_t2i(quick=True, json_path=path, samples=12, models=("shapes_ldm",))
+    samples = [r for r in records if r["kind"] == "sample"]
+    assert {r["guidance"] for r in samples} == {1.0, 3.0} and json.loads(path.read_text()) == records
+    for r in samples:
+        assert set(RECORD_KEYS) <= set(r) and r["space"] == "latent" and r["samples"] == 12
+        assert 0 <= r["colour"] <= 1 and r["fd"] >= 0 and r["seconds"] > 0
+    assert [r for r in samples if r["prompts"] == "two"][0]["binding"] is not None
+    with pytest.raises(ValueError, match="exists"):
+        main_t2i(quick=True, json_path=path, samples=12, models=("shapes_ldm",))
