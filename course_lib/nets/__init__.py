@@ -12,6 +12,7 @@ from .attribute_classifier import AttributeClassifier
 from .autoencoder import KLAutoencoder
 from .blocks import ConvDecoder, ConvEncoder, ResMLP, check_data_shape, timestep_embedding
 from .cross_attention import CrossAttention, TextUNet
+from .dit import DiT, DiTBlock
 from .gan import Discriminator, Generator
 from .mlp import TimeMLP
 from .noisy_classifier import NoisyClassifier
@@ -22,13 +23,13 @@ from .vae import VAE
 # kind -> class. A new network registers here (and its module imports only torch, .blocks and the math it uses).
 MODELS = {"mlp": TimeMLP, "unet": UNet, "generator": Generator, "discriminator": Discriminator, "vae": VAE,
           "noisy_classifier": NoisyClassifier, "kl_autoencoder": KLAutoencoder, "text_encoder": TextEncoder,
-          "mini_clip": MiniCLIP, "text_unet": TextUNet, "attribute_classifier": AttributeClassifier}
-DENOISERS = ("mlp", "unet")  # the kinds a diffusion model may use
+          "mini_clip": MiniCLIP, "text_unet": TextUNet, "attribute_classifier": AttributeClassifier, "dit": DiT}
+DENOISERS = ("mlp", "unet", "dit")  # the kinds a diffusion model may use
 
 __all__ = ["MODELS", "DENOISERS", "build_model", "count_parameters", "describe", "TimeMLP", "UNet", "ResBlock",
            "SelfAttention", "NoisyClassifier", "Generator", "Discriminator", "VAE", "ResMLP", "ConvEncoder", "ConvDecoder",
            "check_data_shape", "timestep_embedding", "KLAutoencoder", "TextEncoder", "ImageEncoder", "MiniCLIP",
-           "CrossAttention", "TextUNet", "AttributeClassifier"]
+           "CrossAttention", "TextUNet", "AttributeClassifier", "DiT", "DiTBlock"]
 
 
 def build_model(config: dict) -> nn.Module:
