@@ -3,7 +3,6 @@ step (and class label), optional cross-attention to caption tokens (as PixArt-al
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .blocks import _batch_t, _check_prediction, _Labels, timestep_embedding
