@@ -1,0 +1,88 @@
+"""Our samplers on diffusers networks (course_lib.diffusers_bridge): tiny randomly initialised diffusers models,
+sampled by our DPM-Solver++(2M) and by diffusers' own DPMSolverMultistepScheduler on the same timesteps."""
+import pytest
+import torch
+
+from course_lib import samplers as S
+from course_lib.diffusers_bridge import from_diffusers, schedule_from_scheduler
+
+diffusers = pytest.importorskip("diffusers")  # a test-only dependency, in the [test] extra
+
+
+def _theirs(scheduler, net, z, n, **kwargs):
+    scheduler.set_timesteps(n)
+    x = z * scheduler.init_noise_sigma
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = net(scheduler.scale_model_input(x, t), t.expand(len(x)), **kwargs, return_dict=False)[0]
+            x = scheduler.step(out, t, x).prev_sample
+    return x, scheduler.timesteps
+
+
+def _tiny_unet(**extra):
+    torch.manual_seed(0)
+    net = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+                                layers_per_block=1, norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "UpBlock2D"), **extra)
+    with torch.no_grad():  # diffusers zero-initialises nothing we rely on, but make every weight matter
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn(p.shape))
+    return net.eval()
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_our_dpmpp_2m_on_a_diffusers_unet_matches_diffusers_scheduler(prediction):
+    net = _tiny_unet()
+    sched = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                                                  prediction_type=prediction, timestep_spacing="linspace")
+    model, schedule = from_diffusers(net, sched)
+    assert model.prediction == {"epsilon": "eps", "v_prediction": "v"}[prediction]
+    torch.testing.assert_close(schedule.alpha_bar.float(), sched.alphas_cumprod.float())
+    # in float64 on both sides, so that what is compared is the algorithm (diffusers' float32 coefficients round
+    # at 1e-7; a float32 run differs by up to 4e-4 from rounding alone)
+    net.double()
+    z = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    theirs, ts = _theirs(sched, net, z, 10)
+    with torch.no_grad():
+        ours = S.sample(model, z, schedule, "dpmpp_2m", timesteps=ts.long().tolist(), stable=False).x
+    assert ours.abs().max() > 0.5  # the samples are not trivially zero
+    torch.testing.assert_close(ours, theirs.to(ours.dtype), rtol=1e-4, atol=1e-4)
+
+
+def test_class_labels_and_text_states_reach_diffusers_networks():
+    net = _tiny_unet(num_class_embeds=4)
+    model, schedule = from_diffusers(net, diffusers.DDPMScheduler(num_train_timesteps=1000))
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        a, b = model(x, 10, y=torch.tensor([0, 1])), model(x, 10, y=torch.tensor([2, 3]))
+        assert a.shape == x.shape and not torch.allclose(a, b)
+        torch.testing.assert_close(a, net(x, torch.tensor([10, 10]), class_labels=torch.tensor([0, 1])).sample)
+    torch.manual_seed(0)
+    cond = diffusers.UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                          layers_per_block=1, norm_num_groups=8, cross_attention_dim=12,
+                                          attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+    model, _ = from_diffusers(cond, diffusers.DDIMScheduler(num_train_timesteps=1000))
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 12)
+    with torch.no_grad():
+        out = model(x, torch.tensor([3, 900]), context=ctx, mask=torch.ones(2, 5, dtype=torch.bool))
+        torch.testing.assert_close(out, cond(x, torch.tensor([3, 900]), encoder_hidden_states=ctx).sample)
+    with pytest.raises(ValueError, match="needs context"):
+        model(x, 3)
+
+
+def test_a_diffusers_dit_with_a_learned_variance_gives_its_eps_half():
+    torch.manual_seed(0)
+    dit = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                          num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=1000).eval()
+    model, _ = from_diffusers(dit, diffusers.DDPMScheduler(num_train_timesteps=1000))
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        out = model(x, torch.tensor([5, 50]), y=torch.tensor([0, 1]))
+        full = dit(x, timestep=torch.tensor([5, 50]), class_labels=torch.tensor([0, 1])).sample
+    assert out.shape == x.shape and torch.equal(out, full[:, :4])
+
+
+def test_a_scheduler_without_betas_is_refused():
+    with pytest.raises(TypeError, match="discrete-time"):
+        schedule_from_scheduler(object())
