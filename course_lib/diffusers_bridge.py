@@ -63,3 +63,51 @@ def from_diffusers(net: nn.Module, scheduler) -> tuple[DiffusersModel, NoiseSche
     if kind not in PREDICTIONS:
         raise ValueError(f"unsupported prediction_type {kind!r}; the course knows {sorted(PREDICTIONS)}")
     return DiffusersModel(net, PREDICTIONS[kind]).eval(), schedule_from_scheduler(scheduler)
+
+
+def dit_to_diffusers(model: nn.Module):
+    """A course DiT (class-conditional, MLP ratio 4, no cross-attention) as a diffusers `DiTTransformer2DModel` with
+    the same weights: the patch embedding's Linear becomes diffusers' strided conv, the shared time and label
+    embedding is copied into every block (diffusers gives each its own), q / k / v are split out of PyTorch's
+    attention. `save_pretrained(folder)` on the result writes a model `DiTTransformer2DModel.from_pretrained` loads."""
+    import diffusers
+
+    cfg = getattr(model, "config", {})
+    if cfg.get("kind") != "dit":
+        raise TypeError(f"expected a course_lib DiT, got {cfg.get('kind') or type(model).__name__}")
+    if not cfg["num_classes"] or cfg["context_dim"] or cfg["mlp_ratio"] != 4:
+        raise ValueError("diffusers' DiTTransformer2DModel is class-conditional with an MLP ratio of 4 and no "
+                         f"cross-attention; this DiT has num_classes={cfg['num_classes']}, context_dim="
+                         f"{cfg['context_dim']}, mlp_ratio={cfg['mlp_ratio']}")
+    d, p, c = cfg["hidden"], cfg["patch"], cfg["in_channels"]
+    out = diffusers.DiTTransformer2DModel(
+        num_attention_heads=cfg["heads"], attention_head_dim=d // cfg["heads"], in_channels=c, out_channels=c,
+        num_layers=cfg["depth"], sample_size=cfg["image_size"], patch_size=p, num_embeds_ada_norm=cfg["num_classes"],
+        norm_eps=1e-6)
+    src = {k: v.detach() for k, v in model.state_dict().items()}
+    sd = {"pos_embed.proj.weight": src["embed.weight"].reshape(d, p, p, c).permute(0, 3, 1, 2),
+          "pos_embed.proj.bias": src["embed.bias"],
+          "proj_out_1.weight": src["ada.1.weight"], "proj_out_1.bias": src["ada.1.bias"],
+          "proj_out_2.weight": src["out.weight"], "proj_out_2.bias": src["out.bias"]}
+    for i in range(cfg["depth"]):
+        b, o = f"blocks.{i}.", f"transformer_blocks.{i}."
+        q, k, v = src[b + "attn.in_proj_weight"].chunk(3)
+        qb, kb, vb = src[b + "attn.in_proj_bias"].chunk(3)
+        sd.update({
+            o + "norm1.emb.timestep_embedder.linear_1.weight": src["time.0.weight"],
+            o + "norm1.emb.timestep_embedder.linear_1.bias": src["time.0.bias"],
+            o + "norm1.emb.timestep_embedder.linear_2.weight": src["time.2.weight"],
+            o + "norm1.emb.timestep_embedder.linear_2.bias": src["time.2.bias"],
+            o + "norm1.emb.class_embedder.embedding_table.weight": src["labels.embed.weight"],
+            o + "norm1.linear.weight": src[b + "ada.1.weight"], o + "norm1.linear.bias": src[b + "ada.1.bias"],
+            o + "attn1.to_q.weight": q, o + "attn1.to_k.weight": k, o + "attn1.to_v.weight": v,
+            o + "attn1.to_q.bias": qb, o + "attn1.to_k.bias": kb, o + "attn1.to_v.bias": vb,
+            o + "attn1.to_out.0.weight": src[b + "attn.out_proj.weight"],
+            o + "attn1.to_out.0.bias": src[b + "attn.out_proj.bias"],
+            o + "ff.net.0.proj.weight": src[b + "mlp.0.weight"], o + "ff.net.0.proj.bias": src[b + "mlp.0.bias"],
+            o + "ff.net.2.weight": src[b + "mlp.2.weight"], o + "ff.net.2.bias": src[b + "mlp.2.bias"]})
+    missing, unexpected = out.load_state_dict(sd, strict=False)
+    missing = [m for m in missing if not m.startswith("pos_embed.pos_embed")]
+    if missing or unexpected:
+        raise RuntimeError(f"weight mapping incomplete: missing {missing}, unexpected {unexpected}")
+    return out.eval()

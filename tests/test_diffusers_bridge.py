@@ -86,3 +86,35 @@ def test_a_diffusers_dit_with_a_learned_variance_gives_its_eps_half():
 def test_a_scheduler_without_betas_is_refused():
     with pytest.raises(TypeError, match="discrete-time"):
         schedule_from_scheduler(object())
+
+
+def test_a_course_dit_exported_to_diffusers_predicts_and_samples_the_same(tmp_path):
+    from course_lib.diffusers_bridge import dit_to_diffusers
+    from course_lib.nets import DiT
+
+    torch.manual_seed(0)
+    ours = DiT(in_channels=1, image_size=8, patch=2, hidden=32, depth=2, heads=4, num_classes=10).eval()
+    with torch.no_grad():
+        for p in ours.parameters():  # adaLN-Zero starts at zero: give every weight a value
+            p.add_(0.1 * torch.randn(p.shape))
+    exported = dit_to_diffusers(ours)
+    exported.save_pretrained(tmp_path / "dit")
+    theirs = diffusers.DiTTransformer2DModel.from_pretrained(tmp_path / "dit").eval()
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 400, 999]), torch.tensor([1, 5, 10])  # 10: no label
+    with torch.no_grad():
+        want = ours(x, t, y=y)
+        torch.testing.assert_close(theirs(x, timestep=t, class_labels=y).sample, want, rtol=1e-4, atol=1e-5)
+    # sampled by diffusers' own scheduler vs our DPM-Solver++(2M), same noise and timesteps, float64
+    sched = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    theirs.double()
+    z = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    labels = torch.tensor([0, 3, 7, 9])
+    x_theirs, ts = _theirs(sched, theirs, z, 8, class_labels=labels)
+    model, schedule = from_diffusers(theirs, sched)
+    ours.double()
+    with torch.no_grad():
+        x_ours = S.sample(ours, z, schedule, "dpmpp_2m", timesteps=ts.long().tolist(), stable=False,
+                          model_kwargs={"y": labels}).x
+    torch.testing.assert_close(x_ours, x_theirs.to(x_ours.dtype), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="class-conditional"):
+        dit_to_diffusers(DiT(num_classes=None))

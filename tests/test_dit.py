@@ -26,7 +26,7 @@ def test_sincos_position_embeddings_are_distinct_and_bounded():
     pos = sincos_2d(16, 4, 4)
     assert pos.shape == (16, 16) and pos.abs().max() <= 1
     assert torch.cdist(pos, pos).add(torch.eye(16)).min() > 0.1  # every position different
-    assert torch.allclose(pos[1, :8], pos[0, :8]) and not torch.allclose(pos[1, 8:], pos[0, 8:])  # same row
+    assert torch.allclose(pos[1, 8:], pos[0, 8:]) and not torch.allclose(pos[1, :8], pos[0, :8])  # same row
 
 
 def test_modulate_and_a_fresh_block_is_the_identity():

@@ -10,10 +10,11 @@ from torch import nn
 from ..losses import PREDICTIONS
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of timesteps, shape (B, dim) (Vaswani et al. 2017, sec. 3.5; Ho et al. 2020, app. B)."""
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> torch.Tensor:
+    """Sinusoidal embedding of timesteps, shape (B, dim) (Vaswani et al. 2017, sec. 3.5; Ho et al. 2020, app. B):
+    [cos, sin] of t * max_period^(-k / (dim/2 - freq_shift)), k = 0 .. dim/2 - 1."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
     return F.pad(emb, (0, dim % 2))

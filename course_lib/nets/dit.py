@@ -25,8 +25,8 @@ def unpatchify(tokens: torch.Tensor, p: int, channels: int, h: int, w: int) -> t
 
 
 def sincos_2d(dim: int, gh: int, gw: int) -> torch.Tensor:
-    """Fixed 2D sine-cosine position embeddings (gh * gw, dim): half the channels for the row, half for the column
-    (Peebles & Xie 2023, as in MAE)."""
+    """Fixed 2D sine-cosine position embeddings (gh * gw, dim): the first half of the channels encodes the column,
+    the second the row, each as [sin, cos] (Peebles & Xie 2023, as in MAE; the same numbers as diffusers')."""
     if dim % 4:
         raise ValueError(f"the hidden size ({dim}) must be divisible by 4 for 2D sin-cos position embeddings")
     def axis(n, d):
@@ -34,7 +34,7 @@ def sincos_2d(dim: int, gh: int, gw: int) -> torch.Tensor:
         out = torch.arange(n, dtype=torch.float64)[:, None] * omega[None]
         return torch.cat([out.sin(), out.cos()], 1)
     rows, cols = axis(gh, dim // 2), axis(gw, dim // 2)
-    return torch.cat([rows[:, None].expand(gh, gw, -1), cols[None].expand(gh, gw, -1)], -1).reshape(gh * gw, dim).float()
+    return torch.cat([cols[None].expand(gh, gw, -1), rows[:, None].expand(gh, gw, -1)], -1).reshape(gh * gw, dim).float()
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -115,7 +115,8 @@ class DiT(nn.Module):
         if (context is None) != (cfg["context_dim"] is None):
             raise ValueError("this DiT " + ("needs context= (caption token states) and mask=" if cfg["context_dim"]
                                             else "has no cross-attention (context_dim=None) but was given context"))
-        c = self.time(timestep_embedding(_batch_t(t, x), 256)) + self.labels(y, x.shape[0], x.device)
+        # frequencies 10000^(-k / 127), as diffusers' DiT (downscale_freq_shift=1), so that weights carry over exactly
+        c = self.time(timestep_embedding(_batch_t(t, x), 256, freq_shift=1.0).to(x.dtype)) + self.labels(y, x.shape[0], x.device)
         h = self.embed(patchify(x, self.patch)) + self.pos
         for block in self.blocks:
             h = block(h, c, context, mask)
