@@ -222,3 +222,28 @@ def test_the_guided_loop_harness_counts_its_budget_and_refuses_bad_labels():
     out = H.guided_sampling(lambda denoise, x, sigmas, y, scale: denoise(x, float(sigmas[-2]), y), seed=0, angle=0.0,
                             scale=3.0, nfe=5, sigma_max=10.0, sigma_min=0.02)
     assert set(out) == {"labels", "samples_1", "samples_w"} and out["samples_1"].shape == (H.SAMPLE_POINTS, 2)
+
+
+def test_tilted_mixture_samples_have_the_moments_of_the_tilted_density_by_quadrature():
+    """Sampled (multinomial on a grid) vs integrated (trapezoid on an independent, finer grid): the mean offset and
+    spread of p(x|y)^w p(x)^(1-w) around its mode, on six overlapping modes where the tilt matters."""
+    from course_lib.analytic import tilted_mixture_samples
+    from course_lib.data import ring_of_gaussians
+
+    mix = ring_of_gaussians(6, 1.0, 0.4)
+    n = 20_000
+    for w in (1.0, 3.0):
+        x = tilted_mixture_samples(mix, w, torch.zeros(n, dtype=torch.long), torch.Generator().manual_seed(0))
+        g = torch.linspace(-3.0, 3.0, 601, dtype=torch.float64)
+        pts = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2) + mix.modes[0].double()
+        log_all = -((pts[:, None] - mix.modes[None].double()) ** 2).sum(-1) / (2 * 0.16)
+        dens = torch.softmax(w * log_all[:, 0] + (1 - w) * torch.logsumexp(log_all, 1), 0)
+        mean = (dens[:, None] * pts).sum(0)
+        var = (dens[:, None] * (pts - mean) ** 2).sum(0)
+        se = (var / n).sqrt()
+        assert ((x.double().mean(0) - mean).abs() < 4 * se + 1e-3).all(), (w, x.mean(0), mean)
+        assert ((x.double().var(0) - var).abs() < 0.05 * var).all(), (w, x.var(0), var)  # SE of a variance ~1%
+        if w == 3.0:  # guidance's target leans away from the neighbouring modes: further out than mode 0's centre
+            assert mean.norm() > mix.modes[0].norm() + 0.05
+    with pytest.raises(ValueError, match="labels"):
+        tilted_mixture_samples(mix, 2.0, torch.tensor([6]))
