@@ -99,6 +99,11 @@ def _train(args) -> int:
         trainer.train(callback=save, every=1000)
         if state is not None:
             trainer.save(state)
+        if trainer.world > 1:  # under torchrun every rank holds the same model: rank 0 measures and writes it
+            from .distributed import finish
+            finish()
+            if trainer.rank != 0:
+                return 0
         card = {"preset": args.preset, "steps": trainer.step, "train_seconds": round(trainer.elapsed, 1),
                 "machine": machine, "command": command, "parameters": count_parameters(trainer.model),
                 "final_loss": round(sum(trainer.losses[-200:]) / len(trainer.losses[-200:]), 5)}

@@ -97,12 +97,19 @@ def training_target(kind: str, x0: torch.Tensor, eps: torch.Tensor, x_t: torch.T
 
 def diffusion_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, prediction: str = "eps",
                    weighting: str = "uniform", gamma: float = 5.0, generator: torch.Generator | None = None,
-                   **model_kwargs) -> torch.Tensor:
-    """The simple loss E_{t, eps} w(t) ||target - model(x_t, t)||^2 with t uniform (Ho et al. 2020, eq. 14)."""
+                   rows: slice | None = None, **model_kwargs) -> torch.Tensor:
+    """The simple loss E_{t, eps} w(t) ||target - model(x_t, t)||^2 with t uniform (Ho et al. 2020, eq. 14).
+
+    `rows`: draw t and the noise for the whole batch, then compute the loss on these rows only (a data-parallel
+    rank's share; course_lib.distributed), so that the ranks together see exactly one process's batch."""
     _check_prediction(prediction)
     b = x0.shape[0]
     t = torch.randint(schedule.T, (b,), generator=generator).to(x0.device)
     eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    if rows is not None:
+        x0, t, eps = x0[rows], t[rows], eps[rows]
+        model_kwargs = {k: v[rows] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == b else v
+                        for k, v in model_kwargs.items()}
     x_t = q_sample(x0, t, schedule, noise=eps)
     ab_t = schedule.at(schedule.alpha_bar, t, x0)
     target = training_target(prediction, x0, eps, x_t, ab_t)

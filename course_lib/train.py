@@ -160,8 +160,16 @@ class Trainer:
     def __init__(self, config: TrainConfig, device=None):
         if not isinstance(config, TrainConfig):
             raise TypeError(f"Trainer needs a TrainConfig (see course_lib.train.preset), got {type(config).__name__}")
+        from . import distributed
+
         self.config = config
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        # under torchrun: this process's rank, the number of processes, its device; (0, 1, device) otherwise
+        self.rank, self.world, self.device = distributed.init(self.device)
+        if self.world > 1 and config.family != "diffusion":
+            raise ValueError(f"data-parallel training (torchrun) is implemented for the diffusion family, not "
+                             f"{config.family!r}: run it in one process")
+        self.rows = distributed.part(config.batch_size, self.rank, self.world) if self.world > 1 else None
         self.source = DataSource(config.data)
         self.family = config.family
         self.spec = family(config.family)
@@ -217,6 +225,9 @@ class Trainer:
         opt = self.opts[role]
         opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self.world > 1:  # each rank's loss is the mean over its rows: the mean of the means is the batch's
+            from .distributed import average_gradients
+            average_gradients(self.nets[role].parameters(), self.world)
         self.scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(self.nets[role].parameters(), self.config.grad_clip)
         self.scaler.step(opt)
@@ -234,7 +245,11 @@ class Trainer:
         with torch.no_grad():
             for e, p in zip(self.ema.parameters(), self.model.parameters()):
                 e.lerp_(p, 1 - decay)
-        return torch.stack([v.detach().float() for v in values])
+        values = torch.stack([v.detach().float() for v in values])
+        if self.world > 1:
+            from .distributed import average
+            values = average(values, self.world)
+        return values
 
     def train(self, steps: int | None = None, seconds: float | None = None, progress: bool = True,
               callback=None, every: int = 500) -> Trainer:
@@ -243,6 +258,10 @@ class Trainer:
             raise ValueError(f"steps must be a non-negative int, got {steps!r}")
         end = self.step + steps if steps is not None else self.config.steps
         seconds = seconds if seconds is not None else self.config.seconds
+        if seconds is not None and self.world > 1:
+            raise ValueError("a time budget would stop the processes at different steps: give data-parallel "
+                             "training a budget in steps")
+        progress = progress and self.rank == 0
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -301,7 +320,10 @@ class Trainer:
         return state
 
     def save(self, path: str | Path) -> Path:
-        """Write the full training state atomically (temporary file, then rename)."""
+        """Write the full training state atomically (temporary file, then rename); under torchrun only rank 0
+        writes (every rank holds the same state)."""
+        if self.rank != 0:
+            return Path(path)
         return ckpt_io.save_atomic(self.state_dict(), path)
 
     def load_state_dict(self, state: dict) -> None:
@@ -333,7 +355,9 @@ class Trainer:
         return trainer
 
     def export(self, path: str | Path, card: dict | None = None) -> Path:
-        """Write the EMA weights, config and card only (what ships in data/), atomically."""
+        """Write the EMA weights, config and card only (what ships in data/), atomically; rank 0 only."""
+        if self.rank != 0:
+            return Path(path)
         state = {"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "kind": "weights",
                  "config": self.config.to_dict(), "model_config": self.model_config,
                  "weights": {k: v.detach().cpu() for k, v in self.ema.state_dict().items()},

@@ -64,6 +64,6 @@ class DiffusionFamily(Family):
             drop = torch.rand(len(y), generator=trainer.generator) < o.label_dropout
             kwargs["y"] = torch.where(drop, torch.full_like(y, trainer.source.num_classes), y).to(trainer.device)
         loss = diffusion_loss(trainer.model, x, trainer.schedule, o.prediction, o.weighting, o.gamma,
-                              generator=trainer.generator, **kwargs)
+                              generator=trainer.generator, rows=trainer.rows, **kwargs)
         trainer.update("model", loss)
         return [loss]
