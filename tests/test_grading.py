@@ -633,3 +633,15 @@ def test_csv_cells_cannot_become_spreadsheet_formulas():
     text = grading._csv_text([grading._row("=HYPERLINK(\"http://x\")", "q_sample", "failed", "-1 points?")])
     row = next(csv.DictReader(text.splitlines()))
     assert row["submission"].startswith("'=") and row["message"] == "'-1 points?" and row["exercise"] == "q_sample"
+
+
+def test_answer_fingerprints_from_four_threads_at_once_in_a_fresh_process():
+    """--jobs grades in threads; the first computation imports library modules (course_lib.autoencoder ...), which
+    raced into 'partially initialized module' errors before it was done under a lock."""
+    script = ("import threading\nfrom course_lib.grading import batch\nerrors = []\n"
+              "def run():\n    try:\n        batch.answer_fingerprints()\n    except Exception as e:\n"
+              "        errors.append(repr(e))\n"
+              "threads = [threading.Thread(target=run) for _ in range(4)]\n"
+              "[t.start() for t in threads]\n[t.join() for t in threads]\nprint(errors)")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr[-2000:])

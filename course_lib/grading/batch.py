@@ -315,11 +315,18 @@ def released_sources(lesson: int, folder: Path | None = None) -> set[str]:
 
 
 _FINGERPRINTS: dict = {}
+_FINGERPRINTS_LOCK = threading.Lock()  # --jobs grades in threads: importing the library twice at once races
 
 
 def answer_fingerprints() -> tuple[dict[str, dict[str, str]], dict[str, str]]:
     """({exercise: {fingerprint: dotted name}} of the library functions that compute each answer,
-    {fingerprint: name} of every exercise reference), computed here, never in a worker."""
+    {fingerprint: name} of every exercise reference), computed here, never in a worker, once per process (under a
+    lock: two threads importing course_lib.autoencoder at once saw it half initialised)."""
+    with _FINGERPRINTS_LOCK:
+        return _answer_fingerprints()
+
+
+def _answer_fingerprints():
     if not _FINGERPRINTS:
         library = {name: identity.library_fingerprints({d: identity.resolve(d) for d in dotted})
                    for name, dotted in LIBRARY_EQUIVALENTS.items()}
