@@ -43,21 +43,6 @@ def save_atomic(obj, path: str | Path) -> Path:
     return path
 
 
-def write_text_atomic(text: str, path: str | Path) -> Path:
-    """Write a text file through a temporary file in the same folder and a rename: never half a file at `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
 def write_bytes_atomic(data: bytes, path: str | Path) -> Path:
     """Write bytes through a temporary file in the same folder and a rename: never half a file at `path`."""
     path = Path(path)
@@ -72,6 +57,11 @@ def write_bytes_atomic(data: bytes, path: str | Path) -> Path:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def write_text_atomic(text: str, path: str | Path) -> Path:
+    """Write a UTF-8 text file through a temporary file in the same folder and a rename: never half a file at `path`."""
+    return write_bytes_atomic(text.encode("utf-8"), path)
 
 
 def write_json_atomic(data, path: str | Path) -> Path:
