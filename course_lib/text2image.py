@@ -3,13 +3,13 @@ al. 2022) or on pixels, conditioned on the frozen mini-CLIP text encoder, with c
 (Ho & Salimans 2022: the empty caption is the unconditional model, learned by caption dropout)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
 from . import checkpoints as ckpt_io
 from .attributes import dataset
+from .guidance import _check_scale
 from .losses import diffusion_loss
 from .nets import KLAutoencoder, TextEncoder, TextUNet
 from .samplers import Denoiser, as_denoiser, karras_sigmas, sample, steps_for_nfe
@@ -26,12 +26,6 @@ DEFAULT_NFE = 20
 # marginal of unit-variance latents has std sqrt(1 + 20^2), within 0.13% of pure noise's, and Karras spacing from
 # 20,000 spends most of a 10-20 step budget where nothing can be learned (lesson 7 measures both).
 SIGMA_MAX = 20.0
-
-
-def _check_scale(scale) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
-        raise ValueError(f"the guidance scale must be a finite number >= 0, got {scale!r}")
-    return float(scale)
 
 
 def caption_guidance(denoiser: Denoiser, scale: float, null_context: torch.Tensor, null_mask: torch.Tensor) -> Denoiser:
