@@ -137,12 +137,14 @@ def _bench(args) -> int:
         return _bench_compare(args)
     if args.bench == "kernels":
         return _bench_kernels(args)
-    if args.bench == "t2i":
-        from .bench.t2i import main_t2i
+    if args.bench in ("arch", "t2i"):  # lesson 8's and lesson 7's: main_<name>(quick, json, samples, force)
+        from importlib import import_module
 
-        if args.samples is not None and args.samples < 10:
-            raise ValueError(f"--samples must be at least 10, got {args.samples}")
-        main_t2i(args.quick, args.json, args.samples, args.force)
+        least = {"arch": 50, "t2i": 10}[args.bench]  # FD needs samples; adherence needs prompts
+        if args.samples is not None and args.samples < least:
+            raise ValueError(f"--samples must be at least {least}, got {args.samples}")
+        main = getattr(import_module(f"course_lib.bench.{args.bench}"), f"main_{args.bench}")
+        main(args.quick, args.json, args.samples, args.force)
         return 0
     from .bench.samplers import BENCH_DATASETS, main_samplers
 
@@ -217,8 +219,9 @@ PRESET_NAMES = SHIPPED  # every shipped checkpoint has a preset that reproduces 
 
 
 def _bench_arguments(p: argparse.ArgumentParser, quick_help: str, datasets: bool = True,
-                     devices=("cuda", "mps", "cpu"), device_default: str = "cpu") -> None:
-    """The options every benchmark shares (--datasets and --samples for those that sample the datasets)."""
+                     devices=("cuda", "mps", "cpu"), device_default: str = "cpu", samples_help: str = "") -> None:
+    """The options every benchmark shares (--datasets and --samples for those that sample the datasets; --samples
+    alone with `samples_help`; no --device when `devices` is None)."""
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--json", metavar="PATH", help="also write the records to this JSON file")
     p.add_argument("--force", action="store_true", help="replace an existing --json file")
@@ -226,7 +229,10 @@ def _bench_arguments(p: argparse.ArgumentParser, quick_help: str, datasets: bool
         p.add_argument("--datasets", nargs="+", metavar="NAME", help="a subset of ring8 grid25 digits")
         p.add_argument("--samples", type=int, metavar="N", help="samples per configuration (default: 5,000 "
                                                                 "points or 1,000 digits; quick: 1,000 / 200)")
-    p.add_argument("--device", choices=devices, help=f"default: {device_default}")
+    elif samples_help:
+        p.add_argument("--samples", type=int, metavar="N", help=samples_help)
+    if devices:
+        p.add_argument("--device", choices=devices, help=f"default: {device_default}")
     p.set_defaults(func=_bench)
 
 
@@ -314,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                    "10 for the others)")
     p.set_defaults(func=lambda a: __import__("course_lib.bench.samplers", fromlist=["main_tune"]).main_tune(
         a.preset, a.samplers, a.samples, a.nfe))
-    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | t2i)",
+    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | t2i | arch)",
                        description="Benchmarks that print a table and, with --json, save flat records.")
     bench = p.add_subparsers(dest="bench", metavar="BENCHMARK")
     bench.required = True
@@ -367,11 +373,17 @@ def build_parser() -> argparse.ArgumentParser:
                                      "adherence per attribute (the shipped attribute classifier), binding, FD and "
                                      "seconds, and each model's training cost per step (about 15 minutes on 2 CPU "
                                      "cores). --quick: two scales at 10 NFE, 100 prompts (about 2 minutes).")
-    p.add_argument("--quick", action="store_true", help="a small run for checking")
-    p.add_argument("--json", metavar="PATH", help="also write the records to this JSON file")
-    p.add_argument("--force", action="store_true", help="replace an existing --json file")
-    p.add_argument("--samples", type=int, metavar="N", help="prompts per configuration (default 500; quick 100)")
-    p.set_defaults(func=_bench)
+    _bench_arguments(p, "a small run for checking", datasets=False, devices=None,
+                     samples_help="prompts per configuration (default 500; quick 100)")
+    p = bench.add_parser("arch", help="lesson 8: DiT vs UNet on digits at matched parameters; a DiT scaling sweep",
+                         description="Trains lesson 4's digits UNet and DiTs (three sizes at patch 2, the matched "
+                                     "size at patch 1) with lesson 4's digits budget, the matched pair on three "
+                                     "seeds at equal steps and the DiT again at equal wall time; samples each with "
+                                     "DPM-Solver++(2M), 20 NFE, and records FD (with the held-out real-data floor), "
+                                     "precision, recall, parameters, FLOPs, seconds (about 30 minutes on 2 CPU "
+                                     "cores). --quick: 30 steps, one seed, 200 samples (about a minute).")
+    _bench_arguments(p, "a small run for checking", datasets=False, devices=None,
+                     samples_help="samples scored per run (default 1000; quick 200)")
     p = sub.add_parser("generate", help="images from a text prompt with the shipped text-to-image model",
                        description="Render a grid of samples for one or more prompts of the shapes grammar ('a "
                                    "[size] colour shape [at the position]' or 'a colour shape left of|right of|above|"

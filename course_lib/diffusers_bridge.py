@@ -111,3 +111,130 @@ def dit_to_diffusers(model: nn.Module):
     if missing or unexpected:
         raise RuntimeError(f"weight mapping incomplete: missing {missing}, unexpected {unexpected}")
     return out.eval()
+
+
+def _conv_or_linear(weight: torch.Tensor) -> torch.Tensor:
+    return weight.reshape(weight.shape[0], -1) if weight.ndim == 4 else weight  # a 1x1 conv is a Linear
+
+
+def unet_to_diffusers(model: nn.Module, sample_size: int | None = None):
+    """A course UNet (course_lib.nets.UNet) as a diffusers `UNet2DModel` with the same weights. The two are the same
+    DDPM architecture (Ho et al. 2020, app. B), block for block: [cos, sin] time features with no frequency shift,
+    a two-layer time MLP, GroupNorm-SiLU-conv residual blocks with the time embedding added after the first conv,
+    attention (one fused 1x1 q/k/v conv here, three Linear layers there) at the lowest resolution and in the middle,
+    strided-conv downsampling, nearest-neighbour upsampling and a conv. The label table ('no label' included)
+    becomes `class_embedding`: call the export with class_labels = num_classes for the unconditional prediction.
+    `sample_size` (the image side) is what diffusers' pipelines draw noise for; the network itself takes any size."""
+    import diffusers
+
+    cfg = getattr(model, "config", {})
+    if cfg.get("kind") != "unet":
+        raise TypeError(f"expected a course_lib UNet, got {cfg.get('kind') or type(model).__name__}")
+    from .nets.unet import _groups
+
+    base, mults, num_res, heads, groups = cfg["base"], cfg["mults"], cfg["num_res"], cfg["heads"], cfg["groups"]
+    channels = [base * m for m in mults]
+    if any(_groups(c, groups) != groups for c in channels + [base]) or any(
+            _groups(c + s, groups) != groups for c in channels for s in channels + [base]):
+        raise ValueError(f"diffusers uses {groups} GroupNorm groups everywhere; this UNet's channel counts "
+                         f"({channels}) are not all divisible by {groups}")
+    last = len(mults) - 1
+    out = diffusers.UNet2DModel(
+        in_channels=cfg["in_channels"], out_channels=cfg["in_channels"], block_out_channels=tuple(channels),
+        layers_per_block=num_res, norm_num_groups=groups, attention_head_dim=channels[-1] // heads,
+        down_block_types=tuple("AttnDownBlock2D" if i == last else "DownBlock2D" for i in range(len(mults))),
+        up_block_types=tuple("AttnUpBlock2D" if i == 0 else "UpBlock2D" for i in range(len(mults))),
+        num_class_embeds=cfg["num_classes"] + 1 if cfg["num_classes"] else None, time_embedding_type="positional",
+        flip_sin_to_cos=True, freq_shift=0, norm_eps=1e-5, act_fn="silu", downsample_padding=1,
+        sample_size=sample_size)
+    src = {k: v.detach() for k, v in model.state_dict().items()}
+    sd = {"time_embedding.linear_1.weight": src["time.0.weight"], "time_embedding.linear_1.bias": src["time.0.bias"],
+          "time_embedding.linear_2.weight": src["time.2.weight"], "time_embedding.linear_2.bias": src["time.2.bias"],
+          "conv_in.weight": src["stem.weight"], "conv_in.bias": src["stem.bias"],
+          "conv_norm_out.weight": src["out.0.weight"], "conv_norm_out.bias": src["out.0.bias"],
+          "conv_out.weight": src["out.2.weight"], "conv_out.bias": src["out.2.bias"]}
+    if cfg["num_classes"]:
+        sd["class_embedding.weight"] = src["labels.embed.weight"]
+
+    def resnet(ours: str, theirs: str):
+        names = {"norm1": "norm1", "conv1": "conv1", "emb": "time_emb_proj", "norm2": "norm2", "conv2": "conv2",
+                 "skip": "conv_shortcut"}
+        for a, b in names.items():
+            for p in ("weight", "bias"):
+                if f"{ours}.{a}.{p}" in src:
+                    sd[f"{theirs}.{b}.{p}"] = src[f"{ours}.{a}.{p}"]
+
+    def attention(ours: str, theirs: str):
+        sd[f"{theirs}.group_norm.weight"], sd[f"{theirs}.group_norm.bias"] = src[f"{ours}.norm.weight"], \
+            src[f"{ours}.norm.bias"]
+        for name, w, b in zip(("to_q", "to_k", "to_v"), _conv_or_linear(src[f"{ours}.qkv.weight"]).chunk(3),
+                              src[f"{ours}.qkv.bias"].chunk(3)):
+            sd[f"{theirs}.{name}.weight"], sd[f"{theirs}.{name}.bias"] = w, b
+        sd[f"{theirs}.to_out.0.weight"] = _conv_or_linear(src[f"{ours}.proj.weight"])
+        sd[f"{theirs}.to_out.0.bias"] = src[f"{ours}.proj.bias"]
+
+    i = 0  # walk our down path: per level num_res blocks [ResBlock, (attention)], then a strided conv
+    for level in range(len(mults)):
+        for r in range(num_res):
+            resnet(f"down.{i}.0", f"down_blocks.{level}.resnets.{r}")
+            if level == last:
+                attention(f"down.{i}.1", f"down_blocks.{level}.attentions.{r}")
+            i += 1
+        if level != last:
+            sd[f"down_blocks.{level}.downsamplers.0.conv.weight"] = src[f"down.{i}.weight"]
+            sd[f"down_blocks.{level}.downsamplers.0.conv.bias"] = src[f"down.{i}.bias"]
+            i += 1
+    resnet("mid.0", "mid_block.resnets.0")
+    attention("mid.1", "mid_block.attentions.0")
+    resnet("mid.2", "mid_block.resnets.1")
+    i = 0
+    for k, level in enumerate(reversed(range(len(mults)))):
+        for r in range(num_res + 1):
+            resnet(f"up.{i}.0", f"up_blocks.{k}.resnets.{r}")
+            if level == last:
+                attention(f"up.{i}.1", f"up_blocks.{k}.attentions.{r}")
+            i += 1
+        if level != 0:
+            sd[f"up_blocks.{k}.upsamplers.0.conv.weight"] = src[f"up.{i}.1.weight"]
+            sd[f"up_blocks.{k}.upsamplers.0.conv.bias"] = src[f"up.{i}.1.bias"]
+            i += 1
+    missing, unexpected = out.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"weight mapping incomplete: missing {missing}, unexpected {unexpected}")
+    return out.eval()
+
+
+def to_diffusers_scheduler(schedule: NoiseSchedule, prediction: str = "eps", **kwargs):
+    """diffusers' DPMSolverMultistepScheduler (DPM-Solver++(2M), Lu et al. 2022) on exactly this schedule's betas
+    (`trained_betas`), so that diffusers samples a course model on the noise levels it was trained with."""
+    import diffusers
+
+    theirs = {v: k for k, v in PREDICTIONS.items()}
+    if prediction not in theirs:
+        raise ValueError(f"prediction must be one of {sorted(theirs)}, got {prediction!r}")
+    return diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=schedule.T, trained_betas=schedule.betas.double().cpu().numpy(),
+        prediction_type=theirs[prediction], **{"algorithm_type": "dpmsolver++", "solver_order": 2, **kwargs})
+
+
+def export_pipeline(model: nn.Module, schedule: NoiseSchedule, folder, image_size: int, force: bool = False):
+    """Write an unconditional course UNet and its schedule as a diffusers `DDPMPipeline` folder (model_index.json,
+    unet/, scheduler/ with DPM-Solver++(2M) on the model's betas) that `DDPMPipeline.from_pretrained(folder)` loads
+    and samples; an existing folder is replaced only with force=True. Returns the pipeline."""
+    import shutil
+    from pathlib import Path
+
+    import diffusers
+
+    folder = Path(folder)
+    if getattr(model, "config", {}).get("num_classes"):
+        raise ValueError("a DDPMPipeline is unconditional; for a class-conditional UNet save "
+                         "unet_to_diffusers(model) with save_pretrained and pass class_labels when calling it")
+    if folder.exists():
+        if not force:
+            raise FileExistsError(f"{folder} exists; pass force=True to replace it")
+        shutil.rmtree(folder)
+    pipe = diffusers.DDPMPipeline(unet=unet_to_diffusers(model, image_size),
+                                  scheduler=to_diffusers_scheduler(schedule, getattr(model, "prediction", "eps")))
+    pipe.save_pretrained(folder)
+    return pipe

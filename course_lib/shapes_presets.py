@@ -8,6 +8,10 @@ PRESETS = {
     "shapes_clip": dict(steps=1500, batch_size=256),
     "shapes_ldm": dict(space="latent", steps=3500, batch_size=64, eval_every=500),
     "shapes_pixel": dict(space="pixel", steps=700, batch_size=32, eval_every=175),
+    # lesson 8: a DiT on the same latents with shapes_ldm's budget (steps, batch, learning rate, EMA, data)
+    "shapes_dit": dict(space="latent", net="dit", steps=3500, batch_size=64, eval_every=500),
+    # ... and for twice the steps: does the transformer catch up when it is given longer? (lesson 8 plots both curves)
+    "shapes_dit_long": dict(space="latent", net="dit", steps=7000, batch_size=64, eval_every=1000),
 }
 
 

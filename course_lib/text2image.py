@@ -1,4 +1,4 @@
-"""Text-to-image diffusion in miniature: a TextUNet on the autoencoder's scaled latents (latent diffusion, Rombach et
+"""Text-to-image diffusion in miniature: a TextUNet (or a DiT with cross-attention) on the autoencoder's scaled latents (latent diffusion, Rombach et
 al. 2022) or on pixels, conditioned on the frozen mini-CLIP text encoder, with classifier-free guidance on the caption
 (Ho & Salimans 2022: the empty caption is the unconditional model, learned by caption dropout)."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ from . import checkpoints as ckpt_io
 from .attributes import dataset
 from .guidance import _check_scale
 from .losses import diffusion_loss
-from .nets import KLAutoencoder, TextEncoder, TextUNet
+from .nets import DiT, KLAutoencoder, TextEncoder, TextUNet
 from .samplers import Denoiser, as_denoiser, karras_sigmas, sample, steps_for_nfe
 from .schedules import NoiseSchedule
 from .shapes import MAX_WORDS, tokenize
@@ -20,6 +20,10 @@ SPACES = ("latent", "pixel")
 SCHEDULE = dict(name="cosine", T=1000)
 UNETS = {"latent": dict(base=48, mults=[1, 2], num_res=1, heads=4),      # 8x8x4 latents: levels 8x8, 4x4
          "pixel": dict(base=48, mults=[1, 2, 2], num_res=1, heads=4)}    # 32x32x3 pixels: 32, 16, 8
+# Lesson 8's transformer on the same latents: patch 2 (16 tokens of 2x2x4), 1.80M parameters against the UNet's 1.73M
+DITS = {"latent": dict(patch=2, hidden=128, depth=5, heads=4),
+        "pixel": dict(patch=4, hidden=128, depth=5, heads=4)}
+NETS = ("unet", "dit")
 DEFAULT_SCALE = 3.0   # the guidance scale lesson 7 recommends (bench t2i measures the sweep); replaced by the card's
 DEFAULT_NFE = 20
 # Sampling starts at sigma = 20, not at the clipped cosine schedule's last level (sigma = 20,291): at 20 the noisy
@@ -55,7 +59,7 @@ class TextToImage:
     """A text-to-image model: denoiser, noise schedule, frozen text encoder, and (latent space) the autoencoder and
     its scale factor. `generate(prompts)` returns images in [-1, 1]."""
 
-    unet: TextUNet
+    unet: TextUNet | DiT
     schedule: NoiseSchedule
     text_encoder: TextEncoder
     autoencoder: KLAutoencoder | None = None
@@ -130,8 +134,9 @@ class TextToImage:
 def train_text_to_image(space: str = "latent", steps: int = 4000, n_train: int = 20_000, batch_size: int = 64,
                         lr: float = 1e-3, caption_dropout: float = 0.1, seed: int = 0, text_encoder=None,
                         autoencoder=None, scale_factor: float | None = None, progress: bool = True,
-                        eval_every: int = 0, eval_prompts: int = 200, **unet_config) -> tuple[TextToImage, dict]:
-    """Train a TextUNet on (latents or pixels, caption) pairs with the eps loss (Ho et al. 2020, eq. 14) and caption
+                        eval_every: int = 0, eval_prompts: int = 200, net: str = "unet",
+                        **unet_config) -> tuple[TextToImage, dict]:
+    """Train a TextUNet (net='dit': a DiT with cross-attention, lesson 8) on (latents or pixels, caption) pairs with the eps loss (Ho et al. 2020, eq. 14) and caption
     dropout: a share `caption_dropout` of captions is replaced by the empty caption, so one network also learns the
     unconditional model that guidance needs. The text encoder (and autoencoder) stay frozen."""
     from .autoencoder import encode, load_autoencoder
@@ -140,6 +145,8 @@ def train_text_to_image(space: str = "latent", steps: int = 4000, n_train: int =
 
     if space not in SPACES:
         raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+    if net not in NETS:
+        raise ValueError(f"net must be one of {NETS}, got {net!r}")
     if not 0 <= caption_dropout < 1:
         raise ValueError(f"need 0 <= caption_dropout < 1, got {caption_dropout!r}")
     text = (text_encoder or load_text_encoder()).eval().requires_grad_(False)
@@ -155,7 +162,11 @@ def train_text_to_image(space: str = "latent", steps: int = 4000, n_train: int =
     x_all = encode(ae, images) * scale_factor if ae is not None else images
     tokens = tokenize(list(captions))
     torch.manual_seed(seed)
-    unet = TextUNet(in_channels=x_all.shape[1], context_dim=text.dim, **{**UNETS[space], **unet_config})
+    if net == "dit":
+        unet = DiT(in_channels=x_all.shape[1], image_size=x_all.shape[-1], context_dim=text.dim,
+                   **{**DITS[space], **unet_config})
+    else:
+        unet = TextUNet(in_channels=x_all.shape[1], context_dim=text.dim, **{**UNETS[space], **unet_config})
     schedule = NoiseSchedule.named(SCHEDULE["name"], SCHEDULE["T"])
     g = torch.Generator().manual_seed(seed)
 
@@ -179,7 +190,7 @@ def train_text_to_image(space: str = "latent", steps: int = 4000, n_train: int =
     model = TextToImage(ema, schedule, text, ae, sf)
     if eval_every:
         evaluate(steps, ema, log["seconds"])
-    card = {"space": space, "steps": steps, "batch_size": batch_size, "train_images": n_train, "seed": seed,
+    card = {"space": space, "net": net, "steps": steps, "batch_size": batch_size, "train_images": n_train, "seed": seed,
             "caption_dropout": caption_dropout, "train_seconds": round(log["seconds"], 1),
             "seconds_per_step": round(log["seconds"] / steps, 4),
             "final_loss": round(sum(log["losses"][-200:]) / len(log["losses"][-200:]), 5),
@@ -233,7 +244,8 @@ def export(model: TextToImage, path, card: dict, preset: str):
 
 
 def load_text_to_image(name_or_path: str = "shapes_ldm", device=None) -> TextToImage:
-    """A shipped text-to-image model ('shapes_ldm' in latent space, 'shapes_pixel' in pixel space) or a file written
+    """A shipped text-to-image model ('shapes_ldm' in latent space, 'shapes_pixel' in pixel space, 'shapes_dit' the
+    transformer in latent space) or a file written
     by `python -m course_lib train --preset shapes_ldm`, ready to generate."""
     from pathlib import Path
 
@@ -241,11 +253,11 @@ def load_text_to_image(name_or_path: str = "shapes_ldm", device=None) -> TextToI
     from .clip import load_text_encoder
 
     path = Path(name_or_path)
-    if str(name_or_path) in ("shapes_ldm", "shapes_pixel"):
+    if str(name_or_path) in ("shapes_ldm", "shapes_pixel", "shapes_dit", "shapes_dit_long"):
         path = ckpt_io.shipped_dir() / f"{name_or_path}.pt"
     loaded = ckpt_io.load_model(path, device)
     config = loaded.config
-    if loaded.model.config.get("kind") != "text_unet":
+    if not (loaded.model.config.get("kind") == "text_unet" or loaded.model.config.get("context_dim")):
         raise ValueError(f"{path} holds no text-to-image denoiser (kind {loaded.model.config.get('kind')!r})")
     text = load_text_encoder()
     ae, scale = (None, 1.0)

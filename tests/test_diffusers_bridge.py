@@ -118,3 +118,105 @@ def test_a_course_dit_exported_to_diffusers_predicts_and_samples_the_same(tmp_pa
     torch.testing.assert_close(x_ours, x_theirs.to(x_ours.dtype), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="class-conditional"):
         dit_to_diffusers(DiT(num_classes=None))
+
+
+@pytest.mark.parametrize("steps", [6, 20])
+def test_guided_sampling_of_a_text_unet_matches_the_pipelines_loop(steps):
+    # course_lib.pretrained.guided_sample against the loop StableDiffusionPipeline runs (cat [uncond, cond], one call,
+    # noise_uncond + w (noise_text - noise_uncond), scheduler.step), on a tiny random UNet2DConditionModel, float64
+    from course_lib.pretrained import guided_sample
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                          layers_per_block=1, norm_num_groups=8, cross_attention_dim=12,
+                                          attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).double().eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.02 * torch.randn(p.shape, dtype=p.dtype))
+    # SD 1.5's scheduler settings: scaled-linear betas, leading spacing with an offset of 1
+    sched = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                                  beta_schedule="scaled_linear", timestep_spacing="leading",
+                                                  steps_offset=1, algorithm_type="dpmsolver++", solver_order=2)
+    g = torch.Generator().manual_seed(4)
+    cond, uncond = torch.randn(2, 5, 12, generator=g, dtype=torch.float64), torch.randn(1, 5, 12, generator=g,
+                                                                                       dtype=torch.float64)
+    z, scale = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64), 6.0
+    sched.set_timesteps(steps)
+    x = z * sched.init_noise_sigma
+    with torch.no_grad():
+        for t in sched.timesteps:
+            both = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond.expand(2, -1, -1), cond])).sample
+            noise_uncond, noise_text = both.chunk(2)
+            x = sched.step(noise_uncond + scale * (noise_text - noise_uncond), t, x).prev_sample
+    ours = guided_sample(unet, sched, z.clone(), cond, uncond, steps, scale)
+    assert (ours - z).abs().max() > 0.1  # sampling moved the latents
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
+    unguided = guided_sample(unet, sched, z.clone(), cond, uncond, steps, 1.0)
+    assert (unguided - ours).abs().max() > 1e-3  # the scale reaches the result
+
+
+def test_hub_reachable_is_a_quick_false_offline():
+    from course_lib.pretrained import hub_reachable
+
+    assert hub_reachable("127.0.0.1", port=9, timeout=1.0) is False  # the discard port: nothing listens there
+
+
+@pytest.mark.parametrize("kw", [dict(base=16, mults=[1, 2], num_res=1),
+                                dict(base=16, mults=[1, 2, 2], num_res=2, in_channels=3, num_classes=4)])
+def test_a_course_unet_exported_to_diffusers_predicts_the_same(kw):
+    from course_lib.diffusers_bridge import unet_to_diffusers
+    from course_lib.nets import UNet
+
+    torch.manual_seed(0)
+    ours = UNet(**kw).eval()
+    with torch.no_grad():  # the last conv of every block starts at zero: give every weight a value
+        for p in ours.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+    theirs = unet_to_diffusers(ours)
+    assert sum(p.numel() for p in theirs.parameters()) == sum(p.numel() for p in ours.parameters())
+    x, t = torch.randn(3, kw.get("in_channels", 1), 8, 8), torch.tensor([0, 300, 999])
+    y = torch.tensor([1, 3, 4]) if kw.get("num_classes") else None  # 4: the 'no label' index
+    with torch.no_grad():
+        want = ours(x, t, y=y)
+        torch.testing.assert_close(theirs(x, t, class_labels=y).sample, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(TypeError, match="course_lib UNet"):
+        unet_to_diffusers(torch.nn.Linear(2, 2))
+
+
+def test_an_exported_pipeline_loads_in_diffusers_and_samples_like_our_solver(tmp_path):
+    from course_lib.diffusers_bridge import export_pipeline
+    from course_lib.nets import UNet
+    from course_lib.schedules import NoiseSchedule
+
+    torch.manual_seed(1)
+    ours = UNet(base=16, mults=[1, 2], num_res=1).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+    schedule = NoiseSchedule.named("cosine", 1000)
+    export_pipeline(ours, schedule, tmp_path / "pipe", image_size=8)
+    with pytest.raises(FileExistsError):
+        export_pipeline(ours, schedule, tmp_path / "pipe", image_size=8)
+    pipe = diffusers.DDPMPipeline.from_pretrained(tmp_path / "pipe")
+    torch.testing.assert_close(pipe.scheduler.alphas_cumprod.double(), schedule.alpha_bar.double(), rtol=1e-5,
+                               atol=1e-7)
+    # diffusers' own loop on the loaded pipeline's parts vs our DPM-Solver++(2M), float64, same noise and timesteps
+    unet, sched = pipe.unet.double(), pipe.scheduler
+    z = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    theirs, ts = _theirs(sched, unet, z, 12)
+    ours.double()
+    with torch.no_grad():
+        x = S.sample(ours, z, schedule, "dpmpp_2m", timesteps=ts.long().tolist(), stable=False).x
+    assert x.abs().max() > 0.5
+    torch.testing.assert_close(x, theirs, rtol=1e-4, atol=1e-4)
+    # and the pipeline's __call__ itself (float32, its noise from the same generator), in its [0, 1] output
+    pipe.unet.float()
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=3, generator=torch.Generator().manual_seed(5), num_inference_steps=12,
+                  output_type="np").images
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        mine = S.sample(ours.float(), z, schedule, "dpmpp_2m", timesteps=ts.long().tolist(), stable=False).x
+    mine = (mine / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert abs(mine - images).max() < 2e-3

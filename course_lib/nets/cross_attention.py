@@ -114,7 +114,7 @@ class TextUNet(nn.Module):
                              "for the unconditional prediction pass the empty caption's states")
         if y is not None:
             raise ValueError("a text-conditioned UNet takes captions (context=, mask=), not class labels y")
-        emb = F.silu(self.time(timestep_embedding(_batch_t(t, x), self.base)))
+        emb = F.silu(self.time(timestep_embedding(_batch_t(t, x), self.base).to(x.dtype)))
         h = self.stem(x)
         hs = [h]
         for layer in self.down:

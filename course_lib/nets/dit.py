@@ -128,9 +128,9 @@ class DiT(nn.Module):
 def dit_flops(config: dict) -> float:
     """Training-free cost of one forward pass of one image through a DiT config, in FLOPs (2 per multiply-add): per
     block the qkv and output projections (4 n d^2), attention scores and mixing (2 n^2 d), the MLP (2 r n d^2) and the
-    adaLN regression (6 d^2), plus the final projection (n d p^2 C); patch embedding and time MLP left out, as in
-    Peebles & Xie 2023, table 1."""
+    adaLN regression (6 d^2), plus the final adaLN regression (2 d^2) and projection (n d p^2 C); patch embedding and
+    time MLP left out, as in Peebles & Xie 2023, table 1."""
     n = (config["image_size"] // config["patch"]) ** 2
     d, r = config["hidden"], config["mlp_ratio"]
     per_block = 4 * n * d * d + 2 * n * n * d + 2 * r * n * d * d + 6 * d * d
-    return 2.0 * (config["depth"] * per_block + n * d * config["patch"] ** 2 * config["in_channels"])
+    return 2.0 * (config["depth"] * per_block + 2 * d * d + n * d * config["patch"] ** 2 * config["in_channels"])

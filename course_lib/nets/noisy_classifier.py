@@ -33,7 +33,7 @@ class NoisyClassifier(nn.Module):
         c = self.config["in_channels"]
         if x.ndim != 4 or x.shape[1] != c or x.shape[2] % 2 or x.shape[3] % 2:
             raise ValueError(f"expected images of shape (B, {c}, H, W) with even H and W, got {tuple(x.shape)}")
-        e = F.silu(self.time(timestep_embedding(_batch_t(t, x), self.base)))
+        e = F.silu(self.time(timestep_embedding(_batch_t(t, x), self.base).to(x.dtype)))
         h = self.block1(self.stem(x), e)
         h = self.block2(self.down(h), e)
         return self.head(F.silu(self.norm(h)).mean(dim=(2, 3)))

@@ -114,7 +114,7 @@ class UNet(nn.Module):
         if x.ndim != 4 or x.shape[1] != c or x.shape[2] % factor or x.shape[3] % factor:
             raise ValueError(f"expected images of shape (B, {c}, H, W) with H and W divisible by {factor}, "
                              f"got {tuple(x.shape)}")
-        emb = self.time(timestep_embedding(_batch_t(t, x), self.base)) + self.labels(y, x.shape[0], x.device)
+        emb = self.time(timestep_embedding(_batch_t(t, x), self.base).to(x.dtype)) + self.labels(y, x.shape[0], x.device)
         emb = F.silu(emb)
         h = self.stem(x)
         hs = [h]

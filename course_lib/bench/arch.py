@@ -1,0 +1,213 @@
+"""Lesson 8's benchmark: a DiT (Peebles & Xie 2023) beside the UNet on digits, at matched parameters, and a small
+scaling sweep.
+
+`python -m course_lib bench arch [--quick] [--json PATH] [--force]` trains each architecture with lesson 4's digits
+budget (the same data, loss, schedule, optimiser, batch and steps; the UNet is lesson 4's 177k-parameter one), once
+for the same number of steps and once (the matched DiT) for the same wall time, then samples every model with the
+same sampler and scores it with the same judge (FD with its real-data floor, precision, recall). One flat record per
+run, plus one 'floor' record: the FD of held-out real digits.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from . import refuse_to_overwrite
+
+# The UNet is lesson 4's (COMPARE_UNET, 176,849 parameters); dit_m2 is sized to match it (188,596). The sweep varies
+# width and depth at patch 2 (s, m, l: 68k, 189k, 478k) and the patch at the matched size (m1: 64 tokens, not 16).
+ARCHS = {
+    "unet": None,  # filled from train.COMPARE_UNET at use, so the two benchmarks cannot drift apart
+    "dit_s2": dict(kind="dit", patch=2, hidden=32, depth=3, heads=4),
+    "dit_m2": dict(kind="dit", patch=2, hidden=48, depth=4, heads=4),
+    "dit_l2": dict(kind="dit", patch=2, hidden=64, depth=6, heads=4),
+    "dit_m1": dict(kind="dit", patch=1, hidden=48, depth=4, heads=4),
+}
+MATCHED = "dit_m2"
+SEEDS, QUICK_SEEDS = (0, 1, 2), (0,)
+RECORD_KEYS = ("kind", "arch", "regime", "seed", "patch", "hidden", "depth", "parameters", "forward_flops", "steps",
+               "batch_size", "train_flops", "seconds_per_step", "train_seconds", "sampler", "nfe", "samples",
+               "ms_per_sample", "fd", "fd_at_test_n", "precision", "recall", "class_coverage", "final_loss",
+               "loss_curve")
+
+
+def arch_config(arch: str) -> dict:
+    """The model config of a named architecture (kind, sizes); the data decides the channels."""
+    from ..train import COMPARE_UNET
+
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {list(ARCHS)}")
+    return dict(COMPARE_UNET) if arch == "unet" else dict(ARCHS[arch])
+
+
+def train_config(arch: str, seed: int, steps: int | None = None, quick: bool = False):
+    """Lesson 4's digits budget (bench.compare.BUDGET) with this architecture; `steps` overrides the step count."""
+    from ..train import preset
+    from .compare import BUDGET, QUICK_BUDGET
+
+    budget = dict((QUICK_BUDGET if quick else BUDGET)["digits"])
+    if steps is not None:
+        budget["steps"] = steps
+    return preset("digits", model=arch_config(arch), seed=seed, **budget)
+
+
+def forward_flops(model: torch.nn.Module, shape=(1, 8, 8)) -> int:
+    """FLOPs of one forward pass on one input, counted by torch's FlopCounterMode (attention on sdpa's math path, so
+    its matrix products are seen; the fused kernels are invisible to the counter)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    p = next(model.parameters())
+    x, t = torch.zeros(1, *shape, device=p.device), torch.zeros(1, dtype=torch.long, device=p.device)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x, t)
+    return int(counter.get_total_flops())
+
+
+def seconds_per_step(arch: str, batch_size: int, steps: int = 10, warmup: int = 3, device=None) -> float:
+    """The median wall time of one training step (forward, backward, AdamW) of a fresh model, after `warmup` steps."""
+    from ..train import Trainer
+
+    trainer = Trainer(train_config(arch, 0, steps=warmup + steps), device)
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        loss = trainer.train_step()
+        float(loss.sum())  # wait for the step (a GPU runs ahead of Python)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_one(arch: str, seed: int, regime: str, steps: int, judge, n: int, quick: bool = False, device=None,
+            progress: bool = False) -> dict:
+    """Train one architecture for `steps` steps with the shared budget, sample it, judge it; one flat record."""
+    from ..train import Trainer
+    from .compare import DIFFUSION_SAMPLER, curve, generate
+
+    trainer = Trainer(train_config(arch, seed, steps, quick), device)
+    trainer.train(progress=progress)
+    model = trainer.ema
+    x, nfe, seconds = generate(model, "diffusion", "digits", n, seed=1000 + seed, schedule=trainer.schedule)
+    scores = judge(x)
+    cfg = arch_config(arch)
+    flops = forward_flops(model)
+    tail = trainer.losses[-(len(trainer.losses) // 20 + 1):]
+    record = {"kind": "run", "arch": arch, "regime": regime, "seed": seed, "patch": cfg.get("patch"),
+              "hidden": cfg.get("hidden", cfg.get("base")), "depth": cfg.get("depth"),
+              "parameters": sum(p.numel() for p in model.parameters()), "forward_flops": flops, "steps": trainer.step,
+              "batch_size": trainer.config.batch_size,
+              "train_flops": 3 * flops * trainer.step * trainer.config.batch_size,  # backward ~ 2x forward
+              "seconds_per_step": round(trainer.elapsed / max(trainer.step, 1), 5),
+              "train_seconds": round(trainer.elapsed, 2), "sampler": f"{DIFFUSION_SAMPLER}, karras, {nfe} NFE",
+              "nfe": nfe, "samples": n, "ms_per_sample": round(1000 * seconds / n, 4),
+              "final_loss": round(sum(tail) / len(tail), 5), "loss_curve": curve(trainer.losses)}
+    record.update({k: scores.get(k) for k in ("fd", "fd_at_test_n", "precision", "recall", "class_coverage")})
+    return {k: record.get(k) for k in RECORD_KEYS}
+
+
+def plan(quick: bool) -> list[tuple[str, str, int]]:
+    """(arch, regime, seed) of every run: the UNet and the matched DiT on every seed at equal steps and (the DiT) at
+    equal time; the rest of the sweep on the first seed."""
+    seeds = QUICK_SEEDS if quick else SEEDS
+    runs = [(a, "equal_steps", s) for s in seeds for a in ("unet", MATCHED)]
+    runs += [(MATCHED, "equal_time", s) for s in seeds]
+    sweep = ("dit_s2", "dit_m1") if quick else ("dit_s2", "dit_l2", "dit_m1")
+    return runs + [(a, "equal_steps", seeds[0]) for a in sweep]
+
+
+def bench_arch(quick: bool = False, samples: int | None = None, device=None, progress: bool = True) -> list[dict]:
+    """Every run of `plan(quick)`; equal-time steps come from timing both architectures first, on this machine."""
+    from .compare import BUDGET, QUICK_BUDGET
+    from .samplers import Judge
+
+    n = samples or (200 if quick else 1000)
+    budget = (QUICK_BUDGET if quick else BUDGET)["digits"]
+    judge = Judge("digits", n)
+    floor = judge.real_floor()
+    records = [{"kind": "floor", "arch": "held-out real digits", "samples": floor.get("samples"), "fd": floor.get("fd"),
+                "fd_at_test_n": floor.get("fd"), "precision": floor.get("precision"), "recall": floor.get("recall")}]
+    timing = {a: seconds_per_step(a, budget["batch_size"], device=device) for a in ("unet", MATCHED)}
+    equal_time_steps = max(1, round(budget["steps"] * timing["unet"] / timing[MATCHED]))
+    todo = plan(quick)
+    if progress:
+        from tqdm.auto import tqdm
+        todo = tqdm(todo, desc="bench arch", unit="run")
+    for arch, regime, seed in todo:
+        if progress:
+            todo.set_postfix_str(f"{arch} {regime} seed {seed}")
+        steps = equal_time_steps if regime == "equal_time" else budget["steps"]
+        rec = run_one(arch, seed, regime, steps, judge, n, quick, device)
+        if regime == "equal_time":
+            rec["timed_seconds_per_step"] = {a: round(v, 5) for a, v in timing.items()}
+        records.append(rec)
+    return records
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Mean and standard deviation of FD (and the rest) over seeds, per (arch, regime)."""
+    rows = []
+    runs = [r for r in records if r.get("kind") == "run"]
+    for arch, regime in dict.fromkeys((r["arch"], r["regime"]) for r in runs):
+        group = [r for r in runs if r["arch"] == arch and r["regime"] == regime]
+        row = {"arch": arch, "regime": regime, "seeds": len(group), "parameters": group[0]["parameters"],
+               "steps": group[0]["steps"], "train_flops": group[0]["train_flops"]}
+        for m in ("fd", "fd_at_test_n", "precision", "recall", "train_seconds", "ms_per_sample"):
+            values = [r[m] for r in group if r.get(m) is not None]
+            if values:
+                t = torch.tensor(values, dtype=torch.float64)
+                row[m] = t.mean().item()
+                row[f"{m}_std"] = t.std().item() if len(values) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
+def verdict(records: list[dict], tolerance: float = 0.15) -> dict:
+    """The matched DiT against the UNet at equal steps: FD ratio (mean over seeds), and whether the DiT is within
+    `tolerance` of the UNet's FD (issue 18's criterion), with the seed spread of each."""
+    rows = {(r["arch"], r["regime"]): r for r in summarize(records)}
+    unet, dit = rows.get(("unet", "equal_steps")), rows.get((MATCHED, "equal_steps"))
+    if unet is None or dit is None:
+        raise ValueError("the records hold no equal-steps runs of both the UNet and the matched DiT")
+    ratio = dit["fd"] / unet["fd"]
+    out = {"unet_fd": unet["fd"], "unet_fd_std": unet["fd_std"], "dit_fd": dit["fd"], "dit_fd_std": dit["fd_std"],
+           "ratio": ratio, "within": ratio <= 1 + tolerance, "winner": "dit" if ratio < 1 else "unet",
+           "seeds": min(unet["seeds"], dit["seeds"])}
+    timed = rows.get((MATCHED, "equal_time"))
+    if timed is not None:
+        out.update(equal_time_fd=timed["fd"], equal_time_fd_std=timed["fd_std"], equal_time_steps=timed["steps"],
+                   equal_time_ratio=timed["fd"] / unet["fd"])
+    return out
+
+
+def table(records: list[dict]) -> str:
+    """The summary as aligned text."""
+    lines = [f"{'arch':<8} {'regime':<12} {'params':>8} {'steps':>6} {'GFLOP':>8} {'FD':>14} {'precision':>9} "
+             f"{'recall':>7} {'train s':>8} {'ms/sample':>9}"]
+    for r in summarize(records):
+        fd = f"{r['fd']:.2f} ± {r['fd_std']:.2f}" if r["seeds"] > 1 else f"{r['fd']:.2f}"
+        lines.append(f"{r['arch']:<8} {r['regime']:<12} {r['parameters']:>8,} {r['steps']:>6} "
+                     f"{r['train_flops'] / 1e9:>8.1f} {fd:>14} {r['precision']:>9.3f} {r['recall']:>7.3f} "
+                     f"{r['train_seconds']:>8.1f} {r['ms_per_sample']:>9.3f}")
+    floor = next((r for r in records if r.get("kind") == "floor"), None)
+    if floor and floor.get("fd") is not None:
+        lines.append(f"FD floor (held-out real digits vs the training set): {floor['fd']:.2f}")
+    return "\n".join(lines)
+
+
+def main_arch(quick: bool = False, json_path=None, samples: int | None = None, force: bool = False) -> list[dict]:
+    """Run the benchmark; print the table and the verdict; with json_path write the records."""
+    from ..checkpoints import write_json_atomic
+
+    refuse_to_overwrite(json_path, force)
+    records = bench_arch(quick, samples)
+    print(table(records))
+    v = verdict(records)
+    print(f"matched DiT / UNet FD at equal steps: {v['ratio']:.2f} ({'within' if v['within'] else 'outside'} 15%; "
+          f"{v['winner']} wins)")
+    if json_path:
+        write_json_atomic(records, json_path)
+        print(f"wrote {json_path}")
+    return records
