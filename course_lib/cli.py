@@ -144,7 +144,7 @@ def _bench(args) -> int:
         if args.samples is not None and args.samples < least:
             raise ValueError(f"--samples must be at least {least}, got {args.samples}")
         main = getattr(import_module(f"course_lib.bench.{args.bench}"), f"main_{args.bench}")
-        main(args.quick, args.json, args.samples, args.force)
+        main(args.quick, args.json, args.samples, args.force, **({"jobs": args.jobs} if args.bench == "arch" else {}))
         return 0
     from .bench.samplers import BENCH_DATASETS, main_samplers
 
@@ -376,14 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_arguments(p, "a small run for checking", datasets=False, devices=None,
                      samples_help="prompts per configuration (default 500; quick 100)")
     p = bench.add_parser("arch", help="lesson 8: DiT vs UNet on digits at matched parameters; a DiT scaling sweep",
-                         description="Trains lesson 4's digits UNet and DiTs (three sizes at patch 2, the matched "
-                                     "size at patch 1) with lesson 4's digits budget, the matched pair on three "
-                                     "seeds at equal steps and the DiT again at equal wall time; samples each with "
-                                     "DPM-Solver++(2M), 20 NFE, and records FD (with the held-out real-data floor), "
-                                     "precision, recall, parameters, FLOPs, seconds (about 30 minutes on 2 CPU "
-                                     "cores). --quick: 30 steps, one seed, 200 samples (about a minute).")
+                         description="Tunes the learning rate of lesson 4's digits UNet and of a DiT of its size "
+                                     "alike, then trains both (three seeds, equal steps; the DiT also for the UNet's "
+                                     "wall time) and a DiT sweep (three sizes at patch 2, patch 1) with lesson 4's "
+                                     "budget; records FD, precision, recall, parameters, FLOPs and seconds (about "
+                                     "30 minutes on 2 CPU cores with --jobs 2). --quick: 30 steps, one seed.")
     _bench_arguments(p, "a small run for checking", datasets=False, devices=None,
                      samples_help="samples scored per run (default 1000; quick 200)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="runs in parallel, one CPU thread each")
     p = sub.add_parser("generate", help="images from a text prompt with the shipped text-to-image model",
                        description="Render a grid of samples for one or more prompts of the shapes grammar ('a "
                                    "[size] colour shape [at the position]' or 'a colour shape left of|right of|above|"

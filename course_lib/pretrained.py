@@ -24,6 +24,20 @@ def hub_reachable(host: str = "huggingface.co", port: int = 443, timeout: float 
         return False
 
 
+def unavailable_reason(need_gpu: bool = True) -> str | None:
+    """Why the pretrained section cannot run here (no GPU, no transformers, no route to the Hub), or None."""
+    import importlib.util
+
+    if need_gpu and not torch.cuda.is_available():
+        return ("no CUDA GPU (SD 1.5 takes minutes per image on a CPU); on Colab: Runtime > Change runtime type > "
+                "GPU, then run this cell again")
+    if importlib.util.find_spec("transformers") is None:
+        return "the `transformers` package is missing (pip install transformers); Colab has it"
+    if not hub_reachable():
+        return "huggingface.co cannot be reached (offline); the weights (about 2 GB) download from there"
+    return None
+
+
 def load_pipeline(model_id: str = SD_MODEL, device=None):
     """The diffusers StableDiffusionPipeline for `model_id` (fp16 on a GPU), its scheduler replaced by diffusers'
     DPMSolverMultistepScheduler (DPM-Solver++(2M)) configured from the model's own scheduler config."""

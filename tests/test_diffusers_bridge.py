@@ -220,3 +220,13 @@ def test_an_exported_pipeline_loads_in_diffusers_and_samples_like_our_solver(tmp
         mine = S.sample(ours.float(), z, schedule, "dpmpp_2m", timesteps=ts.long().tolist(), stable=False).x
     mine = (mine / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert abs(mine - images).max() < 2e-3
+
+
+def test_the_pretrained_section_says_why_it_cannot_run_here(monkeypatch):
+    from course_lib import pretrained
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "GPU" in pretrained.unavailable_reason()
+    monkeypatch.setattr(pretrained, "hub_reachable", lambda: False)
+    reason = pretrained.unavailable_reason(need_gpu=False)
+    assert reason is not None and ("transformers" in reason or "offline" in reason)
