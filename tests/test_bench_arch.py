@@ -47,6 +47,22 @@ def test_summary_and_verdict_are_means_and_spreads_over_seeds():
         arch.verdict(runs[:3])
 
 
+def _check_tuning(records, tune, start):
+    # every architecture tried the starting grid; the grid grew only past an edge where the best sat, until the best
+    # was inside it or the extensions ran out
+    for a in ("unet", arch.MATCHED):
+        lrs = sorted(r["lr"] for r in tune if r["arch"] == a)
+        assert set(start) <= set(lrs) and len(lrs) == len(set(lrs)) <= len(start) + arch.MAX_EXTENSIONS
+        best = arch.tuned_lr(records, a)
+        assert best not in (lrs[0], lrs[-1]) or len(lrs) == len(start) + arch.MAX_EXTENSIONS
+
+
+def test_the_grid_extends_only_past_the_edge_where_the_best_rate_sits():
+    assert arch._extend([3e-4, 1e-3, 3e-3], 3e-3) == 1e-2 and arch._extend([3e-4, 1e-3, 3e-3], 3e-4) == 1e-4
+    assert arch._extend([3e-4, 1e-3, 3e-3], 1e-3) is None
+    assert arch._extend(list(arch.LADDER[-3:]), arch.LADDER[-1]) is None  # the ladder's end
+
+
 def test_the_benchmark_runs_end_to_end_and_never_overwrites(tmp_path, monkeypatch, capsys):
     from course_lib.bench import compare
 
@@ -57,8 +73,7 @@ def test_the_benchmark_runs_end_to_end_and_never_overwrites(tmp_path, monkeypatc
     runs = [r for r in records if r["kind"] == "run" and r["regime"] != "tune"]
     assert [(r["arch"], r["regime"], r["seed"]) for r in runs] == arch.plan(quick=True)
     tune = [r for r in records if r.get("regime") == "tune"]
-    assert sorted((r["arch"], r["lr"]) for r in tune) == sorted((a, lr) for a in ("unet", arch.MATCHED)
-                                                                for lr in arch.QUICK_LRS)
+    _check_tuning(records, tune, arch.QUICK_LRS)
     for r in runs:  # every comparison run trains at its family's best tuning rate
         best = min((t for t in tune if t["arch"] == ("unet" if r["arch"] == "unet" else arch.MATCHED)),
                    key=lambda t: t["fd"])
@@ -80,7 +95,7 @@ def test_the_shipped_full_run_has_every_planned_record():
     records = json.loads((DATA / "bench_arch.json").read_text())
     runs = [r for r in records if r["kind"] == "run" and r["regime"] != "tune"]
     assert sorted((r["arch"], r["regime"], r["seed"]) for r in runs) == sorted(arch.plan(quick=False))
-    assert len([r for r in records if r.get("regime") == "tune"]) == 2 * len(arch.LRS)
+    _check_tuning(records, [r for r in records if r.get("regime") == "tune"], arch.LRS)
     assert all(r["steps"] == 2000 and r["samples"] == 1000 for r in runs if r["regime"] == "equal_steps")
     v = arch.verdict(records)
     assert v["seeds"] == len(arch.SEEDS) and v["ratio"] > 0

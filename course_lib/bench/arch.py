@@ -2,8 +2,8 @@
 scaling sweep.
 
 `python -m course_lib bench arch [--quick] [--json PATH] [--force] [--jobs N]` first tunes the learning rate of the
-UNet and of the matched DiT the same way (a grid of three rates, one training seed that the comparison does not use,
-best FD), then trains each architecture with lesson 4's digits budget (the same data, loss, schedule, optimiser,
+UNet and of the matched DiT the same way (a grid of three rates, extended while the best is at an edge, one training
+seed that the comparison does not use, best FD), then trains each architecture with lesson 4's digits budget (the same data, loss, schedule, optimiser,
 batch and steps; the UNet is lesson 4's 177k-parameter one) at its own tuned rate, once for the same number of steps
 and once (the matched DiT) for the same wall time, then samples every model with the same sampler and scores it with
 the same judge (FD, precision, recall). One flat record per run (the tuning runs too, regime 'tune'), plus one
@@ -29,9 +29,13 @@ ARCHS = {
 }
 MATCHED = "dit_m2"
 SEEDS, QUICK_SEEDS = (0, 1, 2), (0,)
-# The same tuning effort for both architectures: this grid, on a training seed the comparison never uses. (The first
-# full run, at the UNet's 1e-3 for both, left the DiT 11x behind the UNet in FD: a verdict on the rate, not the net.)
+# The same tuning effort for both architectures: this grid, on a training seed the comparison never uses, extended
+# along LADDER while the best rate sits at an edge (at most MAX_EXTENSIONS times). The first full run, at the UNet's
+# 1e-3 for both, left the DiT 11x behind the UNet in FD (a verdict on the rate, not the net); the second, on the
+# three-rate grid alone, found both best at its top edge.
 LRS, QUICK_LRS, TUNE_SEED = (3e-4, 1e-3, 3e-3), (1e-3, 3e-3), 10
+LADDER = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+MAX_EXTENSIONS = 2
 RECORD_KEYS = ("kind", "arch", "regime", "seed", "lr", "patch", "hidden", "depth", "parameters", "forward_flops", "steps",
                "batch_size", "train_flops", "seconds_per_step", "train_seconds", "sampler", "nfe", "samples",
                "ms_per_sample", "fd", "fd_at_test_n", "precision", "recall", "class_coverage", "final_loss",
@@ -140,6 +144,15 @@ def tuned_lr(records: list[dict], arch: str) -> float:
     return min(tune, key=lambda r: r["fd"])["lr"]
 
 
+def _extend(grid: list[float], best: float) -> float | None:
+    """The next LADDER rate beyond the grid's edge where the best rate sits at that edge (None if interior)."""
+    if best == max(grid) and max(grid) in LADDER and LADDER.index(max(grid)) + 1 < len(LADDER):
+        return LADDER[LADDER.index(max(grid)) + 1]
+    if best == min(grid) and min(grid) in LADDER and LADDER.index(min(grid)) > 0:
+        return LADDER[LADDER.index(min(grid)) - 1]
+    return None
+
+
 def _run_all(tasks: list[dict], jobs: int, progress: bool, desc: str) -> list[dict]:
     """run_one for every task (keyword dicts), in `jobs` processes of one thread each when jobs > 1; input order."""
     if progress:
@@ -186,9 +199,16 @@ def bench_arch(quick: bool = False, samples: int | None = None, device=None, pro
     timing = {a: seconds_per_step(a, budget["batch_size"], device=device) for a in ("unet", MATCHED)}
     equal_time_steps = max(1, round(budget["steps"] * timing["unet"] / timing[MATCHED]))
     common = dict(judge=None, n=n, quick=quick, device=device)
-    tune = [dict(arch=a, seed=TUNE_SEED, regime="tune", steps=budget["steps"], lr=lr, **common)
-            for a in ("unet", MATCHED) for lr in (QUICK_LRS if quick else LRS)]
-    records += _run_all(tune, jobs, progress, "bench arch: tuning")
+    grids = {a: list(QUICK_LRS if quick else LRS) for a in ("unet", MATCHED)}
+    todo = [(a, lr) for a in grids for lr in grids[a]]
+    for _ in range(MAX_EXTENSIONS + 1):
+        tune = [dict(arch=a, seed=TUNE_SEED, regime="tune", steps=budget["steps"], lr=lr, **common) for a, lr in todo]
+        records += _run_all(tune, jobs, progress, "bench arch: tuning")
+        todo = [(a, nxt) for a in grids if (nxt := _extend(grids[a], tuned_lr(records, a))) is not None]
+        for a, lr in todo:
+            grids[a].append(lr)
+        if not todo:
+            break
     runs = [dict(arch=a, seed=s, regime=regime, lr=tuned_lr(records, a),
                  steps=equal_time_steps if regime == "equal_time" else budget["steps"], **common)
             for a, regime, s in plan(quick)]
