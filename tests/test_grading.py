@@ -280,6 +280,15 @@ CASES = {
     "00_forger": ([IMPORTS, WRONG0, "import course_lib, course_lib.exercises as E\n"
                    "E.judge = lambda *a, **k: None\ncourse_lib.check = check = lambda *a: print('passed') or True\n"
                    "print('noise_images: passed. 1/1 points')", CHECK0], {"noise_images": F}, "own sigma", "tampered"),
+    "00_replaces_code": ([IMPORTS, GOOD0, "def other(x, sigma, noise):\n    return x\n"
+                          "noise_images.__code__ = other.__code__"], {"noise_images": F},
+                         "replacing a function's __code__", "tampered"),
+    "00_code_by_wrapper": ([IMPORTS, GOOD0, "import functools\ndef other(x, sigma, noise):\n    return x\n"
+                            "functools.update_wrapper(noise_images, other, assigned=('__code__',))"],
+                           {"noise_images": F}, "replacing a function's __code__", "tampered"),
+    # the one __code__ change allowed: @types.coroutine's flag (trio does it when diffusers is imported)
+    "00_types_coroutine": ([IMPORTS, "import types\n@types.coroutine\ndef waits():\n    yield", GOOD0],
+                           {"noise_images": P}, "", ""),
     "00_copies_reference": ([IMPORTS, "from course_lib.exercises import ref_noise_images\n"
                              "def noise_images(x, sigma, noise):\n    return ref_noise_images(x, sigma, noise)"],
                             {"noise_images": F}, "exercise references", "library_reference"),

@@ -279,6 +279,7 @@ def install_hook(channel_fd: int, trusted_code) -> None:
     sock = socket.socket(fileno=channel_fd)
     sock.setblocking(True)
     getframe, get_ident, realpath = sys._getframe, __import__("_thread").get_ident, os.path.realpath
+    coroutine_code = __import__("types").coroutine.__code__
     trusted = set(trusted_code)
     frame = getframe(1)
     while frame is not None:
@@ -383,7 +384,11 @@ def install_hook(channel_fd: int, trusted_code) -> None:
                 refuse("signal", "signalling other processes")
         elif event == "object.__setattr__":
             if len(args) > 1 and args[1] in ("__code__", "__globals__"):
-                refuse("tamper", f"replacing a function's {args[1]}")
+                frame = caller()
+                # the one exception: the standard library's @types.coroutine sets a flag on the function's own code
+                # (trio, under httpx under diffusers, does it at import); anything else is refused
+                if not (args[1] == "__code__" and frame is not None and frame.f_code is coroutine_code):
+                    refuse("tamper", f"replacing a function's {args[1]}")
         elif event == "object.__getattr__":
             if len(args) > 1 and args[1] in _FRAME_ATTRS and from_submission():
                 refuse("tamper", f"reading {args[1]}")

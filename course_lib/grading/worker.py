@@ -75,7 +75,9 @@ def _prepare(threads: int):
 
     import course_lib
 
-    for optional in ("ipywidgets", "matplotlib_inline.backend_inline", "IPython.display"):
+    # under diffusers (lesson 8), urllib3 opens a socket at import to test for IPv6 and trio runs ldconfig (through
+    # ctypes.util.find_library): import both before confinement, where neither is allowed
+    for optional in ("ipywidgets", "matplotlib_inline.backend_inline", "IPython.display", "urllib3", "trio"):
         try:
             __import__(optional)
         except ImportError:
