@@ -221,19 +221,16 @@ def bench_arch(quick: bool = False, samples: int | None = None, device=None, pro
 
 def summarize(records: list[dict]) -> list[dict]:
     """Mean and standard deviation of FD (and the rest) over seeds, per (arch, regime)."""
+    from .compare import mean_std
+
     rows = []
     runs = [r for r in records if r.get("kind") == "run" and r.get("regime") != "tune"]
     for arch, regime in dict.fromkeys((r["arch"], r["regime"]) for r in runs):
         group = [r for r in runs if r["arch"] == arch and r["regime"] == regime]
-        row = {"arch": arch, "regime": regime, "seeds": len(group), "parameters": group[0]["parameters"],
-               "steps": group[0]["steps"], "train_flops": group[0]["train_flops"], "lr": group[0].get("lr")}
-        for m in ("fd", "fd_at_test_n", "precision", "recall", "train_seconds", "ms_per_sample"):
-            values = [r[m] for r in group if r.get(m) is not None]
-            if values:
-                t = torch.tensor(values, dtype=torch.float64)
-                row[m] = t.mean().item()
-                row[f"{m}_std"] = t.std().item() if len(values) > 1 else 0.0
-        rows.append(row)
+        rows.append({"arch": arch, "regime": regime, "seeds": len(group), "parameters": group[0]["parameters"],
+                     "steps": group[0]["steps"], "train_flops": group[0]["train_flops"], "lr": group[0].get("lr"),
+                     **mean_std(group, ("fd", "fd_at_test_n", "precision", "recall", "train_seconds",
+                                        "ms_per_sample"))})
     return rows
 
 

@@ -186,19 +186,23 @@ SUMMARY_METRICS = ("hq_fraction", "modes_covered", "recall", "fd", "precision", 
                    "ms_per_sample", "nfe", "train_seconds")
 
 
+def mean_std(group: list[dict], metrics) -> dict:
+    """{m: mean, m_std: sample standard deviation (0 for one value)} over the records of `group` that have metric m."""
+    out = {}
+    for m in metrics:
+        values = [r[m] for r in group if r.get(m) is not None]
+        if values:
+            t = torch.tensor(values, dtype=torch.float64)
+            out[m], out[f"{m}_std"] = t.mean().item(), (t.std().item() if len(values) > 1 else 0.0)
+    return out
+
+
 def summarize(records: list[dict], metrics=SUMMARY_METRICS) -> list[dict]:
     """Mean and standard deviation across seeds of each metric, per (dataset, family): one row each."""
     rows = []
     for dataset, family in dict.fromkeys((r["dataset"], r["family"]) for r in records):
         group = [r for r in records if r["dataset"] == dataset and r["family"] == family]
-        row = {"dataset": dataset, "family": family, "seeds": len(group)}
-        for m in metrics:
-            values = [r[m] for r in group if r.get(m) is not None]
-            if values:
-                t = torch.tensor(values, dtype=torch.float64)
-                row[m] = t.mean().item()
-                row[f"{m}_std"] = t.std().item() if len(values) > 1 else 0.0
-        rows.append(row)
+        rows.append({"dataset": dataset, "family": family, "seeds": len(group), **mean_std(group, metrics)})
     return rows
 
 
