@@ -136,7 +136,8 @@ class Pretrained(NamedTuple):
 
 
 def load_pretrained(name_or_path: str | Path, device=None, which: str = "ema") -> Pretrained:
-    """A diffusion model ready to sample (eval mode), its noise schedule, its training config and its card."""
+    """A diffusion or flow model ready to sample (eval mode), its noise schedule (None for flow matching), its training
+    config and its card."""
     from .nets import build_model
     from .schedules import NoiseSchedule
 
@@ -151,8 +152,9 @@ def load_pretrained(name_or_path: str | Path, device=None, which: str = "ema") -
     if ckpt["model_config"].get("kind") == "text_unet":
         raise ValueError(f"{path} holds a text-to-image model: load it with "
                          "course_lib.text2image.load_text_to_image")
-    if "schedule" not in config or config.get("family", "diffusion") != "diffusion":
-        raise ValueError(f"{path} holds no diffusion model (family {config.get('family')!r}); "
+    flow = config.get("family") == "flow"  # a flow-matching model (lesson 9): samples like one, has no schedule
+    if not flow and ("schedule" not in config or config.get("family", "diffusion") != "diffusion"):
+        raise ValueError(f"{path} holds no diffusion or flow model (family {config.get('family')!r}); "
                          f"load it with load_model")
     model = build_model(ckpt["model_config"])
     model.load_state_dict(_weights(ckpt, which))
@@ -161,7 +163,7 @@ def load_pretrained(name_or_path: str | Path, device=None, which: str = "ema") -
         model.to(device)
     card = ckpt.get("card", {})
     model.sampling = card.get("sampling")  # tuned noise levels: samplers.sample uses them by default
-    return Pretrained(model, NoiseSchedule.named(config["schedule"], config["T"]), config, card)
+    return Pretrained(model, None if flow else NoiseSchedule.named(config["schedule"], config["T"]), config, card)
 
 
 def update_card(path: str | Path, **fields) -> dict:

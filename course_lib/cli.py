@@ -116,8 +116,9 @@ def _train(args) -> int:
             ema, cfg = trainer.ema, trainer.config.to_dict()
             n = args.eval_samples or (1000 if trainer.config.data == "digits" else 2000)
             card["quality"] = sample_quality(ema, trainer.schedule, cfg, n=n, progress=True)
-            n_t = 100 if trainer.config.data == "digits" else None
-            card["likelihood"] = held_out_likelihood(ema, trainer.schedule, cfg, n_t=n_t)
+            if trainer.family == "diffusion":  # the variational bound needs a noise schedule (flow: lesson 9's ODE)
+                n_t = 100 if trainer.config.data == "digits" else None
+                card["likelihood"] = held_out_likelihood(ema, trainer.schedule, cfg, n_t=n_t)
     if args.preset == "digits_classifier":
         export_classifier(clf, out, card)
     elif args.preset in SHAPES_PRESETS:
@@ -128,34 +129,6 @@ def _train(args) -> int:
     print(json.dumps(card, indent=2, sort_keys=True))
     print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and {out.with_suffix('.json')}")
     return 0
-
-
-def _bench(args) -> int:
-    if args.bench == "guidance":
-        return _bench_guidance(args)
-    if args.bench == "compare":
-        return _bench_compare(args)
-    if args.bench == "kernels":
-        return _bench_kernels(args)
-    if args.bench in ("arch", "t2i"):  # lesson 8's and lesson 7's: main_<name>(quick, json, samples, force)
-        from importlib import import_module
-
-        least = {"arch": 50, "t2i": 10}[args.bench]  # FD needs samples; adherence needs prompts
-        if args.samples is not None and args.samples < least:
-            raise ValueError(f"--samples must be at least {least}, got {args.samples}")
-        main = getattr(import_module(f"course_lib.bench.{args.bench}"), f"main_{args.bench}")
-        main(args.quick, args.json, args.samples, args.force, **({"jobs": args.jobs} if args.bench == "arch" else {}))
-        return 0
-    from .bench.samplers import BENCH_DATASETS, main_samplers
-
-    datasets = args.datasets or list(BENCH_DATASETS)
-    for d in datasets:
-        if d not in BENCH_DATASETS:
-            raise ValueError(f"unknown dataset {d!r}; choose from {list(BENCH_DATASETS)}")
-    if args.samples is not None and args.samples < 10:
-        raise ValueError(f"--samples must be at least 10, got {args.samples}")
-    return main_samplers(args.quick, args.json, datasets, args.samples, args.device, args.force, args.seeds,
-                         args.resume)
 
 
 def _generate(args) -> int:
@@ -180,60 +153,7 @@ def _generate(args) -> int:
     return 0
 
 
-def _bench_compare(args) -> int:
-    from .bench.compare import COMPARE_DATASETS, main_compare
-
-    datasets = args.datasets or list(COMPARE_DATASETS)
-    for d in datasets:
-        if d not in COMPARE_DATASETS:
-            raise ValueError(f"unknown dataset {d!r}; choose from {list(COMPARE_DATASETS)}")
-    if args.seeds is not None and (len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0):
-        raise ValueError(f"--seeds must be distinct non-negative ints, got {args.seeds}")
-    if args.samples is not None and args.samples < 10:
-        raise ValueError(f"--samples must be at least 10, got {args.samples}")
-    return main_compare(args.quick, args.json, datasets, args.seeds, args.samples, args.device, args.force,
-                        args.export)
-
-
-def _bench_guidance(args) -> int:
-    from .bench.guidance import main_guidance
-
-    if args.seeds is not None and (len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0):
-        raise ValueError(f"--seeds must be distinct non-negative ints, got {args.seeds}")
-    if args.samples is not None and args.samples < 20:
-        raise ValueError(f"--samples must be at least 20 (two per class), got {args.samples}")
-    return main_guidance(args.quick, args.json, args.samples, args.force, args.seeds)
-
-
-def _bench_kernels(args) -> int:
-    from .bench.kernels import main_kernels, summary_lines
-
-    records = main_kernels(args.json, args.force, args.quick, args.device)
-    print("\n".join(summary_lines(records)))
-    if args.json:
-        print(f"Wrote {len(records)} records to {args.json}")
-    return 0
-
-
 PRESET_NAMES = SHIPPED  # every shipped checkpoint has a preset that reproduces it
-
-
-def _bench_arguments(p: argparse.ArgumentParser, quick_help: str, datasets: bool = True,
-                     devices=("cuda", "mps", "cpu"), device_default: str = "cpu", samples_help: str = "") -> None:
-    """The options every benchmark shares (--datasets and --samples for those that sample the datasets; --samples
-    alone with `samples_help`; no --device when `devices` is None)."""
-    p.add_argument("--quick", action="store_true", help=quick_help)
-    p.add_argument("--json", metavar="PATH", help="also write the records to this JSON file")
-    p.add_argument("--force", action="store_true", help="replace an existing --json file")
-    if datasets:
-        p.add_argument("--datasets", nargs="+", metavar="NAME", help="a subset of ring8 grid25 digits")
-        p.add_argument("--samples", type=int, metavar="N", help="samples per configuration (default: 5,000 "
-                                                                "points or 1,000 digits; quick: 1,000 / 200)")
-    elif samples_help:
-        p.add_argument("--samples", type=int, metavar="N", help=samples_help)
-    if devices:
-        p.add_argument("--device", choices=devices, help=f"default: {device_default}")
-    p.set_defaults(func=_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -313,77 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "shipped checkpoint by maximising sample quality on tuning noise (seed 2026, never "
                                    "used to evaluate), and store it in the checkpoint's card: samplers.sample uses it "
                                    "by default. Digits: about 5 minutes per sampler and budget on 2 CPU cores.")
-    p.add_argument("--preset", required=True, metavar="NAME", help="ring8, grid25 or digits")
+    p.add_argument("--preset", required=True, metavar="NAME", help="ring8, grid25, digits, ring8_flow, ...")
     p.add_argument("--samplers", nargs="+", metavar="NAME", help="default: every sampler")
     p.add_argument("--samples", type=int, metavar="N", help="tuning samples (default 1,000 points or 500 digits)")
     p.add_argument("--nfe", type=int, nargs="+", metavar="N", help="budgets to tune (default: 5 10 20 for dpmpp_2m, "
                                                                    "10 for the others)")
     p.set_defaults(func=lambda a: __import__("course_lib.bench.samplers", fromlist=["main_tune"]).main_tune(
         a.preset, a.samplers, a.samples, a.nfe))
-    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | t2i | arch)",
-                       description="Benchmarks that print a table and, with --json, save flat records.")
-    bench = p.add_subparsers(dest="bench", metavar="BENCHMARK")
-    bench.required = True
-    p = bench.add_parser("samplers", help="every sampler x spacing x NFE on the shipped checkpoints, and diffusers",
-                         description="For each shipped checkpoint (ring8, grid25, digits): DDPM at 1,000 steps (the "
-                                     "reference), then every sampler on every spacing (uniform, trailing, Karras over "
-                                     "the whole range, and 'auto', the tuned default) and diffusers' schedulers at NFE "
-                                     "50, 20, 10, 5 (digits: 20, 10, 5), for noise seeds 0 1 2 (the extra "
-                                     "seeds rerun the reference and, at 10 NFE, the tuned levels and diffusers): quality against the true data "
-                                     "and seconds per 1,000 samples (about two hours on 2 CPU cores, most of it the digits reference). --quick: DDPM "
-                                     "at 100 steps, NFE 20 and 10, one seed, fewer samples (about 2 minutes).")
-    _bench_arguments(p, "a small run for checking (about 2 minutes on 2 cores)")
-    p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="noise seeds (default: 0 1 2; quick: 0)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue a run that stopped, from the records it saved in JSON.partial (needs --json)")
-    p = bench.add_parser("compare", help="diffusion vs GAN vs VAE: same data, same budget, several seeds",
-                         description="Trains diffusion, GAN and VAE on ring8, grid25 and digits with the same "
-                                     "steps and batch for each of 3 seeds, then measures quality, sampling cost, "
-                                     "likelihood and sharpness (about 35 minutes on 2 CPU cores). --quick: tiny "
-                                     "budgets and 2 seeds (under 3 minutes).")
-    _bench_arguments(p, "a small run for checking (under 3 minutes on 2 cores)")
-    p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="default: 0 1 2 (quick: 0 1)")
-    p.add_argument("--export", metavar="DIR", help="also export each first-seed model to DIR/<data>_<family>.pt")
-    p = bench.add_parser("guidance", help="classifier-free and classifier guidance on digits, per method and scale",
-                         description="Samples the shipped digits models guided towards labels 0..9: classifier-free "
-                                     "guidance on digits_cond (plain, on a noise interval, with rescale) and classifier "
-                                     "guidance of the unconditional model by the noise-aware classifier, at several "
-                                     "scales, 20 NFE, 1,000 samples, seeds 0 1 2; records label accuracy, FD, "
-                                     "precision, recall and per-class diversity. --quick: fewer scales, 200 samples, "
-                                     "10 NFE, one seed.")
-    p.add_argument("--quick", action="store_true", help="a small run for checking")
-    p.add_argument("--json", metavar="PATH", help="also write the records to this JSON file")
-    p.add_argument("--force", action="store_true", help="replace an existing --json file")
-    p.add_argument("--samples", type=int, metavar="N", help="samples per configuration (default 1,000; quick 200)")
-    p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="noise seeds (default: 0 1 2; quick: 0)")
-    p.set_defaults(func=_bench)
-    p = bench.add_parser("kernels", help="fused Triton kernels vs eager vs torch.compile; CUDA-graph sampling",
-                         description="Checks every Triton kernel against its torch reference (in Triton's "
-                                     "interpreter on a CPU), then times each op at several sizes for the eager "
-                                     "reference, torch.compile and Triton (CUDA only) as ms, GB/s and the fraction "
-                                     "of the copy bandwidth measured in the same run; then the digits UNet's "
-                                     "sampling loop eager, compiled and as a CUDA graph (CUDA only). --quick: one "
-                                     "size, eager (and Triton) only.")
-    _bench_arguments(p, "one size and no torch.compile (under a minute on 2 cores)", datasets=False,
-                     devices=("cuda", "cpu"), device_default="cuda when available")
-    p = bench.add_parser("t2i", help="text-to-image: latent vs pixel, per guidance scale, NFE and sampler",
-                         description="Generates images for shapes test prompts (one object, two objects, held-out "
-                                     "colour-shape pairs) with the shipped latent (shapes_ldm) and pixel "
-                                     "(shapes_pixel) models, per guidance scale, NFE and sampler; records prompt "
-                                     "adherence per attribute (the shipped attribute classifier), binding, FD and "
-                                     "seconds, and each model's training cost per step (about 15 minutes on 2 CPU "
-                                     "cores). --quick: two scales at 10 NFE, 100 prompts (about 2 minutes).")
-    _bench_arguments(p, "a small run for checking", datasets=False, devices=None,
-                     samples_help="prompts per configuration (default 500; quick 100)")
-    p = bench.add_parser("arch", help="lesson 8: DiT vs UNet on digits at matched parameters; a DiT scaling sweep",
-                         description="Tunes the learning rate of lesson 4's digits UNet and of a DiT of its size "
-                                     "alike, then trains both (three seeds, equal steps; the DiT also for the UNet's "
-                                     "wall time) and a DiT sweep (three sizes at patch 2, patch 1) with lesson 4's "
-                                     "budget; records FD, precision, recall, parameters, FLOPs and seconds (about "
-                                     "30 minutes on 2 CPU cores with --jobs 2). --quick: 30 steps, one seed.")
-    _bench_arguments(p, "a small run for checking", datasets=False, devices=None,
-                     samples_help="samples scored per run (default 1000; quick 200)")
-    p.add_argument("--jobs", type=int, default=1, metavar="N", help="runs in parallel, one CPU thread each")
+    from .bench.commands import add_bench_parser
+
+    add_bench_parser(sub)
     p = sub.add_parser("generate", help="images from a text prompt with the shipped text-to-image model",
                        description="Render a grid of samples for one or more prompts of the shapes grammar ('a "
                                    "[size] colour shape [at the position]' or 'a colour shape left of|right of|above|"

@@ -28,6 +28,7 @@ from .step_schedules import (  # noqa: F401
     karras_sigmas,
     leading_timesteps,
     sigmas_from_timesteps,
+    time_sigmas,
     trailing_timesteps,
     uniform_timesteps,
 )
@@ -40,16 +41,29 @@ class Denoiser:
     """A model seen as D(x, sigma) = E[x0 | x0 + sigma eps = x] (Karras et al. 2022, eq. 2-3); counts its calls in .nfe.
 
     `fn(x, sigma, **kwargs)` takes x in the sigma view and a float sigma > 0. sigma_min / sigma_max give the range
-    the model knows (used to build step spacings); clip clamps the x0 estimate (images in [-1, 1]).
+    the model knows (used to build step spacings); clip clamps the x0 estimate (images in [-1, 1]). `path` says how
+    the model was trained to see noise: 'vp' (x_t = sqrt(ab) x0 + sqrt(1 - ab) eps, diffusion) or 'linear'
+    (x_t = (1 - t) x0 + t eps, flow matching); it sets the prior the samplers start from (`prior_std`).
     """
 
+    PATHS = ("vp", "linear")
+
     def __init__(self, fn, sigma_min: float = 0.002, sigma_max: float = 80.0, clip: float | None = None,
-                 schedule: NoiseSchedule | None = None, sampling: dict | None = None):
+                 schedule: NoiseSchedule | None = None, sampling: dict | None = None, path: str = "vp"):
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+        if path not in self.PATHS:
+            raise ValueError(f"path must be one of {self.PATHS}, got {path!r}")
         self.fn, self.sigma_min, self.sigma_max, self.clip, self.schedule = fn, float(sigma_min), float(sigma_max), clip, schedule
         self.sampling = sampling  # tuned noise levels per sampler and budget (course_lib.step_schedules)
+        self.path = path
         self.nfe = 0
+
+    def prior_std(self, sigma: float) -> float:
+        """The std of x at noise level sigma when x_t is pure standard noise: sqrt(1 + sigma^2) for 'vp' (x_T ~ N(0, I)
+        and x = x_T / sqrt(ab)), 1 + sigma for 'linear' (x = x_1 / (1 - t))."""
+        sigma = float(sigma)
+        return math.sqrt(1 + sigma * sigma) if self.path == "vp" else 1 + sigma
 
     def __call__(self, x: torch.Tensor, sigma, **kwargs) -> torch.Tensor:
         sigma = float(sigma)
@@ -86,17 +100,45 @@ def timesteps_for_sigma(schedule: NoiseSchedule, sigma: float, x: torch.Tensor) 
     return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long if isinstance(t, int) else torch.float32)
 
 
+# A flow-matching network (course_lib.flow, lesson 9) sees t * FLOW_TIME_SCALE, the diffusion networks' range of steps;
+# its denoiser reports t from FLOW_T_RANGE[0] to FLOW_T_RANGE[1]: sigma from 0.002 to about 1e5 (t = 1 itself would be
+# sigma = infinity; at 1 - 1e-5 the network input differs from t = 1 by 0.01 of a step)
+FLOW_TIME_SCALE = 1000.0
+FLOW_T_RANGE = (0.002 / 1.002, 1 - 1e-5)
+
+
+def velocity_denoiser(model, clip: float | None = None):
+    """A velocity model v(x_t, t) as the samplers' denoiser D(x, sigma): t = sigma / (1 + sigma), x_t = x (1 - t),
+    x0 = x_t - t v. Its prior is N(0, (1 + sigma)^2 I): x_t = noise at t = 1."""
+    if not callable(model):
+        raise TypeError(f"model must be callable, got {type(model).__name__}")
+
+    lo, hi = FLOW_T_RANGE
+
+    def fn(x, sigma, **kwargs):
+        t = sigma / (1 + sigma)
+        x_t = x * (1 - t)
+        v = model(x_t, torch.full((x.shape[0],), t * FLOW_TIME_SCALE, dtype=torch.float32, device=x.device), **kwargs)
+        return x_t - t * v.to(x.dtype)
+
+    return Denoiser(fn, lo / (1 - lo), hi / (1 - hi), clip, None, getattr(model, "sampling", None),
+                    path="linear")
+
+
 def as_denoiser(model, schedule: NoiseSchedule | None = None, prediction: str | None = None,
                 clip: float | None = None) -> Denoiser:
-    """Wrap a model as D(x, sigma): a Denoiser is returned as is (or re-wrapped with clip); an eps / x0 / v model needs its schedule."""
+    """Wrap a model as D(x, sigma): a Denoiser is returned as is (or re-wrapped with clip); an eps / x0 / v model needs
+    its schedule; a flow-matching velocity model (prediction 'flow') needs none (velocity_denoiser, lesson 9)."""
     if isinstance(model, Denoiser):
         return model if clip is None else Denoiser(model.fn, model.sigma_min, model.sigma_max, clip, model.schedule,
-                                                   model.sampling)
+                                                   model.sampling, model.path)
     if not callable(model):
         raise TypeError(f"model must be callable, got {type(model).__name__}")
     prediction = prediction or getattr(model, "prediction", None)
+    if prediction == "flow":  # a flow-matching velocity model (course_lib.flow): no noise schedule needed
+        return velocity_denoiser(model, clip)
     if prediction not in ("eps", "x0", "v"):
-        raise ValueError(f"pass prediction='eps', 'x0' or 'v' (the model does not declare one), got {prediction!r}")
+        raise ValueError(f"pass prediction='eps', 'x0', 'v' or 'flow' (the model does not declare one), got {prediction!r}")
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"an {prediction}-predicting model needs its NoiseSchedule, got {type(schedule).__name__}")
 
@@ -391,8 +433,8 @@ def sample(model, noise: torch.Tensor, schedule: NoiseSchedule | None = None, sa
 
     spacing='auto' (the default) uses the model's tuned Karras noise levels for this sampler and budget when it has
     them (every shipped checkpoint does, `load_pretrained` attaches them), else Karras spacing over the model's whole
-    noise range; 'uniform', 'leading', 'trailing' and 'karras' are the standard spacings. `noise` is standard normal; it is scaled to sqrt(1 + sigma_max^2), which is exactly x_T = noise in the
-    alpha-bar view, so the same noise gives comparable samples through every sampler. Options (variance, eta,
+    noise range; 'uniform', 'leading', 'trailing' and 'karras' are the standard spacings. `noise` is standard normal; it is scaled to the model's prior std at the first level (sqrt(1 + sigma^2) for
+    diffusion, which is exactly x_T = noise in the alpha-bar view; 1 + sigma for a flow model), so the same noise gives comparable samples through every sampler. Options (variance, eta,
     s_churn, ...) go to the sampler; model_kwargs (e.g. y=labels) to the model.
     """
     fn = SAMPLERS[_check_sampler(sampler)]
@@ -407,6 +449,8 @@ def sample(model, noise: torch.Tensor, schedule: NoiseSchedule | None = None, sa
         if spacing == "auto":
             sig, how = default_sigmas(_check_steps(steps), nfe_for_steps(sampler, steps), sampler, schedule,
                                       den.sigma_min, den.sigma_max, den.sampling)
+        elif spacing == "uniform" and schedule is None and den.path == "linear":  # a flow model: uniform in t
+            sig, how = time_sigmas(_check_steps(steps), FLOW_T_RANGE[1]), "uniform in t"
         else:
             most = schedule.T if schedule is not None and spacing != "karras" else None
             sig, how = get_sigmas(_check_steps(steps, most), spacing, schedule, den.sigma_min, den.sigma_max), spacing
@@ -421,7 +465,7 @@ def sample(model, noise: torch.Tensor, schedule: NoiseSchedule | None = None, sa
         raise TypeError(f"sampler {sampler!r} has no option(s) {sorted(unexpected)}")
     if "generator" in inspect.signature(fn).parameters:
         options["generator"] = generator
-    x = noise * math.sqrt(1 + float(sig[0]) ** 2)
+    x = noise * den.prior_std(sig[0])
     start, nfe0 = time.perf_counter(), den.nfe
     out = fn(den, x, sig, progress=progress, return_trajectory=return_trajectory, **options, **(model_kwargs or {}))
     x, traj = out if return_trajectory else (out, None)

@@ -86,6 +86,16 @@ def sigmas_from_timesteps(schedule: NoiseSchedule, timesteps) -> torch.Tensor:
     return torch.cat([schedule.sigmas[ts], torch.zeros(1, dtype=torch.float64)])
 
 
+def time_sigmas(n: int, t_max: float = 1 - 1e-5) -> torch.Tensor:
+    """n + 1 noise levels for n steps uniform in t from t_max to 0 (how flow models are usually sampled), as sigmas."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if not 0 < t_max < 1:
+        raise ValueError(f"t_max must be in (0, 1), got {t_max}")
+    t = torch.linspace(t_max, 0, n + 1, dtype=torch.float64)
+    return t / (1 - t)
+
+
 SPACINGS = ("uniform", "leading", "trailing", "karras")
 
 

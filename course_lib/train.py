@@ -145,6 +145,12 @@ PRESETS["ring8_cond"] = replace(PRESETS["ring8"], conditional=True, label_dropou
 # Lesson 6: the noise-aware classifier that guides the unconditional digits model (same schedule as PRESETS["digits"])
 PRESETS["digits_noisy_classifier"] = TrainConfig(data="digits", family="classifier", schedule="cosine", batch_size=128,
                                                  model={"kind": "noisy_classifier", "base": 32}, lr=1e-3, steps=4_000)
+# Lesson 9: flow matching with each diffusion preset's network, loop and budget; reflow from the shipped flow model
+for _name in MIXTURES:
+    PRESETS[f"{_name}_flow"] = replace(PRESETS[_name], family="flow")
+    PRESETS[f"{_name}_reflow"] = replace(PRESETS[f"{_name}_flow"], teacher=f"{_name}_flow")
+    PRESETS[f"{_name}_reflow_1step"] = replace(PRESETS[f"{_name}_reflow"], teacher=f"{_name}_reflow", times="one")
+PRESETS["digits_flow"] = replace(PRESETS["digits"], family="flow")
 
 
 def preset(name: str, **overrides) -> TrainConfig:
@@ -178,6 +184,7 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.nets = {role: build_model(c).to(self.device) for role, c in self.net_configs.items()}
+        self.spec.init_networks(self)  # e.g. reflow starts from its teacher's weights
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         adam = dict(lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
         self.opts = {role: torch.optim.AdamW(net.parameters(), **adam) for role, net in self.nets.items()}

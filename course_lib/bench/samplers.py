@@ -540,7 +540,8 @@ def tune_checkpoint(dataset: str, samplers=None, samples: int | None = None, pro
     from ..samplers import SAMPLERS, sample, steps_for_nfe
     from ..step_schedules import TUNE_SEED, tune_karras
 
-    p = load_pretrained(dataset)
+    p = load_pretrained(dataset)  # a shipped name: the dataset's diffusion model, or e.g. ring8_flow (lesson 9)
+    dataset = p.config["data"]
     n = samples or (500 if dataset == "digits" else 1000)
     judge = Judge(dataset, n)
     shape = (n, 1, 8, 8) if dataset == "digits" else (n, 2)
@@ -562,11 +563,12 @@ def tune_checkpoint(dataset: str, samplers=None, samples: int | None = None, pro
 
 def main_tune(preset: str, samplers=None, samples: int | None = None, budgets=None) -> int:
     """The `tune` command: tune a shipped checkpoint's noise levels and store them in its card."""
-    from ..checkpoints import shipped_dir, update_card
+    from ..checkpoints import SHIPPED, shipped_dir, update_card
     from ..step_schedules import TUNE_SEED
 
-    if preset not in BENCH_DATASETS:
-        raise ValueError(f"tuning needs a way to score samples; choose one of {BENCH_DATASETS}")
+    tunable = [*BENCH_DATASETS, *(n for n in SHIPPED if n.endswith("_flow"))]  # the unconditional ODE models
+    if preset not in tunable:
+        raise ValueError(f"tuning needs a shipped sampling model whose samples can be scored; choose one of {tunable}")
     start = time.perf_counter()
     tuned = tune_checkpoint(preset, samplers, samples, budgets=budgets)
     path = shipped_dir() / f"{preset}.pt"
@@ -576,7 +578,7 @@ def main_tune(preset: str, samplers=None, samples: int | None = None, budgets=No
         merged[sampler] = {**merged.get(sampler, {}), **per_nfe}
     update_card(path, sampling=merged, sampling_tuning={
         "how": "Karras spacing (sigma_min, sigma_max, rho) chosen per sampler and budget by a grid then Powell's "
-               "method, maximising " + ("minus the FD" if preset == "digits" else "the high-quality share with every "
+               "method, maximising " + ("minus the FD" if preset.startswith("digits") else "the high-quality share with every "
                                         "mode covered") + f" of samples from noise seed {TUNE_SEED} (never evaluated on)",
         "command": f"python -m course_lib tune --preset {preset}" + (f" --samplers {' '.join(samplers)}" if samplers else "")
         + (f" --nfe {' '.join(map(str, budgets))}" if budgets else ""), "machine": machine(),

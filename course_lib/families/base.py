@@ -12,6 +12,7 @@ class Family:
     - `networks(config, shape, num_classes)`: role -> model config for course_lib.nets.build_model. Role "model" is
       the network that samples (the loop keeps its EMA); every other role (a GAN's "disc") gets its own optimizer;
     - `setup(trainer)`: anything the step needs besides networks (diffusion's noise schedule);
+    - `init_networks(trainer)`: change the freshly built networks before training starts (reflow starts from a teacher);
     - `step(trainer)`: one training step: draw batches with `trainer.batch()`, compute the losses, call
       `trainer.update(role, loss)` for each network it trains; returns the logged losses (tensors).
     """
@@ -31,6 +32,9 @@ class Family:
 
     def setup(self, trainer) -> None:
         trainer.schedule = None
+
+    def init_networks(self, trainer) -> None:
+        """Called once the networks are built, before the EMA copy (a resumed run then loads its own weights)."""
 
     def step(self, trainer) -> list:
         raise NotImplementedError

@@ -33,3 +33,17 @@ class ToyDenoiser:
 
     def __repr__(self) -> str:
         return "denoise(x, sigma) (a fixed toy denoiser)"
+
+
+class ToyVelocity:
+    """A smooth stand-in for a trained 2D velocity field: velocity(x, t) = tanh(x A^T + t c + b) M^T, x of shape (B, 2)
+    and t a float; differentiable in x (for the exact trace of its Jacobian)."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, m: torch.Tensor):
+        self.a, self.b, self.c, self.m = a, b, c, m
+
+    def __call__(self, x, t):
+        return torch.tanh(x @ self.a.T.to(x.dtype) + float(t) * self.c.to(x.dtype) + self.b.to(x.dtype)) @ self.m.T.to(x.dtype)
+
+    def __repr__(self) -> str:
+        return "velocity(x, t) (a fixed toy 2D velocity field)"

@@ -30,9 +30,12 @@ def _batch_t(t, x: torch.Tensor) -> torch.Tensor:
     return t
 
 
+NET_PREDICTIONS = (*PREDICTIONS[:3], "flow")  # eps / x0 / v on a noise schedule, or a flow-matching velocity
+
+
 def _check_prediction(prediction: str) -> None:
-    if prediction not in PREDICTIONS[:3]:
-        raise ValueError(f"a network predicts one of {PREDICTIONS[:3]}, got {prediction!r}")
+    if prediction not in NET_PREDICTIONS:
+        raise ValueError(f"a network predicts one of {NET_PREDICTIONS}, got {prediction!r}")
 
 
 class _Labels(nn.Module):

@@ -1,0 +1,264 @@
+"""`python -m course_lib bench flow [--quick] [--json PATH]` (lesson 9): diffusion, flow matching, reflow and a one-step
+generator on the same data, network and training loop, sampled with the same solvers at equal NFE; the exact
+probability-flow ODE likelihood beside the variational bound and the true NLL; path straightness.
+
+Like with like: the diffusion and flow models have the same network, data, batch, steps and learning rate (their
+presets differ only in `family`), and their noise levels were tuned by the same command (`tune`, on noise seed 2026,
+which this benchmark never uses). Reflow and the one-step model are sampled uniformly in t, their natural spacing.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from . import refuse_to_overwrite
+
+MODELS = {"ring8": {"diffusion": "ring8", "flow": "ring8_flow", "reflow": "ring8_reflow", "distilled": "ring8_reflow_1step"},
+          "grid25": {"diffusion": "grid25", "flow": "grid25_flow"},
+          "digits": {"diffusion": "digits", "flow": "digits_flow"}}
+SAMPLERS = ("euler", "heun", "dpmpp_2m")
+NFE = {"ring8": (1, 2, 3, 5, 10, 20, 50), "grid25": (1, 2, 3, 5, 10, 20, 50), "digits": (5, 10, 20)}
+NFE_QUICK = (2, 10)
+SEEDS = (0, 1, 2)            # noise seeds; tuning used 2026 (step_schedules.TUNE_SEED)
+NLL_SEED, NLL_POINTS = 777, 500
+REFERENCE = {"diffusion": ("ddpm", "uniform", 1000), "flow": ("euler", "uniform", 1000)}
+
+
+def _spacings(family: str) -> tuple[str, ...]:
+    """'auto' is each model's tuned noise levels (its card), 'uniform' uniform timesteps (diffusion) or uniform t (flow)."""
+    return ("auto", "uniform") if family in ("diffusion", "flow") else ("uniform",)
+
+
+def plan(quick: bool = False, datasets=None) -> list[dict]:
+    """Every sampling run: dataset, family, model, sampler, spacing, NFE budget, seed (references first)."""
+    from ..samplers import nfe_for_steps, steps_for_nfe
+
+    runs = []
+    for dataset in datasets or (("ring8",) if quick else tuple(MODELS)):
+        families = {k: v for k, v in MODELS[dataset].items() if not quick or k in ("diffusion", "flow", "reflow")}
+        for seed in SEEDS[:1] if quick else SEEDS:
+            for family, name in families.items():
+                if family in REFERENCE and dataset != "digits":
+                    sampler, spacing, steps = REFERENCE[family]
+                    runs.append(dict(dataset=dataset, family=family, model=name, sampler=sampler, spacing=spacing,
+                                     budget=100 if quick else steps, seed=seed, reference=True))
+                for budget in NFE_QUICK if quick else NFE[dataset]:
+                    for sampler in SAMPLERS[::2] if quick else SAMPLERS:
+                        if nfe_for_steps(sampler, steps_for_nfe(sampler, budget)) != budget and sampler == "heun" \
+                                and budget < 3:
+                            continue  # Heun's first useful step costs 3 evaluations
+                        for spacing in _spacings(family):
+                            runs.append(dict(dataset=dataset, family=family, model=name, sampler=sampler,
+                                             spacing=spacing, budget=budget, seed=seed, reference=False))
+    return runs
+
+
+def _loaded(name: str, cache: dict):
+    from ..checkpoints import load_pretrained
+
+    if name not in cache:
+        cache[name] = load_pretrained(name)
+    return cache[name]
+
+
+def run_sampling(run: dict, judge, n: int, cache: dict) -> dict:
+    """One sampling run, scored by the benchmark's judge (bench.samplers.Judge)."""
+    from ..samplers import sample, steps_for_nfe
+
+    p = _loaded(run["model"], cache)
+    shape = (n, 1, 8, 8) if run["dataset"] == "digits" else (n, 2)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(run["seed"]))
+    steps = run["budget"] if run["reference"] else steps_for_nfe(run["sampler"], run["budget"])
+    res = sample(p.model, noise, p.schedule, run["sampler"], steps=steps, spacing=run["spacing"],
+                 clip=1.0 if run["dataset"] == "digits" else None,
+                 generator=torch.Generator().manual_seed(run["seed"] + 1))
+    return {**run, "kind": "sample", "nfe": res.nfe, "samples": n, "seconds": round(res.seconds, 3),
+            "spacing_used": res.spacing, **judge(res.x)}
+
+
+def likelihood_records(dataset: str, quick: bool = False) -> list[dict]:
+    """The true NLL (2D), each model's exact ODE NLL on the same points, and diffusion's variational bound: nats per
+    point for 2D; for digits, bits per dimension of the discrete data (ODE: on uniformly dequantised test images)."""
+    from ..likelihood import bits_per_dim, dequantise, ode_log_likelihood
+    from ..losses import variational_bound
+
+    cache, out = {}, []
+    families = {k: v for k, v in MODELS[dataset].items() if k != "distilled" and (not quick or k != "reflow")}
+    g = torch.Generator().manual_seed(NLL_SEED)
+    if dataset == "digits":
+        from ..data import DIGITS_LEVELS, digits_split
+
+        x = digits_split("test")[0][: 8 if quick else None].double()
+        x_in, unit = dequantise(x, DIGITS_LEVELS, g), "bits/dim"
+        truth = None
+    else:
+        from ..data import MIXTURES
+
+        mixture = MIXTURES[dataset]()
+        x = mixture.sample(30 if quick else NLL_POINTS, g).double()
+        x_in, unit = x, "nats per point"
+        truth = -mixture.log_prob(x)
+        out.append({"kind": "nll", "dataset": dataset, "family": "data", "model": "-", "method": "true density",
+                    "nll": round(float(truth.mean()), 4), "nll_stderr": round(float(truth.std() / math.sqrt(len(x))), 4),
+                    "unit": unit, "points": len(x)})
+    for family, name in families.items():
+        p = _loaded(name, cache)
+        start = time.perf_counter()
+        r = ode_log_likelihood(p.model, x_in, p.schedule, rtol=1e-5, atol=1e-5)
+        nll = bits_per_dim(r["nll"], 64, DIGITS_LEVELS) if dataset == "digits" else r["nll"]
+        rec = {"kind": "nll", "dataset": dataset, "family": family, "model": name, "method": "ode",
+               "nll": round(float(nll.mean()), 4), "nll_stderr": round(float(nll.std() / math.sqrt(len(x))), 4),
+               "unit": unit, "points": len(x), "nfe": r["nfe"], "seconds": round(time.perf_counter() - start, 1)}
+        if truth is not None:  # paired: the same points, so the gap's error is far smaller than either NLL's
+            gap = nll - truth
+            rec.update(gap_to_true=round(float(gap.mean()), 4), gap_stderr=round(float(gap.std() / math.sqrt(len(x))), 4))
+        out.append(rec)
+        if family == "diffusion":
+            levels = DIGITS_LEVELS if dataset == "digits" else None
+            vb = variational_bound(p.model, x.float() if dataset == "digits" else x, p.schedule, levels=levels,
+                                   n_t=100 if dataset == "digits" else None, generator=torch.Generator().manual_seed(1))
+            vals = vb["bits_per_dim"] if dataset == "digits" else vb["total"]
+            out.append({"kind": "nll", "dataset": dataset, "family": family, "model": name,
+                        "method": "variational bound", "nll": round(float(vals.mean()), 4),
+                        "nll_stderr": round(float(vals.std() / math.sqrt(len(x))), 4), "unit": unit, "points": len(x)})
+    return out
+
+
+def straightness_records(dataset: str, quick: bool = False) -> list[dict]:
+    """Liu et al.'s straightness of each model's ODE paths, every model seen as a velocity field on one time axis."""
+    from ..flow import denoiser_velocity, straightness, t_of_sigma
+    from ..samplers import as_denoiser
+
+    cache, out = {}, []
+    shape = (64 if quick else 500, 1, 8, 8) if dataset == "digits" else (64 if quick else 500, 2)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    models = {f: n for f, n in MODELS[dataset].items() if f != "distilled" and (not quick or f in ("diffusion", "flow"))}
+    dens = {f: as_denoiser(_loaded(n, cache).model, _loaded(n, cache).schedule) for f, n in models.items()}
+    t_max = min(t_of_sigma(d.sigma_max) for d in dens.values())  # the top that every model knows (diffusion's)
+    for family, den in dens.items():
+        s = straightness(denoiser_velocity(den), noise, steps=20 if quick else 100, t_max=t_max)
+        out.append({"kind": "straightness", "dataset": dataset, "family": family, "model": models[family],
+                    "t_max": round(t_max, 5), "straightness": round(s["straightness"], 4),
+                    "relative": round(s["relative"], 4)})
+    return out
+
+
+def bench_flow(quick: bool = False, samples: int | None = None, progress: bool = True, datasets=None) -> list[dict]:
+    """Every record: sampling runs, likelihoods, straightness."""
+    from .samplers import Judge
+
+    runs = plan(quick, datasets)
+    cache, judges, records = {}, {}, []
+    it = runs
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(runs, desc="bench flow")
+    for run in it:
+        n = samples or (500 if quick else (1000 if run["dataset"] == "digits" else 2000))
+        if run["dataset"] not in judges:
+            judges[run["dataset"]] = Judge(run["dataset"], n)
+        records.append(run_sampling(run, judges[run["dataset"]], n, cache))
+    for dataset in dict.fromkeys(r["dataset"] for r in runs):
+        records += straightness_records(dataset, quick)
+        records += likelihood_records(dataset, quick)
+    return records
+
+
+def summarize(records: list[dict], key: str = "hq_fraction") -> list[dict]:
+    """Mean and std over seeds of `key` per (dataset, family, sampler, spacing, budget)."""
+    from .compare import mean_std
+
+    groups: dict = {}
+    for r in records:
+        if r.get("kind") == "sample" and key in r:
+            groups.setdefault((r["dataset"], r["family"], r["sampler"], r["spacing"], r["budget"]), []).append(r)
+    out = []
+    for (dataset, family, sampler, spacing, budget), rs in groups.items():
+        ms = mean_std(rs, (key,))
+        m, s = ms[key], ms[f"{key}_std"]
+        out.append(dict(dataset=dataset, family=family, sampler=sampler, spacing=spacing, budget=budget, mean=m,
+                        std=s, seeds=len(rs), nfe=rs[0]["nfe"], modes_min=min(r.get("modes_covered", 0) for r in rs)))
+    return out
+
+
+def best_at(records: list[dict], dataset: str, family: str, budget: int) -> dict | None:
+    """The family's best sampler and spacing at a budget (mean over seeds; FD for digits, lower is better)."""
+    key = "fd" if dataset == "digits" else "hq_fraction"
+    rows = [r for r in summarize(records, key) if r["dataset"] == dataset and r["family"] == family
+            and r["budget"] == budget and r["spacing"] != "-"]
+    if not rows:
+        return None
+    return (min if key == "fd" else max)(rows, key=lambda r: r["mean"])
+
+
+def verdict(records: list[dict]) -> list[str]:
+    """The issue's targets, each as one line with the measured numbers."""
+    lines = []
+    for dataset in ("ring8", "grid25"):
+        d, f = best_at(records, dataset, "diffusion", 10), best_at(records, dataset, "flow", 10)
+        if d and f:
+            gap = 100 * (f["mean"] - d["mean"])
+            lines.append(f"{dataset} at 10 NFE, best of each: diffusion {d['mean']:.3f} ({d['sampler']}, {d['spacing']}) "
+                         f"vs flow {f['mean']:.3f} ({f['sampler']}, {f['spacing']}): {gap:+.1f} points "
+                         f"({'within' if abs(gap) <= 3 else 'outside'} 3); modes {d['modes_min']} / {f['modes_min']}")
+    rows = {(r["family"], r["budget"]): r for r in summarize(records) if r["dataset"] == "ring8"
+            and r["sampler"] == "euler" and r["spacing"] == "uniform"}
+    for family in ("reflow", "distilled"):
+        for budget, target in ((1, 0.80), (2, 0.90)):
+            r = rows.get((family, budget))
+            if r:
+                ok = r["mean"] >= target and r["modes_min"] == 8
+                lines.append(f"ring8 {family}, Euler {budget} NFE: hq {r['mean']:.3f} +- {r['std']:.3f}, modes >= "
+                             f"{r['modes_min']} (target >= {target:.2f} and 8 modes: {'met' if ok else 'not met'})")
+    for dataset in ("ring8", "grid25", "digits"):
+        nll = {(r["family"], r["method"]): r for r in records if r.get("kind") == "nll" and r["dataset"] == dataset}
+        for family in ("diffusion", "flow", "reflow"):
+            ode = nll.get((family, "ode"))
+            if ode is None:
+                continue
+            text = f"{dataset} {family}: ODE NLL {ode['nll']:.3f} {ode['unit']}"
+            if "gap_to_true" in ode:
+                text += f", true {nll[('data', 'true density')]['nll']:.3f} (gap {ode['gap_to_true']:+.3f} +- {ode['gap_stderr']:.3f})"
+            bound = nll.get(("diffusion", "variational bound"))
+            if bound:
+                text += f", diffusion's variational bound {bound['nll']:.3f}"
+            lines.append(text)
+    return lines
+
+
+def table(records: list[dict]) -> str:
+    """hq (2D) or FD (digits), mean over seeds, per row (dataset, family, sampler, spacing) and NFE budget."""
+    lines = []
+    for dataset in dict.fromkeys(r["dataset"] for r in records if r.get("kind") == "sample"):
+        key = "fd" if dataset == "digits" else "hq_fraction"
+        rows = [r for r in summarize(records, key) if r["dataset"] == dataset]
+        budgets = sorted({r["budget"] for r in rows if r["budget"] <= 50})
+        lines.append(f"\n{dataset}: {'FD (lower is better)' if key == 'fd' else 'high-quality share'}, mean over seeds")
+        lines.append(f"{'family':<10} {'sampler':<9} {'spacing':<8}" + "".join(f"{b:>8}" for b in budgets))
+        by = {}
+        for r in rows:
+            by.setdefault((r["family"], r["sampler"], r["spacing"]), {})[r["budget"]] = r["mean"]
+        for (family, sampler, spacing), vals in by.items():
+            cells = "".join(f"{vals[b]:>8.3f}" if b in vals else f"{'':>8}" for b in budgets)
+            ref = [f"{v:.3f} at {b}" for b, v in vals.items() if b > 50]
+            lines.append(f"{family:<10} {sampler:<9} {spacing:<8}{cells}" + (f"   (reference {ref[0]})" if ref else ""))
+    return "\n".join(lines)
+
+
+def main_flow(quick: bool = False, json_path=None, samples: int | None = None, force: bool = False) -> list[dict]:
+    """Run the benchmark; print the table, straightness and the verdict; with json_path write the records."""
+    from ..checkpoints import write_json_atomic
+
+    refuse_to_overwrite(json_path, force)
+    records = bench_flow(quick, samples)
+    print(table(records))
+    for r in records:
+        if r["kind"] == "straightness":
+            print(f"straightness {r['dataset']} {r['family']}: {r['straightness']:.4f} (relative {r['relative']:.4f})")
+    print("\n".join(verdict(records)))
+    if json_path:
+        write_json_atomic(records, json_path)
+        print(f"wrote {json_path}")
+    return records
