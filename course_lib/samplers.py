@@ -30,6 +30,7 @@ from .step_schedules import (  # noqa: F401
     sigmas_from_timesteps,
     time_sigmas,
     trailing_timesteps,
+    tuned_karras,
     uniform_timesteps,
 )
 
@@ -433,7 +434,7 @@ def sample(model, noise: torch.Tensor, schedule: NoiseSchedule | None = None, sa
 
     spacing='auto' (the default) uses the model's tuned Karras noise levels for this sampler and budget when it has
     them (every shipped checkpoint does, `load_pretrained` attaches them), else Karras spacing over the model's whole
-    noise range; 'uniform', 'leading', 'trailing' and 'karras' are the standard spacings. `noise` is standard normal; it is scaled to the model's prior std at the first level (sqrt(1 + sigma^2) for
+    noise range (a flow model: uniform in t); 'uniform', 'leading', 'trailing' and 'karras' are the standard spacings. `noise` is standard normal; it is scaled to the model's prior std at the first level (sqrt(1 + sigma^2) for
     diffusion, which is exactly x_T = noise in the alpha-bar view; 1 + sigma for a flow model), so the same noise gives comparable samples through every sampler. Options (variance, eta,
     s_churn, ...) go to the sampler; model_kwargs (e.g. y=labels) to the model.
     """
@@ -446,10 +447,13 @@ def sample(model, noise: torch.Tensor, schedule: NoiseSchedule | None = None, sa
     schedule = schedule or den.schedule
     how = "given"
     if steps is not None:
-        if spacing == "auto":
+        untuned_flow = den.path == "linear" and tuned_karras(den.sampling, sampler,
+                                                             nfe_for_steps(sampler, _check_steps(steps))) is None
+        if spacing == "auto" and not untuned_flow:
             sig, how = default_sigmas(_check_steps(steps), nfe_for_steps(sampler, steps), sampler, schedule,
                                       den.sigma_min, den.sigma_max, den.sampling)
-        elif spacing == "uniform" and schedule is None and den.path == "linear":  # a flow model: uniform in t
+        elif spacing in ("auto", "uniform") and schedule is None and den.path == "linear":  # a flow model: uniform in t
+            # (lesson 9: for an untuned flow model far better than Karras levels over its range, which reaches 1e5)
             sig, how = time_sigmas(_check_steps(steps), FLOW_T_RANGE[1]), "uniform in t"
         else:
             most = schedule.T if schedule is not None and spacing != "karras" else None

@@ -149,7 +149,9 @@ PRESETS["digits_noisy_classifier"] = TrainConfig(data="digits", family="classifi
 for _name in MIXTURES:
     PRESETS[f"{_name}_flow"] = replace(PRESETS[_name], family="flow")
     PRESETS[f"{_name}_reflow"] = replace(PRESETS[f"{_name}_flow"], teacher=f"{_name}_flow")
-    PRESETS[f"{_name}_reflow_1step"] = replace(PRESETS[f"{_name}_reflow"], teacher=f"{_name}_reflow", times="one")
+    # one-step distillation (Liu et al. 2023, sec. 2.3) of the flow's own ODE coupling: trained at t = 1 only. On ring8
+    # it beat distilling the reflowed model's coupling (1 NFE: hq 0.79 vs 0.74), whose ODE samples are already worse
+    PRESETS[f"{_name}_distilled"] = replace(PRESETS[f"{_name}_flow"], teacher=f"{_name}_flow", times="one")
 PRESETS["digits_flow"] = replace(PRESETS["digits"], family="flow")
 
 

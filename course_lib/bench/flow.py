@@ -15,7 +15,7 @@ import torch
 
 from . import refuse_to_overwrite
 
-MODELS = {"ring8": {"diffusion": "ring8", "flow": "ring8_flow", "reflow": "ring8_reflow", "distilled": "ring8_reflow_1step"},
+MODELS = {"ring8": {"diffusion": "ring8", "flow": "ring8_flow", "reflow": "ring8_reflow", "distilled": "ring8_distilled"},
           "grid25": {"diffusion": "grid25", "flow": "grid25_flow"},
           "digits": {"diffusion": "digits", "flow": "digits_flow"}}
 SAMPLERS = ("euler", "heun", "dpmpp_2m")
@@ -23,6 +23,8 @@ NFE = {"ring8": (1, 2, 3, 5, 10, 20, 50), "grid25": (1, 2, 3, 5, 10, 20, 50), "d
 NFE_QUICK = (2, 10)
 SEEDS = (0, 1, 2)            # noise seeds; tuning used 2026 (step_schedules.TUNE_SEED)
 NLL_SEED, NLL_POINTS = 777, 500
+MODES = {"ring8": 8, "grid25": 25}  # a 2D result counts only with every mode covered: one step of a flow from t = 1
+# lands every sample on the data mean, which on grid25 is the centre mode (hq 0.999, one mode of 25)
 REFERENCE = {"diffusion": ("ddpm", "uniform", 1000), "flow": ("euler", "uniform", 1000)}
 
 
@@ -106,7 +108,8 @@ def likelihood_records(dataset: str, quick: bool = False) -> list[dict]:
     for family, name in families.items():
         p = _loaded(name, cache)
         start = time.perf_counter()
-        r = ode_log_likelihood(p.model, x_in, p.schedule, rtol=1e-5, atol=1e-5)
+        tol = 1e-4 if dataset == "digits" else 1e-5  # digits: Hutchinson's noise is far above the solver's error
+        r = ode_log_likelihood(p.model, x_in, p.schedule, rtol=tol, atol=tol)
         nll = bits_per_dim(r["nll"], 64, DIGITS_LEVELS) if dataset == "digits" else r["nll"]
         rec = {"kind": "nll", "dataset": dataset, "family": family, "model": name, "method": "ode",
                "nll": round(float(nll.mean()), 4), "nll_stderr": round(float(nll.std() / math.sqrt(len(x))), 4),
@@ -179,15 +182,19 @@ def summarize(records: list[dict], key: str = "hq_fraction") -> list[dict]:
         ms = mean_std(rs, (key,))
         m, s = ms[key], ms[f"{key}_std"]
         out.append(dict(dataset=dataset, family=family, sampler=sampler, spacing=spacing, budget=budget, mean=m,
-                        std=s, seeds=len(rs), nfe=rs[0]["nfe"], modes_min=min(r.get("modes_covered", 0) for r in rs)))
+                        std=s, seeds=len(rs), nfe=rs[0]["nfe"], modes_min=min(r.get("modes_covered", 0) for r in rs),
+                        all_modes=all(r.get("modes_covered", 0) == MODES.get(dataset, 0) for r in rs)))
     return out
 
 
 def best_at(records: list[dict], dataset: str, family: str, budget: int) -> dict | None:
-    """The family's best sampler and spacing at a budget (mean over seeds; FD for digits, lower is better)."""
+    """The family's best sampler and spacing at a budget (mean over seeds; FD for digits, lower is better; in 2D
+    among the configurations that covered every mode on every seed, when there are any)."""
     key = "fd" if dataset == "digits" else "hq_fraction"
     rows = [r for r in summarize(records, key) if r["dataset"] == dataset and r["family"] == family
-            and r["budget"] == budget and r["spacing"] != "-"]
+            and r["budget"] == budget and not r.get("reference_run")]
+    if key == "hq_fraction" and any(r["all_modes"] for r in rows):
+        rows = [r for r in rows if r["all_modes"]]
     if not rows:
         return None
     return (min if key == "fd" else max)(rows, key=lambda r: r["mean"])
@@ -205,8 +212,8 @@ def verdict(records: list[dict]) -> list[str]:
                          f"({'within' if abs(gap) <= 3 else 'outside'} 3); modes {d['modes_min']} / {f['modes_min']}")
     rows = {(r["family"], r["budget"]): r for r in summarize(records) if r["dataset"] == "ring8"
             and r["sampler"] == "euler" and r["spacing"] == "uniform"}
-    for family in ("reflow", "distilled"):
-        for budget, target in ((1, 0.80), (2, 0.90)):
+    for family, targets in (("reflow", ((1, 0.80), (2, 0.90))), ("distilled", ((1, 0.80),))):  # distilled: 1 step only
+        for budget, target in targets:
             r = rows.get((family, budget))
             if r:
                 ok = r["mean"] >= target and r["modes_min"] == 8
@@ -236,13 +243,18 @@ def table(records: list[dict]) -> str:
         rows = [r for r in summarize(records, key) if r["dataset"] == dataset]
         budgets = sorted({r["budget"] for r in rows if r["budget"] <= 50})
         lines.append(f"\n{dataset}: {'FD (lower is better)' if key == 'fd' else 'high-quality share'}, mean over seeds")
-        lines.append(f"{'family':<10} {'sampler':<9} {'spacing':<8}" + "".join(f"{b:>8}" for b in budgets))
+        lines.append(f"{'family':<10} {'sampler':<9} {'spacing':<8}" + "".join(f"{b:>7} " for b in budgets))
         by = {}
         for r in rows:
-            by.setdefault((r["family"], r["sampler"], r["spacing"]), {})[r["budget"]] = r["mean"]
-        for (family, sampler, spacing), vals in by.items():
-            cells = "".join(f"{vals[b]:>8.3f}" if b in vals else f"{'':>8}" for b in budgets)
-            ref = [f"{v:.3f} at {b}" for b, v in vals.items() if b > 50]
+            by.setdefault((r["family"], r["sampler"], r["spacing"]), {})[r["budget"]] = (r["mean"], r["all_modes"])
+        if key == "hq_fraction":
+            lines[-1] += " (* = some mode missed on some seed)"
+        for (family, sampler, spacing), cells_by in by.items():
+            cells = "".join(f"{cells_by[b][0]:>7.{1 if key == 'fd' else 3}f}"
+                            f"{' ' if key == 'fd' or cells_by[b][1] else '*'}" if b in cells_by else " " * 8
+                            for b in budgets)
+            vals = {b: v for b, (v, _) in cells_by.items()}
+            ref = [f"{v:.{1 if key == 'fd' else 3}f} at {b}" for b, v in vals.items() if b > 50]
             lines.append(f"{family:<10} {sampler:<9} {spacing:<8}{cells}" + (f"   (reference {ref[0]})" if ref else ""))
     return "\n".join(lines)
 
