@@ -139,7 +139,9 @@ def straightness_records(dataset: str, quick: bool = False) -> list[dict]:
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     models = {f: n for f, n in MODELS[dataset].items() if f != "distilled" and (not quick or f in ("diffusion", "flow"))}
     dens = {f: as_denoiser(_loaded(n, cache).model, _loaded(n, cache).schedule) for f, n in models.items()}
-    t_max = min(t_of_sigma(d.sigma_max) for d in dens.values())  # the top that every model knows (diffusion's)
+    # the top that every model knows, at most sigma = 80 (EDM's): near t = 1 a VP model's x0 estimate divides its eps
+    # error by sqrt(alpha-bar) (2e-5 at the top of the digits' cosine schedule) and the velocity explodes
+    t_max = t_of_sigma(min(80.0, *(d.sigma_max for d in dens.values())))
     for family, den in dens.items():
         s = straightness(denoiser_velocity(den), noise, steps=20 if quick else 100, t_max=t_max)
         out.append({"kind": "straightness", "dataset": dataset, "family": family, "model": models[family],
@@ -218,7 +220,8 @@ def verdict(records: list[dict]) -> list[str]:
             if r:
                 ok = r["mean"] >= target and r["modes_min"] == 8
                 lines.append(f"ring8 {family}, Euler {budget} NFE: hq {r['mean']:.3f} +- {r['std']:.3f}, modes >= "
-                             f"{r['modes_min']} (target >= {target:.2f} and 8 modes: {'met' if ok else 'not met'})")
+                             f"{r['modes_min']}" + (f" (the issue's target for reflow, >= {target:.2f} and 8 modes: "
+                                                    f"{'met' if ok else 'not met'})" if family == "reflow" else ""))
     for dataset in ("ring8", "grid25", "digits"):
         nll = {(r["family"], r["method"]): r for r in records if r.get("kind") == "nll" and r["dataset"] == dataset}
         for family in ("diffusion", "flow", "reflow"):
