@@ -154,7 +154,7 @@ def load_pretrained(name_or_path: str | Path, device=None, which: str = "ema") -
                          "course_lib.text2image.load_text_to_image")
     flow = config.get("family") == "flow"  # a flow-matching model (lesson 9): samples like one, has no schedule
     if not flow and ("schedule" not in config or config.get("family", "diffusion") != "diffusion"):
-        raise ValueError(f"{path} holds no diffusion or flow model (family {config.get('family')!r}); "
+        raise ValueError(f"{path} holds no diffusion model, nor a flow model (family {config.get('family')!r}); "
                          f"load it with load_model")
     model = build_model(ckpt["model_config"])
     model.load_state_dict(_weights(ckpt, which))
