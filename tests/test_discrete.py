@@ -69,3 +69,26 @@ def test_mdlm_loss_refuses_mismatched_shapes():
         D.mdlm_loss(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long), 0.5, 3)
     with pytest.raises(TypeError, match="integer"):
         D.mask_tokens(torch.zeros(2, 3), 0.5, 1)
+
+
+def test_the_token_transformer_is_causal_or_bidirectional_as_configured():
+    from course_lib.nets import TokenTransformer, build_model
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 20, (3, 9))
+    later = x.clone()
+    later[:, 5:] = torch.randint(0, 20, (3, 4))  # change only positions 5..8
+    for causal in (True, False):
+        net = TokenTransformer(20, 9, dim=32, depth=2, heads=4, causal=causal).eval()
+        with torch.no_grad():
+            a, b = net(x), net(later)
+        assert a.shape == (3, 9, 20)
+        moved = (a[:, :5] - b[:, :5]).abs().max().item()
+        # causal: positions before 5 never see the change; bidirectional: they do
+        assert (moved < 1e-5) if causal else (moved > 1e-3)
+        rebuilt = build_model(net.config)
+        rebuilt.load_state_dict(net.state_dict())
+        with torch.no_grad():
+            assert torch.allclose(rebuilt.eval()(x), a, atol=1e-6)
+    with pytest.raises(ValueError, match="token ids"):
+        net(torch.full((1, 3), 20))

@@ -17,19 +17,21 @@ from .gan import Discriminator, Generator
 from .mlp import TimeMLP
 from .noisy_classifier import NoisyClassifier
 from .text_encoder import ImageEncoder, MiniCLIP, TextEncoder
+from .token_transformer import TokenTransformer
 from .unet import ResBlock, SelfAttention, UNet
 from .vae import VAE
 
 # kind -> class. A new network registers here (and its module imports only torch, .blocks and the math it uses).
 MODELS = {"mlp": TimeMLP, "unet": UNet, "generator": Generator, "discriminator": Discriminator, "vae": VAE,
           "noisy_classifier": NoisyClassifier, "kl_autoencoder": KLAutoencoder, "text_encoder": TextEncoder,
-          "mini_clip": MiniCLIP, "text_unet": TextUNet, "attribute_classifier": AttributeClassifier, "dit": DiT}
+          "mini_clip": MiniCLIP, "text_unet": TextUNet, "attribute_classifier": AttributeClassifier, "dit": DiT,
+          "token_transformer": TokenTransformer}
 DENOISERS = ("mlp", "unet", "dit")  # the kinds a diffusion model may use
 
 __all__ = ["MODELS", "DENOISERS", "build_model", "count_parameters", "describe", "TimeMLP", "UNet", "ResBlock",
            "SelfAttention", "NoisyClassifier", "Generator", "Discriminator", "VAE", "ResMLP", "ConvEncoder", "ConvDecoder",
            "check_data_shape", "timestep_embedding", "KLAutoencoder", "TextEncoder", "ImageEncoder", "MiniCLIP",
-           "CrossAttention", "TextUNet", "AttributeClassifier", "DiT", "DiTBlock"]
+           "CrossAttention", "TextUNet", "AttributeClassifier", "DiT", "DiTBlock", "TokenTransformer"]
 
 
 def build_model(config: dict) -> nn.Module:
