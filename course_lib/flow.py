@@ -9,8 +9,6 @@ diffusion, another time axis and another loss weighting.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .samplers import FLOW_T_RANGE, FLOW_TIME_SCALE, velocity_denoiser  # noqa: F401  (the samplers' adapter)
@@ -105,17 +103,20 @@ def denoiser_velocity(denoiser):
 def straightness(velocity, noise: torch.Tensor, steps: int = 100, t_max: float = T_MAX, **model_kwargs) -> dict:
     """How far the ODE path from `noise` (t = t_max) to data (t = 0) is from a straight line (Liu et al. 2023, eq. 6):
     S = integral over t of E || (x_1 - x_0) - v(x_t, t) ||^2, by Euler with `steps` uniform steps; 0 only for straight
-    paths. Also returned relative to E || x_1 - x_0 ||^2, so that data sets of different scale compare."""
+    paths. Also returned relative to E || x_1 - x_0 ||^2, so that data sets of different scale compare, and the path
+    itself (steps + 1, B, ...) for plotting."""
     ts = torch.linspace(t_max, 0, steps + 1, dtype=torch.float64).tolist()
-    x, vs = noise.clone(), []
+    x, vs, path = noise.clone(), [], [noise.clone()]
     for t, t_next in zip(ts[:-1], ts[1:]):
         v = velocity(x, t, **model_kwargs)
         vs.append(v)
         x = x + (t_next - t) * v
+        path.append(x)
     chord = (noise - x) / t_max  # the straight line's constant velocity
     dev = torch.stack([((chord - v) ** 2).flatten(1).sum(1) for v in vs])  # (steps, B)
     s = float(dev.mean() * t_max)
-    return {"straightness": s, "relative": s / float((chord ** 2).flatten(1).sum(1).mean() * t_max), "x0": x}
+    return {"straightness": s, "relative": s / float((chord ** 2).flatten(1).sum(1).mean() * t_max), "x0": x,
+            "path": torch.stack(path)}
 
 
 def reflow_pairs(denoiser, noise: torch.Tensor, sampler: str = "heun", nfe: int = 99, **model_kwargs) -> torch.Tensor:
@@ -132,10 +133,3 @@ def reflow_pairs(denoiser, noise: torch.Tensor, sampler: str = "heun", nfe: int 
 def transport_cost(noise: torch.Tensor, x0: torch.Tensor) -> float:
     """E || noise - x0 ||^2 of a coupling: reflow never raises it for a convex cost (Liu et al. 2023, Theorem 3.5)."""
     return float(((noise - x0) ** 2).flatten(1).sum(1).mean())
-
-
-def log_normal_density(x: torch.Tensor, std) -> torch.Tensor:
-    """log N(x; 0, std^2 I) per row, summed over the other dimensions (the prior of a likelihood computation)."""
-    d = x[0].numel()
-    std = torch.as_tensor(std, dtype=x.dtype)
-    return -0.5 * (x.flatten(1) ** 2).sum(1) / std**2 - d * torch.log(std) - 0.5 * d * math.log(2 * math.pi)

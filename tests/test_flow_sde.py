@@ -220,6 +220,8 @@ def test_straightness_is_zero_for_straight_paths_and_positive_for_a_mixture():
     noise = torch.randn(500, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     out = flow.straightness(flow.denoiser_velocity(dirac), noise, steps=20)
     assert out["straightness"] < 1e-12 and torch.allclose(out["x0"], point.expand(500, 2), atol=1e-9)
+    assert out["path"].shape == (21, 500, 2) and torch.equal(out["path"][0], noise)
+    assert torch.equal(out["path"][-1], out["x0"])
     mixed = flow.straightness(flow.denoiser_velocity(mixture_denoiser(ring_of_gaussians())), noise, steps=50)
     assert mixed["relative"] > 0.02
 

@@ -5,6 +5,22 @@ from __future__ import annotations
 import argparse
 
 
+def _datasets(args, allowed) -> list[str]:
+    """--datasets checked against a benchmark's datasets (default: all of them), and --samples of at least 10."""
+    datasets = args.datasets or list(allowed)
+    for d in datasets:
+        if d not in allowed:
+            raise ValueError(f"unknown dataset {d!r}; choose from {list(allowed)}")
+    if args.samples is not None and args.samples < 10:
+        raise ValueError(f"--samples must be at least 10, got {args.samples}")
+    return datasets
+
+
+def _check_seeds(seeds) -> None:
+    if seeds is not None and (len(set(seeds)) != len(seeds) or min(seeds) < 0):
+        raise ValueError(f"--seeds must be distinct non-negative ints, got {seeds}")
+
+
 def _bench(args) -> int:
     if args.bench == "guidance":
         return _bench_guidance(args)
@@ -23,12 +39,7 @@ def _bench(args) -> int:
         return 0
     from .samplers import BENCH_DATASETS, main_samplers
 
-    datasets = args.datasets or list(BENCH_DATASETS)
-    for d in datasets:
-        if d not in BENCH_DATASETS:
-            raise ValueError(f"unknown dataset {d!r}; choose from {list(BENCH_DATASETS)}")
-    if args.samples is not None and args.samples < 10:
-        raise ValueError(f"--samples must be at least 10, got {args.samples}")
+    datasets = _datasets(args, BENCH_DATASETS)
     return main_samplers(args.quick, args.json, datasets, args.samples, args.device, args.force, args.seeds,
                          args.resume)
 
@@ -36,14 +47,8 @@ def _bench(args) -> int:
 def _bench_compare(args) -> int:
     from .compare import COMPARE_DATASETS, main_compare
 
-    datasets = args.datasets or list(COMPARE_DATASETS)
-    for d in datasets:
-        if d not in COMPARE_DATASETS:
-            raise ValueError(f"unknown dataset {d!r}; choose from {list(COMPARE_DATASETS)}")
-    if args.seeds is not None and (len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0):
-        raise ValueError(f"--seeds must be distinct non-negative ints, got {args.seeds}")
-    if args.samples is not None and args.samples < 10:
-        raise ValueError(f"--samples must be at least 10, got {args.samples}")
+    datasets = _datasets(args, COMPARE_DATASETS)
+    _check_seeds(args.seeds)
     return main_compare(args.quick, args.json, datasets, args.seeds, args.samples, args.device, args.force,
                         args.export)
 
@@ -51,8 +56,7 @@ def _bench_compare(args) -> int:
 def _bench_guidance(args) -> int:
     from .guidance import main_guidance
 
-    if args.seeds is not None and (len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0):
-        raise ValueError(f"--seeds must be distinct non-negative ints, got {args.seeds}")
+    _check_seeds(args.seeds)
     if args.samples is not None and args.samples < 20:
         raise ValueError(f"--samples must be at least 20 (two per class), got {args.samples}")
     return main_guidance(args.quick, args.json, args.samples, args.force, args.seeds)
@@ -119,12 +123,9 @@ def add_bench_parser(sub) -> None:
                                      "scales, 20 NFE, 1,000 samples, seeds 0 1 2; records label accuracy, FD, "
                                      "precision, recall and per-class diversity. --quick: fewer scales, 200 samples, "
                                      "10 NFE, one seed.")
-    p.add_argument("--quick", action="store_true", help="a small run for checking")
-    p.add_argument("--json", metavar="PATH", help="also write the records to this JSON file")
-    p.add_argument("--force", action="store_true", help="replace an existing --json file")
-    p.add_argument("--samples", type=int, metavar="N", help="samples per configuration (default 1,000; quick 200)")
+    _bench_arguments(p, "a small run for checking", datasets=False, devices=None,
+                     samples_help="samples per configuration (default 1,000; quick 200)")
     p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="noise seeds (default: 0 1 2; quick: 0)")
-    p.set_defaults(func=_bench)
     p = bench.add_parser("kernels", help="fused Triton kernels vs eager vs torch.compile; CUDA-graph sampling",
                          description="Checks every Triton kernel against its torch reference (in Triton's "
                                      "interpreter on a CPU), then times each op at several sizes for the eager "

@@ -29,19 +29,13 @@ class FlowOptions:
 
 
 def load_teacher(name: str):
-    """A flow checkpoint's EMA network (shipped name like 'ring8_flow', or a path)."""
-    from pathlib import Path
+    """A flow checkpoint's EMA network (shipped name like 'ring8_flow', or a path), through load_pretrained."""
+    from ..checkpoints import load_pretrained
 
-    from ..checkpoints import load_model, shipped_dir
-
-    path = Path(name)
-    if not path.exists() and path.suffix == "":
-        path = shipped_dir() / f"{name}.pt"
-    if not path.exists():
-        raise ValueError(f"teacher {name!r}: no such checkpoint (a shipped name such as 'ring8_flow', or a path)")
-    loaded = load_model(path)
+    loaded = load_pretrained(name)
     if loaded.config.get("family") != "flow":
-        raise ValueError(f"teacher {name!r} is a {loaded.config.get('family')!r} model; reflow needs a flow model")
+        raise ValueError(f"teacher {name!r} is a {loaded.config.get('family', 'diffusion')!r} model; reflow needs a "
+                         "flow model")
     return loaded
 
 
