@@ -107,7 +107,13 @@ def _train(args) -> int:
         card = {"preset": args.preset, "steps": trainer.step, "train_seconds": round(trainer.elapsed, 1),
                 "machine": machine, "command": command, "parameters": count_parameters(trainer.model),
                 "final_loss": round(sum(trainer.losses[-200:]) / len(trainer.losses[-200:]), 5)}
-        if not args.no_eval and trainer.family == "classifier":
+        if not args.no_eval and trainer.family in ("masked_diffusion", "autoregressive"):
+            from .checkpoints import Loaded
+            from .text_models import evaluate_text
+
+            print("Measuring the captions it writes and its bits per token ...")
+            card["quality"] = evaluate_text(Loaded(trainer.ema, trainer.config.to_dict(), {}))
+        elif not args.no_eval and trainer.family == "classifier":
             from .evaluate import noisy_accuracy
 
             card["quality"] = noisy_accuracy(trainer.ema, trainer.schedule)

@@ -238,12 +238,14 @@ def load_mnist(kind: str = "mnist", split: str = "train", root: str | Path | Non
 # ---- training batches (course_lib.train) ------------------------------------------------------------------------
 
 MIXTURES = {"ring8": ring_of_gaussians, "grid25": grid_of_gaussians}
-DATASETS = tuple(MIXTURES) + tuple(sorted(TOY_2D)) + ("digits",)
+DATASETS = tuple(MIXTURES) + tuple(sorted(TOY_2D)) + ("digits", "captions")
+CAPTION_CORPUS = 20_000  # lesson 10's training captions: a fixed corpus, so "unseen" captions mean something
 
 
 class DataSource:
-    """Batches of training data drawn with the trainer's generator: fresh points for 2D, resampled images for digits;
-    with labels where the data has them (the digit; a mixture point's mode), else None."""
+    """Batches of training data drawn with the trainer's generator: fresh points for 2D, resampled images for digits,
+    resampled caption token rows for captions (lesson 10); with labels where the data has them (the digit; a mixture
+    point's mode), else None."""
 
     def __init__(self, name: str):
         self.name = name
@@ -254,15 +256,23 @@ class DataSource:
         if name == "digits":
             self.images, self.labels = digits_split("train")
             self.num_classes = 10
+        if name == "captions":  # token ids (n, MAX_WORDS) of lesson 7's grammar (course_lib.captions)
+            from .captions import caption_corpus
+
+            self.tokens, self.texts = caption_corpus(CAPTION_CORPUS, "train", seed=0)
 
     @property
     def shape(self) -> tuple:
+        if self.name == "captions":
+            return tuple(self.tokens.shape[1:])
         return tuple(self.images.shape[1:]) if self.name == "digits" else (2,)
 
     def sample(self, n: int, generator: torch.Generator):
         if self.name == "digits":
             idx = torch.randint(len(self.images), (n,), generator=generator)
             return self.images[idx], self.labels[idx]
+        if self.name == "captions":
+            return self.tokens[torch.randint(len(self.tokens), (n,), generator=generator)], None
         if self.name in MIXTURES:
             return self.mixture.sample(n, generator, return_labels=True)  # the same draws as without labels
         return TOY_2D[self.name](n, generator=generator).float(), None

@@ -123,3 +123,38 @@ def mdlm_loss(logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t, mask_
     w = mdlm_weight(torch.as_tensor(t, dtype=torch.float64), schedule).to(logits.dtype)
     w = w.reshape(-1, 1) if w.ndim == 1 else w
     return (w * ce * masked).sum(1)
+
+
+def subs_log_probs(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """Log-probabilities over tokens with [MASK] given probability zero (MDLM's SUBS parameterisation, Sahoo et al.
+    2024, sec. 3.2): a model of clean text never predicts the absorbing state."""
+    if not 0 <= mask_id < logits.shape[-1]:
+        raise ValueError(f"mask_id {mask_id} is not a token of these logits (size {logits.shape[-1]})")
+    logits = logits.float().clone()
+    logits[..., mask_id] = float("-inf")
+    return torch.log_softmax(logits, dim=-1)
+
+
+def corpus_denoiser(corpus: torch.Tensor, vocab_size: int, mask_id: int, mismatch_cost: float = 20.0):
+    """The exact denoiser of masked diffusion when the data are the rows of `corpus` (each row as often as it occurs):
+    x_t -> p(x0_i = k | x_t), (n, L, K), the share of corpus rows that agree with x_t's visible tokens and hold k at
+    i (visible positions get their own token). What the network approximates; the analogue of
+    analytic.mixture_denoiser for tokens. A row of x_t that no corpus row agrees with (parallel decoding can make
+    one) is given the rows that disagree least: each row is weighted by exp(-mismatch_cost x its disagreements), which
+    changes an answer with any agreeing row by less than M e^-mismatch_cost."""
+    if not isinstance(corpus, torch.Tensor) or corpus.ndim != 2 or corpus.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"corpus must be integer token ids of shape (M, L), got {getattr(corpus, 'shape', corpus)}")
+    _check_k(vocab_size)
+    rows, counts = torch.unique(corpus.long(), dim=0, return_counts=True)
+    onehot = torch.nn.functional.one_hot(rows, vocab_size).double().flatten(1)  # (M, L K)
+    log_counts = counts.double().log()
+
+    def denoise(xt: torch.Tensor) -> torch.Tensor:
+        if not isinstance(xt, torch.Tensor) or xt.ndim != 2 or xt.shape[1] != rows.shape[1]:
+            raise ValueError(f"x_t must have shape (n, {rows.shape[1]}), got {getattr(xt, 'shape', xt)}")
+        visible = (xt != mask_id)[:, None]
+        mismatches = ((rows[None] != xt[:, None]) & visible).sum(-1)                  # (n, M)
+        w = torch.softmax(log_counts - mismatch_cost * mismatches.double(), dim=1)
+        return (w @ onehot).reshape(len(xt), rows.shape[1], vocab_size)
+
+    return denoise

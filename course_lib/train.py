@@ -153,6 +153,11 @@ for _name in MIXTURES:
     # it beat distilling the reflowed model's coupling (1 NFE: hq 0.79 vs 0.74), whose ODE samples are already worse
     PRESETS[f"{_name}_distilled"] = replace(PRESETS[f"{_name}_flow"], teacher=f"{_name}_flow", times="one")
 PRESETS["digits_flow"] = replace(PRESETS["digits"], family="flow")
+# Lesson 10: masked diffusion and the autoregressive baseline: one transformer size, data, batch, steps and lr
+PRESETS["captions_mdlm"] = TrainConfig(data="captions", family="masked_diffusion", batch_size=256, lr=1e-3,
+                                       model={"kind": "token_transformer", "dim": 64, "depth": 4, "heads": 4},
+                                       steps=6_000)
+PRESETS["captions_ar"] = replace(PRESETS["captions_mdlm"], family="autoregressive")
 
 
 def preset(name: str, **overrides) -> TrainConfig:

@@ -1,4 +1,4 @@
-"""The `bench` command line: one subcommand per benchmark (lessons 3-9), its options, and the dispatch to the
+"""The `bench` command line: one subcommand per benchmark (lessons 3-10), its options, and the dispatch to the
 benchmark's main function. Imported by course_lib.cli; imports nothing heavy until a benchmark runs."""
 from __future__ import annotations
 
@@ -28,10 +28,10 @@ def _bench(args) -> int:
         return _bench_compare(args)
     if args.bench == "kernels":
         return _bench_kernels(args)
-    if args.bench in ("arch", "t2i", "flow"):  # lessons 8, 7 and 9: main_<name>(quick, json, samples, force)
+    if args.bench in ("arch", "t2i", "flow", "text"):  # lessons 8, 7, 9, 10: main_<name>(quick, json, samples, force)
         from importlib import import_module
 
-        least = {"arch": 50, "t2i": 10, "flow": 50}[args.bench]  # FD needs samples; adherence needs prompts
+        least = {"arch": 50, "t2i": 10, "flow": 50, "text": 50}[args.bench]  # FD needs samples; adherence needs prompts
         if args.samples is not None and args.samples < least:
             raise ValueError(f"--samples must be at least {least}, got {args.samples}")
         main = getattr(import_module(f"course_lib.bench.{args.bench}"), f"main_{args.bench}")
@@ -92,7 +92,7 @@ def _bench_arguments(p: argparse.ArgumentParser, quick_help: str, datasets: bool
 
 def add_bench_parser(sub) -> None:
     """Add `bench` and its subcommands to the CLI's subparsers."""
-    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | t2i | arch | flow)",
+    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | t2i | arch | flow | text)",
                        description="Benchmarks that print a table and, with --json, save flat records.")
     bench = p.add_subparsers(dest="bench", metavar="BENCHMARK")
     bench.required = True
@@ -163,3 +163,13 @@ def add_bench_parser(sub) -> None:
                                      "ring8, 500 samples, one seed (well under a minute).")
     _bench_arguments(p, "a small run for checking", datasets=False, devices=None,
                      samples_help="samples per configuration (default 2,000 points or 1,000 digits; quick 500)")
+    p = bench.add_parser("text", help="lesson 10: masked diffusion vs autoregressive captions; bits per token",
+                         description="Samples the shipped masked-diffusion (captions_mdlm) and autoregressive "
+                                     "(captions_ar) caption models, and the exact denoiser of the training corpus: "
+                                     "validity, distinct and unseen captions per unmasking order (random, confidence, "
+                                     "ancestral) and step count 1 to 50 with wall time, for seeds 0 1 2; bits per "
+                                     "token on test captions (the diffusion bound, the AR model's exact NLL); "
+                                     "infilling the middle of test captions (about 2 minutes on 2 CPU cores). "
+                                     "--quick: 200 samples, 3 step counts, one seed (seconds).")
+    _bench_arguments(p, "a small run for checking", datasets=False, devices=None,
+                     samples_help="captions per configuration (default 1,000; quick 200)")

@@ -207,3 +207,44 @@ def text_guidance(fn, seed: int, scale: float) -> dict:
     if not isinstance(got, torch.Tensor):
         raise TypeError(f"text_guided_eps returned {type(got).__name__}; return the guided noise prediction, a tensor")
     return {"eps": got.detach().float().clone()}
+
+
+UNMASK_SAMPLES, UNMASK_CORPUS = 500, 300  # lesson 10's task: 500 captions from the exact denoiser of 300 captions
+
+
+def unmask_task(seed: int):
+    """Lesson 10's task: a corpus of captions (lesson 7's grammar, a fresh draw per seed) and its exact masked-diffusion
+    denoiser (course_lib.discrete.corpus_denoiser)."""
+    from ..captions import MASK_ID, VOCAB_SIZE, caption_corpus
+    from ..discrete import corpus_denoiser
+
+    corpus, _ = caption_corpus(UNMASK_CORPUS, "train", seed=seed)
+    return corpus, corpus_denoiser(corpus, VOCAB_SIZE, MASK_ID)
+
+
+def sample_with_unmasking(fn, seed: int, steps: int) -> dict:
+    """Lesson 10: the learner's unmask_sample(denoise, x, steps, mask_id) on the exact denoiser of the task's corpus,
+    from UNMASK_SAMPLES rows of [MASK] only, allowed at most `steps` calls of denoise."""
+    from ..captions import MASK_ID
+
+    corpus, exact = unmask_task(seed)
+    calls = [0]
+
+    def denoise(x):
+        """p(x0 | x): probabilities (n, L, K) of each position's clean token given partly masked token rows x (n, L);
+        [MASK] has probability 0 everywhere, and a visible position's own token probability 1."""
+        calls[0] += 1
+        if calls[0] > steps:
+            raise BudgetExceeded(f"denoise was called more than {steps} times (the budget: one call per step)")
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != (UNMASK_SAMPLES, corpus.shape[1]) \
+                or x.is_floating_point() or bool(((x < 0) | (x > MASK_ID)).any()):
+            raise ValueError(f"denoise expects the whole batch of token rows: integer ids in 0 .. {MASK_ID}, shape "
+                             f"({UNMASK_SAMPLES}, {corpus.shape[1]})")
+        return exact(x.long()).float()
+
+    x = torch.full((UNMASK_SAMPLES, corpus.shape[1]), MASK_ID, dtype=torch.long)
+    torch.manual_seed(seed + 1)  # the draws are reproducible
+    out = fn(denoise, x.clone(), steps, MASK_ID)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"unmask_sample returned {type(out).__name__}; return the token rows, a tensor")
+    return {"samples": out.detach().clone(), "calls": torch.tensor(calls[0])}

@@ -1,0 +1,149 @@
+"""Lesson 10: the absorbing (masking) forward sample and MDLM's loss weight, graded on values; a parallel unmasking
+sampler, graded on the captions it writes with the exact denoiser of a corpus (course_lib.grading.harnesses)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..grading import harnesses as _H
+from . import FAILED, LIBRARY_EQUIVALENTS, CheckResult, Exercise, register
+
+UNMASK_VALID = 0.95      # the reference: 100% valid at one token per step; MDLM's binomial counts 82%; one shot 1%
+UNMASK_DISTINCT = 100    # of 500 samples: the reference writes about 240 distinct captions; greedy (argmax) writes 1
+
+
+def ref_absorbing_forward(x0, t, u, mask_id):
+    """A draw of the absorbing forward process q(x_t | x_0) with the linear schedule alpha(t) = 1 - t (Austin et al.
+    2021; Sahoo et al. 2024): each token becomes [MASK] with probability 1 - alpha(t) = t, decided by its uniform
+    number u (masked where u < t); t has one value per row (B,), x0 and u are (B, L)."""
+    return torch.where(u < t[:, None], torch.full_like(x0, mask_id), x0)
+
+
+def _inputs_forward(gen):
+    b, n = int(torch.randint(3, 9, (1,), generator=gen)), int(torch.randint(4, 12, (1,), generator=gen))
+    k = int(torch.randint(5, 30, (1,), generator=gen))
+    return {"x0": torch.randint(0, k - 1, (b, n), generator=gen), "t": torch.rand(b, generator=gen, dtype=torch.float64),
+            "u": torch.rand(b, n, generator=gen, dtype=torch.float64), "mask_id": k - 1}
+
+
+def ref_mdlm_weight(t):
+    """MDLM's weight of the masked tokens' cross-entropy (Sahoo et al. 2024, eq. 10), -alpha'(t) / (1 - alpha(t)), for
+    the cosine schedule alpha(t) = cos(pi t / 2): (pi / 2) sin(pi t / 2) / (1 - cos(pi t / 2))."""
+    return 0.5 * math.pi * torch.sin(0.5 * math.pi * t) / (1 - torch.cos(0.5 * math.pi * t))
+
+
+def _inputs_weight(gen):
+    return {"t": 0.02 + 0.98 * torch.rand(int(torch.randint(3, 20, (1,), generator=gen)), generator=gen,
+                                          dtype=torch.float64)}
+
+
+def ref_unmask_sample(denoise, x, steps, mask_id):
+    """Parallel unmasking with the same number of tokens revealed at each step (the linear schedule's expected
+    count): before step k of `steps`, reveal all but floor(L (1 - (k + 1) / steps)) of the masked tokens, at random
+    positions, each drawn from denoise's probabilities; one denoise call per step."""
+    length = x.shape[1]
+    for k in range(steps):
+        masked = x == mask_id
+        keep = math.floor(length * (1 - (k + 1) / steps) + 1e-9)
+        probs = denoise(x)
+        tokens = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(x.shape)
+        score = torch.where(masked, torch.rand(x.shape), torch.full(x.shape, -1.0))
+        rank = score.argsort(1, descending=True).argsort(1)
+        reveal = masked & (rank < (masked.sum(1, keepdim=True) - keep))
+        x = torch.where(reveal, tokens, x)
+    return x
+
+
+def _inputs_unmask(gen):
+    return {"seed": int(torch.randint(0, 2**31 - 1, (1,), generator=gen)), "steps": 10}
+
+
+def assess_unmask_sample(inputs: dict, outputs: dict) -> CheckResult | None:
+    """Lesson 10: the rows hold no [MASK], and at least UNMASK_VALID of them are captions the grammar parses, with at
+    least UNMASK_DISTINCT different ones."""
+    from ..captions import MASK_ID, decode, is_valid
+
+    name = "unmask_sample"
+    x = outputs.get("samples")
+    want = (_H.UNMASK_SAMPLES, 10)
+    if x is None or tuple(x.shape) != want or x.is_floating_point():
+        return CheckResult(name, FAILED, f"expected the final token rows, integer ids of shape {want}, got "
+                           f"{None if x is None else (tuple(x.shape), str(x.dtype))}.", "Return x after the last step.")
+    left = int((x == MASK_ID).sum())
+    if left:
+        return CheckResult(name, FAILED, f"{left} [MASK] tokens are left in your samples.",
+                           "The last step must reveal every token that is still masked.")
+    texts = [t for t in decode(x.long()) if is_valid(t)]
+    valid, distinct = len(texts) / len(x), len(set(texts))
+    if valid >= UNMASK_VALID and distinct >= UNMASK_DISTINCT:
+        return None
+    return CheckResult(name, FAILED, f"{valid:.0%} of your {len(x)} samples are valid captions (need "
+                       f"{UNMASK_VALID:.0%}), {distinct} distinct (need {UNMASK_DISTINCT}); {int(outputs['calls'])} "
+                       f"denoise calls for {inputs['steps']} steps.",
+                       "Reveal the same number of tokens at every step (with 10 steps and 10 tokens: one), at random "
+                       "masked positions, each drawn from denoise's probabilities (torch.multinomial, not argmax), "
+                       "and keep the tokens already revealed.")
+
+
+def _one_shot(denoise, x, steps, mask_id):
+    probs = denoise(x)
+    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(x.shape)
+
+
+def _greedy(denoise, x, steps, mask_id):
+    for k in range(steps):
+        masked = x == mask_id
+        pos = masked.float().argmax(1)
+        tok = denoise(x).argmax(-1).gather(1, pos[:, None]).squeeze(1)
+        x = x.clone()
+        x[torch.arange(len(x)), pos] = torch.where(masked.any(1), tok, x[torch.arange(len(x)), pos])
+    return x
+
+
+def _binomial(denoise, x, steps, mask_id):  # MDLM's ancestral counts: right in expectation, too many at once
+    for k in range(steps):
+        t, s = 1 - k / steps, 1 - (k + 1) / steps
+        probs = denoise(x)
+        tokens = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(x.shape)
+        reveal = (x == mask_id) & (torch.rand(x.shape) < (t - s) / t)
+        x = torch.where(reveal, tokens, x)
+    return x
+
+
+register(Exercise(
+    "absorbing_forward", 10, ref_absorbing_forward, _inputs_forward,
+    "Mask where u < t[:, None] (t is one value per row, so give it a column axis): "
+    "torch.where(u < t[:, None], mask_id, x0), keeping x0's integer dtype.",
+    mistakes=((lambda x0, t, u, mask_id: torch.where(u < 1 - t[:, None], torch.full_like(x0, mask_id), x0),
+               "With alpha(t) = 1 - t the share still clean is 1 - t, so a token is masked with probability t."),
+              (lambda x0, t, u, mask_id: torch.where(u < t[:, None], torch.zeros_like(x0), x0),
+               "A masked token becomes mask_id (the absorbing state), not 0 (0 is padding, a real token)."),
+              (lambda x0, t, u, mask_id: torch.where(u < t[:, None], x0, torch.full_like(x0, mask_id)),
+               "Keep the token where u >= t and mask it where u < t (the other way round masks a share 1 - t).")),
+    rtol=0, atol=0))
+register(Exercise(
+    "mdlm_weight", 10, ref_mdlm_weight, _inputs_weight,
+    "With alpha(t) = cos(pi t / 2), alpha'(t) = -(pi / 2) sin(pi t / 2); return -alpha'(t) / (1 - alpha(t)).",
+    mistakes=((lambda t: 1 / t, "1 / t is the linear schedule's weight; differentiate alpha(t) = cos(pi t / 2)."),
+              (lambda t: -0.5 * math.pi * torch.sin(0.5 * math.pi * t) / (1 - torch.cos(0.5 * math.pi * t)),
+               "alpha decreases, so alpha' < 0 and the weight -alpha' / (1 - alpha) is positive."),
+              (lambda t: 0.5 * math.pi * torch.sin(0.5 * math.pi * t) / torch.cos(0.5 * math.pi * t),
+               "Divide by 1 - alpha(t), the probability that a token is masked, not by alpha(t).")),
+    rtol=1e-6, atol=1e-9))
+register(Exercise(
+    "unmask_sample", 10, ref_unmask_sample, _inputs_unmask,
+    "For each of the `steps` steps: call denoise(x) once, draw a token for every position from its probabilities, "
+    "and reveal (copy into x) the drawn tokens at randomly chosen masked positions, as many as leave "
+    "floor(L (1 - (k + 1) / steps)) still masked; return x (no [MASK] left).",
+    mistakes=((_one_shot, "Reveal the same number"), (_greedy, "torch.multinomial, not argmax"),
+              (_binomial, "Reveal the same number")),
+    trials=2, harness="sample_with_unmasking", assess=assess_unmask_sample, seconds=60.0,
+    passed_message=f"with one denoiser call per step, at least {UNMASK_VALID:.0%} of your samples of two fresh corpora "
+                   f"are valid captions, at least {UNMASK_DISTINCT} of them distinct."))
+LIBRARY_EQUIVALENTS.update({
+    "absorbing_forward": ("course_lib.discrete.mask_tokens", "course_lib.discrete.absorbing_transition",
+                          "course_lib.discrete.absorbing_marginal"),
+    "mdlm_weight": ("course_lib.discrete.mdlm_weight", "course_lib.discrete.alpha_rate"),
+    "unmask_sample": ("course_lib.text_models.sample_masked", "course_lib.text_models.generate"),
+})
