@@ -60,3 +60,11 @@ def text_quality(tokens: torch.Tensor, training: set[str] | None = None) -> dict
     if training is not None:
         out["unseen"] = len(set(valid) - set(training))
     return out
+
+
+def show(tokens: torch.Tensor) -> list[str]:
+    """Token rows as readable text, partly masked or not: words, [MASK] for the absorbing state, _ for padding."""
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must have shape (n, length), got {tuple(tokens.shape)}")
+    names = {**dict(enumerate(VOCAB)), PAD_ID: "_", MASK_ID: "[MASK]"}
+    return [" ".join(names.get(v, f"<{v}?>") for v in row) for row in tokens.tolist()]

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .captions import MASK_ID, VOCAB_SIZE
-from .discrete import SCHEDULES, alpha, mask_tokens, mdlm_loss, subs_log_probs
+from .discrete import SCHEDULES, alpha, corpus_denoiser, mask_tokens, mdlm_loss, subs_log_probs
 
 BOS_ID = MASK_ID       # the autoregressive model's start token: an id no caption holds
 ORDERS = ("random", "confidence", "ancestral")
@@ -144,6 +144,20 @@ def sample_masked(model, n: int | None = None, steps: int = 10, order: str = "ra
             reveal = masked & (rank < count.unsqueeze(1))
         x = torch.where(reveal, tok, x)
     return x
+
+
+class ExactDenoiser(torch.nn.Module):
+    """The exact denoiser of a corpus (discrete.corpus_denoiser) as a masked-diffusion 'network': token rows ->
+    log-probabilities (n, L, K), so the samplers and the bound take it like a trained model."""
+
+    def __init__(self, corpus: torch.Tensor):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)  # gives the samplers a device
+        self.config = {"kind": "exact", "max_len": corpus.shape[1], "causal": False}
+        self.denoise = corpus_denoiser(corpus, VOCAB_SIZE, MASK_ID)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.denoise(tokens.cpu()).clamp_min(1e-300).log().to(self.anchor.device)
 
 
 # ---- the autoregressive baseline ----------------------------------------------------------------------------------

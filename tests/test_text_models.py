@@ -14,19 +14,6 @@ from course_lib.nets import TokenTransformer
 from course_lib.train import Trainer, preset
 
 
-class Exact(torch.nn.Module):
-    """A corpus' exact denoiser as a 'network' that returns log-probabilities (what sample_masked calls)."""
-
-    def __init__(self, corpus):
-        super().__init__()
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
-        self.config = {"max_len": corpus.shape[1]}
-        self.denoise = corpus_denoiser(corpus, VOCAB_SIZE, MASK_ID)
-
-    def forward(self, x):
-        return self.denoise(x).clamp_min(1e-300).log()
-
-
 def small_corpus():
     """Four short rows of caption tokens, with counts 1, 2, 3, 4 (so the posterior is not uniform)."""
     rows = torch.tensor([[1, 20, 2, 0], [1, 21, 2, 0], [1, 20, 3, 4], [1, 22, 3, 4]])
@@ -56,7 +43,7 @@ def test_corpus_denoiser_is_bayes_rule_by_enumeration():
 def test_one_token_per_step_samples_the_corpus_exactly():
     corpus, rows, counts = small_corpus()
     n = 4000
-    x = tm.sample_masked(Exact(corpus), n, steps=4, order="random", seed=1)
+    x = tm.sample_masked(tm.ExactDenoiser(corpus), n, steps=4, order="random", seed=1)
     index = {tuple(r): j for j, r in enumerate(rows.tolist())}
     assert all(tuple(r) in index for r in x.tolist())  # never a row outside the data: exact, not approximate
     freq = torch.bincount(torch.tensor([index[tuple(r)] for r in x.tolist()]), minlength=4).double() / n
@@ -66,7 +53,7 @@ def test_one_token_per_step_samples_the_corpus_exactly():
 
 def test_parallel_decoding_invents_rows_even_with_the_exact_denoiser():
     corpus, rows, _ = small_corpus()
-    x = tm.sample_masked(Exact(corpus), 2000, steps=1, order="random", seed=2)
+    x = tm.sample_masked(tm.ExactDenoiser(corpus), 2000, steps=1, order="random", seed=2)
     outside = sum(tuple(r) not in set(map(tuple, rows.tolist())) for r in x.tolist()) / len(x)
     # one step draws the 4 positions independently from their marginals: P(in corpus) is sum_j prod_i p_i(row_j)
     marg = [torch.bincount(corpus[:, i], minlength=VOCAB_SIZE).double() / len(corpus) for i in range(4)]
@@ -93,7 +80,7 @@ def test_samplers_never_return_a_mask_and_keep_the_prompt(order, steps):
 
 def test_confidence_order_reveals_the_surest_tokens_first():
     corpus, rows, counts = small_corpus()
-    x = tm.sample_masked(Exact(corpus), 500, steps=4, order="confidence", seed=4)
+    x = tm.sample_masked(tm.ExactDenoiser(corpus), 500, steps=4, order="confidence", seed=4)
     # position 0 is always 1 (probability 1): revealed first, and the rest follow from it; only corpus rows appear
     assert set(map(tuple, x.tolist())) <= set(map(tuple, rows.tolist()))
 
@@ -127,12 +114,12 @@ def test_the_bound_of_the_exact_denoiser_is_the_data_nll():
     corpus, _ = caption_corpus(60, "train", seed=5)
     rows, counts = torch.unique(corpus, dim=0, return_counts=True)
     true = -(counts.double() / len(corpus)).log()
-    diff = tm.masked_bound(Exact(corpus), rows, n_t=512, seed=0) - true
+    diff = tm.masked_bound(tm.ExactDenoiser(corpus), rows, n_t=512, seed=0) - true
     se = diff.std() / math.sqrt(len(diff))
     assert abs(float(diff.mean())) < 4 * float(se) + 1e-3
     # a worse denoiser (of a different corpus, smoothed) has a larger bound on the same rows
     other = torch.cat([corpus, caption_corpus(200, "train", seed=6)[0]])
-    assert float(tm.masked_bound(Exact(other), rows, n_t=64, seed=0).mean()) > float(true.mean()) + 0.5
+    assert float(tm.masked_bound(tm.ExactDenoiser(other), rows, n_t=64, seed=0).mean()) > float(true.mean()) + 0.5
 
 
 @pytest.mark.parametrize("name", ["captions_mdlm", "captions_ar"])
@@ -196,3 +183,26 @@ def test_bench_text_quick_records_and_verdict():
     assert exact and all(r["validity"] == 1.0 for r in exact)  # one token per step from the exact denoiser: exact
     assert {r["kind"] for r in records} == {"sample", "nll", "nll_gap", "infill"}
     assert "bits per token" in "\n".join(verdict(records)) and "validity" in table(records)
+
+
+def test_the_bound_equals_its_exact_time_integral_on_a_toy():
+    # For the linear schedule the time integral has a closed form per masking pattern m of the L tokens:
+    # int_0^1 (1/t) t^|m| (1 - t)^(L - |m|) dt = B(|m|, L - |m| + 1), so the negative ELBO is exactly
+    # sum_m B(|m|, L - |m| + 1) sum_{i in m} -log p(x0_i | x_m): enumerated here, estimated by masked_bound.
+    torch.manual_seed(3)
+    net = TokenTransformer(VOCAB_SIZE, 3, dim=16, depth=1, heads=2).eval()
+    x0 = torch.tensor([[1, 20, 2]])
+    exact = 0.0
+    with torch.no_grad():
+        for pattern in itertools.product([False, True], repeat=3):
+            m = torch.tensor(pattern)
+            if not m.any():
+                continue
+            xt = torch.where(m, torch.tensor(MASK_ID), x0[0])[None]
+            logp = subs_log_probs(net(xt), MASK_ID)[0]
+            k = int(m.sum())
+            beta = math.gamma(k) * math.gamma(3 - k + 1) / math.gamma(3 + 1)
+            exact += beta * float(-logp[m, x0[0][m]].sum())
+        estimates = tm.masked_bound(net, x0.repeat(400, 1), n_t=500, seed=1)  # standard error ~0.025 nats
+    se = float(estimates.std()) / math.sqrt(len(estimates))
+    assert float(estimates.mean()) == pytest.approx(exact, abs=4 * se)

@@ -20,25 +20,12 @@ GAP = (2, 5)          # infilling: positions 2, 3, 4 of each test caption are ma
 
 
 def _models():
-    from ..captions import MASK_ID, VOCAB_SIZE
     from ..checkpoints import Loaded
     from ..data import DataSource
-    from ..discrete import corpus_denoiser
-    from ..text_models import load_text_model
+    from ..text_models import ExactDenoiser, load_text_model
 
     source = DataSource("captions")
-    exact = corpus_denoiser(source.tokens, VOCAB_SIZE, MASK_ID)
-
-    class CorpusDenoiser(torch.nn.Module):  # the exact denoiser as a network that returns log-probabilities
-        def __init__(self):
-            super().__init__()
-            self.anchor = torch.nn.Parameter(torch.zeros(1))
-            self.config = {"max_len": source.tokens.shape[1]}
-
-        def forward(self, x):
-            return exact(x).clamp_min(1e-30).log().float()
-
-    corpus = Loaded(CorpusDenoiser(), {"family": "masked_diffusion", "masking": "linear"}, {})
+    corpus = Loaded(ExactDenoiser(source.tokens), {"family": "masked_diffusion", "masking": "linear"}, {})
     return {"masked_diffusion": load_text_model("captions_mdlm"), "autoregressive": load_text_model("captions_ar"),
             "exact corpus denoiser": corpus}, set(source.texts)
 

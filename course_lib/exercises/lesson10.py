@@ -138,7 +138,7 @@ register(Exercise(
     "floor(L (1 - (k + 1) / steps)) still masked; return x (no [MASK] left).",
     mistakes=((_one_shot, "Reveal the same number"), (_greedy, "torch.multinomial, not argmax"),
               (_binomial, "Reveal the same number")),
-    trials=2, harness="sample_with_unmasking", assess=assess_unmask_sample, seconds=60.0,
+    trials=2, harness="sample_with_unmasking", assess=assess_unmask_sample, seconds=60.0, points=2,
     passed_message=f"with one denoiser call per step, at least {UNMASK_VALID:.0%} of your samples of two fresh corpora "
                    f"are valid captions, at least {UNMASK_DISTINCT} of them distinct."))
 LIBRARY_EQUIVALENTS.update({
