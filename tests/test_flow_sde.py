@@ -252,6 +252,10 @@ def test_flow_family_and_reflow_resume_bit_for_bit(tmp_path):
     reflow = Trainer(TrainConfig(**dict(TINY_FLOW, seed=3, teacher=str(tmp_path / "teacher.pt"), pairs=64,
                                         teacher_nfe=3)))
     assert _same(reflow.model, teacher.ema) and not _same(fresh.model, teacher.ema)
+    # a student of another size cannot start from the teacher's weights: it starts fresh (the pairs carry the teacher)
+    wider = dict(TINY_FLOW, seed=3, teacher=str(tmp_path / "teacher.pt"), pairs=64, teacher_nfe=3,
+                 model=dict(TINY_FLOW["model"], hidden=2 * TINY_FLOW["model"]["hidden"]))
+    assert Trainer(TrainConfig(**wider)).model.config["hidden"] == 2 * TINY_FLOW["model"]["hidden"]
     with pytest.raises(ValueError, match="teacher"):
         TrainConfig(**TINY_FLOW, times="one")
     with pytest.raises(ValueError, match="times"):

@@ -70,10 +70,12 @@ class FlowFamily(Family):
             x = torch.cat([reflow_pairs(as_denoiser(teacher.model), chunk, nfe=o.teacher_nfe)
                            for chunk in noise.split(10_000)])
         trainer.pairs = (x, noise)
-        trainer.teacher_weights = teacher.model.state_dict()
+        trainer.teacher_weights, trainer.teacher_config = teacher.model.state_dict(), teacher.model.config
 
     def init_networks(self, trainer) -> None:
-        if trainer.pairs is not None:  # reflow starts from the teacher (Liu et al. 2023, sec. 2.3)
+        # reflow starts from the teacher (Liu et al. 2023, sec. 2.3) when the networks match; a different network (a
+        # larger student, say) starts fresh: the pairs, not the weights, carry what the teacher knows
+        if trainer.pairs is not None and trainer.teacher_config == trainer.model.config:
             trainer.model.load_state_dict(trainer.teacher_weights)
 
     def step(self, trainer) -> list:
