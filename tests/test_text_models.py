@@ -206,3 +206,17 @@ def test_the_bound_equals_its_exact_time_integral_on_a_toy():
         estimates = tm.masked_bound(net, x0.repeat(400, 1), n_t=500, seed=1)  # standard error ~0.025 nats
     se = float(estimates.std()) / math.sqrt(len(estimates))
     assert float(estimates.mean()) == pytest.approx(exact, abs=4 * se)
+
+
+def test_the_default_is_one_step_per_token_to_fill():
+    corpus, rows, _ = small_corpus()
+    net = tm.ExactDenoiser(corpus)
+    calls = []
+    net.register_forward_hook(lambda *a: calls.append(1))
+    tm.sample_masked(net, 50, seed=0)
+    assert len(calls) == 4  # four positions, four calls
+    prompt = rows[:2].clone()
+    prompt[:, 1] = MASK_ID
+    calls.clear()
+    tm.sample_masked(net, prompt=prompt, seed=0)
+    assert len(calls) == 1
