@@ -182,6 +182,7 @@ def test_bench_text_quick_records_and_verdict():
     exact = [r for r in sample if r["model"] == "exact corpus denoiser" and r["steps"] == 10]
     assert exact and all(r["validity"] == 1.0 for r in exact)  # one token per step from the exact denoiser: exact
     assert {r["kind"] for r in records} == {"sample", "nll", "nll_gap", "infill"}
+    assert all({"model", "steps", "validity", "distinct", "bits_per_token", "seconds"} <= set(r) for r in records)
     assert "bits per token" in "\n".join(verdict(records)) and "validity" in table(records)
 
 

@@ -17,6 +17,9 @@ from . import refuse_to_overwrite
 STEPS = (1, 2, 3, 5, 10, 20, 50)
 QUICK_STEPS = (2, 5, 10)
 GAP = (2, 5)          # infilling: positions 2, 3, 4 of each test caption are masked and filled
+# every record carries the keys (model, steps, validity, distinct, bits_per_token, seconds); a likelihood
+# record samples nothing, so its sampling keys are None
+NOT_SAMPLED = {"steps": None, "validity": None, "distinct": None, "seconds": None}
 
 
 def _models():
@@ -70,11 +73,12 @@ def bench_text(quick: bool = False, samples: int | None = None, seeds=None) -> l
             per_token[name] = nats / length / math.log(2)
             bits[name] = bits_per_token(nats, length)
             records.append({"kind": "nll", "model": name, "what": what, "bits_per_token": round(bits[name], 4),
-                            "stderr": round(_stderr(per_token[name]), 4), "captions": len(test)})
+                            "stderr": round(_stderr(per_token[name]), 4), "captions": len(test), **NOT_SAMPLED})
         gap = per_token["masked_diffusion"] - per_token["autoregressive"]  # paired: the same captions
         records.append({"kind": "nll_gap", "model": "masked_diffusion - autoregressive",
                         "bits_per_token": round(float(gap.mean()), 4), "stderr": round(_stderr(gap), 4),
-                        "ratio": round(bits["masked_diffusion"] / bits["autoregressive"], 4), "captions": len(test)})
+                        "ratio": round(bits["masked_diffusion"] / bits["autoregressive"], 4), "captions": len(test),
+                        **NOT_SAMPLED})
         for seed in seeds:
             for name in ("masked_diffusion", "exact corpus denoiser"):
                 orders = ("random", "confidence") if quick else ("random", "confidence", "ancestral")
@@ -92,9 +96,11 @@ def bench_text(quick: bool = False, samples: int | None = None, seeds=None) -> l
                 start = time.perf_counter()
                 filled = generate(models[name], n, steps=GAP[1] - GAP[0], seed=seed, prompt=prompt)
                 texts = decode(filled)
+                valid = [t for t in texts if is_valid(t)]
                 records.append({"kind": "infill", "model": name, "seed": seed, "samples": n,
                                 "masked": f"positions {GAP[0]}..{GAP[1] - 1}",
-                                "validity": sum(map(is_valid, texts)) / n,
+                                "steps": GAP[1] - GAP[0], "validity": len(valid) / n, "distinct": len(set(valid)),
+                                "bits_per_token": bits[name],
                                 "changed": float((filled != test).any(1).double().mean()),
                                 "seconds": round(time.perf_counter() - start, 4)})
     return records
