@@ -120,7 +120,7 @@ def mdlm_loss(logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t, mask_
                          f"{tuple(x0.shape)}, {tuple(xt.shape)}")
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x0, reduction="none")  # (B, L)
     masked = (xt == mask_id) & (x0 != mask_id)
-    w = mdlm_weight(torch.as_tensor(t, dtype=torch.float64), schedule).to(logits.dtype)
+    w = mdlm_weight(torch.as_tensor(t, dtype=torch.float64), schedule).to(logits.device, logits.dtype)
     w = w.reshape(-1, 1) if w.ndim == 1 else w
     return (w * ce * masked).sum(1)
 

@@ -47,9 +47,9 @@ def low_discrepancy_times(n: int, generator: torch.Generator | None = None, eps:
 def masked_diffusion_loss(model, x0: torch.Tensor, masking: str = "linear",
                           generator: torch.Generator | None = None) -> torch.Tensor:
     """The training loss: MDLM's negative ELBO (discrete.mdlm_loss) at one t per caption, in nats per token."""
-    x0 = _check_tokens(x0, "x0")
+    x0 = _check_tokens(x0, "x0").to(_device(model))
     t = low_discrepancy_times(len(x0), generator)
-    xt = mask_tokens(x0, t, MASK_ID, masking, generator)
+    xt = mask_tokens(x0, t, MASK_ID, masking, generator)            # on x0's device
     logp = subs_log_probs(model(xt), MASK_ID)
     return mdlm_loss(logp, x0, xt, t, MASK_ID, masking).mean() / x0.shape[1]
 
@@ -169,16 +169,21 @@ def shift_right(tokens: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.full_like(tokens[:, :1], BOS_ID), tokens[:, :-1]], 1)
 
 
-def autoregressive_nll(model, tokens: torch.Tensor) -> torch.Tensor:
-    """-log p(x) = -sum_i log p(x_i | x_<i) of each caption in nats, exact (one causal pass)."""
-    tokens = _check_tokens(tokens)
-    logp = subs_log_probs(model(shift_right(tokens).to(_device(model))), MASK_ID).cpu()
+def _autoregressive_nll(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Per caption, on the model's device (differentiable)."""
+    tokens = _check_tokens(tokens).to(_device(model))
+    logp = subs_log_probs(model(shift_right(tokens)), MASK_ID)
     return -logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).double().sum(1)
 
 
+def autoregressive_nll(model, tokens: torch.Tensor) -> torch.Tensor:
+    """-log p(x) = -sum_i log p(x_i | x_<i) of each caption in nats, exact (one causal pass); on the CPU."""
+    return _autoregressive_nll(model, tokens).cpu()
+
+
 def autoregressive_loss(model, x0: torch.Tensor) -> torch.Tensor:
-    """The training loss: next-token cross-entropy in nats per token."""
-    return autoregressive_nll(model, x0).mean() / x0.shape[1]
+    """The training loss: next-token cross-entropy in nats per token (on the model's device)."""
+    return _autoregressive_nll(model, x0).mean() / x0.shape[1]
 
 
 @torch.no_grad()
