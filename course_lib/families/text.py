@@ -24,46 +24,46 @@ class AutoregressiveOptions:
     """No fields of its own: the baseline is the loop's fields and the network."""
 
 
-def _token_net(config, shape, causal: bool) -> dict:
-    if config.data != "captions":
-        raise ValueError(f"a text family trains on data='captions', got {config.data!r}")
-    if config.model.get("kind") != "token_transformer":
-        raise ValueError(f"a text family needs model={{'kind': 'token_transformer', ...}}, got {config.model!r}")
-    return {"model": {**config.model, "vocab_size": VOCAB_SIZE, "max_len": shape[0], "causal": causal}}
+class _TextFamily(Family):
+    """What both text families share: the caption data, one token transformer (causal or not), one loss per step."""
+
+    causal: bool = False
+    loss_names = ("loss",)
+
+    def check(self, config) -> None:
+        self.networks(config, (1,), None)
+
+    def networks(self, config, shape, num_classes):
+        if config.data != "captions":
+            raise ValueError(f"a text family trains on data='captions', got {config.data!r}")
+        if config.model.get("kind") != "token_transformer":
+            raise ValueError(f"a text family needs model={{'kind': 'token_transformer', ...}}, got {config.model!r}")
+        return {"model": {**config.model, "vocab_size": VOCAB_SIZE, "max_len": shape[0], "causal": self.causal}}
+
+    def loss(self, trainer, x):
+        raise NotImplementedError
+
+    def step(self, trainer) -> list:
+        x, _ = trainer.batch()
+        loss = self.loss(trainer, x)
+        trainer.update("model", loss)
+        return [loss]
 
 
-class MaskedDiffusionFamily(Family):
+class MaskedDiffusionFamily(_TextFamily):
     """Draw captions and a time per caption; mask each token with probability 1 - alpha(t); the bidirectional network
     predicts the masked tokens, its cross-entropy weighted by -alpha'(t) / (1 - alpha(t))."""
 
-    name, Options, loss_names = "masked_diffusion", MaskedDiffusionOptions, ("loss",)
+    name, Options, causal = "masked_diffusion", MaskedDiffusionOptions, False
 
-    def check(self, config) -> None:
-        _token_net(config, (1,), False)
-
-    def networks(self, config, shape, num_classes):
-        return _token_net(config, shape, causal=False)
-
-    def step(self, trainer) -> list:
-        x, _ = trainer.batch()
-        loss = masked_diffusion_loss(trainer.model, x, trainer.config.options.masking, trainer.generator)
-        trainer.update("model", loss)
-        return [loss]
+    def loss(self, trainer, x):
+        return masked_diffusion_loss(trainer.model, x, trainer.config.options.masking, trainer.generator)
 
 
-class AutoregressiveFamily(Family):
+class AutoregressiveFamily(_TextFamily):
     """Draw captions; the causal network predicts each token from the ones before it (next-token cross-entropy)."""
 
-    name, Options, loss_names = "autoregressive", AutoregressiveOptions, ("loss",)
+    name, Options, causal = "autoregressive", AutoregressiveOptions, True
 
-    def check(self, config) -> None:
-        _token_net(config, (1,), True)
-
-    def networks(self, config, shape, num_classes):
-        return _token_net(config, shape, causal=True)
-
-    def step(self, trainer) -> list:
-        x, _ = trainer.batch()
-        loss = autoregressive_loss(trainer.model, x)
-        trainer.update("model", loss)
-        return [loss]
+    def loss(self, trainer, x):
+        return autoregressive_loss(trainer.model, x)
