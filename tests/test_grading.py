@@ -221,29 +221,45 @@ def test_the_source_scan_reads_changed_cells_only_and_follows_the_graded_functio
 # ---- the self-test: the real lessons --------------------------------------------------------------
 
 
-def test_source_lessons_score_full_marks_and_student_copies_zero(tmp_path):
-    """Grades every lesson and its student copy in one batch (2 jobs): the release round trip, graded."""
+LESSONS = sorted(NOTEBOOKS.glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("lesson", LESSONS, ids=lambda p: p.stem)
+def test_source_lessons_score_full_marks_and_student_copies_zero(lesson, tmp_path):
+    """Grades one lesson and its student copy in one batch (2 jobs): the release round trip, graded."""
+    student = NOTEBOOKS / "student" / lesson.name
+    assert student.exists(), f"no student copy of {lesson.name}: run `python -m course_lib release`"
     out = tmp_path / "grades.csv"
-    records, totals = grade_batch([NOTEBOOKS], out, tmp_path / "grades.json", jobs=2, echo=lambda s: None,
+    records, totals = grade_batch([lesson, student], out, tmp_path / "grades.json", jobs=2, echo=lambda s: None,
                                   scratch_base=tmp_path)
-    lessons = sorted(NOTEBOOKS.glob("*.ipynb"))
-    assert len(records) == 2 * len(lessons)
+    assert len(records) == 2
     for rec in records:
         expected = sorted(n for n, ex in EXERCISES.items() if ex.lesson == rec["lesson"])
         assert sorted(r["exercise"] for r in rec["rows"]) == expected and expected, rec["submission"]
-        student = "/student/" in rec["submission"].replace("\\", "/")
-        want = "not_attempted" if student else "passed"
+        is_student = "/student/" in rec["submission"].replace("\\", "/")
+        want = "not_attempted" if is_student else "passed"
         assert all(r["status"] == want and not r["flag"] for r in rec["rows"]), rec["rows"]
         assert not rec["notes"], (rec["submission"], rec["notes"])  # every cell ran without an error
         assert not rec["refused"], (rec["submission"], rec["refused"])  # and did nothing the sandbox refused
         assert rec["sandbox"][-1] == "audit hook"
         if sys.platform.startswith("linux"):
             assert rec["sandbox"][0].startswith("landlock") and "seccomp" in rec["sandbox"], rec["sandbox"]
+    assert sorted("/student/" in r["submission"].replace("\\", "/") for r in records) == [False, True]
     assert totals["points"] == totals["max_points"] / 2 and totals["status"]["error"] == 0
     saved = json.loads((tmp_path / "grades.json").read_text())
     with open(out, newline="") as f:
         assert saved["totals"] == totals and len(list(csv.DictReader(f))) == totals["status"]["passed"] * 2
     assert not list(tmp_path.glob("course-grade-*")), "scratch folders left behind"
+
+
+def test_every_lesson_has_exercises_and_a_student_copy():
+    """The per-lesson grading test above covers every lesson: each has exercises and a student copy, and no stray
+    student copy lacks its source."""
+    assert len(LESSONS) >= 11
+    student = sorted(p.name for p in (NOTEBOOKS / "student").glob("*.ipynb"))
+    assert student == [p.name for p in LESSONS]
+    for lesson in LESSONS:
+        assert any(ex.lesson == int(lesson.name[:2]) for ex in EXERCISES.values()), lesson.name
 
 
 # ---- hostile and broken submissions, one batch --------------------------------------------------
