@@ -163,6 +163,7 @@ def load_pretrained(name_or_path: str | Path, device=None, which: str = "ema") -
         model.to(device)
     card = ckpt.get("card", {})
     model.sampling = card.get("sampling")  # tuned noise levels: samplers.sample uses them by default
+    model.recommended_sampler = card.get("recommended_sampler")  # and this sampler, when none is named
     return Pretrained(model, None if flow else NoiseSchedule.named(config["schedule"], config["T"]), config, card)
 
 

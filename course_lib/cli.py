@@ -244,8 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, metavar="N", help="tuning samples (default 1,000 points or 500 digits)")
     p.add_argument("--nfe", type=int, nargs="+", metavar="N", help="budgets to tune (default: 5 10 20 for dpmpp_2m, "
                                                                    "10 for the others)")
+    p.add_argument("--recommend-only", action="store_true",
+                   help="skip tuning: only choose the default sampler per budget from the levels already tuned")
     p.set_defaults(func=lambda a: __import__("course_lib.bench.samplers", fromlist=["main_tune"]).main_tune(
-        a.preset, a.samplers, a.samples, a.nfe))
+        a.preset, a.samplers, a.samples, a.nfe, a.recommend_only))
     from .bench.commands import add_bench_parser
 
     add_bench_parser(sub)

@@ -27,6 +27,7 @@ from .step_schedules import (  # noqa: F401
     get_sigmas,
     karras_sigmas,
     leading_timesteps,
+    recommended_sampler,
     sigmas_from_timesteps,
     time_sigmas,
     trailing_timesteps,
@@ -50,13 +51,15 @@ class Denoiser:
     PATHS = ("vp", "linear")
 
     def __init__(self, fn, sigma_min: float = 0.002, sigma_max: float = 80.0, clip: float | None = None,
-                 schedule: NoiseSchedule | None = None, sampling: dict | None = None, path: str = "vp"):
+                 schedule: NoiseSchedule | None = None, sampling: dict | None = None, path: str = "vp",
+                 recommended: dict | None = None):
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
         if path not in self.PATHS:
             raise ValueError(f"path must be one of {self.PATHS}, got {path!r}")
         self.fn, self.sigma_min, self.sigma_max, self.clip, self.schedule = fn, float(sigma_min), float(sigma_max), clip, schedule
         self.sampling = sampling  # tuned noise levels per sampler and budget (course_lib.step_schedules)
+        self.recommended = recommended  # {budget: sampler} from the card: what `sample` uses when none is named
         self.path = path
         self.nfe = 0
 
@@ -123,7 +126,7 @@ def velocity_denoiser(model, clip: float | None = None):
         return x_t - t * v.to(x.dtype)
 
     return Denoiser(fn, lo / (1 - lo), hi / (1 - hi), clip, None, getattr(model, "sampling", None),
-                    path="linear")
+                    path="linear", recommended=getattr(model, "recommended_sampler", None))
 
 
 def as_denoiser(model, schedule: NoiseSchedule | None = None, prediction: str | None = None,
@@ -132,7 +135,7 @@ def as_denoiser(model, schedule: NoiseSchedule | None = None, prediction: str | 
     its schedule; a flow-matching velocity model (prediction 'flow') needs none (velocity_denoiser, lesson 9)."""
     if isinstance(model, Denoiser):
         return model if clip is None else Denoiser(model.fn, model.sigma_min, model.sigma_max, clip, model.schedule,
-                                                   model.sampling, model.path)
+                                                   model.sampling, model.path, model.recommended)
     if not callable(model):
         raise TypeError(f"model must be callable, got {type(model).__name__}")
     prediction = prediction or getattr(model, "prediction", None)
@@ -151,7 +154,8 @@ def as_denoiser(model, schedule: NoiseSchedule | None = None, prediction: str | 
         return convert(out, prediction, "x0", x_t, torch.full((), ab, dtype=x.dtype, device=x.device))
 
     sig = schedule.sigmas
-    return Denoiser(fn, float(sig[0]), float(sig[-1]), clip, schedule, getattr(model, "sampling", None))
+    return Denoiser(fn, float(sig[0]), float(sig[-1]), clip, schedule, getattr(model, "sampling", None),
+                    recommended=getattr(model, "recommended_sampler", None))
 
 
 def as_model(denoiser: Denoiser, schedule: NoiseSchedule, prediction: str = "eps"):
@@ -368,6 +372,46 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, eta: float = 1.0, generator=None, p
 
 
 @torch.no_grad()
+def sample_dpmpp_3m_sde(denoiser, x, sigmas, eta: float = 1.0, generator=None, progress=False,
+                        return_trajectory=False, **model_kwargs):
+    """SDE-DPM-Solver++(3M) (Lu et al. 2022, 'DPM-Solver++', sec. 4-5; the third-order multistep form of
+    k-diffusion's sample_dpmpp_3m_sde): the update of sample_dpmpp_2m_sde, corrected with the first and second
+    divided differences of the last three D's (phi_2 = (e^{-h'} - 1)/h' + 1, phi_3 = phi_2/h' - 1/2, h' = (1+eta) h).
+
+    eta = 0 is the third-order ODE solver. Lower orders where there is no history yet, where a step ratio makes the
+    extrapolation unstable (R_MIN) and on the last step before sigma = 0 (as diffusers' lower_order_final)."""
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
+    sigmas = check_sigmas(sigmas)
+    traj = _Trajectory(return_trajectory, x, sigmas[0])
+    d_1 = d_2 = h_1 = h_2 = None  # the last two D's and steps
+    for i, s, s_next in _steps(sigmas, progress, "DPM-Solver++(3M) SDE"):
+        x0 = denoiser(x, s, **model_kwargs)
+        if s_next == 0:
+            x = x0
+        else:
+            h = math.log(s / s_next)
+            h_eta = h * (1 + eta)
+            x = (s_next / s) * math.exp(-eta * h) * x - math.expm1(-h_eta) * x0
+            phi_2 = math.expm1(-h_eta) / h_eta + 1
+            second = d_1 is not None and _second_order_ok(sigmas, i, h_1 / h)
+            if second and d_2 is not None and h_2 / h_1 >= R_MIN:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0, d1_1 = (x0 - d_1) / r0, (d_1 - d_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                x = x + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
+            elif second:
+                x = x + phi_2 * (x0 - d_1) / (h_1 / h)
+            if eta > 0:
+                x = x + s_next * math.sqrt(-math.expm1(-2 * eta * h)) * _noise(x, generator)
+            h_1, h_2 = h, h_1
+        d_1, d_2 = x0, d_1
+        traj.add(x, s_next)
+    return traj.result(x)
+
+
+@torch.no_grad()
 def sample_euler_ancestral(denoiser, x, sigmas, eta: float = 1.0, generator=None, progress=False,
                            return_trajectory=False, **model_kwargs):
     """Euler ancestral (k-diffusion): an Euler step down to sigma_down, then fresh noise of size sigma_up."""
@@ -391,6 +435,7 @@ SAMPLERS = {
     "heun": sample_heun,
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "dpmpp_3m_sde": sample_dpmpp_3m_sde,
     "euler_ancestral": sample_euler_ancestral,
 }
 
@@ -425,12 +470,15 @@ class SampleResult:
     spacing: str = ""  # which noise levels were used, in words
 
 
-def sample(model, noise: torch.Tensor, schedule: NoiseSchedule | None = None, sampler: str = "dpmpp_2m",
+def sample(model, noise: torch.Tensor, schedule: NoiseSchedule | None = None, sampler: str | None = None,
            steps: int | None = None, spacing: str = "auto", sigmas=None, timesteps=None,
            prediction: str | None = None, clip: float | None = None, generator: torch.Generator | None = None,
            progress: bool = False, return_trajectory: bool = False, model_kwargs: dict | None = None,
            **options) -> SampleResult:
     """Sample from any model with any sampler: give exactly one of steps (+ spacing), timesteps or sigmas.
+
+    sampler=None (the default) is the sampler the model's card recommends at the nearest tuned budget (chosen by
+    `python -m course_lib tune` on tuning noise: lesson 3), else 'dpmpp_2m'.
 
     spacing='auto' (the default) uses the model's tuned Karras noise levels for this sampler and budget when it has
     them (every shipped checkpoint does, `load_pretrained` attaches them), else Karras spacing over the model's whole
@@ -438,12 +486,16 @@ def sample(model, noise: torch.Tensor, schedule: NoiseSchedule | None = None, sa
     diffusion, which is exactly x_T = noise in the alpha-bar view; 1 + sigma for a flow model), so the same noise gives comparable samples through every sampler. Options (variance, eta,
     s_churn, ...) go to the sampler; model_kwargs (e.g. y=labels) to the model.
     """
-    fn = SAMPLERS[_check_sampler(sampler)]
     if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
         raise TypeError(f"noise must be a floating-point torch.Tensor, got {type(noise).__name__}")
     if sum(v is not None for v in (steps, sigmas, timesteps)) != 1:
         raise ValueError("give exactly one of steps=, timesteps= or sigmas=")
     den = as_denoiser(model, schedule, prediction, clip)
+    if sampler is None:  # the model card's choice at the nearest budget, else DPM-Solver++(2M)
+        budget = steps if steps is not None else (torch.as_tensor(timesteps).numel() if timesteps is not None
+                                                  else torch.as_tensor(sigmas).numel() - 1)
+        sampler = recommended_sampler(den.recommended, budget if isinstance(budget, int) and budget > 0 else 10)
+    fn = SAMPLERS[_check_sampler(sampler)]
     schedule = schedule or den.schedule
     how = "given"
     if steps is not None:

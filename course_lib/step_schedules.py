@@ -181,6 +181,18 @@ def tuned_karras(sampling: dict | None, sampler: str, nfe: int) -> dict | None:
     return tuned[nearest]
 
 
+DEFAULT_SAMPLER = "dpmpp_2m"  # what `sample` uses for a model whose card recommends none
+
+
+def recommended_sampler(recommended: dict | None, nfe: int) -> str:
+    """The sampler a model's card recommends ({budget: sampler}) at the budget nearest `nfe` (in log NFE), else
+    DEFAULT_SAMPLER."""
+    if not recommended:
+        return DEFAULT_SAMPLER
+    nearest = min(recommended, key=lambda k: abs(math.log(int(k)) - math.log(max(nfe, 1))))
+    return recommended[nearest]
+
+
 def default_sigmas(steps: int, nfe: int, sampler: str, schedule: NoiseSchedule | None, sigma_min: float,
                    sigma_max: float, sampling: dict | None = None) -> tuple[torch.Tensor, str]:
     """The noise levels `sample(..., steps=n)` uses when no spacing is given, and a phrase saying which.

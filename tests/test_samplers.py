@@ -119,6 +119,30 @@ def test_convergence_order_on_a_gaussian_target(name, order):
         assert 2**order * 0.85 < a / b < 2**order * 1.2, errs
 
 
+def test_dpmpp_3m_is_more_accurate_than_2m_and_samples_the_target():
+    # at eta = 0 the 3M update is an ODE solver: on a Gaussian target its error is 4-10x below 2M's at every step
+    # count and it converges (its first two steps are lower order, so the measured order wanders: 16 -> 64 steps, 13x)
+    z, sd = _z(1000), 0.5
+    errs = {}
+    for name, kw in (("dpmpp_2m", {}), ("dpmpp_3m_sde", {"eta": 0.0})):
+        for n in (16, 32, 64):
+            sig = S.karras_sigmas(n, 0.01, 80.0)[:-1]
+            x0 = z * math.sqrt(sd**2 + 80.0**2)
+            x = S.SAMPLERS[name](gaussian_denoiser(sd), x0, sig, **kw)
+            errs[name, n] = (x - gaussian_ode_solution(x0, 80.0, float(sig[-1]), sd)).abs().max().item()
+    for n in (16, 32, 64):
+        assert errs["dpmpp_3m_sde", n] < errs["dpmpp_2m", n] / 3, errs
+    assert errs["dpmpp_3m_sde", 16] > errs["dpmpp_3m_sde", 32] > errs["dpmpp_3m_sde", 64] > 0, errs
+    assert errs["dpmpp_3m_sde", 16] / errs["dpmpp_3m_sde", 64] > 10, errs
+    # at eta = 1 it samples the reverse SDE: the target's moments
+    x = S.sample(gaussian_denoiser(sd, 0.3), _z(), sampler="dpmpp_3m_sde", sigmas=S.karras_sigmas(200, 0.002, 80.0),
+                 generator=torch.Generator().manual_seed(1)).x
+    se_mean, se_var = sd / math.sqrt(2 * N), math.sqrt(2 / (2 * N))
+    assert abs(x.mean().item() - 0.3) < 5 * se_mean and abs(x.var().item() / sd**2 - 1) < 5 * se_var
+    with pytest.raises(ValueError, match="eta"):
+        S.sample(gaussian_denoiser(sd), _z(4), sampler="dpmpp_3m_sde", sigmas=S.karras_sigmas(5, 0.01, 80.0), eta=-1)
+
+
 def test_dpmpp_2m_drops_to_first_order_where_its_extrapolation_is_unstable():
     # r = h_prev / h: the correction weighs D - D_prev by 1 / (2r); below R_MIN, and on the step before the final
     # jump to 0, the step is DDIM's
@@ -165,6 +189,65 @@ def test_the_default_uses_the_models_tuned_noise_levels_or_says_it_has_none():
     assert S.sample(model, z, s, steps=14).sigmas[0].item() == pytest.approx(9.0)
     assert "not tuned" in S.sample(model, z, s, "euler", steps=10).spacing  # tuned for another sampler only
     assert S.sample(model, z, s, steps=10, spacing="uniform").spacing == "uniform"
+
+
+def test_the_default_sampler_is_the_cards_choice_at_the_nearest_budget():
+    from course_lib.step_schedules import DEFAULT_SAMPLER, recommended_sampler
+
+    s = NoiseSchedule.named("linear", 1000)
+    model, z = gaussian_eps_model(s, 0.5), _z(64)
+    assert DEFAULT_SAMPLER == "dpmpp_2m" and recommended_sampler(None, 10) == "dpmpp_2m"
+    torch.testing.assert_close(S.sample(model, z, s, steps=10).x, S.sample(model, z, s, "dpmpp_2m", steps=10).x)
+    model.recommended_sampler = {"5": "euler", "20": "dpmpp_3m_sde"}
+    assert recommended_sampler(model.recommended_sampler, 7) == "euler"  # 7 is nearer 5 than 20 in log NFE
+    torch.testing.assert_close(S.sample(model, z, s, steps=6).x, S.sample(model, z, s, "euler", steps=6).x)
+    g = lambda: torch.Generator().manual_seed(3)
+    torch.testing.assert_close(S.sample(model, z, s, steps=16, generator=g()).x,
+                               S.sample(model, z, s, "dpmpp_3m_sde", steps=16, generator=g()).x)
+    sig = S.karras_sigmas(4, 0.05, 5.0)  # with sigmas (4 steps) or timesteps the budget is their count
+    torch.testing.assert_close(S.sample(model, z, s, sigmas=sig).x, S.sample(model, z, s, "euler", sigmas=sig).x)
+    assert not torch.equal(S.sample(model, z, s, steps=6).x, S.sample(model, z, s, "dpmpp_2m", steps=6).x)
+    den = S.as_denoiser(model, s)  # a Denoiser carries the choice, also when re-wrapped with a clip
+    assert den.recommended == model.recommended_sampler and S.as_denoiser(den, clip=1.0).recommended == den.recommended
+
+
+def test_the_tune_command_chooses_the_default_sampler_on_tuning_noise(tmp_path, monkeypatch):
+    """`tune --recommend-only` scores every sampler on its tuned levels on the same tuning noise and stores the best
+    in the card; a sampler given hopeless levels is never chosen, and load_pretrained hands the choice to sample."""
+    import shutil
+
+    from course_lib.bench import samplers as bench
+    from course_lib.checkpoints import load_pretrained, shipped_dir, update_card
+    from course_lib.cli import main
+
+    for name in ("ring8.pt", "ring8.json"):
+        shutil.copy(shipped_dir() / name, tmp_path / name)
+    monkeypatch.setenv("COURSE_CHECKPOINTS", str(tmp_path))
+    good = load_pretrained("ring8").card["sampling"]["dpmpp_2m"]["10"]
+    update_card(tmp_path / "ring8.pt", sampling={"dpmpp_2m": {"10": good},  # euler: all ten steps near sigma 0.02
+                                                 "euler": {"10": {"sigma_min": 0.01, "sigma_max": 0.02, "rho": 7.0}}})
+    assert main(["tune", "--preset", "ring8", "--recommend-only", "--samples", "400"]) == 0
+    card = load_pretrained("ring8").card
+    assert card["recommended_sampler"] == {"10": "dpmpp_2m"}
+    scores = card["recommended_sampler_scores"]["scores"]["10"]
+    assert scores["dpmpp_2m"] > 0.8 > scores["euler"]
+    assert bench.default_sampler("ring8") == "dpmpp_2m" and load_pretrained("ring8").model.recommended_sampler
+    # tuning one more sampler keeps the others and the record of how they were tuned, and chooses again
+    before = card["sampling_tuning"]["command"]
+    import functools
+
+    from course_lib import step_schedules
+    monkeypatch.setattr(step_schedules, "SIGMA_MAX_GRID", (0.5, 1.5))  # a small search: this checks the bookkeeping
+    monkeypatch.setattr(step_schedules, "SIGMA_MIN_GRID", (0.02, 0.05))
+    monkeypatch.setattr(step_schedules, "tune_karras", functools.partial(step_schedules.tune_karras, refine=4))
+    assert main(["tune", "--preset", "ring8", "--samplers", "euler", "--nfe", "5", "--samples", "400"]) == 0
+    card = load_pretrained("ring8").card
+    assert card["sampling"]["dpmpp_2m"]["10"] == good and card["sampling"]["euler"]["5"]["samples"] == 400
+    assert card["sampling_tuning"]["command"] == before + " && python -m course_lib tune --preset ring8 --samplers " \
+        "euler --nfe 5 --samples 400"
+    assert card["recommended_sampler"]["5"] == "euler" and card["recommended_sampler"]["10"] == "dpmpp_2m"
+    update_card(tmp_path / "ring8.pt", sampling={})
+    assert main(["tune", "--preset", "ring8", "--recommend-only"]) == 2  # nothing tuned: a clear error
 
 
 def test_tuning_beats_the_whole_range_on_noise_it_never_saw():
