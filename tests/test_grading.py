@@ -224,15 +224,30 @@ def test_the_source_scan_reads_changed_cells_only_and_follows_the_graded_functio
 LESSONS = sorted(NOTEBOOKS.glob("*.ipynb"))
 
 
+@pytest.fixture(scope="module")
+def graded_lessons(tmp_path_factory):
+    """Every lesson and its student copy graded in one batch (2 jobs: the two cores stay busy across lessons)."""
+    tmp = tmp_path_factory.mktemp("lessons")
+    out = tmp / "grades.csv"
+    records, totals = grade_batch([NOTEBOOKS], out, tmp / "grades.json", jobs=2, echo=lambda s: None, scratch_base=tmp)
+    return records, totals, tmp
+
+
+def test_the_lesson_batch_writes_its_totals_and_cleans_up(graded_lessons):
+    records, totals, tmp = graded_lessons
+    assert len(records) == 2 * len(LESSONS)
+    assert totals["points"] == totals["max_points"] / 2 and totals["status"]["error"] == 0
+    saved = json.loads((tmp / "grades.json").read_text())
+    with open(tmp / "grades.csv", newline="") as f:
+        assert saved["totals"] == totals and len(list(csv.DictReader(f))) == totals["status"]["passed"] * 2
+    assert not list(tmp.glob("course-grade-*")), "scratch folders left behind"
+
+
 @pytest.mark.parametrize("lesson", LESSONS, ids=lambda p: p.stem)
-def test_source_lessons_score_full_marks_and_student_copies_zero(lesson, tmp_path):
-    """Grades one lesson and its student copy in one batch (2 jobs): the release round trip, graded."""
-    student = NOTEBOOKS / "student" / lesson.name
-    assert student.exists(), f"no student copy of {lesson.name}: run `python -m course_lib release`"
-    out = tmp_path / "grades.csv"
-    records, totals = grade_batch([lesson, student], out, tmp_path / "grades.json", jobs=2, echo=lambda s: None,
-                                  scratch_base=tmp_path)
-    assert len(records) == 2
+def test_source_lessons_score_full_marks_and_student_copies_zero(lesson, graded_lessons):
+    """One lesson and its student copy, from the batch: the release round trip, graded (a failure names its lesson)."""
+    records = [r for r in graded_lessons[0] if Path(r["submission"]).name == lesson.name]
+    assert sorted("/student/" in r["submission"].replace("\\", "/") for r in records) == [False, True], records
     for rec in records:
         expected = sorted(n for n, ex in EXERCISES.items() if ex.lesson == rec["lesson"])
         assert sorted(r["exercise"] for r in rec["rows"]) == expected and expected, rec["submission"]
@@ -244,12 +259,6 @@ def test_source_lessons_score_full_marks_and_student_copies_zero(lesson, tmp_pat
         assert rec["sandbox"][-1] == "audit hook"
         if sys.platform.startswith("linux"):
             assert rec["sandbox"][0].startswith("landlock") and "seccomp" in rec["sandbox"], rec["sandbox"]
-    assert sorted("/student/" in r["submission"].replace("\\", "/") for r in records) == [False, True]
-    assert totals["points"] == totals["max_points"] / 2 and totals["status"]["error"] == 0
-    saved = json.loads((tmp_path / "grades.json").read_text())
-    with open(out, newline="") as f:
-        assert saved["totals"] == totals and len(list(csv.DictReader(f))) == totals["status"]["passed"] * 2
-    assert not list(tmp_path.glob("course-grade-*")), "scratch folders left behind"
 
 
 def test_every_lesson_has_exercises_and_a_student_copy():
