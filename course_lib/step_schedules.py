@@ -172,13 +172,15 @@ def tune_karras(run, score, steps: int, sigma_max_limit: float = 80.0, refine: i
             "score": round(evaluate(lo, hi, rho), 5), "evaluations": len(cache)}
 
 
+def nearest_budget(budgets, nfe: int) -> str:
+    """The key of `budgets` ({'10': ..., '20': ...}) nearest `nfe` in log NFE."""
+    return min(budgets, key=lambda k: abs(math.log(int(k)) - math.log(max(nfe, 1))))
+
+
 def tuned_karras(sampling: dict | None, sampler: str, nfe: int) -> dict | None:
     """The tuned Karras parameters of `sampler` at the tuned budget nearest `nfe` (in log NFE), or None."""
     tuned = (sampling or {}).get(sampler) or {}
-    if not tuned:
-        return None
-    nearest = min(tuned, key=lambda k: abs(math.log(int(k)) - math.log(max(nfe, 1))))
-    return tuned[nearest]
+    return tuned[nearest_budget(tuned, nfe)] if tuned else None
 
 
 DEFAULT_SAMPLER = "dpmpp_2m"  # what `sample` uses for a model whose card recommends none
@@ -187,10 +189,7 @@ DEFAULT_SAMPLER = "dpmpp_2m"  # what `sample` uses for a model whose card recomm
 def recommended_sampler(recommended: dict | None, nfe: int) -> str:
     """The sampler a model's card recommends ({budget: sampler}) at the budget nearest `nfe` (in log NFE), else
     DEFAULT_SAMPLER."""
-    if not recommended:
-        return DEFAULT_SAMPLER
-    nearest = min(recommended, key=lambda k: abs(math.log(int(k)) - math.log(max(nfe, 1))))
-    return recommended[nearest]
+    return recommended[nearest_budget(recommended, nfe)] if recommended else DEFAULT_SAMPLER
 
 
 def default_sigmas(steps: int, nfe: int, sampler: str, schedule: NoiseSchedule | None, sigma_min: float,

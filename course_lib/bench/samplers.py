@@ -540,28 +540,39 @@ def tuning_score(judge: Judge):
     return score
 
 
+def tuning_run(name: str, samples: int | None = None):
+    """What tuning and the default-sampler choice share for a shipped checkpoint: (data, draws n, judge, run) with
+    run(sampler, sigmas) sampling the fixed tuning noise (seed TUNE_SEED) with that sampler and those levels."""
+    from ..checkpoints import load_pretrained
+    from ..samplers import sample
+    from ..step_schedules import TUNE_SEED
+
+    p = load_pretrained(name)  # a shipped name: the dataset's diffusion model, or e.g. ring8_flow (lesson 9)
+    data = p.config["data"]
+    n = samples or (500 if data == "digits" else 1000)
+    shape = (n, 1, 8, 8) if data == "digits" else (n, 2)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(TUNE_SEED))
+
+    def run(sampler: str, sigmas) -> torch.Tensor:
+        return sample(p.model, noise, p.schedule, sampler, sigmas=sigmas, clip=1.0 if data == "digits" else None,
+                      generator=torch.Generator().manual_seed(TUNE_SEED)).x
+
+    return data, n, Judge(data, n), run
+
+
 def tune_checkpoint(dataset: str, samplers=None, samples: int | None = None, progress: bool = True,
                     budgets=None) -> dict:
     """{sampler: {nfe: tuned Karras parameters}} for a shipped checkpoint, tuned on noise seed TUNE_SEED only."""
-    from ..checkpoints import load_pretrained
-    from ..samplers import SAMPLERS, sample, steps_for_nfe
-    from ..step_schedules import TUNE_SEED, tune_karras
+    from ..samplers import SAMPLERS, steps_for_nfe
+    from ..step_schedules import tune_karras
 
-    p = load_pretrained(dataset)  # a shipped name: the dataset's diffusion model, or e.g. ring8_flow (lesson 9)
-    dataset = p.config["data"]
-    n = samples or (500 if dataset == "digits" else 1000)
-    judge = Judge(dataset, n)
-    shape = (n, 1, 8, 8) if dataset == "digits" else (n, 2)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(TUNE_SEED))
-    clip = 1.0 if dataset == "digits" else None
+    dataset, n, judge, run = tuning_run(dataset, samples)
     out: dict = {}
     for sampler in samplers or list(SAMPLERS):
         for nfe in budgets or TUNED_NFE.get(sampler, (10,)):
-            def run(sigmas, sampler=sampler):
-                return sample(p.model, noise, p.schedule, sampler, sigmas=sigmas, clip=clip,
-                              generator=torch.Generator().manual_seed(TUNE_SEED)).x
             start = time.perf_counter()
-            tuned = tune_karras(run, tuning_score(judge), steps_for_nfe(sampler, nfe), progress=progress)
+            tuned = tune_karras(lambda sigmas, sampler=sampler: run(sampler, sigmas), tuning_score(judge),
+                                steps_for_nfe(sampler, nfe), progress=progress)
             out.setdefault(sampler, {})[str(nfe)] = {**tuned, "samples": n}
             if progress:
                 print(f"{dataset} {sampler} at {nfe} NFE: {tuned} ({time.perf_counter() - start:.0f} s)", flush=True)
@@ -572,17 +583,11 @@ def recommend_samplers(dataset: str, sampling: dict, samples: int | None = None)
     """({budget: sampler}, {budget: {sampler: score}}): at each tuned budget, the sampler whose tuned levels score
     best on the tuning noise (seed TUNE_SEED, `samples` draws, the same score as tuning): what `sample` uses when no
     sampler is named. Every candidate is scored on the same draws, so the choice is like with like."""
-    from ..checkpoints import load_pretrained
-    from ..samplers import sample, steps_for_nfe
-    from ..step_schedules import TUNE_SEED, karras_sigmas
+    from ..samplers import steps_for_nfe
+    from ..step_schedules import karras_sigmas
 
-    p = load_pretrained(dataset)
-    data = p.config["data"]
-    n = samples or (500 if data == "digits" else 1000)
-    judge = Judge(data, n)
+    _, _, judge, run = tuning_run(dataset, samples)
     score = tuning_score(judge)
-    shape = (n, 1, 8, 8) if data == "digits" else (n, 2)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(TUNE_SEED))
     budgets = sorted({int(b) for per in sampling.values() for b in per})
     choice, scores = {}, {}
     for nfe in budgets:
@@ -591,9 +596,7 @@ def recommend_samplers(dataset: str, sampling: dict, samples: int | None = None)
             if q is None:
                 continue
             sig = karras_sigmas(steps_for_nfe(sampler, nfe), q["sigma_min"], q["sigma_max"], q["rho"])
-            x = sample(p.model, noise, p.schedule, sampler, sigmas=sig, clip=1.0 if data == "digits" else None,
-                       generator=torch.Generator().manual_seed(TUNE_SEED)).x
-            scores.setdefault(str(nfe), {})[sampler] = round(float(score(x)), 5)
+            scores.setdefault(str(nfe), {})[sampler] = round(float(score(run(sampler, sig))), 5)
         choice[str(nfe)] = max(scores[str(nfe)], key=scores[str(nfe)].get)
     return choice, scores
 
