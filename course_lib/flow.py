@@ -57,11 +57,28 @@ def sample_times(n: int, kind: str = "uniform", generator: torch.Generator | Non
     return torch.ones(n)
 
 
+LOSSES = ("mse", "pseudo_huber")  # how far the prediction is from the target (pseudo-Huber: Lee et al. 2024, sec. 4.2)
+
+
+def pseudo_huber(pred: torch.Tensor, target: torch.Tensor, c: float) -> torch.Tensor:
+    """sqrt(||pred - target||^2 + c^2) - c per sample (Song & Dhariwal 2023, sec. 3.3): quadratic within c of the
+    target, linear beyond, so that a few large errors (reflow's pairs where the coupling jumps between modes) do not
+    outweigh the many small ones. Shape (B,)."""
+    if c <= 0:
+        raise ValueError(f"the pseudo-Huber constant c must be > 0, got {c}")
+    d2 = ((pred - target) ** 2).flatten(1).sum(1)
+    return torch.sqrt(d2 + c * c) - c
+
+
 def flow_matching_loss(model, x0: torch.Tensor, noise: torch.Tensor | None = None, t: torch.Tensor | None = None,
-                       times: str = "uniform", generator: torch.Generator | None = None, **model_kwargs) -> torch.Tensor:
+                       times: str = "uniform", generator: torch.Generator | None = None, loss: str = "mse",
+                       huber_c: float = 0.01, **model_kwargs) -> torch.Tensor:
     """The conditional flow-matching loss E || model(x_t, t) - (noise - x0) ||^2 (Lipman et al. 2023, eq. 23), the
-    mean over every element. noise (default: fresh standard normal) is the partner of x0: independent for flow
-    matching, the teacher's own noise for reflow."""
+    mean over every element; with loss="pseudo_huber", the mean over samples of pseudo_huber(..., huber_c) instead
+    (what Lee et al. 2024 train reflow with). noise (default: fresh standard normal) is the partner of x0: independent
+    for flow matching, the teacher's own noise for reflow."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
     if t is None:
@@ -70,6 +87,8 @@ def flow_matching_loss(model, x0: torch.Tensor, noise: torch.Tensor | None = Non
     if t.shape != (x0.shape[0],):
         raise ValueError(f"t must have shape ({x0.shape[0]},), got {tuple(t.shape)}")
     pred = model(interpolate(x0, noise, t), t * TIME_SCALE, **model_kwargs)
+    if loss == "pseudo_huber":
+        return pseudo_huber(pred, velocity_target(x0, noise), huber_c).mean()
     return ((pred - velocity_target(x0, noise)) ** 2).mean()
 
 

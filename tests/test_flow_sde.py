@@ -2,6 +2,7 @@
 
 Checked against independent derivations: autograd of exact log-densities, closed-form Gaussian flows, finite
 differences of the interpolant, a general-purpose ODE solver (scipy) and moments of exact targets."""
+import json
 import math
 
 import pytest
@@ -169,6 +170,42 @@ def test_the_flow_matching_target_is_the_time_derivative_of_the_path():
     assert torch.equal(flow.interpolate(x0, noise, 0.0), x0) and torch.equal(flow.interpolate(x0, noise, 1.0), noise)
 
 
+def test_pseudo_huber_is_quadratic_near_zero_linear_far_and_what_the_reflow_loss_computes():
+    pred, target = torch.tensor([[3.0, 4.0], [0.0, 0.0]]), torch.zeros(2, 2)
+    assert flow.pseudo_huber(pred, target, 1.0).tolist() == pytest.approx([math.sqrt(26) - 1, 0.0])
+    small, far = torch.tensor([[1e-4, 0.0]]), torch.tensor([[1e3, 0.0]])
+    assert float(flow.pseudo_huber(small, torch.zeros(1, 2), 0.01)) == pytest.approx(1e-8 / 0.02, rel=1e-3)  # d^2/2c
+    assert float(flow.pseudo_huber(far, torch.zeros(1, 2), 0.01)) == pytest.approx(1e3 - 0.01, rel=1e-6)  # |d| - c
+    # a constant fitted to 90 zeros and 10 tens: the squared error's minimiser is the mean (1), pseudo-Huber's stays
+    # near the bulk (its gradient from each outlier is bounded by 1)
+    y = torch.cat([torch.zeros(90, 1), torch.full((10, 1), 10.0)])
+    grid = torch.linspace(-1, 3, 4001)
+    mse = torch.stack([((g - y) ** 2).mean() for g in grid])
+    hub = torch.stack([flow.pseudo_huber(g.expand(100, 1), y, 0.01).mean() for g in grid])
+    assert float(grid[mse.argmin()]) == pytest.approx(1.0, abs=1e-3) and abs(float(grid[hub.argmin()])) < 0.01
+    with pytest.raises(ValueError, match="c must be > 0"):
+        flow.pseudo_huber(pred, target, 0.0)
+    # in the loss: the same x_t and t as the squared error, per-sample pseudo-Huber distance to noise - x0, averaged
+    g = torch.Generator().manual_seed(0)
+    x0, noise, t = torch.randn(32, 2, generator=g), torch.randn(32, 2, generator=g), torch.rand(32, generator=g)
+    seen = {}
+
+    def model(x, tt):
+        seen["x"], seen["t"] = x, tt
+        return torch.sin(x)
+
+    got = flow.flow_matching_loss(model, x0, noise, t, loss="pseudo_huber", huber_c=0.05)
+    assert torch.allclose(seen["x"], (1 - t[:, None]) * x0 + t[:, None] * noise)
+    d = torch.sin(seen["x"]) - (noise - x0)
+    assert float(got) == pytest.approx(float((torch.sqrt((d ** 2).sum(1) + 0.05 ** 2) - 0.05).mean()), rel=1e-6)
+    assert float(flow.flow_matching_loss(model, x0, noise, t)) == pytest.approx(float((d ** 2).mean()), rel=1e-6)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        flow.flow_matching_loss(model, x0, noise, t, loss="l1")
+    for bad in ({"loss": "l1"}, {"huber_c": 0}):
+        with pytest.raises(ValueError, match="loss must be one of|huber_c must be"):
+            TrainConfig(data="ring8", family="flow", **bad)
+
+
 def _exact_models(mix, schedule):
     """The mixture's exact denoiser as an eps model on `schedule` and as a flow velocity model."""
     den = mixture_denoiser(mix)
@@ -308,6 +345,38 @@ def test_bench_flow_records_have_the_issue_keys_and_compare_like_with_like():
     assert bench.verdict(recs)  # lines for whatever the records hold
 
 
+def test_bench_flow_reruns_one_dataset_and_keeps_the_others_records(tmp_path, monkeypatch):
+    from course_lib.bench import flow as bench
+
+    path = tmp_path / "bench_flow.json"
+    def rec(dataset, family, hq):
+        return {"kind": "sample", "dataset": dataset, "family": family, "sampler": "euler", "spacing": "uniform",
+                "budget": 2, "nfe": 2, "seed": 0, "hq_fraction": hq, "modes_covered": 8}
+
+    old = [rec("ring8", "reflow", 0.1), rec("grid25", "flow", 0.9),
+           {"kind": "nll", "dataset": "grid25", "family": "flow", "method": "ode", "nll": 1.0, "unit": "nats"}]
+    path.write_text(json.dumps(old))
+    ran = []
+
+    def fake(quick, samples, datasets=None):
+        ran.append(datasets)
+        return [{"kind": "nll", "dataset": "ring8", "family": "flow", "method": "ode", "nll": 2.0, "unit": "nats"},
+                rec("ring8", "reflow", 0.9)]
+
+    monkeypatch.setattr(bench, "bench_flow", fake)
+    with pytest.raises(ValueError, match="pass --force"):
+        bench.main_flow(json_path=path, datasets=["ring8"])  # an existing file is replaced only with force
+    assert json.loads(path.read_text()) == old
+    bench.main_flow(json_path=path, force=True, datasets=["ring8"])
+    got = json.loads(path.read_text())
+    assert ran == [["ring8"]]
+    assert [(r["kind"], r["dataset"]) for r in got] == [("sample", "ring8"), ("sample", "grid25"), ("nll", "ring8"),
+                                                        ("nll", "grid25")]  # the full run's order
+    assert got[0]["hq_fraction"] == 0.9 and old[1] in got and old[2] in got  # ring8 replaced, grid25 kept
+    with pytest.raises(ValueError, match="datasets must be among"):
+        bench.main_flow(json_path=path, force=True, datasets=["moons"])
+
+
 def test_the_shipped_flow_models_sample_well_and_reflow_is_straighter():
     from course_lib.checkpoints import load_pretrained
     from course_lib.metrics import hq_fraction, modes_covered
@@ -323,6 +392,10 @@ def test_the_shipped_flow_models_sample_well_and_reflow_is_straighter():
         d = as_denoiser(load_pretrained(name).model)
         straight[name] = flow.straightness(flow.denoiser_velocity(d), noise[:300], steps=30, t_max=0.99)["relative"]
     assert straight["ring8_reflow"] < straight["ring8_flow"] / 20  # measured: about 1,000 times straighter
+    reflow = load_pretrained("ring8_reflow").model  # few steps: the default call, Euler on the card's tuned levels
+    assert reflow.recommended_sampler["2"] == "euler" and reflow.sampling["euler"]["2"]
+    x = sample(reflow, noise, steps=2).x
+    assert hq_fraction(x, ring) > 0.85 and modes_covered(x, ring) == 8  # the benchmark: about 0.89 (2,000 points x 3)
 
 
 @pytest.mark.parametrize("kind", ["uniform", "logit_normal"])

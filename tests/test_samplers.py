@@ -267,6 +267,22 @@ def test_tuning_beats_the_whole_range_on_noise_it_never_saw():
     assert good > wide + 0.1, (good, wide)  # 4,000 points: a standard error under 0.01
 
 
+def test_few_step_tuning_searches_high_interior_levels():
+    """With three steps or fewer the grid reaches sigma_min = 5 (a reflowed flow's best middle level sits near it); a
+    score peaked at an interior level of 5 finds it there, from the grid alone, and Powell refines towards 3.5."""
+    from course_lib.step_schedules import SIGMA_MIN_GRID, tune_karras
+
+    def score(levels):
+        return -abs(math.log(float(levels[1]) / 3.5))  # the run hands back its levels: the best middle level is 3.5
+
+    grid_only = tune_karras(lambda sig: sig, score, steps=2, refine=0)
+    assert grid_only["sigma_min"] == 5.0 > max(SIGMA_MIN_GRID)
+    refined = tune_karras(lambda sig: sig, score, steps=2, refine=40)
+    assert abs(math.log(refined["sigma_min"] / 3.5)) < abs(math.log(5.0 / 3.5))
+    five = tune_karras(lambda sig: sig, lambda lv: -abs(math.log(float(lv[-2]) / 3.5)), steps=5, refine=0)
+    assert five["sigma_min"] == max(SIGMA_MIN_GRID)  # more steps: the usual grid, unchanged
+
+
 def test_ddim_is_euler_and_ddim_eta1_is_ddpm_with_beta_tilde():
     s = NoiseSchedule.named("linear", 1000)
     model, z = gaussian_eps_model(s, 0.5), _z(2000)

@@ -60,6 +60,11 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
     assert tr.lr_at(100) == pytest.approx(0.1)
     flat = Trainer(TrainConfig(**{**TINY_MLP, "warmup": 10, "lr": 1.0, "lr_decay": "constant"}))
     assert [flat.lr_at(s) for s in (0, 4, 9, 500)] == pytest.approx([0.1, 0.5, 1.0, 1.0])
+    low = Trainer(TrainConfig(**{**TINY_MLP, "warmup": 10, "lr": 1.0, "steps": 100, "lr_floor": 0.01}))
+    assert low.lr_at(50) == pytest.approx(0.505) and low.lr_at(100) == pytest.approx(0.01)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="lr_floor"):
+            TrainConfig(**{**TINY_MLP, "lr_floor": bad})
 
 
 def test_a_nan_loss_stops_training_with_a_clear_message(monkeypatch):

@@ -35,7 +35,12 @@ def _bench(args) -> int:
         if args.samples is not None and args.samples < least:
             raise ValueError(f"--samples must be at least {least}, got {args.samples}")
         main = getattr(import_module(f"course_lib.bench.{args.bench}"), f"main_{args.bench}")
-        main(args.quick, args.json, args.samples, args.force, **({"jobs": args.jobs} if args.bench == "arch" else {}))
+        extra = {"jobs": args.jobs} if args.bench == "arch" else {}
+        if args.bench == "flow" and args.datasets:
+            from .flow import MODELS
+
+            extra["datasets"] = _datasets(args, MODELS)
+        main(args.quick, args.json, args.samples, args.force, **extra)
         return 0
     from .samplers import BENCH_DATASETS, main_samplers
 
@@ -163,6 +168,9 @@ def add_bench_parser(sub) -> None:
                                      "ring8, 500 samples, one seed (well under a minute).")
     _bench_arguments(p, "a small run for checking", datasets=False, devices=None,
                      samples_help="samples per configuration (default 2,000 points or 1,000 digits; quick 500)")
+    p.add_argument("--datasets", nargs="+", metavar="NAME",
+                   help="run only these (ring8 grid25 digits); with --json and --force an existing file keeps the "
+                        "other datasets' records (to rerun one dataset after retraining its models)")
     p = bench.add_parser("text", help="lesson 10: masked diffusion vs autoregressive captions; bits per token",
                          description="Samples the shipped masked-diffusion (captions_mdlm) and autoregressive "
                                      "(captions_ar) caption models, and the exact denoiser of the training corpus: "

@@ -4,7 +4,8 @@ probability-flow ODE likelihood beside the variational bound and the true NLL; p
 
 Like with like: the diffusion and flow models have the same network, data, batch, steps and learning rate (their
 presets differ only in `family`), and their noise levels were tuned by the same command (`tune`, on noise seed 2026,
-which this benchmark never uses). Reflow and the one-step model are sampled uniformly in t, their natural spacing.
+which this benchmark never uses). Reflow is sampled both uniformly in t, its natural spacing, and on its Euler levels
+tuned the same way (the default call); the one-step model uniformly in t.
 """
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ REFERENCE = {"diffusion": ("ddpm", "uniform", 1000), "flow": ("euler", "uniform"
 
 
 def _spacings(family: str) -> tuple[str, ...]:
-    """'auto' is each model's tuned noise levels (its card), 'uniform' uniform timesteps (diffusion) or uniform t (flow)."""
-    return ("auto", "uniform") if family in ("diffusion", "flow") else ("uniform",)
+    """'auto' is each model's tuned noise levels (its card), 'uniform' uniform timesteps (diffusion) or uniform t (flow).
+    The one-step model is sampled uniformly in t only: it was trained at t = 1 alone."""
+    return ("uniform",) if family == "distilled" else ("auto", "uniform")
 
 
 def plan(quick: bool = False, datasets=None) -> list[dict]:
@@ -209,16 +211,23 @@ def verdict(records: list[dict]) -> list[str]:
             lines.append(f"{dataset} at 10 NFE, best of each: diffusion {d['mean']:.3f} ({d['sampler']}, {d['spacing']}) "
                          f"vs flow {f['mean']:.3f} ({f['sampler']}, {f['spacing']}): {gap:+.1f} points "
                          f"({'within' if abs(gap) <= 3 else 'outside'} 3); modes {d['modes_min']} / {f['modes_min']}")
-    rows = {(r["family"], r["budget"]): r for r in summarize(records) if r["dataset"] == "ring8"
-            and r["sampler"] == "euler" and r["spacing"] == "uniform"}
+    rows = {(r["family"], r["spacing"], r["budget"]): r for r in summarize(records) if r["dataset"] == "ring8"
+            and r["sampler"] == "euler"}
     for family, targets in (("reflow", ((1, 0.80), (2, 0.90))), ("distilled", ((1, 0.80),))):  # distilled: 1 step only
         for budget, target in targets:
-            r = rows.get((family, budget))
-            if r:
-                ok = r["mean"] >= target and r["modes_min"] == 8
-                lines.append(f"ring8 {family}, Euler {budget} NFE: hq {r['mean']:.3f} +- {r['std']:.3f}, modes >= "
-                             f"{r['modes_min']}" + (f" (the issue's target for reflow, >= {target:.2f} and 8 modes: "
-                                                    f"{'met' if ok else 'not met'})" if family == "reflow" else ""))
+            uniform, tuned = rows.get((family, "uniform", budget)), rows.get((family, "auto", budget))
+            if uniform is None:
+                continue
+            text = (f"ring8 {family}, Euler {budget} NFE: hq {uniform['mean']:.3f} +- {uniform['std']:.3f} uniform in t, "
+                    f"modes >= {uniform['modes_min']}")
+            if family == "reflow":  # the issue's target, judged on the default call: Euler on the card's tuned levels
+                judged = tuned or uniform
+                ok = judged["mean"] >= target and judged["modes_min"] == 8
+                if tuned:
+                    text += (f"; on its tuned levels (the default call) {tuned['mean']:.3f} +- {tuned['std']:.3f}, "
+                             f"modes >= {tuned['modes_min']}")
+                text += f" (the issue's target, >= {target:.2f} and 8 modes: {'met' if ok else 'not met'})"
+            lines.append(text)
     for dataset in ("ring8", "grid25", "digits"):
         nll = {(r["family"], r["method"]): r for r in records if r.get("kind") == "nll" and r["dataset"] == dataset}
         for family in ("diffusion", "flow", "reflow"):
@@ -259,12 +268,25 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main_flow(quick: bool = False, json_path=None, samples: int | None = None, force: bool = False) -> list[dict]:
-    """Run the benchmark; print the table, straightness and the verdict; with json_path write the records."""
+def main_flow(quick: bool = False, json_path=None, samples: int | None = None, force: bool = False,
+              datasets=None) -> list[dict]:
+    """Run the benchmark; print the table, straightness and the verdict; with json_path write the records. With
+    datasets, only those run, and an existing json_path (replaced only with force) keeps the other datasets' records."""
+    import json
+    from pathlib import Path
+
     from ..checkpoints import write_json_atomic
 
     refuse_to_overwrite(json_path, force)
-    records = bench_flow(quick, samples)
+    if datasets is not None and not set(datasets) <= set(MODELS):
+        raise ValueError(f"datasets must be among {list(MODELS)}, got {datasets}")
+    kept = []
+    if datasets and json_path and Path(json_path).exists():
+        kept = [r for r in json.loads(Path(json_path).read_text()) if r.get("dataset") not in datasets]
+    order = list(MODELS)  # the full run's order: every sampling run by dataset, then each dataset's other records
+    records = sorted(kept + bench_flow(quick, samples, datasets=datasets),
+                     key=lambda r: (r.get("kind") != "sample", order.index(r["dataset"]) if r.get("dataset") in order
+                                    else len(order)))
     print(table(records))
     for r in records:
         if r["kind"] == "straightness":

@@ -607,7 +607,7 @@ def main_tune(preset: str, samplers=None, samples: int | None = None, budgets=No
     from ..checkpoints import SHIPPED, shipped_dir, update_card
     from ..step_schedules import TUNE_SEED
 
-    tunable = [*BENCH_DATASETS, *(n for n in SHIPPED if n.endswith("_flow"))]  # the unconditional ODE models
+    tunable = [*BENCH_DATASETS, *(n for n in SHIPPED if n.endswith(("_flow", "_reflow")))]  # the unconditional ODE models
     if preset not in tunable:
         raise ValueError(f"tuning needs a shipped sampling model whose samples can be scored; choose one of {tunable}")
     start = time.perf_counter()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..flow import PREDICTION, TIMES, flow_matching_loss
+from ..flow import LOSSES, PREDICTION, TIMES, flow_matching_loss
 from .base import Family
 
 
@@ -17,10 +17,16 @@ class FlowOptions:
     teacher: str | None = None          # reflow: a flow checkpoint (shipped name or path) whose ODE pairs noise with data
     pairs: int = 50_000                 # reflow: how many (noise, sample) pairs the teacher makes, once, at the start
     teacher_nfe: int = 99               # reflow: model evaluations per pair (Heun, uniform in t)
+    loss: str = "mse"                   # mse | pseudo_huber (course_lib.flow.pseudo_huber; Lee et al. 2024 for reflow)
+    huber_c: float = 0.01               # pseudo-Huber's c: errors below it count quadratically, above it linearly
 
     def __post_init__(self):
         if self.times not in TIMES:
             raise ValueError(f"times must be one of {TIMES}, got {self.times!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if not isinstance(self.huber_c, (int, float)) or self.huber_c <= 0:
+            raise ValueError(f"huber_c must be a number > 0, got {self.huber_c!r}")
         if self.teacher is not None and not isinstance(self.teacher, str):
             raise ValueError(f"teacher must be a checkpoint name or path, got {self.teacher!r}")
         for name in ("pairs", "teacher_nfe"):
@@ -86,6 +92,7 @@ class FlowFamily(Family):
         else:
             idx = torch.randint(len(trainer.pairs[0]), (trainer.config.batch_size,), generator=trainer.generator)
             x, noise = (p[idx].to(trainer.device) for p in trainer.pairs)
-        loss = flow_matching_loss(trainer.model, x, noise, times=o.times, generator=trainer.generator)
+        loss = flow_matching_loss(trainer.model, x, noise, times=o.times, generator=trainer.generator, loss=o.loss,
+                                  huber_c=o.huber_c)
         trainer.update("model", loss)
         return [loss]
