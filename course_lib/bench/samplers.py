@@ -566,7 +566,8 @@ def tune_checkpoint(dataset: str, samplers=None, samples: int | None = None, pro
     from ..samplers import SAMPLERS, steps_for_nfe
     from ..step_schedules import tune_karras
 
-    dataset, n, judge, run = tuning_run(dataset, samples)
+    name = dataset  # a shipped checkpoint's name (ring8, ring8_flow, ring8_reflow, ...): what the progress lines say
+    _, n, judge, run = tuning_run(name, samples)
     out: dict = {}
     for sampler in samplers or list(SAMPLERS):
         for nfe in budgets or TUNED_NFE.get(sampler, (10,)):
@@ -575,7 +576,7 @@ def tune_checkpoint(dataset: str, samplers=None, samples: int | None = None, pro
                                 steps_for_nfe(sampler, nfe), progress=progress)
             out.setdefault(sampler, {})[str(nfe)] = {**tuned, "samples": n}
             if progress:
-                print(f"{dataset} {sampler} at {nfe} NFE: {tuned} ({time.perf_counter() - start:.0f} s)", flush=True)
+                print(f"{name} {sampler} at {nfe} NFE: {tuned} ({time.perf_counter() - start:.0f} s)", flush=True)
     return out
 
 
