@@ -560,14 +560,13 @@ def tuning_run(name: str, samples: int | None = None):
     return data, n, Judge(data, n), run
 
 
-def tune_checkpoint(dataset: str, samplers=None, samples: int | None = None, progress: bool = True,
+def tune_checkpoint(name: str, samplers=None, samples: int | None = None, progress: bool = True,
                     budgets=None) -> dict:
     """{sampler: {nfe: tuned Karras parameters}} for a shipped checkpoint, tuned on noise seed TUNE_SEED only."""
     from ..samplers import SAMPLERS, steps_for_nfe
     from ..step_schedules import tune_karras
 
-    name = dataset  # a shipped checkpoint's name (ring8, ring8_flow, ring8_reflow, ...): what the progress lines say
-    _, n, judge, run = tuning_run(name, samples)
+    _, n, judge, run = tuning_run(name, samples)  # name: a shipped checkpoint (ring8, ring8_flow, ring8_reflow, ...)
     out: dict = {}
     for sampler in samplers or list(SAMPLERS):
         for nfe in budgets or TUNED_NFE.get(sampler, (10,)):
