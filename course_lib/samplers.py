@@ -280,13 +280,21 @@ def sample_euler(denoiser, x, sigmas, progress=False, return_trajectory=False, *
 
 @torch.no_grad()
 def sample_heun(denoiser, x, sigmas, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
-                s_noise: float = 1.0, generator=None, progress=False, return_trajectory=False, **model_kwargs):
+                s_noise: float = 1.0, integrate_in: str = "auto", generator=None, progress=False,
+                return_trajectory=False, **model_kwargs):
     """Heun's 2nd-order method (Karras et al. 2022, Algorithm 1; with s_churn > 0 the stochastic Algorithm 2).
 
     The last step, to sigma = 0, is an Euler step (a second evaluation at sigma = 0 is undefined), so n steps
-    cost 2n - 1 model evaluations.
+    cost 2n - 1 model evaluations. integrate_in='auto' averages the slopes in sigma for diffusion (EDM's choice) and in
+    a flow model's own time t = sigma / (1 + sigma) for a flow (denoiser.path 'linear'; kernels.heun_correct_linear):
+    from a flow's first level, sigma = 1e5, the trapezoid in sigma is badly conditioned (lesson 9 measures it).
     """
+    if integrate_in not in ("auto", "sigma", "t"):
+        raise ValueError(f"integrate_in must be 'auto', 'sigma' or 't', got {integrate_in!r}")
     sigmas = check_sigmas(sigmas)
+    if integrate_in == "auto":
+        integrate_in = "t" if getattr(denoiser, "path", "vp") == "linear" else "sigma"
+    correct = kernels.heun_correct_linear if integrate_in == "t" else kernels.heun_correct
     n = len(sigmas) - 1
     traj = _Trajectory(return_trajectory, x, sigmas[0])
     for i, s, s_next in _steps(sigmas, progress, "Heun"):
@@ -297,7 +305,7 @@ def sample_heun(denoiser, x, sigmas, s_churn: float = 0.0, s_tmin: float = 0.0, 
         denoised = denoiser(x, s_hat, **model_kwargs)
         x_next = kernels.euler_step(x, denoised, s_hat, s_next)
         if s_next > 0:  # the correction: average the slopes at both ends
-            x_next = kernels.heun_correct(x, denoised, x_next, denoiser(x_next, s_next, **model_kwargs), s_hat, s_next)
+            x_next = correct(x, denoised, x_next, denoiser(x_next, s_next, **model_kwargs), s_hat, s_next)
         x = x_next
         traj.add(x, s_next)
     return traj.result(x)

@@ -75,7 +75,8 @@ def test_sampler_steps_triton_vs_reference(shape, dtype):
     x, d, xe, dn, old = (torch.randn(shape, generator=g).to(DEVICE, dtype) for _ in range(5))
     s, s_next, s_prev = 3.0, 1.7, 5.5
     cases = [(K.euler_step, (x, d, s, s_next)), (K.ddim_step, (x, d, s, s_next)),
-             (K.heun_correct, (x, d, xe, dn, s, s_next)), (K.dpmpp_2m_step, (x, d, old, s, s_next, s_prev)),
+             (K.heun_correct, (x, d, xe, dn, s, s_next)), (K.heun_correct_linear, (x, d, xe, dn, s, s_next)),
+             (K.dpmpp_2m_step, (x, d, old, s, s_next, s_prev)),
              (K.dpmpp_2m_step, (x, d, None, s, s_next, None))]
     for fn, args in cases:
         _close(fn(*args, impl="triton"), fn(*args, impl="torch"), dtype)

@@ -268,7 +268,7 @@ def test_tuning_beats_the_whole_range_on_noise_it_never_saw():
 
 
 def test_few_step_tuning_searches_high_interior_levels():
-    """With three steps or fewer the grid reaches sigma_min = 5 (a reflowed flow's best middle level sits near it): a
+    """With three steps or fewer the grid reaches sigma_min = 5 (a reflowed flow's best middle level is far up): a
     score peaked at a middle level of 3.5 gets the grid's nearest value, 5, from the grid alone, and Powell refines it
     towards 3.5; with five steps the old grid's top, 0.1, is the nearest it can get."""
     from course_lib.step_schedules import SIGMA_MIN_GRID, tune_karras

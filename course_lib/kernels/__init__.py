@@ -173,6 +173,22 @@ def heun_correct(x, denoised, x_euler, denoised_next, sigma: float, sigma_next: 
                    (x, denoised, x_euler, denoised_next), impl)
 
 
+def heun_correct_linear(x, denoised, x_euler, denoised_next, sigma: float, sigma_next: float, impl: str = "auto"):
+    """Heun's correction in a flow's own time t = sigma / (1 + sigma) (the linear path, course_lib.flow; as diffusers'
+    FlowMatchHeunDiscreteScheduler): the slopes v = (x_t - D) / t of x_t = x / (1 + sigma) averaged, mapped back to x.
+    In sigma (heun_correct) the second slope's change is weighed by (sigma - sigma_next) / (2 sigma_next): from a flow's
+    first level, t = 1 - 1e-5 or sigma = 1e5, that multiplies D's change by thousands."""
+    t, t_next = sigma / (1 + sigma), sigma_next / (1 + sigma_next)
+    h = t_next - t
+    if not use_triton(impl, x, denoised, x_euler, denoised_next):
+        _check("heun_correct_linear", x, denoised, x_euler, denoised_next)
+        x_t, x_t_euler = x / (1 + sigma), x_euler / (1 + sigma_next)
+        v, v_next = (x_t - denoised) / t, (x_t_euler - denoised_next) / t_next
+        return (1 + sigma_next) * (x_t + h * (v + v_next) / 2)
+    return lincomb(((1 + sigma_next) / (1 + sigma) * (1 + h / (2 * t)), -(1 + sigma_next) * h / (2 * t),
+                    h / (2 * t_next), -(1 + sigma_next) * h / (2 * t_next)), (x, denoised, x_euler, denoised_next), impl)
+
+
 def dpmpp_2m_step(x, denoised, old_denoised, sigma: float, sigma_next: float, sigma_prev: float | None,
                   impl: str = "auto"):
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) for sigma_next > 0; first order when old_denoised is None."""
