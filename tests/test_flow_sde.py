@@ -231,14 +231,21 @@ def test_the_velocity_adapter_agrees_with_the_eps_adapter_on_equivalent_models()
     assert torch.allclose(sample_dpmpp_2m(d_eps, x * 20, sig), sample_dpmpp_2m(d_flow, x * 20, sig), atol=1e-6)
 
 
-def test_euler_on_a_flow_model_is_euler_in_t_on_its_ode():
-    torch.manual_seed(0)
+def _random_velocity_model():
+    """A small random network as a flow model (prediction 'flow'), float64: for checking samplers against hand-written
+    steps."""
     net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).double()
 
     def v(x_t, t_in):
         return net(torch.cat([x_t, t_in.to(x_t.dtype)[:, None] / flow.TIME_SCALE], 1))
 
     v.prediction = "flow"
+    return v
+
+
+def test_euler_on_a_flow_model_is_euler_in_t_on_its_ode():
+    torch.manual_seed(0)
+    v = _random_velocity_model()
     noise = torch.randn(50, 2, dtype=torch.float64)
     res = sample(v, noise, sampler="euler", steps=8, spacing="uniform")
     x, ts = noise.clone(), torch.linspace(flow.T_MAX, 0, 9, dtype=torch.float64).tolist()
@@ -253,12 +260,7 @@ def test_euler_on_a_flow_model_is_euler_in_t_on_its_ode():
 
 def test_heun_on_a_flow_model_is_heun_in_t_on_its_ode():
     torch.manual_seed(1)
-    net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).double()
-
-    def v(x_t, t_in):
-        return net(torch.cat([x_t, t_in.to(x_t.dtype)[:, None] / flow.TIME_SCALE], 1))
-
-    v.prediction = "flow"
+    v = _random_velocity_model()
     noise = torch.randn(50, 2, dtype=torch.float64)
     res = sample(v, noise, sampler="heun", steps=6, spacing="uniform")
     x, ts = noise * (1 - flow.T_MAX) * (1 + flow.sigma_of_t(flow.T_MAX)), torch.linspace(flow.T_MAX, 0, 7).tolist()
