@@ -130,9 +130,11 @@ def test_the_bound_of_the_exact_denoiser_is_the_data_nll():
     assert float(tm.masked_bound(tm.ExactDenoiser(other), rows, n_t=64, seed=0).mean()) > float(true.mean()) + 0.5
 
 
-@pytest.mark.parametrize("name", ["captions_mdlm", "captions_ar"])
-def test_the_text_families_train_through_the_one_loop(name):
-    trainer = Trainer(preset(name, steps=150, warmup=10))
+# the smallest budgets that clear the bar with a margin over seeds 0-2 (last-20 / first-10 loss: masked 0.42-0.49
+# at 150 steps of 128, autoregressive 0.31 at 80 steps of 64); the masked loss, drawn at a random t, needs more
+@pytest.mark.parametrize("name, steps, batch", [("captions_mdlm", 150, 128), ("captions_ar", 80, 64)])
+def test_the_text_families_train_through_the_one_loop(name, steps, batch):
+    trainer = Trainer(preset(name, steps=steps, warmup=10, batch_size=batch))
     start = sum(trainer.train(10, progress=False).losses) / 10
     trainer.train(progress=False)
     assert sum(trainer.losses[-20:]) / 20 < 0.6 * start  # from ~ln 24 nats per token to the grammar's structure
