@@ -151,3 +151,36 @@ def test_bench_kernels_records_and_correctness_part(tmp_path):
     (tmp_path / "k.json").write_text("[]")
     with pytest.raises(ValueError, match="--force"):
         B.main_kernels(tmp_path / "k.json", quick=True)
+
+
+def test_reaches_is_the_size_from_which_a_kernel_stays_above_the_fraction():
+    from course_lib.bench import kernels as B
+
+    def rec(mb, frac, impl="triton"):
+        return {"op": "ddim_step", "impl": impl, "size": mb << 20, "ms": 1.0, "fraction_of_copy_bw": frac}
+
+    rows = [rec(1, 0.5), rec(4, 0.9), rec(16, 0.7), rec(64, 0.85), rec(256, 0.95), rec(256, 0.1, "eager")]
+    assert B.reaches(rows, "ddim_step", "triton", 0.8) == 64  # the dip at 16 MB counts, the 4 MB peak does not
+    assert B.reaches(rows, "ddim_step", "triton", 0.99) is None
+    assert B.reaches(rows, "ddim_step", "eager", 0.05) == 256
+    lines = B.summary_lines([{**r, "gbps": 1.0, "samples_per_s": None} for r in rows])
+    assert "ddim_step: triton at 80% of copy or more from 64 MB up" in lines
+
+
+def test_the_shipped_runs_name_their_machine_and_software():
+    import json
+    from pathlib import Path
+
+    from course_lib.bench import kernels as B
+
+    data = Path(__file__).resolve().parents[1] / "data"
+    for name, device in (("bench_kernels.json", "cpu"), ("bench_kernels_gpu.json", "cuda")):
+        records = json.loads((data / name).read_text())
+        assert {r["device"] for r in records} == {device} and len({r["machine"] for r in records}) == 1
+        software = records[0]["software"]
+        assert software["torch"] and all(r["software"] == software for r in records)
+        if device == "cuda":  # the GPU run: Triton timed, and the versions that made it named
+            assert software["cuda"] and software["driver"] and software["triton"]
+            assert {r["impl"] for r in records if r["ms"] is not None} >= {"eager", "compile", "triton"}
+            assert any(r["impl"] == "graph" and r["samples_per_s"] for r in records)
+    assert B.software_versions(torch.device("cpu"))["torch"] == torch.__version__

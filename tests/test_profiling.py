@@ -32,3 +32,17 @@ def test_silenced_hides_output_written_to_the_file_descriptors(capfd):
     os.write(1, b"visible\n")
     out, err = capfd.readouterr()
     assert "from C++" not in out + err and "visible" in out
+
+
+def test_on_cuda_each_kernel_is_counted_once_under_its_operator():
+    # the profiler's CUDA rows name a kernel both under the aten operator that launched it and under its own name;
+    # Triton kernels have no operator and are kept under theirs
+    events = [("aten::cudnn_convolution", 40.0, 3), ("sm80_xmma_fprop_implicit_gemm_tf32", 40.0, 3),
+              ("void at::native::elementwise_kernel<128, 2>(int)", 10.0, 5), ("aten::add_", 10.0, 5),
+              ("group_norm_silu_kernel", 20.0, 2), ("cudaLaunchKernel", 0.0, 10)]
+    kept = profiling._operator_rows(events, "cuda")
+    assert [k for k, _, _ in kept] == ["aten::cudnn_convolution", "aten::add_", "group_norm_silu_kernel"]
+    assert sum(t for _, t, _ in kept) == 70.0  # 40 + 10 + 20: each microsecond once
+    assert profiling._operator_rows(events, "cpu") == events
+    long = profiling.OpProfile([("x" * 60, 1.0, 1)]).table()
+    assert max(len(line) for line in long.splitlines()) <= 40 + 15

@@ -266,3 +266,7 @@ def test_the_module_names_of_the_previous_release_still_import_and_say_where_the
         assert f"{old} is now {new}" in out.stdout, (old, out.stdout)
     with pytest.raises(ImportError):
         __import__("course_lib.no_such_module")
+    import course_lib.bench
+
+    with pytest.raises(AttributeError):  # a module the sampler benchmark imports is not one of its old names
+        course_lib.bench.torch

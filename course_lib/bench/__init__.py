@@ -15,9 +15,12 @@ def __getattr__(name: str):
     """Earlier releases had the sampler benchmark here (`from course_lib import bench; bench.targets(...)`,
     `from course_lib.bench import Judge`): its names still resolve, to course_lib.bench.samplers."""
     import importlib
+    import types
 
     samplers = importlib.import_module(".samplers", __name__)
-    if name.startswith("__") or not hasattr(samplers, name):
+    # modules that samplers imports (torch, math, ...) are not its names: torch.compile's cache, walking
+    # attributes, asked for course_lib.bench.torch and got a warning
+    if name.startswith("__") or isinstance(getattr(samplers, name, types), types.ModuleType):
         raise AttributeError(f"module 'course_lib.bench' has no attribute {name!r}")
     from .._moved import moved_warning
 

@@ -106,6 +106,9 @@ def bench_ops(device: torch.device, sizes_mb, impls, progress=print) -> list[dic
             for op, (fn, moved) in _ops(n, device, torch.Generator().manual_seed(mb)).items():
                 for impl in impls:
                     if impl == "compile":
+                        # every op and size compiles the same lambda: without a reset, dynamo's recompile limit
+                        # (8) is hit by the ninth and the rest silently run eager
+                        torch._dynamo.reset()
                         compiled = torch.compile(lambda fn=fn: fn("torch"), dynamic=False)
                         run = compiled
                     else:
@@ -168,11 +171,34 @@ def main_kernels(json_path=None, force: bool = False, quick: bool = False, devic
     modes = ["eager"] + ([] if quick else ["compile"]) + (["graph"] if dev.type == "cuda" else [])
     records += bench_sampling(dev, modes, progress=progress)
     machine = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+    software = software_versions(dev)
     for r in records:
-        r["machine"] = machine
+        r["machine"], r["software"] = machine, software
     if json_path:
         write_json_atomic(records, json_path)
     return records
+
+
+def software_versions(dev: torch.device) -> dict:
+    """torch, Triton, and on a GPU CUDA and the driver (from nvidia-smi; None where it cannot be read)."""
+    import subprocess
+
+    out = {"torch": torch.__version__, "triton": None}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if dev.type == "cuda":
+        out["cuda"] = torch.version.cuda
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=60)
+            out["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else None
+        except (OSError, subprocess.SubprocessError):
+            out["driver"] = None
+    return out
 
 
 def summary_lines(records) -> list[str]:
@@ -188,10 +214,27 @@ def summary_lines(records) -> list[str]:
                      + (f", {eager['ms'] / r['ms']:.1f}x eager" if eager and impl != "eager" else "")
                      for impl, r in rows.items()]
             lines.append(f"{op} at {big >> 20} MB: " + "; ".join(parts))
+        for op in dict.fromkeys(r["op"] for r in sized if r["impl"] == "triton"):
+            from_mb = reaches(sized, op, "triton", 0.8)
+            lines.append(f"{op}: triton at 80% of copy or more " + (f"from {from_mb} MB up" if from_mb is not None
+                                                                     else "at no size measured"))
     for r in records:
         if r["samples_per_s"] is not None:
             lines.append(f"{r['op']} {r['impl']}: {r['samples_per_s']:.0f} samples/s")
     return lines
+
+
+def reaches(records, op: str, impl: str, fraction: float):
+    """The smallest size (MB) from which `impl` of `op` stays at `fraction` of copy bandwidth or more at every larger
+    size measured; None when it does not at the largest."""
+    rows = sorted((r for r in records if r["op"] == op and r["impl"] == impl and r["ms"] is not None),
+                  key=lambda r: -r["size"])
+    found = None
+    for r in rows:
+        if r["fraction_of_copy_bw"] < fraction:
+            break
+        found = r["size"] >> 20
+    return found
 
 
 def load_json(path) -> list[dict]:

@@ -19,6 +19,12 @@ TARGETS = (None, "eps", "x0", "v")
 MAX_GROUP = 1 << 16  # elements of one (sample, group) the GroupNorm kernel holds in one block
 
 
+
+def _compiling() -> bool:
+    """True while torch.compile traces (torch.compiler.is_compiling, torch >= 2.3; False before)."""
+    f = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(f()) if f else False
+
 def triton_available() -> bool:
     """True when the triton package imports."""
     try:
@@ -99,7 +105,8 @@ def q_sample(x0, eps, t, sqrt_ab, sqrt_1m_ab, target: str | None = None, impl: s
     t = torch.as_tensor(t, device=x0.device)
     if t.ndim != 1 or len(t) != len(x0) or t.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"t must hold one integer step per sample, shape ({len(x0)},); got {tuple(t.shape)} {t.dtype}")
-    if len(t) and (int(t.min()) < 0 or int(t.max()) >= len(sqrt_ab)):
+    # checked eagerly (a GPU sync); skipped while torch.compile traces, where it would break the graph
+    if len(t) and not _compiling() and (int(t.min()) < 0 or int(t.max()) >= len(sqrt_ab)):
         raise ValueError(f"t must be in [0, {len(sqrt_ab) - 1}], got values in [{int(t.min())}, {int(t.max())}]")
     if not use_triton(impl, x0, eps):
         return q_sample_reference(x0, eps, t, sqrt_ab, sqrt_1m_ab, target)

@@ -64,7 +64,8 @@ class OpProfile:
 
     def table(self, top: int = 12) -> str:
         lines = [f"{'operator':<40} {'share':>7} {'calls':>6}"]
-        lines += [f"{name:<40} {share:7.1%} {calls:6d}" for name, share, calls in self.ops[:top]]
+        lines += [f"{name if len(name) <= 40 else name[:39] + '~':<40} {share:7.1%} {calls:6d}"
+                  for name, share, calls in self.ops[:top]]
         return "\n".join(lines)
 
 
@@ -80,9 +81,19 @@ def profile_ops(fn, device=None) -> OpProfile:
         if device.type == "cuda":
             torch.cuda.synchronize()
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = [(e.key, getattr(e, attr), e.count) for e in prof.key_averages()]
+    events = _operator_rows([(e.key, getattr(e, attr), e.count) for e in prof.key_averages()], device.type)
     timed = [(k, t, c) for k, t, c in events if t > 0]
     total = sum(t for _, t, _ in timed) or 1.0
     ops = sorted(((k, t / total, c) for k, t, c in timed), key=lambda e: -e[1])
     ops += [(k, 0.0, c) for k, t, c in events if t <= 0]
     return OpProfile(ops, device.type)
+
+
+def _operator_rows(events: list, device_type: str) -> list:
+    """On CUDA the profiler lists each kernel twice: under the aten operator that launched it and under the
+    kernel's own name. Keep the operators, plus kernels no operator launched (the Triton ones, named
+    `..._kernel`), so that every microsecond is counted once and the table reads in operator names."""
+    if device_type != "cuda":
+        return events
+    return [(k, t, c) for k, t, c in events if k.startswith("aten::") or (k.endswith("_kernel") and k.isidentifier()
+                                                                          and not k.startswith(("sm", "cutlass")))]
