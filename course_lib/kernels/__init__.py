@@ -19,11 +19,11 @@ TARGETS = (None, "eps", "x0", "v")
 MAX_GROUP = 1 << 16  # elements of one (sample, group) the GroupNorm kernel holds in one block
 
 
-
 def _compiling() -> bool:
     """True while torch.compile traces (torch.compiler.is_compiling, torch >= 2.3; False before)."""
     f = getattr(getattr(torch, "compiler", None), "is_compiling", None)
     return bool(f()) if f else False
+
 
 def triton_available() -> bool:
     """True when the triton package imports."""
