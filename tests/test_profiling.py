@@ -44,5 +44,11 @@ def test_on_cuda_each_kernel_is_counted_once_under_its_operator():
     assert [k for k, _, _ in kept] == ["aten::cudnn_convolution", "aten::add_", "group_norm_silu_kernel"]
     assert sum(t for _, t, _ in kept) == 70.0  # 40 + 10 + 20: each microsecond once
     assert profiling._operator_rows(events, "cpu") == events
+    # the list names every Triton kernel the course launches, read from the module's source
+    import re
+    from pathlib import Path
+
+    source = (Path(profiling.__file__).parent / "triton_kernels.py").read_text()
+    assert sorted(profiling.TRITON_KERNELS) == sorted(re.findall(r"@triton\.jit\s*\ndef (\w+)", source))
     long = profiling.OpProfile([("x" * 60, 1.0, 1)]).table()
     assert max(len(line) for line in long.splitlines()) <= 40 + 15

@@ -20,9 +20,10 @@ def __getattr__(name: str):
     samplers = importlib.import_module(".samplers", __name__)
     # modules that samplers imports (torch, math, ...) are not its names: torch.compile's cache, walking
     # attributes, asked for course_lib.bench.torch and got a warning
-    if name.startswith("__") or isinstance(getattr(samplers, name, types), types.ModuleType):
+    value = getattr(samplers, name, types)  # `types` stands for "absent": a module, refused below
+    if name.startswith("__") or isinstance(value, types.ModuleType):
         raise AttributeError(f"module 'course_lib.bench' has no attribute {name!r}")
     from .._moved import moved_warning
 
     moved_warning(f"course_lib.bench.{name}", f"course_lib.bench.samplers.{name}")
-    return getattr(samplers, name)
+    return value

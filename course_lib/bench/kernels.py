@@ -96,7 +96,6 @@ def check_kernels(device: torch.device) -> list[dict]:
 def bench_ops(device: torch.device, sizes_mb, impls, progress=print) -> list[dict]:
     """Time each op at each size for each impl; bandwidth against the copy bandwidth measured at that size."""
     out = []
-    torch._dynamo.reset()  # a fresh compile cache: each op is compiled for each size, never reused stale
     with torch.no_grad():
         for mb in sizes_mb:  # the copy bandwidth at each size: small tensors may live in a cache
             copy = copy_bandwidth(mb << 20, device)

@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass, field
 
 HEAVY = ("conv", "mm", "matmul", "linear", "bmm", "addmm", "baddbmm", "_scaled_dot")
+# the @triton.jit functions of course_lib.kernels.triton_kernels (tests/test_profiling.py checks the list)
+TRITON_KERNELS = ("q_sample_kernel", "lincomb_kernel", "group_norm_silu_kernel")
 
 
 @contextlib.contextmanager
@@ -91,9 +93,8 @@ def profile_ops(fn, device=None) -> OpProfile:
 
 def _operator_rows(events: list, device_type: str) -> list:
     """On CUDA the profiler lists each kernel twice: under the aten operator that launched it and under the
-    kernel's own name. Keep the operators, plus kernels no operator launched (the Triton ones, named
-    `..._kernel`), so that every microsecond is counted once and the table reads in operator names."""
+    kernel's own name. Keep the operators, plus the course's Triton kernels (`TRITON_KERNELS`: no operator launches
+    them), so that every microsecond is counted once and the table reads in operator names."""
     if device_type != "cuda":
         return events
-    return [(k, t, c) for k, t, c in events if k.startswith("aten::") or (k.endswith("_kernel") and k.isidentifier()
-                                                                          and not k.startswith(("sm", "cutlass")))]
+    return [(k, t, c) for k, t, c in events if k.startswith("aten::") or k in TRITON_KERNELS]
