@@ -211,15 +211,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time limit per call of a learner's function (default 20)")
     p.add_argument("--memory-mb", type=int, default=6144, metavar="MB",
                    help="address-space limit per submission (default 6144)")
-    p.add_argument("--jobs", type=int, default=1, metavar="N", help="submissions graded at once (default 1)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="submissions graded at once, one core each "
+                                                                      "(default 1; use your number of cores)")
     p.add_argument("--scratch", metavar="DIR", help="where the per-submission scratch folders go (default: "
                                                     "the system temporary folder)")
     p.add_argument("--follow-symlinks", action="store_true",
                    help="grade symbolic links that point outside the given folders (refused by default)")
     p.add_argument("--released", metavar="DIR", help="the released student notebooks, whose unchanged cells are the "
                                                      "course's own code (default: notebooks/student of this course)")
+    p.add_argument("--shard", metavar="K/N", help="grade only shard K of N of the submissions (a hash of each name "
+                                                  "decides), for a cluster; merge the shards with merge-grades")
     p.add_argument("--force", action="store_true", help="start afresh: replace --out/--json and forget the journal")
     p.set_defaults(func=_grade)
+    p = sub.add_parser("merge-grades", help="merge the CSVs of every shard of a grading batch into one",
+                       description="Check the shards' manifests (written by grade --shard next to each CSV) and merge "
+                                   "their rows into one CSV (and JSON). Refuses a missing, repeated or unfinished "
+                                   "shard, shards that saw different submissions, and a CSV that disagrees with its "
+                                   "manifest.")
+    p.add_argument("shards", nargs="+", metavar="SHARD_CSV", help="the --out CSV of every shard")
+    p.add_argument("--out", required=True, metavar="CSV", help="the merged CSV")
+    p.add_argument("--json", metavar="PATH", help="also merge the shards' JSON (each shard must have been graded "
+                                                  "with --json)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out/--json")
+    p.set_defaults(func=lambda a: __import__("course_lib.grading.shards", fromlist=["main_merge"]).main_merge(a))
     p = sub.add_parser("train", help="train a preset model and write its checkpoint and JSON card",
                        description="Train one of the shipped models from scratch (reproducing data/NAME.pt), "
                                    "measure its sample quality and write NAME.pt plus NAME.json.")

@@ -122,10 +122,62 @@ def test_a_plain_euler_loop_passes_sample_loop_on_every_task():
         assert E.run_check("sample_loop", euler, seed=seed).passed, seed
 
 
+@pytest.mark.parametrize("name", sorted(n for n, ex in E.EXERCISES.items() if ex.shortcuts))
+def test_every_shortcut_around_the_algorithm_fails(name):
+    """Never calling the oracle, returning the course's own data, modes or means, exceeding the budget: each shortcut
+    written beside the exercise fails, with the verdict it names (three task seeds)."""
+    ex = E.EXERCISES[name]
+    for fn, fragment in ex.shortcuts:
+        for seed in range(3):
+            r = E.run_check(name, fn, seed=seed)
+            assert r.status == E.FAILED and fragment in r.message + " " + r.hint, (name, fn.__name__, seed, str(r))
+
+
+def test_every_behaviour_exercise_writes_down_its_shortcuts():
+    for name, ex in E.EXERCISES.items():
+        if ex.on_behaviour:
+            assert ex.shortcuts, f"{name} is graded on behaviour but lists no shortcut it is calibrated against"
+
+
+def _dpm_guided(denoise, x, sigmas, y, scale):
+    import math
+
+    prev = None
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        u = denoise(x, s)
+        d = u + scale * (denoise(x, s, y) - u)
+        if s_next == 0:
+            return d
+        h = math.log(s / s_next)
+        r = None if prev is None else math.log(float(sigmas[i - 1]) / s) / h
+        dd = d if prev is None else (1 + 1 / (2 * r)) * d - prev / (2 * r)
+        x, prev = (s_next / s) * x - math.expm1(-h) * dd, d
+    return x
+
+
+def _ancestral_guided(denoise, x, sigmas, y, scale):
+    for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+        d = torch.lerp(denoise(x, s), denoise(x, s, y), scale)
+        if s_next == 0:
+            return d
+        up = min(s_next, (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5)
+        down = (s_next**2 - up**2) ** 0.5
+        x = x + (down - s) * (x - d) / s + up * torch.randn_like(x)
+    return x
+
+
+@pytest.mark.parametrize("loop", [_dpm_guided, _ancestral_guided], ids=["dpmpp_2m", "euler_ancestral"])
+def test_the_guided_check_accepts_other_honest_samplers(loop):
+    """Not only the lesson's Euler loop: DPM-Solver++(2M) and the stochastic Euler ancestral loop pass (ten tasks)."""
+    for seed in range(10):
+        assert E.run_check("guided_sample_loop", loop, seed=seed).passed, seed
+
+
 def test_behaviour_exercises_grade_the_trained_weights_not_the_reported_loss():
     """A step that reports a falling loss but never trains fails on its weights; one that replaces the network fails."""
-    fake = iter(torch.linspace(1, 0.1, 10_000).tolist())
-    r = E.run_check("train_step", lambda model, optimizer, x0, alpha_bar: next(fake), seed=3)
+    calls = iter(range(1, 10**6))
+    r = E.run_check("train_step", lambda model, optimizer, x0, alpha_bar: 1.0 / next(calls), seed=3)
     assert r.status == E.FAILED and "never changed" in r.message
 
     def swap(model, optimizer, x0, alpha_bar):
@@ -133,3 +185,119 @@ def test_behaviour_exercises_grade_the_trained_weights_not_the_reported_loss():
         return 1.0
     r = E.run_check("train_step", swap, seed=3)
     assert r.status == E.FAILED and "different weights or shapes" in r.message
+
+
+def test_a_task_keeps_its_answer_out_of_the_calls():
+    """What a call of the learner's function receives holds no mixture, corpus or network: only the judge's private
+    part does, and the oracles that use it are replaced by placeholders until the call runs."""
+    from course_lib.grading.oracles import Oracle, OracleRef
+
+    for name, ex in E.EXERCISES.items():
+        if not ex.on_behaviour:
+            continue
+        task = ex.task(torch.Generator().manual_seed(0))
+        for call in task.calls:
+            for key, value in call.inputs.items():
+                assert isinstance(value, (torch.Tensor, int, float, OracleRef)), (name, key, type(value))
+            assert all(isinstance(o, Oracle) for o in call.oracles.values())
+            assert {v.name for v in call.inputs.values() if isinstance(v, OracleRef)} == set(call.oracles), name
+
+
+def test_tasks_are_fresh_and_not_the_course_s_own_data():
+    """Two seeds give different problems, and none is a ring or grid the lessons use."""
+    from course_lib.data import grid_of_gaussians, ring_of_gaussians
+    from course_lib.grading import tasks as T
+
+    lessons = [ring_of_gaussians(k, 1.0).modes for k in range(3, 10)] + [grid_of_gaussians().modes]
+    a, b = (T.separated_mixture(torch.Generator().manual_seed(s)) for s in (1, 2))
+    assert a.modes.shape != b.modes.shape or not torch.allclose(a.modes, b.modes)
+    for seed in range(20):
+        mix = T.separated_mixture(torch.Generator().manual_seed(seed))
+        d = torch.cdist(mix.modes, mix.modes) + torch.eye(len(mix.modes)) * 1e9
+        assert float(d.min()) >= 9 * mix.std - 1e-6  # every sample belongs to one mode
+        for modes in lessons:
+            if len(modes) == len(mix.modes):
+                assert torch.cdist(mix.modes, modes).min(1).values.max() > 0.1, seed
+    corpus = T.random_corpus(torch.Generator().manual_seed(0))
+    from course_lib.captions import decode, is_valid
+
+    assert sum(is_valid(t) for t in decode(corpus)) == 0  # not the caption grammar
+
+
+def test_an_oracle_counts_validates_and_logs():
+    from course_lib.grading import tasks as T
+    from course_lib.grading.oracles import BudgetExceeded
+
+    task = T.sampling_task(torch.Generator().manual_seed(0))
+    call = task.calls[0]
+    denoise, x, sigmas = call.oracles["denoise"], call.inputs["x"], call.inputs["sigmas"]
+    with pytest.raises(ValueError, match="shape"):
+        denoise(x[:10], 1.0)
+    with pytest.raises(ValueError, match="number"):
+        denoise(x, "one")
+    for s in sigmas[:-1]:
+        out = denoise(x, s)
+    assert out.shape == x.shape and denoise.log == [float(s) for s in sigmas[:-1]]
+    with pytest.raises(BudgetExceeded, match="budget"):
+        denoise(x, 1.0)
+    assert denoise.refused == 1 and len(denoise.log) == task.private["nfe"]
+    guided = T.guidance_task(torch.Generator().manual_seed(0)).calls[0].oracles["denoise"]
+    with pytest.raises(ValueError, match="integer labels"):
+        guided(x, 1.0, torch.zeros(len(x)))
+
+
+@pytest.mark.parametrize("name", sorted(n for n, ex in E.EXERCISES.items() if ex.refused))
+def test_an_exercise_that_refuses_a_library_says_so_where_the_learner_reads_it(name):
+    """Its rule is in the exercise's text in the lesson (the markdown just before the function), word for word, and
+    check() fails a function that uses the refused library with that rule as its hint."""
+    import json
+    import re
+    from pathlib import Path
+
+    ex = E.EXERCISES[name]
+    lesson = next(Path(__file__).resolve().parents[1].glob(f"notebooks/{ex.lesson:02d}_*.ipynb"))
+    cells = json.loads(lesson.read_text())["cells"]
+    k = next(i for i, c in enumerate(cells) if c["cell_type"] == "code" and re.search(rf"^def {name}\(",
+                                                                                     "".join(c["source"]), re.M))
+    text = " ".join("".join(cells[max(i for i in range(k) if cells[i]["cell_type"] == "markdown")]["source"]).split())
+    assert ex.rule in text, (name, text[-300:])
+
+
+def test_check_applies_the_rule_on_libraries_and_on_copying():
+    import torch.nn.functional as F
+
+    from course_lib import schedules
+
+    def cross_attention(x, context, mask, w_q, w_k, w_v, heads):
+        return F.scaled_dot_product_attention(x, x, x)
+
+    r = E.run_check("cross_attention", cross_attention)
+    assert r.status == E.FAILED and "scaled_dot_product_attention" in r.message and r.hint == E.EXERCISES[
+        "cross_attention"].rule
+
+    def alpha_bar_from_betas(betas):
+        return schedules.alpha_bar_from_betas(betas)
+
+    r = E.run_check("alpha_bar_from_betas", alpha_bar_from_betas)
+    assert r.status == E.FAILED and "computes this answer" in r.message
+
+    def discriminator_loss(real_logits, fake_logits):  # a library that computes the formula, where it is allowed
+        return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+                + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+
+    assert E.run_check("discriminator_loss", discriminator_loss).passed
+
+
+def test_what_the_oracle_saw_is_evidence_only_when_a_loop_leaves_the_schedule():
+    from course_lib.grading import tasks as T
+
+    def probing(denoise, x, sigmas):
+        denoise(x, 1e-3)  # asks where the modes are, at a level the schedule does not have
+        return x
+
+    for seed in range(3):
+        for loop, expected in ((E.ref_sample_loop, []), (_dpm_guided, None), (probing, "not the schedule's")):
+            task = (T.guidance_task if loop is _dpm_guided else T.sampling_task)(torch.Generator().manual_seed(seed))
+            E.run_task(loop, task)
+            found = T.off_schedule(task)
+            assert (found == [] if expected in ([], None) else expected in found[0]), (loop.__name__, found)

@@ -1,5 +1,7 @@
-"""The batch grader: source lessons score full marks, student copies zero, and hostile submissions cannot break the
-batch, forge or copy a grade, outlive their grading, reach the network or read what is not theirs."""
+"""The batch grader: hostile submissions cannot break the batch, earn an unflagged point by copying or skipping the
+algorithm, forge a grade, outlive their grading, reach the network or read what is not theirs; the grader stays small
+and linear on inputs built to blow it up; shards merge only when complete. (Honest submissions in every style get full
+marks with no flag: tests/test_grading_honest.py.)"""
 import csv
 import hashlib
 import json
@@ -7,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import nbformat
@@ -14,12 +17,12 @@ import pytest
 import torch
 
 from course_lib import grading
-from course_lib.grading import Limits, channel, definitions, grade_batch, identity, lesson_of, read_cells, scan
+from course_lib.grading import Limits, channel, definitions, grade_batch, lesson_of, read_cells, reader, scan
 from course_lib.grading import batch as B
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
-FAST = Limits(timeout=150, cell_timeout=6, call_timeout=4, grace=10, memory_mb=3072, threads=1)  # generous: a busy machine
+FAST = Limits(timeout=150, cell_timeout=6, call_timeout=4, grace=10, memory_mb=3072)  # generous: a busy machine
 MARKER = "course-grader-test-escapee"  # in the command line of every process a hostile submission starts
 
 IMPORTS = "import os, sys, signal, shutil, torch\nfrom course_lib import check, progress"
@@ -31,6 +34,8 @@ GOOD1 = ["def alpha_bar_from_betas(betas):\n    return torch.cumprod(1 - betas, 
          "    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise",
          "def log_snr(alpha_bar):\n    return torch.log(alpha_bar / (1 - alpha_bar))"]
 LIB = "from course_lib import schedules"
+EULER = ("def sample_loop(denoise, x, sigmas):\n    for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):\n"
+         "        d = denoise(x, s)\n        x = d if s_next == 0 else x + (s_next - s) * (x - d) / s\n    return x")
 SPAWN = ("import _posixsubprocess\n"  # a setsid child started without any audit event
          "exe = os.fsencode(sys.executable)\n"
          "_posixsubprocess.fork_exec([exe, b'-c', b'import time; time.sleep(600)', b'{marker}'], [exe], True, (), "
@@ -101,9 +106,21 @@ def test_read_cells_rejects_broken_oversized_and_deep_files_with_a_reason():
     code = json.dumps({"cells": [{"cell_type": "code", "source": "x = 1\n" * 400_000}]}).encode()
     with pytest.raises(ValueError, match="over the limit"):
         read_cells(code)
-    many = json.dumps({"cells": [{"cell_type": "code", "source": ""}] * (B.MAX_CELLS + 1)}).encode()
+    many = json.dumps({"cells": [{"cell_type": "code", "source": ""}] * (reader.MAX_CELLS + 1)}).encode()
     with pytest.raises(ValueError, match="cells"):
         read_cells(many)
+
+
+def test_a_notebook_that_would_take_gigabytes_to_parse_is_refused_by_the_reader_s_memory_limit(tmp_path):
+    """32 MB of empty JSON objects is ten million dictionaries (about 700 MB): the reader process, not the grader,
+    runs out of its memory, and the grader reports why. A lesson notebook reads fine."""
+    path = tmp_path / "00_objects.ipynb"
+    with open(path, "w") as f:
+        f.write('{"cells": [' + "{}," * ((reader.MAX_NOTEBOOK_BYTES - 100) // 3) + "{}]}")
+    with pytest.raises(ValueError, match="not a readable notebook"):
+        B.read_submission(str(path))
+    sha, cells, meta = B.read_submission(str(NOTEBOOKS / "student" / "03_samplers.ipynb"))
+    assert len(sha) == 64 and any("def sample_loop" in src for _, src in cells) and meta == {"course_lib": {"lesson": 3}}
 
 
 def test_text_from_submissions_is_escaped_and_capped():
@@ -164,57 +181,149 @@ def test_channel_decodes_tensors_and_refuses_frames_past_its_bounds():
             channel.decode(payload)
 
 
-def test_fingerprints_see_a_copied_function_under_any_name_but_not_an_honest_rewrite():
-    import inspect
-    import types
+def _rules(*names):
+    from course_lib.exercises import EXERCISES, LIBRARY_EQUIVALENTS
 
-    from course_lib import schedules
-
-    lib = schedules.alpha_bar_from_betas
-    clone = types.FunctionType(lib.__code__.replace(co_name="mine", co_filename="x.py", co_firstlineno=7), {})
-    ns = dict(vars(schedules))
-    exec(compile(inspect.getsource(lib).replace("def alpha_bar_from_betas", "def mine"), "<cell>", "exec"), ns)
-
-    def honest(betas):
-        return torch.cumprod(1 - betas, 0)
-
-    want = identity.fingerprint(lib.__code__)
-    assert identity.fingerprint(clone.__code__) == identity.fingerprint(ns["mine"].__code__) == want
-    assert identity.fingerprint(honest.__code__) != want
-    library, refs = B.answer_fingerprints()
-    assert want in library["alpha_bar_from_betas"] and library["alpha_bar_from_betas"][want].endswith("alpha_bar_from_betas")
-
-    def wrapper(betas):
-        return lib(betas)
-
-    codes, evidence = identity.reach(wrapper)
-    assert want in {identity.fingerprint(c) for c in codes} and not evidence
-    traced = torch.jit.trace(lib, torch.rand(5, dtype=torch.float64) * 0.1)
-    assert any("TorchScript" in e for e in identity.reach(lambda b: traced(b))[1])
+    return {n: scan.Rule(frozenset(LIBRARY_EQUIVALENTS.get(n, ())), EXERCISES[n].refused) for n in names}
 
 
-def test_the_source_scan_reads_changed_cells_only_and_follows_the_graded_function():
-    lesson = {scan.normalize("import torch\nfrom course_lib import schedules"),
-              scan.normalize("import inspect\nprint(inspect.getsource(schedules.q_sample))")}
-    cells = [(1, "import torch\nfrom course_lib import schedules"),
-             (2, "import inspect\nprint(inspect.getsource(schedules.q_sample))"),  # the lesson's own: trusted
-             (3, "lib = schedules.alpha_bar_from_betas\ndef helper(b):\n    return lib(b)"),
-             (4, "def alpha_bar_from_betas(betas):\n    return helper(betas)"),
-             (5, "def log_snr(alpha_bar):\n    return torch.log(alpha_bar / (1 - alpha_bar))\n"
-                 "assert torch.allclose(log_snr(ab), schedules.log_snr_from_alpha_bar(ab))"),  # a self-check
-             (6, "%run evil.py\nx = getattr(torch, 'lo' + 'ad')\nsignal.signal(14, print)\nclass T(torch.Tensor): pass")]
-    graded = {"alpha_bar_from_betas": {"course_lib.schedules.alpha_bar_from_betas"},
-              "log_snr": {"course_lib.schedules.log_snr_from_alpha_bar"}}
-    tamper, copy = scan.scan(cells, lesson, graded, {"ref_q_sample"})
-    what = {f.what for f in tamper}
-    assert {"uses the magic %run", "calls getattr() with a computed attribute name", "uses signal.signal",
-            "defines a torch.Tensor subclass"} <= what
-    assert not any("inspect" in w for w in what)  # the lesson itself uses inspect
-    assert [f.what for f in copy["alpha_bar_from_betas"]] == [
-        "uses course_lib's alpha_bar_from_betas, which computes this answer"]
-    assert copy["log_snr"] == []  # the library is only used to check the learner's answer, not to compute it
-    threads = scan.scan([(1, "import threading, subprocess, socket")], set(), {}, set())[0]
-    assert threads == []  # refused by the sandbox at run time, and unable to change a grade: not flagged
+def _findings(cells, *names, trusted=()):
+    from course_lib.exercises import EXERCISES
+
+    tamper, per = scan.scan(list(enumerate(cells, 1)), {scan.normalize(c) for c in trusted}, _rules(*names),
+                            {ex.reference.__name__ for ex in EXERCISES.values()})
+    return [f.what for f in tamper], {n: sorted((f.kind, f.what) for f in per[n]) for n in names}
+
+
+def test_the_scan_follows_the_graded_function_through_the_notebook_by_scope():
+    lesson = ("import torch\nfrom course_lib import schedules", "import inspect\nprint(inspect.getsource(schedules.q_sample))")
+    cells = [*lesson,
+             "lib = schedules.alpha_bar_from_betas\ndef helper(b):\n    return lib(b)",
+             "def alpha_bar_from_betas(betas):\n    return helper(betas)",
+             "def log_snr(alpha_bar):\n    return torch.log(alpha_bar / (1 - alpha_bar))\n"
+             "assert torch.allclose(log_snr(ab), schedules.log_snr_from_alpha_bar(ab))",  # a self-check: fine
+             "from course_lib.forward import q_sample\n"
+             "def q_sample(x0, t, alpha_bar, noise):\n    sample = alpha_bar[t]\n    return sample.sqrt() * x0\n"
+             "%run evil.py\nx = getattr(torch, 'lo' + 'ad')\nsignal.signal(14, print)"]
+    tamper, found = _findings(cells, "alpha_bar_from_betas", "log_snr", "q_sample", trusted=lesson)
+    assert found["alpha_bar_from_betas"] == [("copy", "uses course_lib.schedules.alpha_bar_from_betas, which computes "
+                                                      "this answer")]
+    assert found["log_snr"] == [] and found["q_sample"] == []  # the later def replaces the import; `sample` is local
+    assert {"uses the magic %run (runs code from elsewhere)", "looks names up dynamically (getattr() with a computed "
+            "attribute name)"} <= set(tamper)
+    assert not any("inspect" in w for w in tamper)  # the lesson itself uses inspect
+
+
+@pytest.mark.parametrize("cells, name, kind, fragment", [
+    (["from course_lib import schedules", "def make():\n    f = schedules.alpha_bar_from_betas\n    return lambda b: f(b)\n"
+      "alpha_bar_from_betas = make()"], "alpha_bar_from_betas", "copy", "computes this answer"),
+    (["import course_lib.forward", "def setup():\n    global q_sample\n    q_sample = course_lib.forward.q_sample",
+      "setup()"], "q_sample", "copy", "computes this answer"),
+    (["import functools\nfrom course_lib import schedules as S",
+      "alpha_bar_from_betas = functools.partial(S.alpha_bar_from_betas)"], "alpha_bar_from_betas", "copy", "computes"),
+    (["from course_lib import schedules", "@(lambda f: schedules.alpha_bar_from_betas)\ndef alpha_bar_from_betas(b):\n"
+      "    return b"], "alpha_bar_from_betas", "copy", "computes this answer"),
+    (["from course_lib.exercises import ref_q_sample as r", "def q_sample(*a):\n    return r(*a)"], "q_sample", "copy",
+     "exercise references"),
+    (["from course_lib import schedules", "def alpha_bar_from_betas(b):\n    return schedules.NoiseSchedule(b).alpha_bar"],
+     "alpha_bar_from_betas", "review", "can compute this answer"),
+    (["from course_lib import pretrained\nm = pretrained.load('shapes_ldm')",
+      "def cross_attention(x, context, mask, w_q, w_k, w_v, heads):\n    return type(m.unet.mid)(x)"], "cross_attention",
+     "review", "object made by course_lib.pretrained.load"),
+    (["import torch, io\nf = torch.load(io.BytesIO(b'x'), weights_only=False)", "def alpha_bar_from_betas(b):\n"
+      "    return f(b)"], "alpha_bar_from_betas", "review", "torch.load"),
+    (["import functools, course_lib", "def alpha_bar_from_betas(b):\n    return functools.reduce(getattr, ['schedules', "
+      "'alpha_bar_from_betas'], course_lib)(b)"], "alpha_bar_from_betas", "review", "getattr used as a value"),
+    (["import torch.nn.functional as F", "def cross_attention(x, context, mask, w_q, w_k, w_v, heads):\n"
+      "    return F.scaled_dot_product_attention(x, x, x)"], "cross_attention", "refused", "scaled_dot_product"),
+    (["from torch import nn\nmha = nn.MultiheadAttention(8, 2)", "def dit_block(*args):\n    return mha(*args)"],
+     "dit_block", "refused", "torch.nn.MultiheadAttention"),
+    (["from diffusers import DDIMScheduler", "def karras_sigmas(n, sigma_min, sigma_max, rho):\n"
+      "    return DDIMScheduler().sigmas"], "karras_sigmas", "refused", "diffusers"),
+])
+def test_the_scan_finds_copies_refused_libraries_and_what_it_cannot_follow(cells, name, kind, fragment):
+    _, found = _findings(cells, name)
+    assert any(k == kind and fragment in w for k, w in found[name]), found[name]
+    if kind == "review":
+        assert not any(k == "copy" for k, _ in found[name])  # not enough evidence to take the points
+
+
+def test_the_scan_is_linear_in_the_code():
+    """`x = x = ... = 1` (24 kB) and a chain of 2,000 helpers, each named by the next: every statement is read at most
+    twice (once for the notebook's tamper scan, once when the graded function reaches it)."""
+    import course_lib.grading.scan as S
+
+    calls = []
+    real = S.global_refs
+
+    def counting(node):
+        calls.append(id(node))
+        return real(node)
+
+    chain = "\n".join(f"def h{i}(b):\n    return h{i - 1}(b)" for i in range(1, 2000))
+    cells = ["x = " * 6000 + "1", "def h0(b):\n    return x", chain, "def alpha_bar_from_betas(b):\n    return h1999(b)"]
+    S.global_refs = counting
+    try:
+        _findings(cells, "alpha_bar_from_betas")
+    finally:
+        S.global_refs = real
+    from collections import Counter
+
+    assert len(set(calls)) == 2002 and max(Counter(calls).values()) <= 2
+
+
+def test_the_library_graph_agrees_with_what_runs():
+    """Static reachability against a run-time trace: what NoiseSchedule(b).alpha_bar and samplers.sample call."""
+    from course_lib import samplers, schedules
+    from course_lib.grading.libgraph import graph
+
+    lib = graph()
+    seen = set()
+
+    def trace(frame, event, arg):
+        if event == "call" and frame.f_globals.get("__name__", "").startswith("course_lib"):
+            seen.add(f"{frame.f_globals['__name__']}.{frame.f_code.co_name}")
+
+    from course_lib.analytic import gaussian_denoiser
+
+    sys.setprofile(trace)
+    try:
+        schedules.NoiseSchedule(torch.linspace(1e-4, 0.02, 20, dtype=torch.float64)).alpha_bar
+        samplers.sample(gaussian_denoiser(0.5), torch.randn(10, 2), sampler="dpmpp_2m", steps=5)
+    finally:
+        sys.setprofile(None)
+    assert {"course_lib.schedules.alpha_bar_from_betas", "course_lib.samplers.sample_dpmpp_2m"} <= seen
+    assert "course_lib.schedules.NoiseSchedule" in lib.reaching(frozenset({"course_lib.schedules.alpha_bar_from_betas"}))
+    assert "course_lib.samplers.sample" in lib.reaching(frozenset({"course_lib.samplers.sample_dpmpp_2m"}))
+    assert "course_lib.plotting.scatter_2d" not in lib.reaching(frozenset({"course_lib.samplers.sample_dpmpp_2m"}))
+    assert lib.node("course_lib.nets.CrossAttention") == "course_lib.nets.cross_attention.CrossAttention"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="seccomp is Linux's")
+def test_after_confinement_the_kernel_refuses_threads_and_processes_however_they_are_started():
+    """A thread through threading, through the original _thread function the audit hook never saw, or a fork: the
+    seccomp filter refuses the clone itself, so no Python-level bypass helps. torch keeps working."""
+    script = textwrap.dedent("""
+        import os, _thread, threading, torch
+        from course_lib.grading import sandbox
+        start = _thread.start_new_thread
+        assert sandbox.seccomp_confine()
+        out = []
+        for name, go in [("threading", lambda: threading.Thread(target=print).start()),
+                         ("_thread", lambda: start(print, ())), ("fork", os.fork)]:
+            try:
+                go()
+                out.append(name + " started")
+            except (RuntimeError, OSError) as e:
+                out.append(name + " refused")
+        x = torch.randn(64, 64, requires_grad=True)
+        (x @ x).sum().backward()
+        print(out, bool(torch.isfinite(x.grad).all()))
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "['threading refused', '_thread refused', 'fork refused'] True"
 
 
 # ---- hostile and broken submissions, one batch --------------------------------------------------
@@ -240,37 +349,22 @@ CASES = {
                          {"noise_images": T}, "did not return", ""),
     "00_sys_exit": ([IMPORTS, "sys.exit(3)", GOOD0], {"noise_images": P}, "", ""),
     "00_os_exit": ([IMPORTS, GOOD0, "os._exit(0)"], {"noise_images": P}, "ended the grading process", ""),
-    "00_kills_itself": ([IMPORTS, "os.kill(os.getpid(), signal.SIGKILL)", GOOD0], {"noise_images": P}, "signal 9", ""),
+    "00_kills_itself": ([IMPORTS, "os.kill(os.getpid(), signal.SIGKILL)", GOOD0], {"noise_images": P}, "signal 9",
+                        "review"),
     "00_memory_blowup": ([IMPORTS, "hog = [bytearray(1 << 28) for _ in range(10_000)]", GOOD0], {"noise_images": P},
                          "", ""),
     "00_memory_in_function": ([IMPORTS, "def noise_images(x, sigma, noise):\n    return torch.empty(1 << 40)"],
                               {"noise_images": F}, "RuntimeError", ""),
     "00_fork": ([IMPORTS, "pid = os.fork()\nif pid == 0:\n    while True: pass", GOOD0,
                  "import subprocess\nsubprocess.Popen(['sleep', '600'])"], {"noise_images": P}, "", ""),
-    "00_vandal": ([IMPORTS, "VICTIM", GOOD0], {"noise_images": P}, "", ""),
-    "00_forger": ([IMPORTS, WRONG0, "import course_lib, course_lib.exercises as E\n"
-                   "E.judge = lambda *a, **k: None\ncourse_lib.check = check = lambda *a: print('passed') or True\n"
-                   "print('noise_images: passed. 1/1 points')", CHECK0], {"noise_images": F}, "own sigma", "tampered"),
-    "00_replaces_code": ([IMPORTS, GOOD0, "def other(x, sigma, noise):\n    return x\n"
-                          "noise_images.__code__ = other.__code__"], {"noise_images": F},
-                         "replacing a function's __code__", "tampered"),
-    "00_code_by_wrapper": ([IMPORTS, GOOD0, "import functools\ndef other(x, sigma, noise):\n    return x\n"
-                            "functools.update_wrapper(noise_images, other, assigned=('__code__',))"],
-                           {"noise_images": F}, "replacing a function's __code__", "tampered"),
-    # the one __code__ change allowed: @types.coroutine's flag (trio does it when diffusers is imported)
+    "00_vandal": ([IMPORTS, "VICTIM", GOOD0], {"noise_images": F}, "signalling other processes", "tampered"),
     "00_types_coroutine": ([IMPORTS, "import types\n@types.coroutine\ndef waits():\n    yield", GOOD0],
                            {"noise_images": P}, "", ""),
-    "00_copies_reference": ([IMPORTS, "from course_lib.exercises import ref_noise_images\n"
-                             "def noise_images(x, sigma, noise):\n    return ref_noise_images(x, sigma, noise)"],
-                            {"noise_images": F}, "exercise references", "library_reference"),
     "00_deleted_exercise": ([IMPORTS, "print('I removed the exercise')"], {"noise_images": N}, "deleted", ""),
     "00_duplicated_exercise": ([IMPORTS, WRONG0, CHECK0, GOOD0, CHECK0], {"noise_images": P}, "cells 3, 5", ""),
     "00_not_a_function": ([IMPORTS, "noise_images = 3"], {"noise_images": F}, "not a function", ""),
     "01_mixed": ([IMPORTS, GOOD1[0], "def q_sample(x0, t, alpha_bar, noise):\n    os._exit(1)", GOOD1[2]],
                  {"alpha_bar_from_betas": P, "q_sample": F, "log_snr": P}, "", ""),
-    "01_library": ([IMPORTS, "from course_lib.schedules import alpha_bar_from_betas", *GOOD1[1:]],
-                   {"alpha_bar_from_betas": F, "q_sample": P, "log_snr": P}, "computes this answer", "library_reference"),
-    # 1. one bad submission must not cost the others their rows
     "00_surrogate_raises": ([IMPORTS, "def noise_images(x, sigma, noise):\n    raise ValueError('\\ud800 lone')"],
                             {"noise_images": F}, "\\ud800 lone", ""),
     "00_surrogate_cell": ([IMPORTS, "print('\\udcff'); raise RuntimeError('\\ud800')", GOOD0], {"noise_images": P},
@@ -283,68 +377,130 @@ CASES = {
     "00_unreadable_message": ([IMPORTS, "class Bad(Exception):\n    def __str__(self):\n        raise RuntimeError\n"
                                "def noise_images(x, sigma, noise):\n    raise Bad()"],
                               {"noise_images": F}, "could not be read", ""),
-    # 2. points without writing the code
+    "00_deep_assignments": ([IMPORTS, "x = " * 6000 + "1", GOOD0], {"noise_images": P}, "", ""),
+    # nothing watches a graded call from inside: no profiler, no tracer (they made honest code 10,000x slower)
+    "00_no_instrumentation": ([IMPORTS, "def noise_images(x, sigma, noise):\n"
+                               "    assert sys.getprofile() is None and sys.gettrace() is None\n"
+                               "    return x + sigma.view(-1, *[1] * (x.ndim - 1)) * noise"], {"noise_images": P}, "", ""),
+    # forging a grade: the verdict is made in the grader, so the worker has nothing to forge
+    "00_forger": ([IMPORTS, WRONG0, "import course_lib, course_lib.exercises as E\n"
+                   "E.judge = lambda *a, **k: None\ncourse_lib.check = check = lambda *a: print('passed') or True\n"
+                   "print('noise_images: passed. 1/1 points')", CHECK0], {"noise_images": F}, "own sigma", "tampered"),
+    "00_replaces_code": ([IMPORTS, GOOD0, "def other(x, sigma, noise):\n    return x\n"
+                          "noise_images.__code__ = other.__code__"], {"noise_images": F},
+                         "replacing a function's __code__", "tampered"),
+    "01_forges_the_channel": ([IMPORTS, "def alpha_bar_from_betas(betas):\n    return betas * 0", *GOOD1[1:],
+                               "FORGE"], {"alpha_bar_from_betas": F, "q_sample": F, "log_snr": F}, "channel",
+                              "tampered"),
+    "00_ctypes": ([IMPORTS, "import ctypes\nprint(ctypes.CDLL(None).getpid())", GOOD0], {"noise_images": F},
+                  "native code", "tampered"),
+    "00_cffi": ([IMPORTS, "import cffi\nffi = cffi.FFI()", GOOD0], {"noise_images": F}, "cffi", "tampered"),
+    "00_threads": ([IMPORTS, "import threading\nthreading.Thread(target=print).start()", GOOD0], {"noise_images": P},
+                   "", ""),
+    # processes and the network
+    "00_setsid_child": ([IMPORTS, SPAWN, GOOD0], {"noise_images": P}, "", "review"),
+    "00_udp": ([IMPORTS, "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                "s.sendto(b'leak', ('127.0.0.1', UDP_PORT))", "import _socket\n"
+                "_socket.socket(2, 2).sendto(b'leak', ('127.0.0.1', UDP_PORT))", GOOD0], {"noise_images": P}, "",
+               "review"),
+    "00_unix_socket": ([IMPORTS, "import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect(UNIX_PATH)\n"
+                        "s.sendall(b'leak')", GOOD0], {"noise_images": P}, "", "review"),
+    # privacy
+    "00_snoop": ([IMPORTS, "SNOOP", GOOD0], {"noise_images": F}, "reading", "tampered"),
+    "01_reads_solutions": ([IMPORTS, f"src = open({str(NOTEBOOKS / '01_forward_process.ipynb')!r}).read()", *GOOD1],
+                           {n: F for n in ALL1}, "reading", "tampered"),
+    "01_reads_references": ([IMPORTS, f"src = open({str(ROOT / 'course_lib' / 'exercises' / 'lesson01.py')!r}).read()",
+                             f"names = os.listdir({str(ROOT / 'course_lib' / 'exercises')!r})", *GOOD1],
+                            {n: F for n in ALL1}, "reading", "tampered"),
+    "00_imports_what_it_wrote": ([IMPORTS, "open('helper.py', 'w').write('def noise_images(x, sigma, noise):\\n'\n"
+                                  "'    return x + sigma.view(-1, *[1] * (x.ndim - 1)) * noise\\n')",
+                                  "from helper import noise_images"], {"noise_images": F}, "ModuleNotFoundError", ""),
+    # behaviour: the oracles stay in the grader
+    "03_euler": ([IMPORTS, EULER], {"sample_loop": P}, "spread", ""),
+    "03_course_data": ([IMPORTS, "from course_lib.data import ring_of_gaussians\n"
+                        "def sample_loop(denoise, x, sigmas):\n    return ring_of_gaussians(8, 1.0, 0.08).sample(len(x))"],
+                       {"sample_loop": F}, "land near one of", ""),
+    "03_heun_catches_the_budget": ([IMPORTS, "def sample_loop(denoise, x, sigmas):\n"
+                                    "    for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):\n"
+                                    "        try:\n            d = denoise(x, s)\n            d2 = denoise(x, s)\n"
+                                    "        except Exception:\n            pass\n"
+                                    "        x = d if s_next == 0 else x + (s_next - s) * (x - d) / s\n    return x"],
+                                   {"sample_loop": F}, "more than the budget", ""),
+    "03_looks_inside_the_oracle": ([IMPORTS, "def sample_loop(denoise, x, sigmas):\n"
+                                    "    return denoise.fn.__self__.modes[torch.randint(3, (len(x),))]"],
+                                   {"sample_loop": F}, "AttributeError", "review"),
+    "03_asks_for_another_oracle": ([IMPORTS, "def sample_loop(denoise, x, sigmas):\n"
+                                    "    denoise._chan.send('oracle', oracle='mixture', args=[], kwargs={})\n"
+                                    "    return denoise._chan.recv()"], {"sample_loop": F}, "channel", "tampered"),
+    "03_off_the_schedule": ([IMPORTS, EULER.replace("denoise(x, s)", "denoise(x, s * 1.01)")], {"sample_loop": P},
+                            "noise levels that are not the schedule's", "review"),
+    "10_course_captions": ([IMPORTS, "from course_lib.captions import caption_corpus\n"
+                            "def unmask_sample(denoise, x, steps, mask_id):\n"
+                            "    return caption_corpus(len(x), 'train', seed=1)[0]"], {"unmask_sample": F},
+                           "rows of the corpus", ""),
+}
+# copies and shortcuts: what each earns, and the one rule over all of them: no point without a flag
+COPIES = {
+    "00_copies_reference": ([IMPORTS, "from course_lib.exercises import ref_noise_images\n"
+                             "def noise_images(x, sigma, noise):\n    return ref_noise_images(x, sigma, noise)"],
+                            {"noise_images": F}, "exercise references", "library_reference"),
+    "01_library": ([IMPORTS, "from course_lib.schedules import alpha_bar_from_betas", *GOOD1[1:]],
+                   {"alpha_bar_from_betas": F, "q_sample": P, "log_snr": P}, "computes this answer", "library_reference"),
+    "01_alias_helper": ([IMPORTS, LIB, "lib = schedules.alpha_bar_from_betas\ndef helper(b):\n    return lib(b)",
+                         "def alpha_bar_from_betas(betas):\n    return helper(betas)", *GOOD1[1:]],
+                        {"alpha_bar_from_betas": F, "q_sample": P, "log_snr": P}, "computes", "library_reference"),
+    "01_closure_factory": ([IMPORTS, LIB, "def make():\n    f = schedules.alpha_bar_from_betas\n    return lambda b: f(b)\n"
+                            "alpha_bar_from_betas = make()", *GOOD1[1:]],
+                           {"alpha_bar_from_betas": F, "q_sample": P, "log_snr": P}, "computes", "library_reference"),
+    "01_global_declaration": ([IMPORTS, "import course_lib.forward\ndef setup():\n    global q_sample\n"
+                               "    q_sample = course_lib.forward.q_sample", GOOD1[0],
+                               "def q_sample(x0, t, alpha_bar, noise):\n    raise NotImplementedError", GOOD1[2],
+                               "setup()"], {"alpha_bar_from_betas": P, "q_sample": F, "log_snr": P}, "computes",
+                              "library_reference"),
+    "01_partial": ([IMPORTS, LIB, "import functools\n"
+                    "alpha_bar_from_betas = functools.partial(schedules.alpha_bar_from_betas)", *GOOD1[1:]],
+                   {"alpha_bar_from_betas": F, "q_sample": P, "log_snr": P}, "computes", "library_reference"),
     "01_bytecode_clone": ([IMPORTS, LIB, "import types\nf = schedules.alpha_bar_from_betas\n"
                            "alpha_bar_from_betas = types.FunctionType(f.__code__.replace(co_name='mine'), f.__globals__)",
-                           *GOOD1[1:]], {"alpha_bar_from_betas": F, "q_sample": F, "log_snr": F}, "__code__",
-                          "library_reference"),
-    "01_source_reexec": ([IMPORTS, LIB, "import inspect\nns = dict(vars(schedules))\n"
-                          "exec(inspect.getsource(schedules.alpha_bar_from_betas).replace('def alpha_bar_from_betas', 'def mine'), ns)\n"
-                          "alpha_bar_from_betas = ns['mine']", *GOOD1[1:]],
-                         {"alpha_bar_from_betas": F, "q_sample": F, "log_snr": F}, "contains the code of",
-                         "library_reference"),
-    "01_module_file_reexec": ([IMPORTS, LIB, "import ast\ntree = ast.parse(open(schedules.__file__).read())\n"
-                               "fn = [n for n in tree.body if getattr(n, 'name', '') == 'alpha_bar_from_betas'][0]\n"
-                               "fn.name = 'mine'\nns = dict(vars(schedules))\n"
-                               "exec(compile(ast.Module([fn], []), 'x', 'exec'), ns)\nalpha_bar_from_betas = ns['mine']",
-                               *GOOD1[1:]], {"alpha_bar_from_betas": F, "q_sample": F, "log_snr": F},
-                              "contains the code of", "library_reference"),
-    "01_thread": ([IMPORTS, LIB, "import threading\ndef alpha_bar_from_betas(betas):\n    out = []\n"
-                   "    t = threading.Thread(target=lambda: out.append(schedules.alpha_bar_from_betas(betas)))\n"
-                   "    t.start(); t.join()\n    return out[0]", *GOOD1[1:]],
-                  {"alpha_bar_from_betas": F, "q_sample": P, "log_snr": P}, "computes this answer", "library_reference"),
-    "01_profiler_off": ([IMPORTS, LIB, "lib = schedules.alpha_bar_from_betas\ndef alpha_bar_from_betas(betas):\n"
-                         "    p = sys.getprofile()\n    sys.setprofile(None)\n    try:\n        return lib(betas)\n"
-                         "    finally:\n        sys.setprofile(p)", *GOOD1[1:]],
-                        {"alpha_bar_from_betas": F, "q_sample": F, "log_snr": F}, "sys.setprofile", "library_reference"),
+                           *GOOD1[1:]], {n: F for n in ALL1}, "computes", "library_reference"),
     "01_jit_trace": ([IMPORTS, LIB, "traced = torch.jit.trace(schedules.alpha_bar_from_betas, "
                       "torch.rand(9, dtype=torch.float64) * 0.1)\ndef alpha_bar_from_betas(betas):\n"
                       "    return traced(betas)", *GOOD1[1:]],
-                     {"alpha_bar_from_betas": F, "q_sample": P, "log_snr": P}, "torch.jit", "library_reference"),
-    "01_hidden_name": ([IMPORTS, LIB, "name = 'alpha_bar_' + 'from_betas'\ndef alpha_bar_from_betas(betas):\n"
-                        "    return getattr(schedules, name)(betas)", *GOOD1[1:]],
-                       {"alpha_bar_from_betas": F, "q_sample": F, "log_snr": F}, "while graded", "library_reference"),
+                     {"alpha_bar_from_betas": F, "q_sample": P, "log_snr": P}, "computes", "library_reference"),
     "01_lazy_subclass": ([IMPORTS, LIB, "class Lazy(torch.Tensor):\n    @classmethod\n"
                           "    def __torch_function__(cls, func, types, args=(), kwargs=None):\n"
                           "        with torch._C.DisableTorchFunctionSubclass():\n"
                           "            return schedules.alpha_bar_from_betas(args[0].as_subclass(torch.Tensor))\n"
                           "def alpha_bar_from_betas(betas):\n    return betas.as_subclass(Lazy)", *GOOD1[1:]],
-                         {"alpha_bar_from_betas": F, "q_sample": F, "log_snr": F}, "subclass", "library_reference"),
-    "01_reads_solutions": ([IMPORTS, f"src = open({str(NOTEBOOKS / '01_forward_process.ipynb')!r}).read()", *GOOD1],
-                           {n: P for n in ALL1}, "", ""),
-    "01_reads_references": ([IMPORTS, f"src = open({str(ROOT / 'course_lib' / 'exercises' / 'lesson01.py')!r}).read()",
-                             f"names = os.listdir({str(ROOT / 'course_lib' / 'exercises')!r})", *GOOD1],
-                            {n: P for n in ALL1}, "", ""),
-    "01_imports_references": ([IMPORTS, "import importlib\nE = importlib.import_module('course_lib.exercises')\n"
-                               "alpha_bar_from_betas = E.ref_alpha_bar_from_betas", *GOOD1[1:]],
-                              {"alpha_bar_from_betas": F, "q_sample": F, "log_snr": F}, "exercise references",
-                              "library_reference"),
-    "01_forges_the_channel": ([IMPORTS, "def alpha_bar_from_betas(betas):\n    return betas * 0", *GOOD1[1:],
-                               "FORGE"], {"alpha_bar_from_betas": F, "q_sample": F, "log_snr": F}, "os.write",
-                              "tampered"),
-    # 4. processes and the network
-    "00_setsid_child": ([IMPORTS, SPAWN, GOOD0], {"noise_images": P}, "", ""),
-    "00_udp": ([IMPORTS, "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-                "s.sendto(b'leak', ('127.0.0.1', UDP_PORT))", "import _socket\n"
-                "_socket.socket(2, 2).sendto(b'leak', ('127.0.0.1', UDP_PORT))", GOOD0], {"noise_images": P}, "", ""),
-    "00_unix_socket": ([IMPORTS, "import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect(UNIX_PATH)\n"
-                        "s.sendall(b'leak')", GOOD0], {"noise_images": P}, "", ""),
-    # 5. privacy
-    "00_snoop": ([IMPORTS, "SNOOP", GOOD0], {"noise_images": P}, "", ""),
-    "00_imports_what_it_wrote": ([IMPORTS, "open('helper.py', 'w').write('def noise_images(x, sigma, noise):\\n'\n"
-                                  "'    return x + sigma.view(-1, *[1] * (x.ndim - 1)) * noise\\n')",
-                                  "from helper import noise_images"], {"noise_images": F}, "ModuleNotFoundError", ""),
+                         {"alpha_bar_from_betas": F, "q_sample": P, "log_snr": P}, "computes", "library_reference"),
+    "01_thread": ([IMPORTS, LIB, "import threading\ndef alpha_bar_from_betas(betas):\n    out = []\n"
+                   "    t = threading.Thread(target=lambda: out.append(schedules.alpha_bar_from_betas(betas)))\n"
+                   "    t.start(); t.join()\n    return out[0]", *GOOD1[1:]],
+                  {"alpha_bar_from_betas": F, "q_sample": P, "log_snr": P}, "computes", "library_reference"),
+    "01_indirect_class": ([IMPORTS, LIB, "def alpha_bar_from_betas(betas):\n"
+                           "    return schedules.NoiseSchedule(betas).alpha_bar", *GOOD1[1:]],
+                          {"alpha_bar_from_betas": P, "q_sample": P, "log_snr": P}, "can compute this answer", "review"),
+    "01_hidden_name": ([IMPORTS, LIB, "name = 'alpha_bar_' + 'from_betas'\ndef alpha_bar_from_betas(betas):\n"
+                        "    return getattr(schedules, name)(betas)", *GOOD1[1:]],
+                       {"alpha_bar_from_betas": P, "q_sample": P, "log_snr": P}, "computed attribute name", "review"),
+    "01_importlib": ([IMPORTS, "import importlib\ndef alpha_bar_from_betas(betas):\n"
+                      "    return importlib.import_module('course_lib.sched' + 'ules').alpha_bar_from_betas(betas)",
+                      *GOOD1[1:]], {n: P for n in ALL1}, "importlib", "review"),
+    "01_vars_module": ([IMPORTS, LIB, "def alpha_bar_from_betas(betas):\n"
+                        "    return vars(schedules)['alpha_bar_from_betas'](betas)", *GOOD1[1:]],
+                       {n: P for n in ALL1}, "vars()", "review"),
+    "01_sys_modules": ([IMPORTS, LIB, "def alpha_bar_from_betas(betas):\n"
+                        "    return sys.modules['course_lib.schedules'].alpha_bar_from_betas(betas)", *GOOD1[1:]],
+                       {n: P for n in ALL1}, "sys.modules", "review"),
+    "01_pickled_function": ([IMPORTS, LIB, "import io\nbuf = io.BytesIO()\ntorch.save(schedules.alpha_bar_from_betas, buf)",
+                             "buf.seek(0)\nf = torch.load(buf, weights_only=False)\ndef alpha_bar_from_betas(betas):\n"
+                             "    return f(betas)", *GOOD1[1:]], {n: P for n in ALL1}, "torch.load", "review"),
+    "01_source_reexec": ([IMPORTS, LIB, "import inspect\nns = dict(vars(schedules))\n"
+                          "exec(inspect.getsource(schedules.alpha_bar_from_betas).replace('def alpha_bar_from_betas', "
+                          "'def mine'), ns)\nalpha_bar_from_betas = ns['mine']", *GOOD1[1:]],
+                         {n: P for n in ALL1}, "vars()", "review"),
 }
+FORGE_NAMES = ("01_forges_the_channel",)
 
 
 def _vandal_cell(victim: Path, out: Path) -> str:
@@ -379,17 +535,17 @@ def _snoop_cell(subs: Path, out: Path, scratch: Path) -> str:
 
 
 def _forge_cell() -> str:
-    """Write a well-formed 'result' frame claiming correct answers, and a 'done', to every file descriptor."""
+    """Write a well-formed 'result' frame claiming an answer, and a 'done', to every file descriptor."""
     return ("from course_lib.grading import channel\nimport torch\n"
-            "forged = channel.encode({'kind': 'result', 'name': 'alpha_bar_from_betas', 'outputs': [torch.zeros(3)] * 5,"
-            " 'library': [], 'fingerprints': [], 'evidence': [], 'subclass': False, 'refused': []})\n"
+            "forged = channel.encode({'kind': 'result', 'name': 'alpha_bar_from_betas', 'index': 0, "
+            "'output': torch.zeros(3), 'refused': []})\n"
             "done = channel.encode({'kind': 'done', 'refused': []})\n"
             "for fd in range(3, 256):\n    try:\n        os.write(fd, forged + done)\n    except OSError:\n        pass")
 
 
 def _write_cases(subs: Path, victim: Path, out: Path, scratch: Path, udp_port: int, unix_path: str) -> None:
     special = {"VICTIM": _vandal_cell(victim, out), "SNOOP": _snoop_cell(subs, out, scratch), "FORGE": _forge_cell()}
-    for name, (cells, *_rest) in CASES.items():
+    for name, (cells, *_rest) in {**CASES, **COPIES}.items():
         cells = [special.get(c, c).replace("UDP_PORT", str(udp_port)).replace("UNIX_PATH", repr(unix_path))
                  for c in cells]
         _notebook(subs / f"{name}.ipynb", *cells)
@@ -402,11 +558,13 @@ def _write_cases(subs: Path, victim: Path, out: Path, scratch: Path, udp_port: i
     (subs / "00_zero.ipynb").symlink_to("/dev/zero")
     (subs / "00_folder.ipynb").mkdir()
     (subs / "00_huge.ipynb").write_text(json.dumps({"cells": [{"cell_type": "code", "source": "x = 1\n" * 2_200_000}]}))
+    with open(subs / "00_empty_objects.ipynb", "w") as f:  # 32 MB of {}: about 700 MB if parsed
+        f.write('{"cells": [' + "{}," * ((reader.MAX_NOTEBOOK_BYTES - 100) // 3) + "{}]}")
 
 
 BROKEN = {"00_malformed.ipynb": "not a readable notebook", "00_truncated.ipynb": "not a readable notebook",
           "00_fifo.ipynb": "FIFO", "00_zero.ipynb": "outside the given folders", "00_folder.ipynb": "a folder",
-          "00_huge.ipynb": "over the limit"}
+          "00_huge.ipynb": "over the limit", "00_empty_objects.ipynb": "not a readable notebook"}
 
 
 def _grade_in_subprocess(subs, out, json_out, scratch, limits: Limits, env_extra=None) -> int:
@@ -418,7 +576,7 @@ def _grade_in_subprocess(subs, out, json_out, scratch, limits: Limits, env_extra
               "print([line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')][0])")
     env = {**os.environ, "GRADER_SECRET": "GRADER_SECRET-do-not-leak", **(env_extra or {}),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
     return int(r.stdout.strip().splitlines()[-1]) // 1024
 
@@ -446,22 +604,34 @@ def test_hostile_batch(tmp_path):
     peak_mb = _grade_in_subprocess(subs, out, victim / "grades.json", scratch, FAST)
 
     rows = _rows(out)
-    for name, (_, expected, fragment, flag) in CASES.items():
+    wrong = []  # every case checked before failing: one run shows them all
+    for name, (_, expected, fragment, flag) in {**CASES, **COPIES}.items():
         for exercise, status in expected.items():
             row = rows[(f"{name}.ipynb", exercise)]
-            assert row["status"] == status, (name, row)
-            assert int(row["points"]) == (status == "passed") == (row["points"] == row["max_points"]), (name, row)
+            if row["status"] != status or int(row["points"]) != (status == "passed") * int(row["max_points"]):
+                wrong.append((name, exercise, "status", row))
             assert len(row["message"]) <= B.MAX_MESSAGE_TEXT, (name, len(row["message"]))
         texts = " ".join(rows[(f"{name}.ipynb", e)]["message"] for e in expected)
-        assert fragment in texts, (name, texts)
+        if fragment not in texts:
+            wrong.append((name, "message lacks", fragment, texts))
         flags = {rows[(f"{name}.ipynb", e)]["flag"] for e in expected}
-        assert flag in flags and (flag or flags == {""}), (name, flags)
+        if not (flag in flags and (flag or flags == {""})):
+            wrong.append((name, "flags", flag, flags))
+    assert not wrong, "\n".join(map(repr, wrong))
+    for name in COPIES:  # a copy never earns a point without a flag
+        copied = "q_sample" if name == "01_global_declaration" else "noise_images" if name[:2] == "00" else \
+            "alpha_bar_from_betas"
+        row = rows[(f"{name}.ipynb", copied)]
+        assert row["points"] == "0" or row["flag"], (name, row)
     for broken, why in BROKEN.items():
         row = rows[(broken, "noise_images")]
         assert row["status"] == "error" and why in row["message"] and broken in row["message"], (broken, row)
     assert rows[("notes.ipynb", grading.WHOLE_NOTEBOOK)]["status"] == "error"
     assert rows[("00_name_\\xff\\xfe.ipynb", "noise_images")]["status"] == "passed"
-    n_rows = sum(len(e) for _, e, _, _ in CASES.values()) + len(BROKEN) + 2
+    from course_lib.exercises import EXERCISES
+
+    per_lesson = lambda name: sum(ex.lesson == int(name[:2]) for ex in EXERCISES.values())  # noqa: E731
+    n_rows = sum(per_lesson(name) for name in {**CASES, **COPIES}) + len(BROKEN) + 2
     saved = json.loads((victim / "grades.json").read_text())
     assert len(rows) == n_rows == sum(saved["totals"]["status"].values())  # every submission, no row twice
     assert "GRADER_SECRET" not in out.read_text()
@@ -476,17 +646,15 @@ def test_hostile_batch(tmp_path):
     # what each hostile notebook tried was refused, and recorded
     refused = lambda name: " ".join(records[f"{name}.ipynb"]["refused"])  # noqa: E731
     assert "starting processes" in refused("00_fork") and "network" in refused("00_udp")
-    assert "reading" in refused("01_reads_solutions") and "course_lib/exercises" in refused("01_imports_references")
-    assert "importing course_lib.exercises" in refused("00_forger")
-    # the references are a package: its every file (and a bytecode cache beside them) is out of reach
+    assert "reading" in refused("01_reads_solutions") and "course_lib/exercises" in refused("01_reads_references")
+    assert "importing course_lib.exercises" in refused("00_forger") and "importing cffi" in refused("00_cffi")
     assert "reading" in refused("01_reads_references") and "listing" in refused("01_reads_references")
-    snoop = records["00_snoop.ipynb"]
-    assert not snoop["notes"], snoop["notes"]  # no read succeeded (the cell would have raised)
-    assert "starting threads" in refused("01_thread") and "threads" in rows[("01_thread.ipynb",
-                                                                                "alpha_bar_from_betas")]["message"]
+    assert "starting threads" in refused("00_threads")
+    assert "native code" in refused("00_ctypes")
     exits = records["00_os_exit.ipynb"]
     assert any("cell 4 was skipped" in n for n in exits["notes"])
     assert all(r["sandbox"][-1] == "audit hook" for r in saved["submissions"] if r["sandbox"])
+    assert all(len(r["notes"]) <= B.MAX_NOTES for r in saved["submissions"])
     # no process outlived its grading, nothing reached the network, and the grader stayed small
     assert _escapees() == []
     with pytest.raises(BlockingIOError):
@@ -498,7 +666,7 @@ def test_hostile_batch(tmp_path):
 
 FALLBACK = {
     "00_good": ([IMPORTS, GOOD0], {"noise_images": P}, ""),
-    "00_setsid_child": ([IMPORTS, SPAWN, GOOD0], {"noise_images": P}, ""),
+    "00_setsid_child": ([IMPORTS, SPAWN, GOOD0], {"noise_images": P}, "review"),
     "01_forges_the_channel": ([IMPORTS, "def alpha_bar_from_betas(betas):\n    return betas * 0", *GOOD1[1:], "FORGE"],
                               {"alpha_bar_from_betas": F, "q_sample": F, "log_snr": F}, "tampered"),
     "01_floods_the_channel": ([IMPORTS, *GOOD1, "import struct\nfor fd in range(3, 256):\n    try:\n"
@@ -530,7 +698,7 @@ def test_without_the_kernel_layers_escaped_processes_are_killed_and_forgeries_ca
     assert peak_mb < 1024
 
 
-# ---- batches: resume, refusals, exit codes --------------------------------------------------------
+# ---- batches: resume, refusals, exit codes, shards -------------------------------------------------
 
 
 def test_interrupted_batch_resumes_without_losing_or_duplicating_rows(tmp_path):
@@ -558,6 +726,49 @@ def test_interrupted_batch_resumes_without_losing_or_duplicating_rows(tmp_path):
     assert [r["status"] for r in _rows(out).values()] == ["passed"] * 3
 
 
+def test_shards_grade_disjoint_parts_and_merge_only_when_complete(tmp_path):
+    from course_lib.grading import shards
+
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    for i in range(6):
+        _notebook(subs / f"00_s{i}.ipynb", IMPORTS, GOOD0 if i % 3 else WRONG0)
+    outs = [tmp_path / f"shard{k}.csv" for k in (1, 2, 3)]
+    for k, out in enumerate(outs, 1):
+        grade_batch([subs], out, tmp_path / f"shard{k}.json", limits=FAST, echo=lambda s: None, scratch_base=tmp_path,
+                    shard=(k, 3))
+    parts = [set(json.loads(shards.manifest_path(o).read_text())["assigned"]) for o in outs]
+    assert sum(map(len, parts)) == 6 and not (parts[0] & parts[1] or parts[1] & parts[2] or parts[0] & parts[2])
+    for bad, match in [(outs[:2], "missing"), (outs + [outs[0]], "given twice")]:
+        with pytest.raises(ValueError, match=match):
+            shards.merge(bad, tmp_path / "x.csv", echo=lambda s: None)
+    totals = shards.merge(outs, tmp_path / "all.csv", tmp_path / "all.json", echo=lambda s: None)
+    assert totals["submissions"] == 6 and totals["points"] == 4 and len(_rows(tmp_path / "all.csv")) == 6
+    with pytest.raises(ValueError, match="exists"):
+        shards.merge(outs, tmp_path / "all.csv", echo=lambda s: None)
+    with pytest.raises(ValueError, match="one of the shards"):
+        shards.merge(outs, outs[0], force=True, echo=lambda s: None)
+    # a shard of another batch (a submission more), an edited CSV, an unfinished shard
+    _notebook(subs / "00_late.ipynb", IMPORTS, GOOD0)
+    other = tmp_path / "other.csv"
+    grade_batch([subs], other, limits=FAST, echo=lambda s: None, scratch_base=tmp_path, shard=(1, 3))
+    with pytest.raises(ValueError, match="another batch"):
+        shards.merge([other, *outs[1:]], tmp_path / "y.csv", echo=lambda s: None)
+    fullest = max(outs, key=lambda o: len(o.read_text().splitlines()))
+    text = fullest.read_text().splitlines()
+    assert len(text) > 1
+    fullest.write_text("\n".join(text[:-1]) + "\n")
+    with pytest.raises(ValueError, match="does not hold the submissions"):
+        shards.merge(outs, tmp_path / "z.csv", echo=lambda s: None)
+    fullest.write_text("\n".join(text) + "\n")
+    manifest = json.loads(shards.manifest_path(outs[2]).read_text())
+    shards.manifest_path(outs[2]).write_text(json.dumps({**manifest, "complete": False}))
+    with pytest.raises(ValueError, match="did not grade all"):
+        shards.merge(outs, tmp_path / "w.csv", echo=lambda s: None)
+    with pytest.raises(ValueError, match="K/N"):
+        shards.parse_shard("4/3")
+
+
 def test_grade_refuses_to_overwrite_a_file_it_did_not_write(tmp_path):
     nb = _notebook(tmp_path / "00_a.ipynb", IMPORTS, GOOD0)
     out = tmp_path / "grades.csv"
@@ -567,24 +778,33 @@ def test_grade_refuses_to_overwrite_a_file_it_did_not_write(tmp_path):
     assert out.read_text() == "my own spreadsheet"
     with pytest.raises(ValueError, match="does not exist"):
         grade_batch([tmp_path / "missing"], tmp_path / "g.csv", limits=FAST)
-    with pytest.raises(ValueError, match="must be positive"):
-        Limits(timeout=0)
+    for bad in (0, float("inf"), -1):
+        with pytest.raises(ValueError, match="positive finite"):
+            Limits(timeout=bad)
 
 
-def test_cli_grade_exit_codes(tmp_path):
+def test_cli_grade_and_merge_exit_codes(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "course_lib", "grade", *map(str, a)],  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "course_lib", *map(str, a)],  # noqa: E731
                                     capture_output=True, text=True, cwd=tmp_path, env=env)
     good = _notebook(tmp_path / "00_good.ipynb", IMPORTS, GOOD0)
-    r = run(good, "--out", tmp_path / "g.csv", "--cell-timeout", 10, "--memory-mb", 3072)
+    r = run("grade", good, "--out", tmp_path / "g.csv", "--cell-timeout", 10, "--memory-mb", 3072)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "1/1 points" in r.stdout
     (tmp_path / "00_bad.ipynb").write_text("{")
-    r = run(good, tmp_path / "00_bad.ipynb", "--out", tmp_path / "g.csv", "--json", tmp_path / "g.json")
+    r = run("grade", good, tmp_path / "00_bad.ipynb", "--out", tmp_path / "g.csv", "--json", tmp_path / "g.json")
     assert r.returncode == 1 and "could not be graded" in r.stdout
     assert json.loads((tmp_path / "g.json").read_text())["totals"]["status"]["error"] == 1
-    r = run(tmp_path / "missing.ipynb", "--out", tmp_path / "x.csv")
+    r = run("grade", tmp_path / "missing.ipynb", "--out", tmp_path / "x.csv")
     assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+    r = run("grade", good, "--out", tmp_path / "s.csv", "--shard", "3/2")
+    assert r.returncode == 2 and "K/N" in r.stderr
+    r = run("grade", good, "--out", tmp_path / "s1.csv", "--shard", "1/1")
+    assert r.returncode == 0, r.stderr
+    r = run("merge-grades", tmp_path / "s1.csv", "--out", tmp_path / "m.csv")
+    assert r.returncode == 0 and "Merged 1 shard(s), 1 submission(s): 1/1 points" in r.stdout, r.stdout + r.stderr
+    r = run("merge-grades", tmp_path / "g.csv", "--out", tmp_path / "m2.csv")
+    assert r.returncode == 2 and "no shard manifest" in r.stderr
     chinese = _notebook(tmp_path / "00_作业.ipynb", IMPORTS, GOOD0)  # a terminal that cannot show the name
     r = subprocess.run([sys.executable, "-m", "course_lib", "grade", str(chinese), "--out", str(tmp_path / "c.csv")],
                        capture_output=True, cwd=tmp_path, env={**env, "PYTHONIOENCODING": "latin-1"})
@@ -610,18 +830,6 @@ def test_a_failure_of_the_grader_itself_is_an_error_row_and_is_retried(tmp_path,
 
 
 def test_csv_cells_cannot_become_spreadsheet_formulas():
-    text = grading._csv_text([grading._row("=HYPERLINK(\"http://x\")", "q_sample", "failed", "-1 points?")])
+    text = grading.csv_text([grading.make_row("=HYPERLINK(\"http://x\")", "q_sample", "failed", "-1 points?")])
     row = next(csv.DictReader(text.splitlines()))
     assert row["submission"].startswith("'=") and row["message"] == "'-1 points?" and row["exercise"] == "q_sample"
-
-
-def test_answer_fingerprints_from_four_threads_at_once_in_a_fresh_process():
-    """--jobs grades in threads; the first computation imports library modules (course_lib.autoencoder ...), which
-    raced into 'partially initialized module' errors before it was done under a lock."""
-    script = ("import threading\nfrom course_lib.grading import batch\nerrors = []\n"
-              "def run():\n    try:\n        batch.answer_fingerprints()\n    except Exception as e:\n"
-              "        errors.append(repr(e))\n"
-              "threads = [threading.Thread(target=run) for _ in range(4)]\n"
-              "[t.start() for t in threads]\n[t.join() for t in threads]\nprint(errors)")
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr[-2000:])

@@ -28,6 +28,11 @@ def _bench(args) -> int:
         return _bench_compare(args)
     if args.bench == "kernels":
         return _bench_kernels(args)
+    if args.bench == "grader":
+        from .grader import main_grader
+
+        main_grader(args.quick, args.json, args.force, args.jobs)
+        return 0
     if args.bench in ("arch", "t2i", "flow", "text"):  # lessons 8, 7, 9, 10: main_<name>(quick, json, samples, force)
         from importlib import import_module
 
@@ -97,7 +102,7 @@ def _bench_arguments(p: argparse.ArgumentParser, quick_help: str, datasets: bool
 
 def add_bench_parser(sub) -> None:
     """Add `bench` and its subcommands to the CLI's subparsers."""
-    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | t2i | arch | flow | text)",
+    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | t2i | arch | flow | text | grader)",
                        description="Benchmarks that print a table and, with --json, save flat records.")
     bench = p.add_subparsers(dest="bench", metavar="BENCHMARK")
     bench.required = True
@@ -171,6 +176,14 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--datasets", nargs="+", metavar="NAME",
                    help="run only these (ring8 grid25 digits); with --json and --force an existing file keeps the "
                         "other datasets' records (to rerun one dataset after retraining its models)")
+    p = bench.add_parser("grader", help="the grader: what it adds to a graded call; submissions per minute per core",
+                         description="Times ordinary torch functions called directly and called as the grader's worker "
+                                     "calls a learner's function (its alarm, copies, audit hook), in a fresh process; "
+                                     "then grades the source lessons as one batch with --jobs N and reports submissions "
+                                     "per minute per core (about 4 minutes on 2 CPU cores). --quick: fewer repeats, "
+                                     "lessons 0, 1 and 3.")
+    _bench_arguments(p, "a small run for checking (about a minute)", datasets=False, devices=None)
+    p.add_argument("--jobs", type=int, metavar="N", help="submissions graded at once (default: every core)")
     p = bench.add_parser("text", help="lesson 10: masked diffusion vs autoregressive captions; bits per token",
                          description="Samples the shipped masked-diffusion (captions_mdlm) and autoregressive "
                                      "(captions_ar) caption models, and the exact denoiser of the training corpus: "

@@ -16,7 +16,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ..grading.calls import Raised, call_learner
+from ..grading.calls import Raised, call_learner, with_oracles
 from ..grading.calls import clone_inputs as _clone
 
 PASSED, FAILED, NOT_ATTEMPTED = "passed", "failed", "not_attempted"
@@ -25,24 +25,38 @@ _SYMBOL = {PASSED: "✅", FAILED: "❌", NOT_ATTEMPTED: "⬜"}
 
 @dataclass(frozen=True)
 class Exercise:
-    """One exercise: the reference, a generator of fresh keyword inputs, and known mistakes with hints."""
+    """One exercise: the reference, a generator of fresh inputs (or of tasks, for one graded on behaviour), the known
+    mistakes with their hints, the shortcuts that skip the algorithm, and the exercise's rule on other libraries."""
 
     name: str
     lesson: int
     reference: Callable
-    make_inputs: Callable[[torch.Generator], dict]
+    make_inputs: Callable[[torch.Generator], dict] | None
     hint: str
     mistakes: tuple = ()  # (wrong implementation, hint shown when the learner's output matches it)
     trials: int = 5
     rtol: float = 1e-5
     atol: float = 1e-6
     points: int = 1
-    # graded on behaviour: `harness` (a function of course_lib.grading.harnesses) runs the learner's function in a
-    # fixed procedure and returns tensors; `assess(inputs, outputs)` gives the verdict (None: passed)
-    harness: str | None = None
+    # graded on behaviour: `task(generator)` draws a course_lib.grading.tasks.Task (calls of the learner's function with
+    # oracles the judge holds) and `assess(task, outputs)` gives the verdict on what the calls returned (None: passed)
+    task: Callable | None = None
     assess: Callable | None = None
+    # ways to get an output without the algorithm (never calling the oracle, returning the course's own data, modes or
+    # means, exceeding the budget), each (function, a fragment of the verdict it must get): tests/test_exercises.py
+    shortcuts: tuple = ()
+    # the exercise's rule on libraries that perform the operation it teaches: dotted prefixes it refuses (the grader
+    # reads the source in its own process; `check` warns from the function's source), and the sentence that says so
+    refused: tuple = ()
+    rule: str = "Any library may be used: the function is graded on what it returns."
+    # what the oracles saw, as evidence for review (the grader flags it, points kept): task -> reasons
+    evidence: Callable | None = None
     passed_message: str = ""
     seconds: float | None = None  # the grader's time limit per call when it must exceed --call-timeout
+
+    @property
+    def on_behaviour(self) -> bool:
+        return self.task is not None
 
 
 @dataclass(frozen=True)
@@ -113,22 +127,28 @@ def _describe(inputs: dict) -> str:
     return ", ".join(parts)
 
 
+def _raised(ex: Exercise, got: Raised, about: str) -> CheckResult:
+    """The verdict on a call that raised (or returned something that is not a tensor); `about` describes the call."""
+    name = ex.name
+    if got.error == "NotImplementedError":
+        return CheckResult(name, NOT_ATTEMPTED, "Your function still raises NotImplementedError.",
+                           "Replace the `raise NotImplementedError` line with your code, then run the cell again.")
+    if got.error == "BudgetExceeded":
+        return CheckResult(name, FAILED, f"{got.message}.", ex.hint)
+    if got.error:
+        return CheckResult(name, FAILED, f"Your function raised {got.error}: {got.message}", f"{about}{ex.hint}")
+    return CheckResult(name, FAILED, f"expected a torch.Tensor, got {got.message}.",
+                       "Did you forget a `return` statement?" if got.message == "None" else ex.hint)
+
+
 def judge(ex: Exercise, inputs: dict, want: torch.Tensor | None, got, trial: int = 0) -> CheckResult | None:
-    """The verdict on one output of the learner's function (a tensor, a harness's dict of tensors, or a Raised);
-    None when it matches the reference (or, for a behaviour exercise, when `assess` finds nothing wrong)."""
+    """The verdict on one output of a value-graded exercise (a tensor or a Raised); None when it matches the
+    reference."""
     name = ex.name
     if isinstance(got, Raised):
-        if got.error == "NotImplementedError":
-            return CheckResult(name, NOT_ATTEMPTED, "Your function still raises NotImplementedError.",
-                               "Replace the `raise NotImplementedError` line with your code, then run the cell again.")
-        if got.error:
-            return CheckResult(name, FAILED, f"Your function raised {got.error}: {got.message}",
-                               f"It was called with {_describe(inputs)}. {ex.hint}")
-        return CheckResult(name, FAILED, f"expected a torch.Tensor, got {got.message}.",
-                           "Did you forget a `return` statement?" if got.message == "None" else ex.hint)
-    if ex.assess is not None:
-        return ex.assess(inputs, got) if isinstance(got, dict) else CheckResult(
-            name, FAILED, "the grading procedure returned no result.", "This is a bug in the course: please report it.")
+        return _raised(ex, got, f"It was called with {_describe(inputs)}. ")
+    if not isinstance(got, torch.Tensor):
+        return CheckResult(name, FAILED, "the grading procedure returned no tensor.", ex.hint)
     if got.shape != want.shape:
         return CheckResult(name, FAILED, f"wrong shape: expected {tuple(want.shape)}, got {tuple(got.shape)}.",
                            f"Inputs were {_describe(inputs)}. {ex.hint}")
@@ -145,23 +165,119 @@ def judge(ex: Exercise, inputs: dict, want: torch.Tensor | None, got, trial: int
     return None
 
 
+def judge_task(ex: Exercise, task, outputs: list) -> CheckResult | None:
+    """The verdict on a task of an exercise graded on behaviour, from what each call returned (a tensor, a
+    procedure's dict of tensors, or a Raised) and from its oracles' logs; None when the behaviour is right."""
+    for call, got in zip(task.calls, outputs):
+        over = [o for o in call.oracles.values() if o.refused]
+        if over:  # the oracle's own count, even if the function caught the error and returned something
+            return CheckResult(ex.name, FAILED, f"your function asked {over[0].name} for more than the budget "
+                               f"({over[0].budget_text}).", ex.hint)
+        if isinstance(got, Raised):
+            return _raised(ex, got, "")
+    if len(outputs) != len(task.calls):
+        return CheckResult(ex.name, FAILED, "the grader received no result for some calls of your function.", ex.hint)
+    return ex.assess(task, outputs)
+
+
 def passed(ex: Exercise) -> CheckResult:
     return CheckResult(ex.name, PASSED, ex.passed_message or f"matches the reference on {ex.trials} fresh random inputs.")
 
 
 def reference_output(ex: Exercise, inputs: dict):
-    """What the learner's output is compared with: the reference's output, or None for a behaviour exercise."""
-    return None if ex.assess is not None else ex.reference(**_clone(inputs))
+    """What the learner's output is compared with: the reference's output on these inputs."""
+    return ex.reference(**_clone(inputs))
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    return torch.Generator().manual_seed(secrets.randbits(62) if seed is None else seed)
 
 
 def fresh_inputs(ex: Exercise, seed: int | None = None) -> list[dict]:
     """ex.trials input dicts from a generator seeded with `seed` (a secret random seed when None)."""
-    gen = torch.Generator().manual_seed(secrets.randbits(62) if seed is None else seed)
+    gen = _generator(seed)
     return [ex.make_inputs(gen) for _ in range(ex.trials)]
 
 
+def fresh_tasks(ex: Exercise, seed: int | None = None) -> list:
+    """ex.trials tasks of an exercise graded on behaviour, drawn from `seed` (a secret random seed when None)."""
+    gen = _generator(seed)
+    return [ex.task(gen) for _ in range(ex.trials)]
+
+
+def run_task(fn, task) -> list:
+    """What the learner's function returns on each call of a task, with the task's own oracles (in this process)."""
+    return [call_learner(fn, with_oracles(call.inputs, call.oracles), call.procedure) for call in task.calls]
+
+
+def _names_used(fn, depth: int = 0, seen: set | None = None) -> set[str]:
+    """The dotted names of the library objects `fn`'s code names, resolved in its globals at run time, following the
+    notebook's own helper functions a few levels (what `check` can see quickly; the batch grader reads the whole
+    notebook's source instead)."""
+    import types
+
+    seen = set() if seen is None else seen
+    code, ns = getattr(fn, "__code__", None), getattr(fn, "__globals__", None)
+    if code is None and callable(fn) and not isinstance(fn, types.BuiltinFunctionType):
+        call = getattr(type(fn), "__call__", None)  # an instance of a class defined in the notebook
+        code, ns = getattr(call, "__code__", None), getattr(call, "__globals__", None)
+    if code is None or not isinstance(ns, dict) or id(code) in seen or depth > 3:
+        return set()
+    seen.add(id(code))
+    cells = getattr(fn, "__closure__", None) or ()
+    ns = {**ns, **{n: c.cell_contents for n, c in zip(code.co_freevars, cells) if _filled(c)}}
+    names, todo = [], [code]
+    while todo:
+        c = todo.pop()
+        names += list(c.co_names) + list(c.co_freevars)
+        todo += [k for k in c.co_consts if isinstance(k, types.CodeType)]
+    out = set()
+    for n in names:
+        obj = ns.get(n)
+        if isinstance(obj, types.ModuleType):
+            out |= {f"{obj.__name__}.{m}" for m in names if m != n and hasattr(obj, m)}
+        elif getattr(obj, "__module__", None) == ns.get("__name__"):  # the notebook's own helper
+            out |= _names_used(obj, depth + 1, seen)
+        elif callable(obj) and isinstance(getattr(obj, "__module__", None), str):
+            out.add(f"{obj.__module__}.{getattr(obj, '__qualname__', n)}")
+    return out
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents
+        return True
+    except ValueError:
+        return False
+
+
+def rule_verdict(ex: Exercise, fn) -> CheckResult | None:
+    """`check`'s reading of the exercise's rules: a function that uses the course_lib function computing its answer,
+    or a library the exercise refuses, fails with a message saying so (None when neither shows)."""
+    module = getattr(fn, "__module__", None) or ""
+    if module.startswith("course_lib.exercises"):
+        return None  # the course's own references and known mistakes (the tests check them)
+    try:
+        used = _names_used(fn)
+        if module.startswith("course_lib"):  # a library function handed over as it is
+            used.add(f"{module}.{getattr(fn, '__qualname__', '')}")
+    except Exception:  # a hostile object's attributes: nothing to say here
+        return None
+    answers = LIBRARY_EQUIVALENTS.get(ex.name, ())
+    copied = sorted(u for u in used if u.startswith("course_lib.exercises")
+                    or any(u == a or u.startswith(a + ".") for a in answers))
+    if copied:
+        return CheckResult(ex.name, FAILED, f"your function uses {copied[0]}, which computes this answer: the grader "
+                           "gives 0 points for that.", "Write the computation yourself: that is the exercise.")
+    refused = sorted(u for u in used if any(u == r or u.startswith(r + ".") for r in ex.refused))
+    if refused:
+        return CheckResult(ex.name, FAILED, f"your function uses {refused[0]}, which this exercise does not allow.",
+                           ex.rule)
+    return None
+
+
 def run_check(name: str, fn, seed: int | None = None) -> CheckResult:
-    """Grade fn against exercise `name` on fresh random inputs; returns a CheckResult and never raises."""
+    """Grade fn against exercise `name` on fresh random inputs or tasks; returns a CheckResult and never raises."""
     ex = EXERCISES.get(name)
     if ex is None:
         return CheckResult(name, FAILED, f"there is no exercise called {name!r}.",
@@ -169,8 +285,17 @@ def run_check(name: str, fn, seed: int | None = None) -> CheckResult:
     if not callable(fn):
         return CheckResult(name, FAILED, f"expected your function, got {type(fn).__name__}.",
                            f"Pass the function itself, without calling it: check({name!r}, {name}).")
+    verdict = rule_verdict(ex, fn)
+    if verdict is not None:
+        return verdict
+    if ex.on_behaviour:
+        for task in fresh_tasks(ex, seed):
+            verdict = judge_task(ex, task, run_task(fn, task))
+            if verdict is not None:
+                return verdict
+        return passed(ex)
     for trial, inputs in enumerate(fresh_inputs(ex, seed)):
-        verdict = judge(ex, inputs, reference_output(ex, inputs), call_learner(fn, inputs, ex.harness), trial)
+        verdict = judge(ex, inputs, reference_output(ex, inputs), call_learner(fn, inputs), trial)
         if verdict is not None:
             return verdict
     return passed(ex)

@@ -5,7 +5,7 @@ import torch
 
 from .. import schedules
 from . import Exercise, register
-from .common import _RESHAPE_HINT, _batch, _per_sample
+from .common import _RESHAPE_HINT, DIFFUSION_LIBRARIES, DIFFUSION_RULE, _batch, _per_sample
 
 
 def ref_noise_images(x, sigma, noise):
@@ -47,7 +47,8 @@ register(Exercise(
                "Off by one: alpha_bar[0] already includes the first step, alpha_bar[0] = 1 - beta[0]."),
               (lambda betas: 1 - torch.cumprod(1 - betas, 0), "That is 1 - alpha_bar: return alpha_bar itself."),
               (lambda betas: torch.prod(1 - betas).expand(len(betas)),
-               "Return one value per step (the running product), not the total product."))))
+               "Return one value per step (the running product), not the total product.")),
+    refused=DIFFUSION_LIBRARIES, rule=DIFFUSION_RULE))
 
 
 def ref_q_sample(x0, t, alpha_bar, noise):
@@ -82,7 +83,8 @@ register(Exercise(
               (_q_sample_mistake(lambda ab, x0, n: ab.sqrt() * x0 + (1 - ab) * n),
                "The noise is scaled by the standard deviation sqrt(1 - alpha_bar), not the variance."),
               (lambda x0, t, alpha_bar, noise: ref_q_sample(x0, t - 1, alpha_bar, noise),
-               "Off by one: use alpha_bar[t] itself (our t counts from 0)."))))
+               "Off by one: use alpha_bar[t] itself (our t counts from 0).")),
+    refused=DIFFUSION_LIBRARIES, rule=DIFFUSION_RULE))
 
 
 def ref_log_snr(alpha_bar):
@@ -102,4 +104,5 @@ register(Exercise(
               (lambda alpha_bar: torch.log((1 - alpha_bar) / alpha_bar),
                "Sign flipped: signal over noise is alpha_bar / (1 - alpha_bar)."),
               (lambda alpha_bar: torch.log(alpha_bar.sqrt() / (1 - alpha_bar).sqrt()),
-               "SNR is a ratio of variances, not of standard deviations: drop the square roots."))))
+               "SNR is a ratio of variances, not of standard deviations: drop the square roots.")),
+    refused=DIFFUSION_LIBRARIES, rule=DIFFUSION_RULE))

@@ -1,17 +1,18 @@
 """Lesson 10: the absorbing (masking) forward sample and MDLM's loss weight, graded on values; a parallel unmasking
-sampler, graded on the captions it writes with the exact denoiser of a corpus (course_lib.grading.harnesses)."""
+sampler, graded on the rows it writes with the exact denoiser of a fresh corpus (course_lib.grading.tasks)."""
 from __future__ import annotations
 
 import math
 
 import torch
 
-from ..grading import harnesses as _H
+from ..grading import tasks as _T
 from . import FAILED, LIBRARY_EQUIVALENTS, CheckResult, Exercise, register
 
-UNMASK_VALID = 0.95      # the reference: 100% valid at one token per step; MDLM's binomial counts 82%; one shot 1%
-UNMASK_DISTINCT = 100    # of 500 samples: the reference writes about 240 distinct captions; greedy (argmax) writes 1
-
+UNMASK_VALID = 0.95      # share of rows that are rows of the task's corpus: the reference (one token per step) 1.000
+# over 100 tasks; MDLM's binomial reveal counts 0.41-0.49, one shot and the course's own captions 0.000 (random rows:
+# two tokens revealed at once from their marginals rarely make a row of the corpus)
+UNMASK_DISTINCT = 100    # of 500 samples from a corpus of 300 rows: the reference writes 230-255; greedy (argmax) 1
 
 def ref_absorbing_forward(x0, t, u, mask_id):
     """A draw of the absorbing forward process q(x_t | x_0) with the linear schedule alpha(t) = 1 - t (Austin et al.
@@ -55,32 +56,30 @@ def ref_unmask_sample(denoise, x, steps, mask_id):
     return x
 
 
-def _inputs_unmask(gen):
-    return {"seed": int(torch.randint(0, 2**31 - 1, (1,), generator=gen)), "steps": 10}
+def assess_unmask_sample(task, outputs: list) -> CheckResult | None:
+    """Lesson 10: the rows hold no [MASK], at least UNMASK_VALID of them are rows of the task's corpus (which only the
+    denoiser knows), and at least UNMASK_DISTINCT of them differ."""
+    from ..grading.tasks import UNMASK_LENGTH, UNMASK_SAMPLES
 
-
-def assess_unmask_sample(inputs: dict, outputs: dict) -> CheckResult | None:
-    """Lesson 10: the rows hold no [MASK], and at least UNMASK_VALID of them are captions the grammar parses, with at
-    least UNMASK_DISTINCT different ones."""
-    from ..captions import MASK_ID, decode, is_valid
-
-    name = "unmask_sample"
-    x = outputs.get("samples")
-    want = (_H.UNMASK_SAMPLES, 10)
-    if x is None or tuple(x.shape) != want or x.is_floating_point():
+    name, x = "unmask_sample", outputs[0]
+    want = (UNMASK_SAMPLES, UNMASK_LENGTH)
+    if not isinstance(x, torch.Tensor) or tuple(x.shape) != want or x.is_floating_point() or x.is_complex():
         return CheckResult(name, FAILED, f"expected the final token rows, integer ids of shape {want}, got "
-                           f"{None if x is None else (tuple(x.shape), str(x.dtype))}.", "Return x after the last step.")
-    left = int((x == MASK_ID).sum())
+                           f"{(tuple(x.shape), str(x.dtype)) if isinstance(x, torch.Tensor) else type(x).__name__}.",
+                           "Return x after the last step.")
+    left = int((x == task.calls[0].inputs["mask_id"]).sum())
     if left:
         return CheckResult(name, FAILED, f"{left} [MASK] tokens are left in your samples.",
                            "The last step must reveal every token that is still masked.")
-    texts = [t for t in decode(x.long()) if is_valid(t)]
-    valid, distinct = len(texts) / len(x), len(set(texts))
+    corpus = {tuple(r) for r in task.private["corpus"].tolist()}
+    rows = [tuple(r) for r in x.long().tolist()]
+    valid, distinct = sum(r in corpus for r in rows) / len(rows), len(set(rows))
     if valid >= UNMASK_VALID and distinct >= UNMASK_DISTINCT:
         return None
-    return CheckResult(name, FAILED, f"{valid:.0%} of your {len(x)} samples are valid captions (need "
-                       f"{UNMASK_VALID:.0%}), {distinct} distinct (need {UNMASK_DISTINCT}); {int(outputs['calls'])} "
-                       f"denoise calls for {inputs['steps']} steps.",
+    calls = len(task.calls[0].oracles["denoise"].log)
+    return CheckResult(name, FAILED, f"{valid:.0%} of your {len(rows)} samples are rows of the corpus behind the "
+                       f"denoiser (need {UNMASK_VALID:.0%}), {distinct} distinct (need {UNMASK_DISTINCT}); {calls} "
+                       f"denoise calls for {task.private['steps']} steps.",
                        "Reveal the same number of tokens at every step (with 10 steps and 10 tokens: one), at random "
                        "masked positions, each drawn from denoise's probabilities (torch.multinomial, not argmax), "
                        "and keep the tokens already revealed.")
@@ -99,6 +98,24 @@ def _greedy(denoise, x, steps, mask_id):
         x = x.clone()
         x[torch.arange(len(x)), pos] = torch.where(masked.any(1), tok, x[torch.arange(len(x)), pos])
     return x
+
+
+def _no_call(denoise, x, steps, mask_id):
+    """A shortcut: never calls the denoiser; random words."""
+    return torch.randint(1, mask_id, x.shape, generator=torch.Generator().manual_seed(0))
+
+
+def _course_captions(denoise, x, steps, mask_id):
+    """A shortcut: valid captions of the course's own grammar, never calling the denoiser."""
+    from ..captions import caption_corpus
+
+    return caption_corpus(len(x), "train", seed=0)[0][:, : x.shape[1]]
+
+
+def _over_budget(denoise, x, steps, mask_id):
+    for _ in range(steps + 1):
+        denoise(x)
+    return ref_unmask_sample(denoise, x, steps, mask_id)
 
 
 def _binomial(denoise, x, steps, mask_id):  # MDLM's ancestral counts: right in expectation, too many at once
@@ -132,15 +149,17 @@ register(Exercise(
                "Divide by 1 - alpha(t), the probability that a token is masked, not by alpha(t).")),
     rtol=1e-6, atol=1e-9))
 register(Exercise(
-    "unmask_sample", 10, ref_unmask_sample, _inputs_unmask,
+    "unmask_sample", 10, ref_unmask_sample, None,
     "For each of the `steps` steps: call denoise(x) once, draw a token for every position from its probabilities, "
     "and reveal (copy into x) the drawn tokens at randomly chosen masked positions, as many as leave "
     "floor(L (1 - (k + 1) / steps)) still masked; return x (no [MASK] left).",
     mistakes=((_one_shot, "Reveal the same number"), (_greedy, "torch.multinomial, not argmax"),
               (_binomial, "Reveal the same number")),
-    trials=2, harness="sample_with_unmasking", assess=assess_unmask_sample, seconds=60.0, points=2,
+    shortcuts=((_no_call, "rows of the corpus"), (_course_captions, "rows of the corpus"), (_greedy, "distinct"),
+               (_over_budget, "more than the budget")),
+    trials=2, task=_T.unmasking_task, assess=assess_unmask_sample, seconds=60.0, points=2,
     passed_message=f"with one denoiser call per step, at least {UNMASK_VALID:.0%} of your samples of two fresh corpora "
-                   f"are valid captions, at least {UNMASK_DISTINCT} of them distinct."))
+                   f"are rows of the corpus, at least {UNMASK_DISTINCT} of them distinct."))
 LIBRARY_EQUIVALENTS.update({
     "absorbing_forward": ("course_lib.discrete.mask_tokens", "course_lib.discrete.absorbing_transition",
                           "course_lib.discrete.absorbing_marginal"),

@@ -6,7 +6,7 @@ import torch
 from .. import losses, schedules
 from ..grading.toys import ToyNetwork as _ToyNetwork
 from . import Exercise, register
-from .common import _RESHAPE_HINT, _batch, _per_sample
+from .common import _RESHAPE_HINT, DIFFUSION_LIBRARIES, DIFFUSION_RULE, _batch, _per_sample
 from .lesson01 import ref_q_sample
 
 
@@ -40,7 +40,8 @@ register(Exercise(
               (lambda model, x0, t, noise, alpha_bar: ((noise - model(ref_q_sample(x0, t, alpha_bar, noise), t)) ** 2).sum(),
                "Average over all elements (.mean()), do not sum: the scale must not depend on the batch or image size."),
               (lambda model, x0, t, noise, alpha_bar: (noise - model(ref_q_sample(x0, t, alpha_bar, noise), t)).abs().mean(),
-               "Square the error: the ELBO gives a squared error, not an absolute one."))))
+               "Square the error: the ELBO gives a squared error, not an absolute one.")),
+    refused=DIFFUSION_LIBRARIES, rule=DIFFUSION_RULE))
 
 
 def ref_posterior_mean(x0, x_t, t, alpha_bar):
@@ -82,7 +83,8 @@ register(Exercise(
                "Off by one: ab_t is alpha_bar[t] and ab_prev is alpha_bar[t-1] (1 at t = 0)."),
               (_posterior_mistake(lambda a_t, a_p, b_t: (a_p.sqrt() * b_t / (1 - a_t), (1 - a_p) / (1 - a_t))),
                "x_t's coefficient has a factor sqrt(alpha_t) = sqrt(1 - beta_t).")),
-    rtol=1e-4, atol=2e-4))  # float32 inputs: 1 - alpha_bar loses digits near t = 0 (seen: 6.6e-5 apart)
+    rtol=1e-4, atol=2e-4,
+    refused=DIFFUSION_LIBRARIES, rule=DIFFUSION_RULE))  # float32 inputs: 1 - alpha_bar loses digits near t = 0 (seen: 6.6e-5 apart)
 
 
 def ref_eps_to_x0(eps, x_t, t, alpha_bar):
@@ -105,4 +107,5 @@ register(Exercise(
                "Use the square roots: sqrt(1 - alpha_bar_t) and sqrt(alpha_bar_t)."),
               (lambda eps, x_t, t, alpha_bar: (x_t + _per_sample((1 - alpha_bar[t]).sqrt(), x_t) * eps)
                / _per_sample(alpha_bar[t].sqrt(), x_t),
-               "Subtract the noise term; do not add it."))))
+               "Subtract the noise term; do not add it.")),
+    refused=DIFFUSION_LIBRARIES, rule=DIFFUSION_RULE))

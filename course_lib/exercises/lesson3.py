@@ -5,7 +5,7 @@ import torch
 
 from ..grading.toys import ToyDenoiser as _ToyDenoiser
 from . import Exercise, register
-from .common import _batch
+from .common import SAMPLER_LIBRARIES, SAMPLER_RULE, _batch
 
 
 def ref_ddim_step(x_t, x0_pred, ab_t, ab_s):
@@ -30,7 +30,8 @@ register(Exercise(
                "x_t is not the noise: recover eps from x_t and x0_pred first."),
               (lambda x_t, x0_pred, ab_t, ab_s: ab_s * x0_pred + (1 - ab_s) * (x_t - ab_t * x0_pred) / (1 - ab_t),
                "alpha-bar is a variance: use square roots, sqrt(ab) and sqrt(1 - ab)."),
-              (lambda x_t, x0_pred, ab_t, ab_s: x0_pred, "Return x_s, the next noisy state, not the x0 estimate."))))
+              (lambda x_t, x0_pred, ab_t, ab_s: x0_pred, "Return x_s, the next noisy state, not the x0 estimate.")),
+    refused=SAMPLER_LIBRARIES, rule=SAMPLER_RULE))
 
 
 def ref_heun_step(denoise, x, sigma, sigma_next):
@@ -66,7 +67,8 @@ register(Exercise(
                   (x - denoise(x, sigma)) / sigma + (x - denoise(x, sigma_next)) / sigma_next) / 2,
                "Evaluate the second slope at the Euler guess x', not at the starting point x."),
               (_heun_second_slope,
-               "Return the new state x + (sigma_next - sigma) (d + d') / 2, not the second slope."))))
+               "Return the new state x + (sigma_next - sigma) (d + d') / 2, not the second slope.")),
+    refused=SAMPLER_LIBRARIES, rule=SAMPLER_RULE))
 
 
 def ref_karras_sigmas(n, sigma_min, sigma_max, rho):
@@ -89,4 +91,5 @@ register(Exercise(
                                                               torch.zeros(1, dtype=torch.float64)]),
                "Space the points evenly in sigma^(1/rho), not in sigma: take the rho-th root first, the rho-th power after."),
               (lambda n, sigma_min, sigma_max, rho: ref_karras_sigmas(n, sigma_min, sigma_max, rho).flip(0),
-               "Largest first: a sampler runs from sigma_max down to 0."))))
+               "Largest first: a sampler runs from sigma_max down to 0.")),
+    refused=SAMPLER_LIBRARIES, rule=SAMPLER_RULE))

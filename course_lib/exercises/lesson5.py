@@ -6,6 +6,7 @@ import math
 import torch
 
 from . import Exercise, register
+from .common import SAMPLER_LIBRARIES, SAMPLER_RULE
 
 
 def ref_dpmpp_2m_coefficients(sigma, sigma_next, sigma_prev):
@@ -38,4 +39,5 @@ register(Exercise(
               (lambda sigma, sigma_next, sigma_prev: ref_dpmpp_2m_coefficients(
                   sigma, sigma_next, sigma * math.exp((math.log(sigma) - math.log(sigma_next)) ** 2
                                                       / (math.log(sigma_prev) - math.log(sigma)))),
-               "r is the previous step over this one, r = h_prev / h, not its inverse."))))
+               "r is the previous step over this one, r = h_prev / h, not its inverse.")),
+    refused=SAMPLER_LIBRARIES, rule=SAMPLER_RULE))

@@ -5,8 +5,9 @@ import math
 
 import torch
 
-from ..grading import harnesses as _H
+from ..grading import tasks as _T
 from . import FAILED, LIBRARY_EQUIVALENTS, CheckResult, Exercise, register
+from .common import ATTENTION_LIBRARIES, ATTENTION_RULE
 
 
 def _attend(x, context, mask, w_q, w_k, w_v, heads, scale=None, use_mask=True, softmax_dim=-1):
@@ -67,20 +68,17 @@ def ref_text_guided_eps(model, x, t, context, mask, null_context, null_mask, sca
     return uncond + scale * (cond - uncond)
 
 
-def _reference_eps(seed: int, scale: float, combine=None) -> torch.Tensor:
-    unet, task = _H.text_guidance_task(seed)
-
-    def model(x, t, context=None, mask=None):
-        with torch.no_grad():
-            return unet(x, t, context=context, mask=mask)
-
+def _guided(task, combine=None) -> torch.Tensor:
+    """The guided prediction on the task's inputs with the task's own network: the reference, or `combine`(eps_c, eps_u,
+    w) for a known mistake."""
+    model, inputs = task.private["model"], task.private["inputs"]
     if combine is None:
-        return ref_text_guided_eps(model, *task.values(), scale)
-    b = task["x"].shape[0]
-    cond = model(task["x"], task["t"], context=task["context"], mask=task["mask"])
-    uncond = model(task["x"], task["t"], context=task["null_context"].expand(b, -1, -1),
-                   mask=task["null_mask"].expand(b, -1))
-    return combine(cond, uncond, scale)
+        return ref_text_guided_eps(model, **inputs)
+    b = inputs["x"].shape[0]
+    cond = model(inputs["x"], inputs["t"], context=inputs["context"], mask=inputs["mask"])
+    uncond = model(inputs["x"], inputs["t"], context=inputs["null_context"].expand(b, -1, -1),
+                   mask=inputs["null_mask"].expand(b, -1))
+    return combine(cond, uncond, inputs["scale"])
 
 
 TEXT_MISTAKES = ((lambda c, u, w: c, "That is the conditional prediction alone: guidance needs the empty caption's "
@@ -101,30 +99,37 @@ def _text_mistake(combine):
     return fn
 
 
-def assess_text_guided_eps(inputs: dict, outputs: dict) -> CheckResult | None:
-    """The guided prediction against the reference on the same task (recomputed here, in the grader)."""
-    name, got = "text_guided_eps", outputs.get("eps")
-    want = _reference_eps(inputs["seed"], inputs["scale"])
-    if got is None or got.shape != want.shape:
+def assess_text_guided_eps(task, outputs: list) -> CheckResult | None:
+    """The guided prediction against the reference on the same task (computed by the judge, with its own network)."""
+    name, got, scale = "text_guided_eps", outputs[0], task.private["inputs"]["scale"]
+    want = _guided(task)
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
         return CheckResult(name, FAILED, f"expected a tensor of shape {tuple(want.shape)} (the batch's guided noise "
-                           f"predictions), got {None if got is None else tuple(got.shape)}.",
+                           f"predictions), got {tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__}.",
                            "Return eps_u + scale (eps_c - eps_u) for the B images, not the 2B rows of the batched call.")
     if torch.allclose(got.double(), want.double(), rtol=1e-4, atol=1e-4):
         return None
     for combine, hint in TEXT_MISTAKES:
-        if torch.allclose(got.double(), _reference_eps(inputs["seed"], inputs["scale"], combine).double(),
-                          rtol=1e-4, atol=1e-4):
-            return CheckResult(name, FAILED, f"values differ from the reference at scale {inputs['scale']:g}.", hint)
-    return CheckResult(name, FAILED, f"values differ from the reference at scale {inputs['scale']:g} (max abs error "
+        if torch.allclose(got.double(), _guided(task, combine).double(), rtol=1e-4, atol=1e-4):
+            return CheckResult(name, FAILED, f"values differ from the reference at scale {scale:g}.", hint)
+    return CheckResult(name, FAILED, f"values differ from the reference at scale {scale:g} (max abs error "
                        f"{float((got.double() - want.double()).abs().max()):.3g}).",
                        "Call model(x2, t2, context=..., mask=...) on x and t repeated twice, with the captions' "
                        "states for the first half and null_context / null_mask expanded to B rows for the second; "
                        "split the output with .chunk(2) and combine.")
 
 
-def _inputs_text(gen) -> dict:
-    return {"seed": int(torch.randint(0, 2**31 - 1, (1,), generator=gen)),
-            "scale": round(float(torch.rand(1, generator=gen)) * 6 + 1.5, 3)}
+def _no_call(model, x, t, context, mask, null_context, null_mask, scale):
+    """A shortcut: never calls the model."""
+    return torch.zeros_like(x)
+
+
+def _three_calls(model, x, t, context, mask, null_context, null_mask, scale):
+    b = x.shape[0]
+    cond = model(x, t, context=context, mask=mask)
+    model(x, t, context=context, mask=mask)
+    uncond = model(x, t, context=null_context.expand(b, -1, -1), mask=null_mask.expand(b, -1))
+    return uncond + scale * (cond - uncond)
 
 
 register(Exercise(
@@ -142,7 +147,7 @@ register(Exercise(
                "Each query's weights over the caption tokens sum to one: softmax over the last axis (the tokens)."),
               (lambda **kw: _attend(**{**kw, "heads": 1}),
                "Split the channels into `heads` heads, each attending on its own with d = C // heads.")),
-    rtol=1e-6, atol=1e-8))
+    refused=ATTENTION_LIBRARIES, rule=ATTENTION_RULE, rtol=1e-6, atol=1e-8))
 register(Exercise(
     "scale_latents", 7, ref_scale_latents, _inputs_scale,
     "Divide by one number, the standard deviation over every element of the batch (latents.std()).",
@@ -155,11 +160,12 @@ register(Exercise(
               (lambda latents: latents * latents.std(), "Divide by the standard deviation: the factor is 1 / std.")),
     rtol=2e-3, atol=1e-8))
 register(Exercise(
-    "text_guided_eps", 7, ref_text_guided_eps, _inputs_text,
+    "text_guided_eps", 7, ref_text_guided_eps, None,
     "Repeat x and t twice, stack the captions' context and mask with the empty caption's (expanded to B rows), call "
     "the model once, split the result into (eps_c, eps_u) with .chunk(2), return eps_u + scale (eps_c - eps_u).",
     mistakes=tuple((_text_mistake(combine), hint) for combine, hint in TEXT_MISTAKES),
-    trials=2, harness="text_guidance", assess=assess_text_guided_eps,
+    shortcuts=((_no_call, "values differ"), (_three_calls, "more than the budget")),
+    trials=2, task=_T.text_guidance_task, assess=assess_text_guided_eps,
     passed_message="your guided prediction matches eps_u + w (eps_c - eps_u) on a text-conditioned UNet, within "
                    "the budget of one conditional and one empty-caption prediction per image."))
 LIBRARY_EQUIVALENTS.update({

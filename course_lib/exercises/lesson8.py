@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from . import LIBRARY_EQUIVALENTS, Exercise, register
+from .common import ATTENTION_LIBRARIES, ATTENTION_RULE
 
 EPS = 1e-6  # the LayerNorm epsilon of DiT (and of diffusers' DiT)
 
@@ -161,7 +162,7 @@ register(Exercise(
                "attention, then shift, scale, gate for the MLP, in that order."),
               (lambda **kw: _block(**kw, order=(0, 1, 2, 0, 1, 2)), "The MLP has its own shift, scale and gate "
                "(chunks 4 to 6), not the attention's.")),
-    rtol=1e-6, atol=1e-8))
+    refused=ATTENTION_LIBRARIES, rule=ATTENTION_RULE, rtol=1e-6, atol=1e-8))
 LIBRARY_EQUIVALENTS.update({
     "adaln": ("course_lib.nets.dit.modulate", "course_lib.nets.dit.DiTBlock"),
     "patchify": ("course_lib.nets.dit.patchify",),

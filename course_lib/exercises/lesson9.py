@@ -8,6 +8,7 @@ import torch
 
 from ..grading.toys import ToyVelocity
 from . import LIBRARY_EQUIVALENTS, Exercise, register
+from .common import ODE_LIBRARIES, ODE_RULE
 
 
 def ref_dsm_loss(score_pred, eps, sigma):
@@ -153,7 +154,7 @@ register(Exercise(
                "The trace sums both diagonal entries of the 2 x 2 Jacobian."),
               (lambda velocity, x, steps: -0.5 * (x**2).sum(1) - math.log(2 * math.pi),
                "Integrate the ODE: the prior is the density at t = 1, not at the data.")),
-    rtol=1e-5, atol=1e-7, points=3))
+    refused=ODE_LIBRARIES, rule=ODE_RULE, rtol=1e-5, atol=1e-7, points=3))
 LIBRARY_EQUIVALENTS.update({
     "dsm_loss": ("course_lib.score.dsm_loss",),
     "reverse_sde_step": ("course_lib.sde.euler_maruyama_step", "course_lib.sde.reverse_drift",

@@ -1,55 +1,55 @@
-"""Batch grading of untrusted notebooks: each runs confined in its own process; the verdicts are made here.
+"""Batch grading of untrusted notebooks: each runs confined in its own process; every verdict is made here.
 
-`python -m course_lib grade SUBMISSION... --out grades.csv [--json results.json] [--jobs N]`. For each notebook a
-worker process (course_lib.grading.worker) runs the code cells in quick mode, then calls the learner's functions on
-inputs made here from a secret seed, after the notebook has run; this process judges the returned outputs against
-its own reference (course_lib.exercises.judge), compares the fingerprints of what the function can reach with the
-library's and the references' (course_lib.grading.identity), and reads the notebook's source itself
-(course_lib.grading.scan). Everything read from a submission or a worker is bounded and validated here; every
-failure of one submission becomes that submission's `error` row; the CSV and JSON are always written. A journal
-next to the CSV records each graded submission, so an interrupted batch resumes where it stopped.
+`python -m course_lib grade SUBMISSION... --out grades.csv [--json results.json] [--jobs N] [--shard K/N]`. For each
+notebook this process reads the file within fixed limits (through course_lib.grading.reader, in a small process of
+its own), reads its source (course_lib.grading.scan) and draws the exercises' inputs and tasks from a secret seed. A
+worker process (course_lib.grading.worker, confined by course_lib.grading.sandbox) runs the code cells in quick mode,
+then calls the learner's functions on those inputs; the oracles of a behaviour task (an exact denoiser, a model)
+stay here and answer the worker's requests (course_lib.grading.session). The worker only runs code: what it returns
+is judged here against the references (course_lib.exercises), and nothing it says is trusted. Every failure of one
+submission becomes that submission's `error` row; the CSV and JSON are always written. A journal next to the CSV
+records each graded submission, so an interrupted batch resumes where it stopped.
 """
 from __future__ import annotations
 
-import ast
-import csv
-import ctypes
 import hashlib
-import io
 import json
 import os
 import re
-import select
 import shutil
-import signal
-import socket
 import stat
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from .. import exercises
 from ..checkpoints import write_json_atomic, write_text_atomic
-from ..exercises import EXERCISES, LIBRARY_EQUIVALENTS, Raised, judge
-from . import identity, scan
-from .channel import MAX_MESSAGE, BadMessage, decode, encode_trusted
+from ..exercises import EXERCISES, LIBRARY_EQUIVALENTS, Raised, judge, judge_task
+from . import scan, shards
+from .calls import clone_inputs
+from .names import top_level_bindings
+from .processes import Reaper, kill_all
+from .reader import MAX_CELLS, MAX_CODE_BYTES, MAX_NOTEBOOK_BYTES, read_cells  # noqa: F401  (the limits, re-exported)
+from .results import (  # noqa: F401  (COLUMNS, FLAGS: re-exported by course_lib.grading)
+    COLUMNS,
+    FLAGS,
+    MAX_MESSAGE_TEXT,
+    STATUSES,
+    csv_text,
+    make_row,
+    summarize,
+)
+from .session import Attempt, Call, clean, course_root, data_dir, read_notebook, run_worker
 
-STATUSES = ("passed", "failed", "not_attempted", "error", "timeout")
-COLUMNS = ("submission", "exercise", "points", "max_points", "status", "message", "flag")
 WHOLE_NOTEBOOK = "(notebook)"  # the exercise column of the one row of a submission whose lesson is unknown
-MAX_NOTEBOOK_BYTES = 32 << 20  # an executed lesson with its plots is 1-3 MB
-MAX_CODE_BYTES = 256 << 10  # all code cells together (the longest lesson has 17 kB; parsing costs ~700 B/node)
-MAX_CELLS = 2000
-MAX_MESSAGE_TEXT = 400  # characters of a row's message
-SETUP_SECONDS = 120  # the worker's imports, before the first cell
-BLOCKED_MODULES = ("course_lib.exercises",)  # the references: never importable in a worker
+MAX_NOTES = 20  # notes per submission in the JSON (each at most MAX_MESSAGE_TEXT characters)
+MAX_FINDINGS = 30  # reasons kept per flagged row
+# sandbox refusals no honest notebook triggers: reading what is protected, the references, signalling others
+TAMPER_REFUSALS = ("read", "tamper", "signal")
 
 
 @dataclass(frozen=True)
@@ -61,43 +61,24 @@ class Limits:
     call_timeout: float = 20.0
     memory_mb: int = 6144  # address space of the worker (torch alone maps about 1.5 GB)
     file_mb: int = 256
-    threads: int = 1
     attempts: int = 3  # a cell that kills the process is skipped and the notebook run again
     grace: float = 10.0  # beyond a cell's or a call's own alarm before the process is killed
     landlock: bool = True  # kernel layers, where the platform has them (off only to test the fallbacks)
     seccomp: bool = True
 
     def __post_init__(self):
-        for name in ("timeout", "cell_timeout", "call_timeout", "memory_mb", "file_mb", "threads", "attempts",
-                     "grace"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("timeout", "cell_timeout", "call_timeout", "memory_mb", "file_mb", "attempts", "grace"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0 and value != float("inf")):
+                raise ValueError(f"{name} must be a positive finite number, got {value}")
 
 
 # ---- text that is safe to print, write and show ----------------------------------------------------
-
-def clean(text, limit: int = MAX_MESSAGE_TEXT) -> str:
-    """`text` if it is a str, as printable text (surrogates and control characters escaped), at most `limit` long.
-
-    Anything that is not a str gives "": an object from a worker is never formatted here.
-    """
-    if not isinstance(text, str):
-        return ""
-    text = text[: limit * 2].encode("utf-8", "backslashreplace").decode("utf-8")
-    text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
-                   for c in text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
 
 def display_path(path) -> str:
     """A path as printable text: bytes that are not UTF-8 (a name from an unzipped archive) become \\xNN."""
     raw = os.fsencode(path)
     return clean(raw.decode("utf-8", "backslashreplace"), 1000)
-
-
-def _row(submission, ex_name, status, message, points=0, max_points=0, flag=""):
-    return {"submission": submission, "exercise": ex_name, "points": points, "max_points": max_points,
-            "status": status, "message": clean(message), "flag": flag}
 
 
 # ---- finding and reading submissions --------------------------------------------------------------
@@ -174,8 +155,9 @@ def find_submissions(paths, follow_symlinks: bool = False) -> list[Submission]:
     return found
 
 
-def read_submission(path: str) -> bytes:
-    """The bytes of a regular file of at most MAX_NOTEBOOK_BYTES (opened without blocking or following a link)."""
+def open_submission(path: str) -> int:
+    """A read-only descriptor of a regular file of at most MAX_NOTEBOOK_BYTES (opened without blocking or following
+    a link); ValueError or OSError otherwise."""
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     fd = os.open(path, flags)
     try:
@@ -184,52 +166,52 @@ def read_submission(path: str) -> bytes:
             raise ValueError(f"is {_kind(st.st_mode)}, not a notebook file")
         if st.st_size > MAX_NOTEBOOK_BYTES:
             raise ValueError(f"the file is {st.st_size >> 20} MB, over the {MAX_NOTEBOOK_BYTES >> 20} MB limit")
-        chunks, size = [], 0
-        while True:
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > MAX_NOTEBOOK_BYTES:
-                raise ValueError(f"the file is over the {MAX_NOTEBOOK_BYTES >> 20} MB limit")
-            chunks.append(chunk)
-        return b"".join(chunks)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _digest(fd: int) -> str:
+    """The SHA-256 of an open file, read in 1 MB pieces (the file is never held in memory)."""
+    h, size = hashlib.sha256(), 0
+    os.lseek(fd, 0, os.SEEK_SET)
+    while True:
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > MAX_NOTEBOOK_BYTES:
+            raise ValueError(f"the file is over the {MAX_NOTEBOOK_BYTES >> 20} MB limit")
+        h.update(chunk)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return h.hexdigest()
+
+
+def read_submission(path: str) -> tuple[str, list, dict]:
+    """(SHA-256, code cells, metadata) of a submission, read within the limits (see course_lib.grading.reader)."""
+    fd = open_submission(path)
+    try:
+        sha = _digest(fd)
+        cells, metadata = read_notebook(fd)
     finally:
         os.close(fd)
+    return sha, cells, metadata
 
 
-def read_cells(data: bytes) -> tuple[list[tuple[int, str]], dict]:
-    """The (1-based cell number, source) of every code cell, and the notebook metadata; ValueError if unreadable."""
-    if len(data) > MAX_NOTEBOOK_BYTES:
-        raise ValueError(f"the file is {len(data) >> 20} MB, over the {MAX_NOTEBOOK_BYTES >> 20} MB limit")
+def _sha(sub) -> str:
+    if not sub.path:
+        return ""
     try:
-        nb = json.loads(data.decode("utf-8"))
-    except (ValueError, RecursionError) as e:
-        raise ValueError(f"not a readable notebook ({type(e).__name__})") from None
-    if not isinstance(nb, dict):
-        raise ValueError("not a readable notebook (not a JSON object)")
-    raw = nb.get("cells")
-    if raw is None and isinstance(nb.get("worksheets"), list) and nb["worksheets"]:  # nbformat 3
-        raw = nb["worksheets"][0].get("cells") if isinstance(nb["worksheets"][0], dict) else None
-    if not isinstance(raw, list):
-        raise ValueError("not a readable notebook (no list of cells)")
-    if len(raw) > MAX_CELLS:
-        raise ValueError(f"the notebook has {len(raw)} cells, over the limit of {MAX_CELLS}")
-    cells, code_bytes = [], 0
-    for i, cell in enumerate(raw, 1):
-        if not (isinstance(cell, dict) and cell.get("cell_type") == "code"):
-            continue
-        src = cell.get("source", cell.get("input", ""))
-        if isinstance(src, list) and all(isinstance(s, str) for s in src):
-            src = "".join(src)
-        if not isinstance(src, str):
-            continue
-        code_bytes += len(src)
-        if code_bytes > MAX_CODE_BYTES:
-            raise ValueError(f"the code cells hold over {MAX_CODE_BYTES >> 10} kB of code, over the limit")
-        cells.append((i, src))
-    metadata = nb.get("metadata")
-    return cells, metadata if isinstance(metadata, dict) else {}
+        fd = open_submission(sub.path)
+    except (OSError, ValueError):
+        return ""
+    try:
+        return _digest(fd)
+    except (OSError, ValueError):
+        return ""
+    finally:
+        os.close(fd)
 
 
 _DEF_LINE = re.compile(r"^\s*def\s+(\w+)\s*\(", re.M)
@@ -252,31 +234,8 @@ def lesson_of(cells, metadata: dict, filename: str) -> int | None:
     return int(m.group(1)) if m and int(m.group(1)) in lessons else None
 
 
-def definitions(cells, names) -> dict[str, list[int]]:
-    """For each name, the cells that bind it at top level (def, assignment or import)."""
-    where: dict[str, list[int]] = {n: [] for n in names}
-    for index, source in cells:
-        try:
-            bound = set()
-            for node in ast.parse(scan.as_python(source)[0]).body:
-                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                    bound.add(node.name)
-                elif isinstance(node, (ast.Assign, ast.AnnAssign)):
-                    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-                    bound |= {t.id for t in targets if isinstance(t, ast.Name)}
-                elif isinstance(node, (ast.Import, ast.ImportFrom)):
-                    bound |= {(a.asname or a.name).split(".")[0] for a in node.names}
-        except (SyntaxError, ValueError, RecursionError, MemoryError):
-            bound = set(_DEF_LINE.findall(source))
-        for n in bound & set(names):
-            where[n].append(index)
-    return where
-
-
 # ---- what the course itself provides ----------------------------------------------------------------
 
-def _course_root() -> Path:
-    return Path(__file__).resolve().parents[2]
 
 
 _RELEASED: dict = {}
@@ -294,7 +253,7 @@ def released_sources(lesson: int, folder: Path | None = None) -> set[str]:
             return _RELEASED[key]
     import nbformat
 
-    root = _course_root() / "notebooks"
+    root = course_root() / "notebooks"
     out: set[str] = set()
     for candidate, stub in ((folder, False), (root / "student", False), (root, True)):
         if candidate is None or not Path(candidate).is_dir():
@@ -314,362 +273,23 @@ def released_sources(lesson: int, folder: Path | None = None) -> set[str]:
     return out
 
 
-_FINGERPRINTS: dict = {}
-_FINGERPRINTS_LOCK = threading.Lock()  # --jobs grades in threads: importing the library twice at once races
+def definitions(cells, names) -> dict[str, list[int]]:
+    """For each name, the cells that bind it at top level (def, class, assignment or import)."""
+    import ast
 
-
-def answer_fingerprints() -> tuple[dict[str, dict[str, str]], dict[str, str]]:
-    """({exercise: {fingerprint: dotted name}} of the library functions that compute each answer,
-    {fingerprint: name} of every exercise reference), computed here, never in a worker, once per process (under a
-    lock: two threads importing course_lib.autoencoder at once saw it half initialised)."""
-    with _FINGERPRINTS_LOCK:
-        return _answer_fingerprints()
-
-
-def _answer_fingerprints():
-    if not _FINGERPRINTS:
-        library = {name: identity.library_fingerprints({d: identity.resolve(d) for d in dotted})
-                   for name, dotted in LIBRARY_EQUIVALENTS.items()}
-        refs = identity.library_fingerprints({f"course_lib.exercises.{ex.reference.__name__}": ex.reference
-                                              for ex in EXERCISES.values()})
-        _FINGERPRINTS.update(library=library, refs=refs)
-    return _FINGERPRINTS["library"], _FINGERPRINTS["refs"]
-
-
-# ---- talking to the worker ----------------------------------------------------------------------
-
-class _Broken(Exception):
-    """The worker's channel carried something that is not a valid message."""
-
-
-class _Channel:
-    """Framed messages from the worker's socket, read with deadlines and decoded within bounds."""
-
-    def __init__(self, sock: socket.socket):
-        self.sock, self.buf = sock, bytearray()
-
-    def recv(self, deadline: float) -> dict:
-        while True:
-            if len(self.buf) >= 8:
-                size = int.from_bytes(self.buf[:8], "little")
-                if size > MAX_MESSAGE:
-                    raise _Broken(f"a message of {size} bytes (limit {MAX_MESSAGE})")
-                if len(self.buf) >= 8 + size:
-                    payload = bytes(self.buf[8: 8 + size])
-                    del self.buf[: 8 + size]
-                    try:
-                        message = decode(payload)
-                    except BadMessage as e:
-                        raise _Broken(str(e)) from None
-                    if not isinstance(message, dict) or not isinstance(message.get("kind"), str):
-                        raise _Broken("a message that is not a dict with a kind")
-                    return message
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
-                raise TimeoutError
-            chunk = self.sock.recv(1 << 20)
-            if not chunk:
-                raise EOFError
-            self.buf += chunk
-
-    def send(self, data: bytes, deadline: float) -> None:
-        view = memoryview(data)
-        while view:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([], [self.sock], [], left)[1]:
-                raise TimeoutError
-            view = view[self.sock.send(view):]
-
-
-def _int(msg: dict, key: str) -> int:
-    value = msg.get(key)
-    if type(value) is not int:
-        raise _Broken(f"a message whose {key} is not an int")
-    return value
-
-
-def _refused(msg: dict) -> list[tuple[str, str]]:
-    out = []
-    for item in (msg.get("refused") or [])[:50] if isinstance(msg.get("refused"), list) else []:
-        if isinstance(item, list) and len(item) == 2:
-            out.append((clean(item[0], 20), clean(item[1], 120)))
-    return out
-
-
-@dataclass
-class _Attempt:
-    cells: dict = field(default_factory=dict)  # cell number -> (status, message)
-    defined: dict = field(default_factory=dict)
-    results: dict = field(default_factory=dict)  # exercise name -> validated result
-    refused: list = field(default_factory=list)  # (kind, what) the sandbox refused
-    ended: str = "done"  # done / crashed / timeout / broken
-    running: tuple | None = None  # ("cell", n), ("call", name), ("setup",) when it ended early
-    detail: str = ""
-    layers: tuple = ()
-
-
-_ACTIVE: set = set()  # worker processes running now (killed on Ctrl-C)
-_ACTIVE_LOCK = threading.Lock()
-
-
-def _worker_env(scratch: str, threads: int) -> dict:
-    package_root = str(_course_root())
-    env = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "LD_LIBRARY_PATH", "COURSE_CHECKPOINTS",
-                                      "SYSTEMROOT") if k in os.environ}
-    env.update(HOME=scratch, TMPDIR=scratch, MPLBACKEND="Agg", COURSE_QUICK="1", COURSE_GRADING="1",
-               CUDA_VISIBLE_DEVICES="",
-               OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONDONTWRITEBYTECODE="1",
-               TRITON_INTERPRET="1", TRITON_CACHE_DIR=os.path.join(scratch, ".triton"),
-               TORCHINDUCTOR_CACHE_DIR=os.path.join(scratch, ".inductor"), TORCHINDUCTOR_COMPILE_THREADS="1",
-               PYTHONPATH=os.pathsep.join([package_root, *filter(None, [os.environ.get("PYTHONPATH")])]))
-    mpl = _matplotlib_cache()
-    if mpl:
-        env["MPLCONFIGDIR"] = mpl
-    return env
-
-
-def _matplotlib_cache() -> str | None:
-    """The grader's matplotlib config folder: a worker reads its font cache instead of rebuilding it each time."""
-    try:
-        import matplotlib
-
-        return matplotlib.get_configdir()
-    except Exception:
-        return None
-
-
-def _protected_paths(policy: dict) -> list[str]:
-    """What no worker may read: the course's notebooks (solutions), the exercise references (the whole package, its
-    bytecode cache included), the submissions, the output folder with its journal, and the other workers' scratch
-    folders."""
-    root = _course_root()
-    return [str(root / "notebooks"), str(Path(exercises.__file__).resolve().parent), *policy.get("deny", [])]
-
-
-def _run_worker(cells, names, make_inputs, limits: Limits, deadline: float, scratch_base, policy: dict) -> _Attempt:
-    """Run one confined worker over `cells`, then have it call `names` on make_inputs(defined) (see module doc)."""
-    att = _Attempt()
-    scratch = tempfile.mkdtemp(prefix="course-grade-", dir=scratch_base)
-    parent_sock, child_sock = socket.socketpair()
-    log = open(os.path.join(scratch, "output.log"), "wb")
-    flags = ["-P"] if sys.version_info >= (3, 11) else []
-    job = {"scratch": scratch, "cells": cells, "names": names, "cell_timeout": limits.cell_timeout,
-           "call_timeout": limits.call_timeout, "memory_mb": limits.memory_mb, "file_mb": limits.file_mb,
-           "threads": limits.threads, "cpu_seconds": int(limits.timeout * limits.threads) + 60,
-           "equivalents": {n: list(LIBRARY_EQUIVALENTS.get(n, ())) for n in names},
-           "harness": {n: EXERCISES[n].harness for n in names if n in EXERCISES and EXERCISES[n].harness},
-           "call_seconds": {n: call_seconds(limits, n) for n in names},
-           "read": [p for p in (_data_dir(),) if p], "deny_read": _protected_paths(policy),
-           "blocked_paths": [], "blocked_modules": list(BLOCKED_MODULES),
-           "layers": {"landlock": limits.landlock, "seccomp": limits.seccomp}}
-    try:
-        with _ACTIVE_LOCK:  # registered before any sweep can see it as a stray
-            proc = subprocess.Popen([sys.executable, *flags, "-B", "-m", "course_lib.grading.worker",
-                                     str(child_sock.fileno())], stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, cwd=scratch, env=_worker_env(scratch, limits.threads),
-                                    pass_fds=(child_sock.fileno(),), start_new_session=True)
-            _ACTIVE.add(proc)
-    except BaseException:
-        parent_sock.close()
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
-    finally:
-        child_sock.close()
-        log.close()
-    chan, step = _Channel(parent_sock), min(deadline, time.monotonic() + SETUP_SECONDS)
-    sent = [i for i, _ in cells]
-    started = -1  # the position in `sent` of the cell running now: it only moves forward
-    pending = list(names)  # the calls still to come, in order
-    att.running = ("setup",)
-    try:
-        chan.send(encode_trusted(job), step)
-        while True:
-            msg = chan.recv(min(deadline, step))
-            kind = msg["kind"]
-            att.refused += _refused(msg)
-            if kind == "ready":
-                layers = msg.get("layers") if isinstance(msg.get("layers"), list) else []
-                att.layers = tuple(clean(x, 100) for x in layers[:6])
-                att.running = None
-            elif kind == "cell":
-                index = _int(msg, "index")
-                if index not in sent or sent.index(index) <= started:
-                    raise _Broken("a cell message out of order")
-                started = sent.index(index)
-                att.running = ("cell", index)
-                step = time.monotonic() + limits.cell_timeout + limits.grace
-            elif kind == "cell_done":
-                if att.running != ("cell", _int(msg, "index")):
-                    raise _Broken("a cell_done message for a cell that is not running")
-                status = msg.get("status") if msg.get("status") in ("ok", "error", "timeout") else "error"
-                att.cells[msg["index"]] = (status, clean(msg.get("message"), 200))
-                att.running = None
-            elif kind == "defined" and att.running is None:
-                got = msg.get("names") if isinstance(msg.get("names"), dict) else {}
-                att.defined = {n: {"defined": got[n].get("defined") is True, "callable": got[n].get("callable") is True,
-                                   "type": clean(got[n].get("type"), 60)}
-                               for n in names if isinstance(got.get(n), dict)}
-                att.running = ("inputs",)
-                step = time.monotonic() + SETUP_SECONDS
-                chan.send(encode_trusted(make_inputs(att.defined)), step)
-                pending = [n for n in names if att.defined.get(n, {}).get("callable")]
-            elif kind == "call":
-                if not pending or msg.get("name") != pending[0]:
-                    raise _Broken("a call message out of order")
-                att.running = ("call", pending.pop(0))
-                step = time.monotonic() + call_seconds(limits, att.running[1]) * 5 + limits.grace
-            elif kind == "result":
-                if att.running is None or att.running[0] != "call" or msg.get("name") != att.running[1]:
-                    raise _Broken("a result message for a function that is not being called")
-                att.results[att.running[1]] = _result(msg)
-                att.running = ("inputs",)
-            elif kind == "done":
-                if pending or att.running != ("inputs",):
-                    raise _Broken("a done message before every function was called")
-                att.running = None
-                break
-            else:
-                raise _Broken(f"an unexpected message ({clean(kind, 20)})")
-    except TimeoutError:
-        att.ended = "timeout"
-    except (EOFError, ConnectionError, BrokenPipeError):
-        att.ended = "crashed"
-    except (_Broken, KeyError, TypeError, ValueError, AttributeError) as e:
-        why = clean(str(e), 100) if isinstance(e, _Broken) else type(e).__name__
-        att.ended, att.detail = "broken", f"the submission corrupted the grader's channel ({why})"
-    finally:
+    where: dict[str, list[int]] = {n: [] for n in names}
+    wanted = set(names)
+    for index, source in cells:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the worker and anything left in its session
-        except (ProcessLookupError, PermissionError):
-            pass
-        code = proc.wait()
-        with _ACTIVE_LOCK:
-            _ACTIVE.discard(proc)  # reaped by wait() above, so a sweep cannot mistake it for a stray
-        parent_sock.close()
-        if att.ended == "crashed":
-            att.detail = _crash_detail(code, os.path.join(scratch, "output.log"))
-        keep = os.environ.get("COURSE_GRADER_KEEP_LOGS")  # a folder: keep each worker's output there (debugging)
-        if keep:
-            shutil.copy(os.path.join(scratch, "output.log"), os.path.join(keep, os.path.basename(scratch) + ".log"))
-        shutil.rmtree(scratch, ignore_errors=True)
-    return att
+            bound = {name for name, _, _ in top_level_bindings(ast.parse(scan.as_python(source)[0]))}
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            bound = set(_DEF_LINE.findall(source))
+        for n in sorted(bound & wanted):
+            where[n].append(index)
+    return where
 
 
-def _result(msg: dict) -> dict:
-    """A worker's result message, validated: outputs are tensors or small dicts; the rest plain strings."""
-    outputs = msg.get("outputs")
-    if not isinstance(outputs, list) or len(outputs) > 64:
-        raise _Broken("a result without a list of outputs")
-    checked = []
-    for out in outputs:
-        if isinstance(out, torch.Tensor):
-            checked.append(out)
-        elif isinstance(out, dict) and out.get("timeout") is True:
-            checked.append({"timeout": True})
-        elif isinstance(out, dict) and isinstance(out.get("harness"), dict) and len(out["harness"]) <= 256:
-            tensors = {clean(k, 80): v for k, v in out["harness"].items() if isinstance(v, torch.Tensor)}
-            if len(tensors) != len(out["harness"]):
-                raise _Broken("a harness output that is not a dict of tensors")
-            checked.append({"harness": tensors})
-        elif isinstance(out, dict):
-            checked.append({"error": clean(out.get("error"), 60), "message": clean(out.get("message"), 150)})
-        else:
-            raise _Broken("an output that is neither a tensor nor an error")
-    prints = msg.get("fingerprints") if isinstance(msg.get("fingerprints"), list) else []
-    return {"outputs": checked,
-            "library": [clean(x, 80) for x in (msg.get("library") if isinstance(msg.get("library"), list) else [])[:20]],
-            "fingerprints": {x for x in prints[: identity.MAX_CODES] if isinstance(x, str) and len(x) == 64},
-            "evidence": [clean(x, 150) for x in (msg.get("evidence") if isinstance(msg.get("evidence"), list) else [])[:20]],
-            "subclass": msg.get("subclass") is True}
-
-
-def _crash_detail(code: int, log_path: str) -> str:
-    how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-    try:
-        with open(log_path, "rb") as f:
-            f.seek(max(0, os.path.getsize(log_path) - 4000))
-            tail = f.read().decode("utf-8", "replace")
-        last = [ln.strip() for ln in tail.splitlines() if "Error" in ln or "error" in ln]
-        return how + (f"; last error printed: {clean(last[-1], 120)}" if last else "")
-    except OSError:
-        return how
-
-
-def _data_dir() -> str | None:
-    try:
-        from ..checkpoints import shipped_dir
-
-        return str(shipped_dir())
-    except Exception:
-        return None
-
-
-# ---- processes that outlive their worker ------------------------------------------------------------
-
-def _children() -> set[int]:
-    """This process's child processes (Linux /proc)."""
-    me, out = os.getpid(), set()
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return out
-    for entry in entries:
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    fields = f.read().rsplit(b")", 1)[1].split()
-                if int(fields[1]) == me:
-                    out.add(int(entry))
-            except (OSError, IndexError, ValueError):
-                continue
-    return out
-
-
-class _Reaper:
-    """Makes this process the subreaper of everything its workers start (Linux), and kills what outlives them."""
-
-    def __init__(self):
-        self.linux = sys.platform.startswith("linux")
-        self.before = _children() if self.linux else set()
-        self.was = False
-        if self.linux:
-            try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                value = ctypes.c_int(0)
-                libc.prctl(37, ctypes.byref(value), 0, 0, 0)  # PR_GET_CHILD_SUBREAPER
-                self.was = bool(value.value)
-                libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-            except (OSError, AttributeError):
-                self.linux = False
-
-    def sweep(self) -> int:
-        """Kill and reap every child that is neither a running worker nor was here before the batch."""
-        if not self.linux:
-            return 0
-        with _ACTIVE_LOCK:  # no worker is started or finished while the strays are told apart and killed
-            strays = _children() - {p.pid for p in _ACTIVE} - self.before
-            for pid in strays:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        for pid in strays:
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:  # not ours to reap after all (a worker's own wait reaped it)
-                pass
-        return len(strays)
-
-    def close(self) -> None:
-        self.sweep()
-        if self.linux and not self.was:
-            try:
-                ctypes.CDLL(None).prctl(36, 0, 0, 0, 0)
-            except (OSError, AttributeError):
-                pass
-
-
-# ---- verdicts ------------------------------------------------------------------------------------
+# ---- verdicts ------------------------------------------------------------------------------------------
 
 def call_seconds(limits: Limits, name: str) -> float:
     """The time limit for one call of exercise `name`: --call-timeout, or more for an exercise that trains."""
@@ -677,52 +297,73 @@ def call_seconds(limits: Limits, name: str) -> float:
     return max(limits.call_timeout, ex.seconds or 0.0) if ex is not None else limits.call_timeout
 
 
-def _judge_outputs(sub: str, ex, inputs: list[dict], result: dict, limits: Limits) -> dict:
-    """The row for one exercise from the worker's raw outputs, judged against the reference here."""
-    outputs = result["outputs"]
-    if not outputs or len(outputs) > len(inputs):
-        return _row(sub, ex.name, "error", "the grader received no usable outputs for this function", 0, ex.points)
-    for trial, (kw, got) in enumerate(zip(inputs, outputs)):
-        if isinstance(got, dict) and got.get("timeout"):
-            return _row(sub, ex.name, "timeout", f"your function did not return within {call_seconds(limits, ex.name):g}"
-                        f" s on random test {trial + 1}.", 0, ex.points)
-        if isinstance(got, dict) and "harness" in got:
-            got = got["harness"]
-        elif isinstance(got, dict):
-            got = Raised(got["error"], got["message"])
-        try:
-            verdict = judge(ex, kw, exercises.reference_output(ex, kw), got, trial)
-        except Exception as e:  # judging a behaviour exercise runs library code on the learner's weights
-            return _row(sub, ex.name, "error", f"the grader could not assess the result ({type(e).__name__}: "
-                        f"{clean(str(e), 120)})", 0, ex.points)
-        if verdict is not None:
-            message = verdict.message + (f" Hint: {verdict.hint}" if verdict.hint else "")
-            return _row(sub, ex.name, verdict.status, message, 0, ex.points)
-    if len(outputs) < len(inputs):
-        return _row(sub, ex.name, "error", "the grader received outputs for only some tests", 0, ex.points)
-    return _row(sub, ex.name, "passed", exercises.passed(ex).message, ex.points, ex.points)
+def _draw(ex, limits: Limits, seed: int | None):
+    """(what the judge keeps, the worker's calls) for one exercise: input dicts for a value exercise, tasks (with
+    their oracles and private data) for one graded on behaviour; from a secret seed unless `seed` is given."""
+    seconds = call_seconds(limits, ex.name)
+    if ex.on_behaviour:
+        tasks = exercises.fresh_tasks(ex, seed)
+        return tasks, [Call(c.inputs, c.procedure, c.oracles, seconds) for t in tasks for c in t.calls]
+    inputs = exercises.fresh_inputs(ex, seed)
+    return inputs, [Call(clone_inputs(kw), None, {}, seconds) for kw in inputs]
 
 
-def _copy_evidence(name: str, result: dict | None, source: list) -> list[str]:
-    """Why this exercise's function looks copied from course_lib rather than written (empty when it does not)."""
-    library, refs = answer_fingerprints()
-    why = [str(f) for f in source]
-    if result:
-        why += [f"calls {d} while graded" for d in result["library"]]
-        why += [f"contains the code of {library[name][fp]}" for fp in result["fingerprints"] & set(library.get(name, {}))]
-        why += [f"contains the code of {refs[fp]}" for fp in result["fingerprints"] & set(refs)]
-        why += [f"reaches {e}" for e in result["evidence"] if not e.startswith("an object that raised")]
-        if result["subclass"]:
-            why.append("returns a torch.Tensor subclass")
-    return list(dict.fromkeys(why))
+def _as_result(out):
+    """A validated worker output as the judge takes it: a tensor, a procedure's dict of tensors, or a Raised."""
+    if isinstance(out, dict) and "tensors" in out:
+        return out["tensors"]
+    if isinstance(out, dict):
+        return Raised(out["error"], out["message"])
+    return out
+
+
+def judge_outputs(sub: str, ex, drawn, outputs: list, limits: Limits) -> dict:
+    """The row for one exercise from the worker's outputs, judged here against the reference or by the task's
+    assessment (with the oracles' own logs)."""
+    timeout = next((k for k, o in enumerate(outputs) if isinstance(o, dict) and o.get("timeout")), None)
+    if timeout is not None:
+        return make_row(sub, ex.name, "timeout", f"your function did not return within {call_seconds(limits, ex.name):g} s "
+                    f"on call {timeout + 1}.", 0, ex.points)
+    got = [_as_result(o) for o in outputs]
+    try:
+        if ex.on_behaviour:
+            verdict, k = None, 0
+            for task in drawn:
+                part = got[k: k + len(task.calls)]
+                k += len(task.calls)
+                if len(part) < len(task.calls):
+                    return make_row(sub, ex.name, "error", "the grader received results for only some calls", 0, ex.points)
+                verdict = judge_task(ex, task, part)
+                if verdict is not None:
+                    break
+        else:
+            if len(got) < len(drawn):
+                return make_row(sub, ex.name, "error", "the grader received results for only some calls", 0, ex.points)
+            verdict = next((v for trial, (kw, g) in enumerate(zip(drawn, got))
+                            if (v := judge(ex, kw, exercises.reference_output(ex, kw), g, trial)) is not None), None)
+    except Exception as e:  # judging a behaviour exercise runs library code on the learner's weights
+        return make_row(sub, ex.name, "error", f"the grader could not assess the result ({type(e).__name__}: "
+                    f"{clean(str(e), 120)})", 0, ex.points)
+    if verdict is not None:
+        message = verdict.message + (f" Hint: {verdict.hint}" if verdict.hint else "")
+        return make_row(sub, ex.name, verdict.status, message, 0, ex.points)
+    return make_row(sub, ex.name, "passed", exercises.passed(ex).message, ex.points, ex.points)
 
 
 def _flag(row: dict, flag: str, why: list[str], record: dict | None = None) -> None:
-    """Zero a row and flag it for review, saying why (the judged message is kept when it already failed); every
-    reason goes into the record's `findings`."""
+    """Flag a row for review, saying why: `library_reference` and `tampered` zero it (evidence that cannot come from
+    honest code), `review` keeps its points. Every reason goes into the record's `findings`."""
     if record is not None:
-        record.setdefault("findings", {})[row["exercise"]] = [clean(w, 200) for w in why[:30]]
+        record.setdefault("findings", {}).setdefault(row["exercise"], [])
+        kept = record["findings"][row["exercise"]]
+        kept += [clean(w, 200) for w in why if clean(w, 200) not in kept][: MAX_FINDINGS - len(kept)]
+    if FLAGS.index(flag) > FLAGS.index(row["flag"]) if row["flag"] else False:
+        return  # a heavier flag is already there
     reasons = "; ".join(why[:2]) + (f"; and {len(why) - 2} more (see the JSON)" if len(why) > 2 else "")
+    row["flag"] = flag
+    if flag == "review":
+        row["message"] = clean(f"{row['message']} Flagged for review: {reasons}.")
+        return
     if row["status"] == "passed":
         row["status"] = "failed"
         text = (f"matches the reference, but {reasons}: 0 points, flagged for review." if flag == "library_reference"
@@ -730,10 +371,18 @@ def _flag(row: dict, flag: str, why: list[str], record: dict | None = None) -> N
         row["message"] = clean(text)
     else:  # the reason first: the judged message and its hint may be cut at the length limit
         row["message"] = clean(f"Flagged for review: {reasons}. {row['message']}")
-    row["points"], row["flag"] = 0, flag
+    row["points"] = 0
 
 
-def _cell_reason(att: _Attempt) -> str:
+def _refuse(row: dict, ex, why: list[str]) -> None:
+    """Fail a row whose function uses a library the exercise refuses (its rule, said in the exercise)."""
+    if row["status"] == "not_attempted":
+        return
+    row["status"], row["points"] = "failed", 0
+    row["message"] = clean(f"Your function {why[0]}, which this exercise does not allow. {ex.rule}")
+
+
+def _cell_reason(att: Attempt) -> str:
     if att.ended == "timeout":
         return "it ran past the time limit and ignored the alarm"
     if att.ended == "broken":
@@ -741,18 +390,18 @@ def _cell_reason(att: _Attempt) -> str:
     return "it ended the grading process (" + (att.detail or "no reason given") + ")"
 
 
-def _missing_row(sub, ex, where, att: _Attempt | None, skipped: dict, out_of_time: bool) -> dict:
+def _missing_row(sub, ex, where, att: Attempt | None, skipped: dict, out_of_time: bool) -> dict:
     """The row for an exercise that got no outputs: never defined, defined by a failing cell, or out of time."""
     cells = where.get(ex.name, [])
     info = (att.defined.get(ex.name) if att else None) or {}
     if out_of_time:
-        return _row(sub, ex.name, "timeout", "the notebook used up its time limit before this exercise was graded.",
+        return make_row(sub, ex.name, "timeout", "the notebook used up its time limit before this exercise was graded.",
                     0, ex.points)
     if info.get("defined") and not info.get("callable"):
-        return _row(sub, ex.name, "failed", f"`{ex.name}` is not a function (it is of type {info.get('type') or '?'}).",
+        return make_row(sub, ex.name, "failed", f"`{ex.name}` is not a function (it is of type {info.get('type') or '?'}).",
                     0, ex.points)
     if not cells:
-        return _row(sub, ex.name, "not_attempted", f"no cell defines `{ex.name}` (was its cell deleted?).", 0, ex.points)
+        return make_row(sub, ex.name, "not_attempted", f"no cell defines `{ex.name}` (was its cell deleted?).", 0, ex.points)
     status, why = "failed", []
     for c in cells:
         if c in skipped:
@@ -762,74 +411,87 @@ def _missing_row(sub, ex, where, att: _Attempt | None, skipped: dict, out_of_tim
             status = "timeout" if s == "timeout" else status
             why.append(f"cell {c} " + ("timed out" if s == "timeout" else f"raised {m}"))
     if att is None or att.ended != "done" and not why:
-        return _row(sub, ex.name, "error", "the grading process ended before this exercise was graded"
+        return make_row(sub, ex.name, "error", "the grading process ended before this exercise was graded"
                     + (f" ({att.detail})" if att and att.detail else "") + ".", 0, ex.points)
-    return _row(sub, ex.name, status, f"`{ex.name}` was not defined when the notebook finished"
+    return make_row(sub, ex.name, status, f"`{ex.name}` was not defined when the notebook finished"
                 + (": " + "; ".join(why) if why else "") + ".", 0, ex.points)
 
 
 def _error_record(sub: Submission, message: str, sha: str = "", lesson=None, retry: bool = False) -> dict:
     expected = [ex for ex in EXERCISES.values() if ex.lesson == lesson] if lesson is not None else []
-    rows = [_row(sub.label, ex.name, "error", message, 0, ex.points) for ex in expected] or [
-        _row(sub.label, WHOLE_NOTEBOOK, "error", message)]
+    rows = [make_row(sub.label, ex.name, "error", message, 0, ex.points) for ex in expected] or [
+        make_row(sub.label, WHOLE_NOTEBOOK, "error", message)]
     return {"submission": sub.label, "sha256": sha, "lesson": lesson, "rows": rows, "seconds": 0.0,
             "notes": [clean(message)], "refused": [], "sandbox": [], **({"retry": True} if retry else {})}
 
 
+def _protected(policy: dict) -> list[str]:
+    """What no worker may read: the course's notebooks (solutions), the exercise references (the whole package, its
+    bytecode cache included), the submissions, the output folder with its journal, the other workers' scratch."""
+    root = course_root()
+    return [str(root / "notebooks"), str(Path(exercises.__file__).resolve().parent), *policy.get("deny", [])]
+
+
 def grade_notebook(path, name: str | None = None, limits: Limits = Limits(), scratch_base=None,
                    seed: int | None = None, policy: dict | None = None) -> dict:
-    """Grade one submission; returns {submission, sha256, lesson, rows, seconds, notes, sandbox}."""
+    """Grade one submission; returns {submission, sha256, lesson, rows, seconds, notes, refused, sandbox, findings}.
+    `seed` fixes the inputs and tasks (tests); by default they are drawn from a secret one."""
     sub = path if isinstance(path, Submission) else Submission(name or display_path(path), os.fspath(path))
-    policy = policy or {}
+    policy = dict(policy or {})
+    policy["protected"] = _protected(policy)
     start = time.monotonic()
     by_name = lesson_of([], {}, sub.label)
     if sub.problem:
         return _error_record(sub, f"{sub.label} {sub.problem}", lesson=by_name)
     try:
-        data = read_submission(sub.path)
+        sha, cells, metadata = read_submission(sub.path)
     except (OSError, ValueError) as e:
         return _error_record(sub, f"{sub.label} cannot be read: {clean(getattr(e, 'strerror', None) or str(e), 150)}",
-                             lesson=by_name)
-    sha = hashlib.sha256(data).hexdigest()
-    try:
-        cells, metadata = read_cells(data)
-    except ValueError as e:
-        return _error_record(sub, f"{sub.label}: {clean(str(e), 150)}", sha, by_name)
-    del data
+                             _sha(sub), by_name)
     lesson = lesson_of(cells, metadata, sub.label)
-    record = {"submission": sub.label, "sha256": sha, "lesson": lesson, "rows": [], "seconds": 0.0, "notes": [],
-              "refused": [], "sandbox": []}
-    expected = [ex for ex in EXERCISES.values() if ex.lesson == lesson]
     if lesson is None:
         return _error_record(sub, f"{sub.label}: could not tell which lesson this notebook is (no exercise names, "
                                   "no NN_ file prefix).", sha)
+    record = {"submission": sub.label, "sha256": sha, "lesson": lesson, "rows": [], "seconds": 0.0, "notes": [],
+              "refused": [], "sandbox": []}
+    expected = [ex for ex in EXERCISES.values() if ex.lesson == lesson]
     names = [ex.name for ex in expected]
     where = definitions(cells, names)
-    tamper, copied = scan.scan(cells, released_sources(lesson, policy.get("released")),
-                               {n: set(LIBRARY_EQUIVALENTS.get(n, ())) for n in names},
-                               {ex.reference.__name__ for ex in EXERCISES.values()})
-    inputs = {ex.name: exercises.fresh_inputs(ex, None if seed is None else seed + i)  # None: a secret seed
-              for i, ex in enumerate(expected)}
+    tamper, found = scan.scan(cells, released_sources(lesson, policy.get("released")),
+                              {n: scan.Rule(frozenset(LIBRARY_EQUIVALENTS.get(n, ())), EXERCISES[n].refused)
+                               for n in names},
+                              {ex.reference.__name__ for ex in EXERCISES.values()})
     rows: dict[str, dict] = {}
     skipped: dict[int, str] = {}
     deadline = start + limits.timeout
     att = None
     refused: list = []
+    drawn: dict = {}
+
+    def make_calls(defined: dict) -> dict:
+        todo = [n for n in names if n not in rows and (defined.get(n) or {}).get("callable")]
+        calls = {}
+        for i, n in enumerate(todo):  # fresh on every attempt: a call's oracles count from zero
+            drawn[n], calls[n] = _draw(EXERCISES[n], limits, None if seed is None else seed + i)
+        return calls
+
+    broken = False
     for _ in range(limits.attempts):
         todo = [n for n in names if n not in rows]
+        if att is not None and att.defined:  # only what was a function last time can still be graded
+            todo = [n for n in todo if att.defined.get(n, {}).get("callable")]
         if not todo or time.monotonic() >= deadline:
             break
-        att = _run_worker([(i, s) for i, s in cells if i not in skipped], todo,
-                          lambda defined: {n: inputs[n] for n in todo if (defined.get(n) or {}).get("callable")},
-                          limits, deadline, scratch_base, policy)
+        att = run_worker([(i, s) for i, s in cells if i not in skipped], todo, make_calls, limits, deadline,
+                         scratch_base, policy)
         refused += att.refused
+        broken |= att.ended == "broken"
         record["sandbox"] = list(att.layers)
-        for n, result in att.results.items():
-            if n in todo:
-                rows[n] = _judge_outputs(sub.label, EXERCISES[n], inputs[n], result, limits)
-                why = _copy_evidence(n, result, copied.get(n, []))
-                if why:
-                    _flag(rows[n], "library_reference", why, record)
+        for n, outs in att.outputs.items():
+            complete = len(outs) == sum(len(t.calls) for t in drawn[n]) if EXERCISES[n].on_behaviour \
+                else len(outs) == len(drawn[n])
+            if n in todo and (complete or any(isinstance(o, dict) and o.get("timeout") for o in outs)):
+                rows[n] = judge_outputs(sub.label, EXERCISES[n], drawn[n], outs, limits)
         if att.ended == "done":
             break
         kind = att.running[0] if att.running else None
@@ -840,28 +502,25 @@ def grade_notebook(path, name: str | None = None, limits: Limits = Limits(), scr
         elif kind == "call" and att.running[1] in todo and att.running[1] not in rows:
             n = att.running[1]
             ex = EXERCISES[n]
-            rows[n] = (_row(sub.label, n, "timeout", f"your function did not return within {call_seconds(limits, n):g} s "
+            rows[n] = (make_row(sub.label, n, "timeout", f"your function did not return within {call_seconds(limits, n):g} s "
                             "and ignored the alarm.", 0, ex.points) if att.ended == "timeout" else
-                       _row(sub.label, n, "failed", "calling your function ended the grading process "
+                       make_row(sub.label, n, "failed", "calling your function ended the grading process "
                             f"({att.detail or att.ended}).", 0, ex.points))
-        elif kind != "inputs":
+        elif kind not in ("calls", "inputs"):
             break  # it died before running any cell, or broke the channel: running it again would not help
     out_of_time = time.monotonic() >= deadline and (att is None or att.ended != "done")
     if att is not None:
         record["notes"] += [f"cell {c} {'timed out' if s == 'timeout' else 'raised ' + m}"
                             for c, (s, m) in sorted(att.cells.items()) if s != "ok"]
-        if att.ended == "broken":
-            tamper.append(scan.Finding("tamper", "corrupted the grader's channel", 0))
     refused = list(dict.fromkeys(refused))
     record["refused"] = [f"{what} ({kind})" for kind, what in refused[:20] if kind != "library"]
     record["notes"] += [f"{what} while graded" for kind, what in refused[:5] if kind == "library"]
-    tamper_why = [str(f) for f in tamper] + [f"tried {what}" for kind, what in refused if kind == "tamper"]
+    tampered = [f"tried {what}" for kind, what in refused if kind in TAMPER_REFUSALS]
+    if broken:
+        tampered.append("corrupted the grader's channel")
     for ex in expected:
         if ex.name not in rows:
             rows[ex.name] = _missing_row(sub.label, ex, where, att, skipped, out_of_time)
-            why = [str(f) for f in copied.get(ex.name, [])]
-            if why and rows[ex.name]["status"] != "not_attempted":
-                _flag(rows[ex.name], "library_reference", why, record)
         row = rows[ex.name]
         dup = where.get(ex.name, [])
         if len(dup) > 1:
@@ -870,10 +529,25 @@ def grade_notebook(path, name: str | None = None, limits: Limits = Limits(), scr
         if skipped and row["status"] != "not_attempted":
             row["message"] = clean(row["message"] + " Graded with " + "; ".join(
                 f"cell {c} skipped ({r})" for c, r in list(skipped.items())[:3]) + ".")
-        if tamper_why and row["flag"] != "library_reference":
-            _flag(row, "tampered", tamper_why, record)
+        findings = found.get(ex.name, [])
+        if ex.evidence is not None and ex.name in drawn and row["status"] == "passed":
+            findings = findings + [scan.Finding("review", why, 0) for task in drawn[ex.name]
+                                   for why in ex.evidence(task)]
+        refusals = [str(f) for f in findings if f.kind == "refused"]
+        if refusals:
+            _refuse(row, ex, refusals)
+        if row["status"] == "not_attempted":
+            continue
+        for kind, flag in (("copy", "library_reference"), ("review", "review")):
+            why = [str(f) for f in findings if f.kind == kind]
+            if why:
+                _flag(row, flag, why, record)
+        if tamper:
+            _flag(row, "review", [f"the notebook {f}" for f in tamper], record)
+        if tampered:
+            _flag(row, "tampered", tampered, record)
     record["rows"] = [rows[n] for n in names]
-    record["notes"] = [clean(n) for n in record["notes"]]
+    record["notes"] = [clean(n) for n in record["notes"][:MAX_NOTES]]
     record["seconds"] = round(time.monotonic() - start, 2)
     return record
 
@@ -906,39 +580,6 @@ def _read_journal(path: Path) -> dict:
     return done
 
 
-def _spreadsheet_safe(value):
-    """A text cell a spreadsheet would run as a formula (=, +, -, @ first) gets a leading apostrophe (OWASP)."""
-    return "'" + value if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
-
-
-def _csv_text(rows) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: _spreadsheet_safe(clean(v, 2000) if isinstance(v, str) else v) for k, v in row.items()}
-                     for row in rows)
-    return buf.getvalue()
-
-
-def summarize(records) -> dict:
-    """Totals over submissions: points, and how many rows have each status."""
-    rows = [r for rec in records for r in rec["rows"]]
-    return {"submissions": len(records), "points": sum(r["points"] for r in rows),
-            "max_points": sum(r["max_points"] for r in rows),
-            "status": {s: sum(r["status"] == s for r in rows) for s in STATUSES},
-            "flagged": sum(bool(r["flag"]) for r in rows),
-            "ungradable": sorted({rec["submission"] for rec in records if any(r["status"] == "error" for r in rec["rows"])})}
-
-
-def _sha(sub: Submission) -> str:
-    if not sub.path:
-        return ""
-    try:
-        return hashlib.sha256(read_submission(sub.path)).hexdigest()
-    except (OSError, ValueError):
-        return ""
-
-
 def _say(echo, text: str) -> None:
     """echo(text), escaped to what the terminal's encoding can show (a Latin-1 console and a Chinese file name)."""
     text = clean(text, 2000)
@@ -951,7 +592,7 @@ def _say(echo, text: str) -> None:
 def _deny_list(paths, subs, outputs, base) -> list[str]:
     """What a worker must not read: every submission, the grader's outputs and journal, the batch's scratch, and
     each given folder unless it holds the course itself (then its notebooks are denied one by one)."""
-    keep = [str(_course_root()), *filter(None, [_data_dir()]), sys.prefix]
+    keep = [str(course_root()), *filter(None, [data_dir()]), sys.prefix]
     deny = {str(base)} | {os.path.realpath(s.path) for s in subs if s.path}
     deny |= {os.path.realpath(os.fspath(p)) for p in outputs if p}
     for p in map(os.fspath, paths):
@@ -962,15 +603,20 @@ def _deny_list(paths, subs, outputs, base) -> list[str]:
 
 
 def grade_batch(paths, out, json_out=None, limits: Limits | None = None, jobs: int = 1, force: bool = False,
-                scratch_base=None, echo=print, follow_symlinks: bool = False, released=None) -> tuple[list[dict], dict]:
-    """Grade every submission (resuming from the journal), write the CSV (and JSON); return (records, totals)."""
+                scratch_base=None, echo=print, follow_symlinks: bool = False, released=None,
+                shard: tuple[int, int] | None = None) -> tuple[list[dict], dict]:
+    """Grade every submission (resuming from the journal), write the CSV (and JSON); return (records, totals). With
+    `shard` (K, N) only the submissions of shard K of N are graded, and a manifest for `merge-grades` is written."""
     if jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {jobs}")
     if os.name != "posix":
         raise ValueError("the grader confines submissions with POSIX features: run it on Linux or macOS "
-                         "(on Windows, inside WSL or the container described in the README)")
-    limits = limits or Limits(threads=max(1, (os.cpu_count() or 1) // jobs))
+                         "(on Windows, inside WSL or the container described in docs/grading.md)")
+    limits = limits or Limits()
     subs = find_submissions(paths, follow_symlinks)
+    all_labels = [s.label for s in subs]
+    if shard is not None:
+        subs = [s for s in subs if shards.shard_of(s.label, shard[1]) == shard[0]]
     out = Path(out)
     journal = journal_path(out)
     for target in filter(None, [out, json_out and Path(json_out)]):
@@ -984,11 +630,12 @@ def grade_batch(paths, out, json_out=None, limits: Limits | None = None, jobs: i
     keyed = [(sub, _sha(sub)) for sub in subs]
     todo = [sub for sub, sha in keyed if (sub.label, sha) not in done or not sha]
     say = lambda text: _say(echo, text)  # noqa: E731  (labels may hold anything a file name can)
-    say(f"{len(subs)} submission(s): {len(subs) - len(todo)} already graded in {display_path(journal)}, "
+    where = f" (shard {shard[0]}/{shard[1]} of {len(all_labels)})" if shard else ""
+    say(f"{len(subs)} submission(s){where}: {len(subs) - len(todo)} already graded in {display_path(journal)}, "
         f"{len(todo)} to grade with {jobs} job(s)")
     base = Path(tempfile.mkdtemp(prefix="course-grade-batch-", dir=scratch_base))  # 0700: workers see only their own
     policy = {"deny": _deny_list(paths, subs, [out, journal, json_out], base), "released": released}
-    reaper = _Reaper()
+    reaper = Reaper()
     lock = threading.Lock()
     try:
         with open(journal, "a", encoding="utf-8") as jf, ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -1015,32 +662,31 @@ def grade_batch(paths, out, json_out=None, limits: Limits | None = None, jobs: i
             except BaseException:
                 for f in futures:
                     f.cancel()
-                with _ACTIVE_LOCK:
-                    for proc in list(_ACTIVE):
-                        try:
-                            os.killpg(proc.pid, signal.SIGKILL)
-                        except (ProcessLookupError, PermissionError):
-                            pass
+                kill_all()
                 raise
     finally:
         reaper.close()
         shutil.rmtree(base, ignore_errors=True)
         records = [done[(sub.label, sha)] for sub, sha in keyed if (sub.label, sha) in done]
         totals = summarize(records)
-        write_text_atomic(_csv_text([r for rec in records for r in rec["rows"]]), out)
+        write_text_atomic(csv_text([r for rec in records for r in rec["rows"]]), out)
         if json_out:
             write_json_atomic({"totals": totals, "submissions": records}, json_out)
+        if shard is not None:
+            graded = {rec["submission"] for rec in records if not rec.get("retry")}
+            shards.write_manifest(out, shard[0], shard[1], all_labels, [s.label for s in subs], graded,
+                                  Path(json_out).resolve() if json_out else None)
     return records, totals
 
 
 def main_grade(args) -> int:
     """The `grade` command: exit 0 when every submission was graded, 1 when some could not be."""
     limits = Limits(timeout=args.timeout, cell_timeout=min(args.cell_timeout, args.timeout),
-                    call_timeout=args.call_timeout, memory_mb=args.memory_mb,
-                    threads=max(1, (os.cpu_count() or 1) // max(1, args.jobs)))
+                    call_timeout=args.call_timeout, memory_mb=args.memory_mb)
+    shard = shards.parse_shard(args.shard) if args.shard else None
     start = time.monotonic()
     records, totals = grade_batch(args.submissions, args.out, args.json, limits, args.jobs, args.force, args.scratch,
-                                  follow_symlinks=args.follow_symlinks, released=args.released)
+                                  follow_symlinks=args.follow_symlinks, released=args.released, shard=shard)
     s = totals["status"]
     _say(print, f"Graded {totals['submissions']} submission(s) in {time.monotonic() - start:.0f} s: "
                 f"{totals['points']}/{totals['max_points']} points; " + ", ".join(f"{v} {k}" for k, v in s.items() if v)

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .oracles import OracleRef
+
 
 @dataclass(frozen=True)
 class Raised:
@@ -19,16 +21,21 @@ def clone_inputs(inputs: dict) -> dict:
     return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
-def call_learner(fn, inputs: dict, harness: str | None = None):
+def with_oracles(inputs: dict, oracles: dict) -> dict:
+    """The inputs with each OracleRef replaced by the callable `oracles[name]` (an oracle, or a proxy to one)."""
+    return {k: oracles[v.name] if isinstance(v, OracleRef) else v for k, v in inputs.items()}
+
+
+def call_learner(fn, inputs: dict, procedure: str | None = None):
     """fn(**inputs) as a tensor, or a Raised describing the exception or the non-tensor it returned.
 
-    With `harness` (a function name in course_lib.grading.harnesses), harness(fn, **inputs) runs the learner's
-    function inside a fixed procedure and its dict of tensors is returned instead."""
+    With `procedure` (a name in course_lib.grading.harnesses.PROCEDURES), that procedure runs the learner's function
+    (a training loop) and its dict of tensors is returned instead."""
     try:
-        if harness is not None:
-            from . import harnesses
+        if procedure is not None:
+            from .harnesses import PROCEDURES
 
-            got = getattr(harnesses, harness)(fn, **clone_inputs(inputs))
+            got = PROCEDURES[procedure](fn, **clone_inputs(inputs))
             return {k: v.detach() for k, v in got.items()}
         got = fn(**clone_inputs(inputs))
     except KeyboardInterrupt:

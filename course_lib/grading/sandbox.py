@@ -1,18 +1,18 @@
-"""Confining a submission's process: resource limits, Landlock, seccomp and an audit hook that owns the channel.
+"""Confining a submission's process: resource limits, Landlock, seccomp and an audit hook.
 
-Layers, each applied where the platform has it (`confine` reports which ran):
+These layers protect the machine and the other submissions from the code a worker runs; they do not protect any
+grade, because no grade is decided in the worker (course_lib.grading.batch trusts nothing it says). Each layer is
+applied where the platform has it (`confine` reports which ran):
 - rlimits: address space, CPU seconds, size of any file written, no core dumps;
 - Landlock (Linux >= 5.13, https://docs.kernel.org/userspace-api/landlock.html): reads only from the Python
   installation, system libraries, course_lib (its exercise references excepted) and the shipped data; writes only
   in the scratch folder; no TCP (ABI 4+); no signals or abstract Unix sockets outside the sandbox (ABI 6+);
-- seccomp (Linux x86-64 and arm64): no new processes (threads only), no sockets of any kind (so no UDP, no Unix
-  sockets), no ptrace / io_uring / bpf / mounts, no signals to other processes, and no read or write on the
-  grader's channel except through the socket calls the audit hook makes;
-- an audit hook (PEP 578) that refuses, at the Python level, process creation, sockets, ctypes, profilers and
-  tracers, frame and garbage-collector introspection, code-object surgery, reading the grader's protected paths,
-  writing outside scratch and importing the exercise references, and records every refusal. It alone holds the
-  socket to the grader and sends only when no submission code is on the stack, so a submission cannot forge a
-  message. Native code could get around the hook; the kernel layers do not depend on it.
+- seccomp (Linux x86-64 and arm64): no new processes and no new threads (clone of any kind), no sockets of any kind
+  (so no UDP, no Unix sockets), no ptrace / io_uring / bpf / mounts, no signals to other processes;
+- an audit hook (PEP 578) that refuses, at the Python level, process creation, sockets, ctypes and cffi, profilers
+  and tracers, frame and garbage-collector introspection, code-object surgery, reading the grader's protected
+  paths, writing outside scratch and importing the exercise references, and records every refusal (the record is
+  evidence for the instructor, never a verdict: native code could get around the hook, not around the kernel).
 """
 from __future__ import annotations
 
@@ -22,15 +22,12 @@ import os
 import platform
 import resource
 import signal
-import socket
 import stat
 import struct
 import sys
 
-SEND, RECV, CONFINE, REPORT = ("course_lib.grader.send", "course_lib.grader.recv", "course_lib.grader.confine",
-                               "course_lib.grader.report")
+CONFINE, REPORT = "course_lib.grader.confine", "course_lib.grader.report"
 THREAD = "course_lib.sandbox.thread"
-MAX_TRUSTED = 256 << 20  # the grader's own messages (job, inputs)
 
 
 def limit_resources(memory_mb: int, cpu_seconds: int, file_mb: int) -> list[str]:
@@ -152,29 +149,23 @@ def landlock_confine(read: list[str], write: list[str]) -> int:
 # ---- seccomp -------------------------------------------------------------------------------------
 
 # Syscall numbers per architecture (x86-64: arch/x86/entry/syscalls/syscall_64.tbl; arm64: asm-generic/unistd.h).
-_X86_64 = dict(rt_sigqueueinfo=129, rt_tgsigqueueinfo=297, read=0, write=1, close=3, pread64=17, pwrite64=18, readv=19, writev=20, dup=32, dup2=33,
-               sendfile=40, socket=41, recvfrom=45, sendmsg=46, recvmsg=47, socketpair=53, clone=56, fork=57,
-               vfork=58, execve=59, kill=62, fcntl=72, ptrace=101, syslog=103, pivot_root=155, adjtimex=159,
-               chroot=161, acct=163, settimeofday=164, mount=165, umount2=166, swapon=167, swapoff=168,
-               reboot=169, sethostname=170, setdomainname=171, iopl=172, ioperm=173, init_module=175,
-               delete_module=176, quotactl=179, tkill=200, clock_settime=227, tgkill=234, kexec_load=246,
-               add_key=248, request_key=249, keyctl=250, unshare=272, splice=275, tee=276, vmsplice=278, dup3=292,
-               preadv=295, pwritev=296, perf_event_open=298, recvmmsg=299, fanotify_init=300,
-               name_to_handle_at=303, open_by_handle_at=304, sendmmsg=307, setns=308, process_vm_readv=310,
-               process_vm_writev=311, kcmp=312, finit_module=313, kexec_file_load=320, bpf=321, execveat=322,
-               userfaultfd=323, copy_file_range=326, preadv2=327, pwritev2=328, pidfd_send_signal=424,
+_X86_64 = dict(socket=41, socketpair=53, clone=56, fork=57, vfork=58, execve=59, kill=62, ptrace=101, syslog=103,
+               rt_sigqueueinfo=129, pivot_root=155, adjtimex=159, chroot=161, acct=163, settimeofday=164, mount=165,
+               umount2=166, swapon=167, swapoff=168, reboot=169, sethostname=170, setdomainname=171, iopl=172,
+               ioperm=173, init_module=175, delete_module=176, quotactl=179, tkill=200, clock_settime=227,
+               tgkill=234, kexec_load=246, add_key=248, request_key=249, keyctl=250, unshare=272,
+               rt_tgsigqueueinfo=297, perf_event_open=298, fanotify_init=300, name_to_handle_at=303,
+               open_by_handle_at=304, setns=308, process_vm_readv=310, process_vm_writev=311, kcmp=312,
+               finit_module=313, kexec_file_load=320, bpf=321, execveat=322, userfaultfd=323, pidfd_send_signal=424,
                io_uring_setup=425, io_uring_enter=426, io_uring_register=427, open_tree=428, move_mount=429,
                fsopen=430, fsconfig=431, fsmount=432, fspick=433, pidfd_open=434, clone3=435, pidfd_getfd=438)
-_ARM64 = dict(rt_sigqueueinfo=138, rt_tgsigqueueinfo=240, dup=23, dup3=24, fcntl=25, umount2=39, mount=40, pivot_root=41, chroot=51, close=57, quotactl=60,
-              read=63, write=64, readv=65, writev=66, pread64=67, pwrite64=68, preadv=69, pwritev=70, sendfile=71,
-              vmsplice=75, splice=76, tee=77, acct=89, unshare=97, kexec_load=104, init_module=105,
-              delete_module=106, clock_settime=112, syslog=116, ptrace=117, kill=129, tkill=130, tgkill=131,
-              reboot=142, sethostname=161, setdomainname=162, settimeofday=170, adjtimex=171, socket=198,
-              socketpair=199, recvfrom=207, sendmsg=211, recvmsg=212, add_key=217, request_key=218, keyctl=219,
-              clone=220, execve=221, swapon=224, swapoff=225, perf_event_open=241, recvmmsg=243,
-              fanotify_init=262, name_to_handle_at=264, open_by_handle_at=265, setns=268, sendmmsg=269,
-              process_vm_readv=270, process_vm_writev=271, kcmp=272, finit_module=273, bpf=280, execveat=281,
-              userfaultfd=282, copy_file_range=285, preadv2=286, pwritev2=287, kexec_file_load=294,
+_ARM64 = dict(umount2=39, mount=40, pivot_root=41, chroot=51, quotactl=60, acct=89, unshare=97, kexec_load=104,
+              init_module=105, delete_module=106, clock_settime=112, syslog=116, ptrace=117, kill=129, tkill=130,
+              tgkill=131, rt_sigqueueinfo=138, reboot=142, sethostname=161, setdomainname=162, settimeofday=170,
+              adjtimex=171, socket=198, socketpair=199, add_key=217, request_key=218, keyctl=219, clone=220,
+              execve=221, swapon=224, swapoff=225, rt_tgsigqueueinfo=240, perf_event_open=241, fanotify_init=262,
+              name_to_handle_at=264, open_by_handle_at=265, setns=268, process_vm_readv=270, process_vm_writev=271,
+              kcmp=272, finit_module=273, bpf=280, execveat=281, userfaultfd=282, kexec_file_load=294,
               pidfd_send_signal=424, io_uring_setup=425, io_uring_enter=426, io_uring_register=427, open_tree=428,
               move_mount=429, fsopen=430, fsconfig=431, fsmount=432, fspick=433, pidfd_open=434, clone3=435,
               pidfd_getfd=438)
@@ -188,43 +179,31 @@ _DENIED = ("socket", "socketpair", "fork", "vfork", "execve", "execveat", "ptrac
            "swapon", "swapoff", "sethostname", "setdomainname", "settimeofday", "clock_settime", "adjtimex", "acct",
            "quotactl", "syslog", "iopl", "ioperm", "keyctl", "add_key", "request_key", "fanotify_init",
            "name_to_handle_at", "open_by_handle_at")
-# syscalls that name a file descriptor, and which of their arguments are descriptors
-_FD_ARGS = dict(read=(0,), write=(0,), close=(0,), pread64=(0,), pwrite64=(0,), readv=(0,), writev=(0,),
-                preadv=(0,), pwritev=(0,), preadv2=(0,), pwritev2=(0,), recvmsg=(0,), recvmmsg=(0,), sendmsg=(0,),
-                sendmmsg=(0,), dup=(0,), dup2=(0, 1), dup3=(0, 1), fcntl=(0,), splice=(0, 2), tee=(0, 1),
-                vmsplice=(0,), sendfile=(0, 1), copy_file_range=(0, 2))
-_CLONE_THREAD = 0x00010000
 
 
 def _bpf(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
     return struct.pack("HBBI", code, jt, jf, k & 0xFFFFFFFF)
 
 
-def seccomp_program(channel_fd: int, pid: int, machine: str | None = None) -> bytes:
-    """The BPF filter described in the module docstring, for this machine's architecture."""
-    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+def seccomp_program(pid: int, machine: str | None = None) -> bytes:
+    """The BPF filter described in the module docstring, for this machine's architecture: the denied calls fail
+    with EPERM (clone3 with ENOSYS, so that glibc falls back to clone, which fails with EPERM whatever its flags:
+    no process and no thread can start); kill and tgkill reach only this process."""
+    ld, jeq, ret = 0x20, 0x15, 0x06
     allow, kill = 0x7FFF0000, 0x80000000
     eperm, enosys = 0x00050000 | errno.EPERM, 0x00050000 | errno.ENOSYS
     arch, nr = _ARCH[(machine or platform.machine()).lower()]
     prog = [_bpf(ld, 4), _bpf(jeq, arch, 1, 0), _bpf(ret, kill), _bpf(ld, 0)]
     if nr is _X86_64:
-        prog += [_bpf(jge, 0x40000000, 0, 1), _bpf(ret, eperm)]  # the x32 ABI
+        prog += [_bpf(0x35, 0x40000000, 0, 1), _bpf(ret, eperm)]  # the x32 ABI
     blocks = []
-    for name in _DENIED:
+    for name in _DENIED + ("clone",):
         if name in nr:
             blocks.append((nr[name], [_bpf(ret, eperm)]))
-    blocks.append((nr["clone3"], [_bpf(ret, enosys)]))  # glibc then falls back to clone, checked below
-    blocks.append((nr["clone"], [_bpf(ld, 16), _bpf(jset, _CLONE_THREAD, 0, 1), _bpf(ret, allow), _bpf(ret, eperm)]))
+    blocks.append((nr["clone3"], [_bpf(ret, enosys)]))
     blocks.append((nr["kill"], [_bpf(ld, 16), _bpf(jeq, pid, 2, 0), _bpf(jeq, 0, 1, 0), _bpf(ret, eperm),
                                 _bpf(ret, allow)]))
     blocks.append((nr["tgkill"], [_bpf(ld, 16), _bpf(jeq, pid, 0, 1), _bpf(ret, allow), _bpf(ret, eperm)]))
-    for name, args in _FD_ARGS.items():
-        if name not in nr:
-            continue
-        block = []
-        for a in args:
-            block += [_bpf(ld, 16 + 8 * a), _bpf(jeq, channel_fd, 0, 1), _bpf(ret, eperm)]
-        blocks.append((nr[name], block + [_bpf(ret, allow)]))
     for number, block in blocks:
         prog.append(_bpf(jeq, number, 0, len(block)))
         prog += block
@@ -236,11 +215,11 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-def seccomp_confine(channel_fd: int) -> bool:
-    """Install the filter on this process (threads started later inherit it); False where seccomp is unavailable."""
+def seccomp_confine() -> bool:
+    """Install the filter on this process; False where seccomp is unavailable."""
     if not sys.platform.startswith("linux") or platform.machine().lower() not in _ARCH:
         return False
-    program = seccomp_program(channel_fd, os.getpid())
+    program = seccomp_program(os.getpid())
     buf = ctypes.create_string_buffer(program, len(program))
     prog = _SockFprog(len(program) // 8, ctypes.addressof(buf))
     libc = _libc()
@@ -270,14 +249,12 @@ def _submission_code(code) -> bool:
     return name.startswith("<ipython-input-") or not (os.path.isabs(name) or name.startswith("<frozen "))
 
 
-def install_hook(channel_fd: int, trusted_code) -> None:
-    """Install the audit hook that owns the channel to the grader (see the module docstring).
+def install_hook(trusted_code) -> None:
+    """Install the audit hook (see the module docstring); it checks nothing until a CONFINE event sets its policy.
 
-    `trusted_code` are the code objects allowed on the stack when the channel is used (the worker's own functions);
-    the frames on the stack now are added to them. Until a CONFINE event, the hook only carries messages.
+    `trusted_code` are the code objects allowed on the stack when the policy is set or the refusals are read (the
+    worker's own functions); the frames on the stack now are added to them. The policy is set once.
     """
-    sock = socket.socket(fileno=channel_fd)
-    sock.setblocking(True)
     getframe, get_ident, realpath = sys._getframe, __import__("_thread").get_ident, os.path.realpath
     coroutine_code = __import__("types").coroutine.__code__
     trusted = set(trusted_code)
@@ -327,20 +304,13 @@ def install_hook(channel_fd: int, trusted_code) -> None:
         parts = real.split(os.sep)  # /proc/<pid>/... of another process
         return len(parts) > 2 and parts[1] == "proc" and parts[2].isdigit() and parts[2] != policy["pid"]
 
-    def channel(event, args):
+    def grader(event, args):
         if not only_trusted_on_stack():
-            refuse("tamper", "using the grader's channel")
-        if event == SEND:
-            sock.sendall(args[0])
-        elif event == RECV:
-            (size,) = struct.unpack("<Q", _recv_exactly(sock, 8))
-            if size > MAX_TRUSTED:
-                raise OSError("the grader sent an oversized message")
-            args[0].append(_recv_exactly(sock, size))
-        elif event == REPORT:
+            refuse("tamper", "calling the grader's hook")
+        if event == REPORT:
             args[0].extend(refusals)
             refusals.clear()
-        elif event == CONFINE:
+        elif event == CONFINE and not policy:
             policy.update(args[0], pid=str(os.getpid()))
 
     def check(event, args):
@@ -348,7 +318,7 @@ def install_hook(channel_fd: int, trusted_code) -> None:
             path, mode, flags = args
             writing = any(c in mode for c in "wax+") if isinstance(mode, str) else bool((flags or 0) & _WRITE_FLAGS)
             if isinstance(path, int):
-                if writing and (path == channel_fd or not _regular_fd(path)):
+                if writing and not _regular_fd(path):
                     refuse("tamper", f"writing to file descriptor {path} (not a file)")
             elif path is not None:
                 if writing and outside(path, policy["write"]):
@@ -412,14 +382,14 @@ def install_hook(channel_fd: int, trusted_code) -> None:
         busy.add(tid)
         try:
             if event.startswith("course_lib.grader."):
-                channel(event, args)
+                grader(event, args)
             elif policy:
                 check(event, args)
         finally:
             busy.discard(tid)
 
     own = frozenset(f.__code__ for f in (caller, only_trusted_on_stack, refuse, from_submission, outside,
-                                         denied_read, channel, check, hook))
+                                         denied_read, grader, check, hook))
     sys.addaudithook(hook)
 
 
@@ -428,16 +398,6 @@ def _regular_fd(fd: int) -> bool:
         return stat.S_ISREG(os.fstat(fd).st_mode) or os.path.realpath(f"/proc/self/fd/{fd}") == os.devnull
     except OSError:
         return False
-
-
-def _recv_exactly(sock, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(min(n - len(buf), 1 << 20))
-        if not chunk:
-            raise EOFError("the grader closed the channel")
-        buf += chunk
-    return bytes(buf)
 
 
 def refuse_threads() -> None:

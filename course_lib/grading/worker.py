@@ -1,26 +1,31 @@
-"""The process that runs one untrusted submission for the grader (course_lib.grading.batch).
+"""The process that runs one untrusted submission for the grader (course_lib.grading.batch): it only runs code.
 
-`python -m course_lib.grading.worker FD`: FD is one end of a socket pair to the grader. The worker hands it to the
-audit hook (course_lib.grading.sandbox) before anything else, reads the job, loads everything a lesson imports,
-confines itself, runs the notebook's code cells in an IPython shell with a time limit per cell, then calls the
-learner's functions on the inputs the grader sends only after the notebook has run. For each call it returns the
-raw outputs, the course_lib functions that ran during the call, the fingerprints of every code object the
-function can reach and what else it found there (course_lib.grading.identity), and everything the sandbox
-refused. It never decides a grade: the grader compares outputs and fingerprints in its own process.
+`python -m course_lib.grading.worker FD`: FD is one end of a socket pair to the grader. The worker reads the job,
+loads everything a lesson imports, confines itself (course_lib.grading.sandbox), runs the notebook's code cells in an
+IPython shell with a time limit per cell, then calls the learner's functions on the calls the grader sends after the
+notebook has run, and returns what each call returned. An exercise graded on behaviour hands the learner's function
+proxies of its oracles (a denoiser, a model): each call of a proxy is a request to the grader, which holds the oracle,
+counts the calls and answers. Nothing here judges, counts or inspects: the grader trusts no message from this process
+(a submission can write to the socket as well as this code can), and decides everything in its own.
 """
 from __future__ import annotations
 
 import os
 import signal
+import socket
+import struct
 import sys
 
 import torch
 
-from . import channel, identity, sandbox
-from .calls import Raised, call_learner
+from . import channel, sandbox
+from .calls import Raised, call_learner, with_oracles
+from .oracles import BudgetExceeded
 
 _audit = sys.audit
-MAX_OUTPUT = 2 << 20  # bytes per output: every exercise's answer is a few kB
+MAX_OUTPUT = 2 << 20  # bytes of tensors per result: every exercise's answer is a few kB, a trained network 300 kB
+MAX_TRUSTED = 256 << 20  # the grader's own messages (the job, the calls)
+_ORACLE_ERRORS = {"BudgetExceeded": BudgetExceeded, "ValueError": ValueError, "TypeError": TypeError}
 
 
 class GradingTimeout(BaseException):
@@ -45,20 +50,64 @@ class _Limit:
         signal.setitimer(signal.ITIMER_REAL, 0)
 
 
-def _send(kind: str, **fields) -> None:
-    _audit(sandbox.SEND, channel.encode({"kind": kind, **fields}))
+class _Channel:
+    """The socket to the grader: framed messages out (course_lib.grading.channel), the grader's trusted ones in."""
+
+    def __init__(self, fd: int):
+        self.sock = socket.socket(fileno=fd)
+        self.sock.setblocking(True)
+
+    def send(self, kind: str, **fields) -> None:
+        self.sock.sendall(channel.encode({"kind": kind, **fields}))
+
+    def recv(self):
+        (size,) = struct.unpack("<Q", self._exactly(8))
+        if size > MAX_TRUSTED:
+            raise OSError("the grader sent an oversized message")
+        return channel.decode_trusted(self._exactly(size))
+
+    def _exactly(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(min(n - len(buf), 1 << 20))
+            if not chunk:
+                raise EOFError("the grader closed the channel")
+            buf += chunk
+        return bytes(buf)
 
 
-def _recv():
-    box: list = []
-    _audit(sandbox.RECV, box)
-    return channel.decode_trusted(box[0])
+def _argument(value):
+    """An oracle argument as the channel carries it: tensors, numbers, None (a numpy array becomes a tensor)."""
+    if value is None or isinstance(value, (bool, int, float, torch.Tensor)):
+        return value.detach() if isinstance(value, torch.Tensor) else value
+    try:
+        return torch.as_tensor(value)
+    except Exception:
+        raise TypeError(f"the oracle takes tensors and numbers, not {type(value).__name__}") from None
 
 
-def _refusals() -> list:
-    box: list = []
-    _audit(sandbox.REPORT, box)
-    return [list(r) for r in box]
+class _Proxy:
+    """An oracle of the grader's, called from here: each call is one request, answered by the grader."""
+
+    def __init__(self, chan: _Channel, name: str, text: str):
+        self._chan, self._name, self._text = chan, name, text
+
+    def __call__(self, *args, **kwargs):
+        request = {"oracle": self._name, "args": [_argument(a) for a in args],
+                   "kwargs": {str(k): _argument(v) for k, v in kwargs.items()}}
+        # no time-out alarm in the middle of a message: the call's limit is checked once the grader has answered
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        try:
+            self._chan.send("oracle", **request)
+            reply = self._chan.recv()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        if "error" in reply:
+            raise _ORACLE_ERRORS.get(reply["error"], RuntimeError)(reply["message"])
+        return reply["value"]
+
+    def __repr__(self) -> str:
+        return self._text
 
 
 def _prepare(threads: int):
@@ -84,6 +133,13 @@ def _prepare(threads: int):
             pass
     tqdm.tqdm.monitor_interval = 0  # no monitor thread
     torch.set_num_threads(threads)
+    torch.set_num_interop_threads(1)
+    torch.ones(1 << 16).sum()  # torch's threads start now: after confinement no thread can be created
+    try:  # so does the profiler's, at its first session (lesson 5 profiles its sampler)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+            torch.ones(4).sum()
+    except Exception:
+        pass
 
     def not_while_grading(name, fn=None):
         """check() does nothing while grading: the grader calls your function itself, on inputs of its own."""
@@ -136,11 +192,28 @@ def _read_roots(job: dict) -> list[str]:
     return [r for r in roots if r and os.path.isabs(r)]
 
 
-def _confine(job: dict, fd: int) -> list[str]:
+def _foreign_function_files() -> list[str]:
+    """The native modules of foreign-function interfaces not loaded yet (cffi's backend): Landlock keeps them
+    unreadable, so they cannot be loaded after confinement. (ctypes is loaded by torch already: the audit hook refuses
+    every use of it.)"""
+    import importlib.util
+
+    found = []
+    for name in ("_cffi_backend", "cffi"):
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None and spec.origin and name not in sys.modules:
+            found.append(os.path.dirname(spec.origin) if spec.submodule_search_locations else spec.origin)
+    return found
+
+
+def _confine(job: dict) -> list[str]:
     """Landlock, seccomp, the hook's policy and no threads; returns a description of each layer applied."""
     layers = []
     scratch = job["scratch"]
-    deny = [*job["deny_read"], *job["blocked_paths"]]
+    deny = [*job["deny_read"], *_foreign_function_files()]
     if job["layers"].get("landlock", True):
         try:
             abi = sandbox.landlock_confine(sandbox.read_grants(_read_roots(job), deny), [scratch, os.devnull])
@@ -151,7 +224,7 @@ def _confine(job: dict, fd: int) -> list[str]:
         layers.append("no landlock (switched off)")
     if job["layers"].get("seccomp", True):
         try:
-            layers.append("seccomp" if sandbox.seccomp_confine(fd) else "no seccomp (platform lacks it)")
+            layers.append("seccomp" if sandbox.seccomp_confine() else "no seccomp (platform lacks it)")
         except OSError as e:
             layers.append(f"no seccomp ({e})")
     else:
@@ -164,72 +237,56 @@ def _confine(job: dict, fd: int) -> list[str]:
     return layers
 
 
+def _refusals() -> list:
+    box: list = []
+    _audit(sandbox.REPORT, box)
+    return [list(r) for r in box]
+
+
 def _describe(value) -> dict:
     return {"defined": True, "callable": callable(value), "type": type(value).__name__[:60]}
 
 
-def _plain(got) -> torch.Tensor | None:
-    """A plain CPU tensor holding `got`'s values (computed here, inside the traced window, for a lazy subclass)."""
+def _plain(got: torch.Tensor) -> torch.Tensor | None:
+    """A plain CPU tensor holding `got`'s values (a tensor subclass computes them here, not in the grader)."""
     out = torch.empty(tuple(got.shape), dtype=got.dtype)
     with torch.no_grad():
         out.copy_(got.detach().to_dense() if got.layout != torch.strided else got.detach())
     return out if type(out) is torch.Tensor else None
 
 
-def _call(fn, trials, library: dict, seconds: float, harness: str | None = None):
-    """fn on each input dict under a time limit, with a profiler noting every library-equivalent code that runs.
+def _output(got):
+    """What one call returned, as the channel carries it: a tensor, a procedure's dict of tensors, or an error."""
+    if isinstance(got, Raised):
+        return {"error": got.error[:100], "message": got.message[:300]}
+    if isinstance(got, dict):
+        got = {str(k)[:80]: _plain(v) if isinstance(v, torch.Tensor) else None for k, v in list(got.items())[:256]}
+        if any(v is None for v in got.values()):
+            return {"error": "", "message": "a result the grader could not read"}
+        size = sum(v.numel() * v.element_size() for v in got.values())
+    else:
+        got = _plain(got)
+        if got is None:
+            return {"error": "", "message": "a tensor the grader could not read"}
+        size = got.numel() * got.element_size()
+    if size > MAX_OUTPUT:
+        return {"error": "", "message": f"{size >> 20} MB of tensors, over the grader's {MAX_OUTPUT >> 20} MB limit"}
+    return {"tensors": got} if isinstance(got, dict) else got
 
-    With `harness`, fn runs inside that procedure of course_lib.grading.harnesses, whose dict of tensors is sent."""
-    used: set = set()
-    memo: dict = {}
-    seen: dict = {}
 
-    def profiler(frame, event, arg):
-        if event == "call":
-            code = frame.f_code
-            hit = seen.get(code)
-            if hit is None:
-                hit = seen[code] = library.get(identity.fingerprint(code, memo), "")
-            if hit:
-                used.add(hit)
-
-    outputs, subclass = [], False
-    for inputs in trials:
-        try:
-            with _Limit(seconds):
-                sys.setprofile(profiler)
-                try:
-                    got = call_learner(fn, inputs, harness)
-                    if isinstance(got, torch.Tensor):
-                        subclass |= type(got) is not torch.Tensor
-                        got = _plain(got)
-                    elif isinstance(got, dict):  # a harness's tensors (made by the library, from the learner's)
-                        got = {str(k): _plain(v) if isinstance(v, torch.Tensor) else None for k, v in got.items()}
-                finally:
-                    sys.setprofile(None)
-        except GradingTimeout:
-            got = Raised("GradingTimeout", "")
-        except Exception as e:  # converting a hostile output
-            got = Raised(type(e).__name__, str(e)[:200])
-        if isinstance(got, Raised):
-            if got.error == "GradingTimeout":
-                outputs.append({"timeout": True})
-                break  # one time-out is enough: do not spend the limit again on every trial
-            outputs.append({"error": got.error[:100], "message": got.message[:300]})
-        elif isinstance(got, dict):
-            size = sum(v.numel() * v.element_size() for v in got.values() if v is not None)
-            if any(v is None for v in got.values()) or size > MAX_OUTPUT:
-                outputs.append({"error": "", "message": "a result the grader could not read or over its size limit"})
-            else:
-                outputs.append({"harness": got})
-        elif got is None:
-            outputs.append({"error": "", "message": "a tensor the grader could not read"})
-        elif got.numel() * got.element_size() > MAX_OUTPUT:
-            outputs.append({"error": "", "message": f"a tensor of {got.numel() * got.element_size() >> 20} MB, "
-                                                    f"over the grader's {MAX_OUTPUT >> 20} MB limit"})
-        else:
-            outputs.append(got)
-    return outputs, sorted(used), subclass
+def _call(chan: _Channel, fn, call: dict, seconds: float):
+    """One call of the learner's function under a time limit, its oracles proxied to the grader."""
+    proxies = {name: _Proxy(chan, name, text) for name, text in call["oracles"].items()}
+    try:
+        with _Limit(seconds):
+            got = call_learner(fn, with_oracles(call["inputs"], proxies), call["procedure"])
+            if isinstance(got, Raised) and got.error == GradingTimeout.__name__:
+                raise GradingTimeout()
+            return _output(got)
+    except GradingTimeout:
+        return {"timeout": True}
+    except Exception as e:  # converting a hostile output
+        return {"error": type(e).__name__[:100], "message": str(e)[:200]}
 
 
 def _run_cell(shell, source: str, seconds: float) -> tuple[str, str]:
@@ -258,45 +315,34 @@ def _exception_text(e: BaseException) -> str:
     return f"{name}: {text}" if text else name
 
 
-def _reach_report(fn) -> dict:
-    try:
-        codes, evidence = identity.reach(fn)
-        memo: dict = {}
-        return {"fingerprints": [identity.fingerprint(c, memo) for c in codes], "evidence": evidence}
-    except Exception as e:
-        return {"fingerprints": [], "evidence": [f"could not be inspected ({type(e).__name__})"]}
-
-
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    fd = int(argv[0])
-    sandbox.install_hook(fd, [f.__code__ for f in (main, _send, _recv, _refusals, _confine, _call)])
-    job = _recv()
+    sandbox.install_hook([f.__code__ for f in (main, _confine, _refusals)])
+    chan = _Channel(int(argv[0]))
+    job = chan.recv()
     unlimited = sandbox.limit_resources(job["memory_mb"], job["cpu_seconds"], job["file_mb"])
     shell = _prepare(job["threads"])
-    library = {name: identity.library_fingerprints({d: identity.resolve(d) for d in dotted})
-               for name, dotted in job["equivalents"].items()}
-    _send("ready", layers=[*(f"no {name}" for name in unlimited), *_confine(job, fd)])
+    chan.send("ready", layers=[*(f"no {name}" for name in unlimited), *_confine(job)])
     for index, source in job["cells"]:
-        _send("cell", index=index)
+        chan.send("cell", index=index)
         status, message = _run_cell(shell, source, job["cell_timeout"])
-        _send("cell_done", index=index, status=status, message=message, refused=_refusals())
+        chan.send("cell_done", index=index, status=status, message=message, refused=_refusals())
     ns = shell.user_ns
-    _send("defined", names={n: _describe(ns[n]) if n in ns else {"defined": False} for n in job["names"]})
-    inputs = _recv()
-    for name, trials in inputs.items():
-        _send("call", name=name)
+    chan.send("defined", names={n: _describe(ns[n]) if n in ns else {"defined": False} for n in job["names"]})
+    calls = chan.recv()
+    for name, todo in calls.items():
         fn = ns.get(name)
-        outputs, used, subclass = _call(fn, trials, library.get(name, {}),
-                                        job.get("call_seconds", {}).get(name, job["call_timeout"]),
-                                        job.get("harness", {}).get(name))
-        try:
-            _send("result", name=name, outputs=outputs, library=used, subclass=subclass, **_reach_report(fn),
-                  refused=_refusals())
-        except (TypeError, ValueError) as e:  # an output the format cannot carry
-            _send("result", name=name, outputs=[{"error": "", "message": f"an output the grader cannot read ({e})"}],
-                  library=used, subclass=subclass, fingerprints=[], evidence=[], refused=_refusals())
-    _send("done", refused=_refusals())
+        for index, call in enumerate(todo):
+            chan.send("call", name=name, index=index)
+            output = _call(chan, fn, call, call["seconds"])
+            try:
+                chan.send("result", name=name, index=index, output=output, refused=_refusals())
+            except (TypeError, ValueError) as e:  # an output the format cannot carry
+                chan.send("result", name=name, index=index, refused=_refusals(),
+                          output={"error": "", "message": f"an output the grader cannot read ({e})"})
+            if isinstance(output, dict) and output.get("timeout"):
+                break  # one time-out is enough: do not spend the limit again on every call
+    chan.send("done", refused=_refusals())
     os._exit(0)  # skip interpreter teardown: anything a submission left behind cannot delay us
 
 

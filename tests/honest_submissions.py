@@ -1,0 +1,506 @@
+"""Honest submissions in the styles learners write, two or more per lesson: every one must get full marks with no
+flag from the batch grader (tests/test_grading_honest.py), and `python -m course_lib bench grader` reports the copy
+detector's false-positive rate on them. Each is {file name: [code cells]}; the lesson comes from the NN_ prefix.
+
+The styles, on purpose: decorators on the learner's own function (@torch.no_grad(), @torch.inference_mode(), a
+decorator of their own), classes and callable instances, lambdas, helper cells and helper functions, local variables
+and methods named like the library's functions (sample, classifier_free, CrossAttention, .patchify, .generate), the
+library imported for a comparison in an earlier cell, numpy, einsum, torch.func, torch.distributions,
+F.binary_cross_entropy_with_logits and F.layer_norm (allowed), list comprehensions, walrus, match, recursion.
+"""
+
+HEAD = "import math\nimport torch\nimport torch.nn.functional as F\nfrom course_lib import check, progress"
+
+SUBMISSIONS = {
+    "00_plain.ipynb": [HEAD, """\
+def noise_images(x, sigma, noise):
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    return x + sigma.reshape(shape) * noise""", 'check("noise_images", noise_images)'],
+
+    "01_decorators_and_shadowing.ipynb": [HEAD + "\nimport functools\nfrom course_lib import schedules, forward\n"
+                                          "from course_lib.samplers import sample", """\
+def broadcast(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+    return wrapper""", """\
+@torch.no_grad()
+def alpha_bar_from_betas(betas):
+    sample = 1 - betas          # a local called like the lesson's sampler
+    return torch.cumprod(sample, dim=0)""", """\
+@torch.inference_mode()
+@broadcast
+def q_sample(x0, t, alpha_bar, noise):
+    ab = alpha_bar[t].to(x0.dtype)
+    ab = ab.view(-1, *[1] * (x0.ndim - 1))
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise""", """\
+log_snr = lambda alpha_bar: torch.log(alpha_bar) - torch.log1p(-alpha_bar)
+print("sample", "q_sample", "forward.q_sample")  # strings naming the library are fine""", """\
+# comparing with the library in a cell of its own is fine: the graded functions do not use it
+b = torch.linspace(1e-4, 0.02, 50, dtype=torch.float64)
+print(torch.allclose(alpha_bar_from_betas(b), schedules.alpha_bar_from_betas(b)))"""],
+
+    "01_numpy_and_classes.ipynb": [HEAD + "\nimport numpy as np", """\
+def alpha_bar_from_betas(betas):
+    out, running = [], 1.0
+    for b in betas.tolist():
+        running *= 1.0 - b
+        out.append(running)
+    return torch.tensor(out, dtype=betas.dtype)""", """\
+class QSampler:
+    '''The closed form q(x_t | x_0), as a callable object.'''
+    def __call__(self, x0, t, alpha_bar, noise):
+        a = np.sqrt(alpha_bar.numpy()[t.numpy()])
+        s = np.sqrt(1 - alpha_bar.numpy()[t.numpy()])
+        expand = lambda v: v.reshape(v.shape + (1,) * (x0.ndim - 1))
+        return torch.from_numpy(expand(a) * x0.numpy() + expand(s) * noise.numpy()).to(x0.dtype)
+
+q_sample = QSampler()""", """\
+def log_snr(alpha_bar):
+    return torch.logit(alpha_bar)"""],
+
+    "02_helpers_and_mse.ipynb": [HEAD + "\nfrom course_lib.forward import q_sample  # to compare, earlier on", """\
+def q_sample(x0, t, alpha_bar, noise):   # my own, from lesson 1 (it replaces the import above)
+    ab = alpha_bar[t].reshape(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise""", """\
+def simple_loss(model, x0, t, noise, alpha_bar):
+    return F.mse_loss(model(q_sample(x0, t, alpha_bar, noise), t), noise)""", """\
+def posterior_mean(x0, x_t, t, alpha_bar):
+    ab = alpha_bar.double()
+    ab_prev = torch.cat([torch.ones(1, dtype=ab.dtype), ab[:-1]])
+    beta = 1 - ab / ab_prev
+    shape = (-1,) + (1,) * (x0.ndim - 1)
+    c0 = (ab_prev.sqrt() * beta / (1 - ab))[t].reshape(shape)
+    ct = ((1 - beta).sqrt() * (1 - ab_prev) / (1 - ab))[t].reshape(shape)
+    return (c0 * x0 + ct * x_t).to(x0.dtype)""", """\
+def eps_to_x0(eps, x_t, t, alpha_bar):
+    ab = alpha_bar[t].to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+    return (x_t - torch.sqrt(1 - ab) * eps) / torch.sqrt(ab)""", """\
+def train_step(model, optimizer, x0, alpha_bar):
+    t = torch.randint(0, len(alpha_bar), (len(x0),))
+    noise = torch.randn_like(x0)
+    loss = simple_loss(model, x0, t, noise, alpha_bar)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.item()"""],
+
+    "02_einsum_and_classes.ipynb": [HEAD + "\nfrom course_lib import losses", """\
+class Loss:
+    def __init__(self):
+        self.calls = 0
+    def __call__(self, model, x0, t, noise, alpha_bar):
+        self.calls += 1
+        a = alpha_bar[t].to(x0.dtype)
+        x_t = torch.einsum("b,b...->b...", a.sqrt(), x0) + torch.einsum("b,b...->b...", (1 - a).sqrt(), noise)
+        err = model(x_t, t) - noise
+        return (err * err).sum() / err.numel()
+
+simple_loss = Loss()""", """\
+def posterior_mean(x0, x_t, t, alpha_bar):
+    ab = alpha_bar.double()
+    prev = F.pad(ab[:-1], (1, 0), value=1.0)
+    alpha = ab / prev
+    coef = {"x0": prev.sqrt() * (1 - alpha) / (1 - ab), "xt": alpha.sqrt() * (1 - prev) / (1 - ab)}
+    pick = lambda c: torch.einsum("b,b...->b...", c[t].to(x0.dtype), torch.ones_like(x0))
+    return pick(coef["x0"]) * x0 + pick(coef["xt"]) * x_t""", """\
+@torch.no_grad()
+def eps_to_x0(eps, x_t, t, alpha_bar):
+    ab = alpha_bar[t].to(x_t.dtype)
+    return torch.einsum("b,b...->b...", 1 / ab.sqrt(), x_t - torch.einsum("b,b...->b...", (1 - ab).sqrt(), eps))""", """\
+def train_step(model, optimizer, x0, alpha_bar):
+    n, T = x0.shape[0], alpha_bar.shape[0]
+    t = torch.randint(T, (n,))
+    eps = torch.randn(x0.shape)
+    a = alpha_bar[t][:, None]
+    prediction = model(a.sqrt() * x0 + (1 - a).sqrt() * eps, t)
+    loss = ((prediction - eps) ** 2).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()"""],
+
+    "03_dpm_solver_class.ipynb": [HEAD + "\nfrom course_lib.samplers import sample, sample_ddim\nfrom course_lib import samplers",
+                                  """\
+def ddim_step(x_t, x0_pred, ab_t, ab_s):
+    eps = (x_t - math.sqrt(ab_t) * x0_pred) / math.sqrt(1 - ab_t)
+    return math.sqrt(ab_s) * x0_pred + math.sqrt(1 - ab_s) * eps""", """\
+def heun_step(denoise, x, sigma, sigma_next):
+    slope = lambda y, s: (y - denoise(y, s)) / s
+    d = slope(x, sigma)
+    guess = x + (sigma_next - sigma) * d
+    return x + (sigma_next - sigma) * 0.5 * (d + slope(guess, sigma_next))""", """\
+def karras_sigmas(n, sigma_min, sigma_max, rho):
+    import numpy as np
+    ramp = np.linspace(0, 1, n)
+    levels = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.from_numpy(np.append(levels, 0.0))""", """\
+class DPMSolver2M:
+    '''DPM-Solver++(2M): one denoiser call per step.'''
+    def __init__(self, denoise):
+        self.denoise, self.previous = denoise, None
+
+    def step(self, x, s, s_next, h_prev):
+        d = self.denoise(x, s)
+        if s_next == 0:
+            return d, None
+        h = math.log(s / s_next)
+        if self.previous is None:
+            dd = d
+        else:
+            r = h_prev / h
+            dd = (1 + 1 / (2 * r)) * d - self.previous / (2 * r)
+        self.previous = d
+        return (s_next / s) * x - math.expm1(-h) * dd, h
+
+def sample_loop(denoise, x, sigmas):
+    solver, h = DPMSolver2M(denoise), None
+    sample = x                                   # named like the library's sampler
+    for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+        sample, h = solver.step(sample, s, s_next, h)
+    return sample"""],
+
+    "03_euler_walrus.ipynb": [HEAD, """\
+@torch.no_grad()
+def ddim_step(x_t, x0_pred, ab_t, ab_s):
+    a_t, a_s = torch.tensor(ab_t), torch.tensor(ab_s)
+    noise = (x_t - a_t.sqrt() * x0_pred) / (1 - a_t).sqrt()
+    return a_s.sqrt() * x0_pred + (1 - a_s).sqrt() * noise""", """\
+def heun_step(denoise, x, sigma, sigma_next):
+    h = sigma_next - sigma
+    k1 = (x - denoise(x, sigma)) / sigma
+    k2 = ((y := x + h * k1) - denoise(y, sigma_next)) / sigma_next
+    return x + h * (k1 + k2) / 2""", """\
+def karras_sigmas(n, sigma_min, sigma_max, rho):
+    inv = 1 / rho
+    levels = [(sigma_max ** inv + i / (n - 1) * (sigma_min ** inv - sigma_max ** inv)) ** rho for i in range(n)]
+    return torch.tensor(levels + [0.0], dtype=torch.float64)""", """\
+def euler_update(x, d, s, s_next):
+    return d if s_next == 0 else x + (s_next - s) * (x - d) / s
+
+def sample_loop(denoise, x, sigmas):
+    for i, s in enumerate(sigmas[:-1]):
+        x = euler_update(x, denoise(x, s), float(s), float(sigmas[i + 1]))
+    return x"""],
+
+    "04_distributions.ipynb": [HEAD + "\nfrom torch.distributions import Normal, kl_divergence", """\
+def reparameterize(mu, logvar, noise):
+    std = torch.exp(logvar / 2)
+    return torch.addcmul(mu, std, noise)""", """\
+def gaussian_elbo(x, mean, log_scale, mu, logvar):
+    likelihood = Normal(mean, log_scale.exp()).log_prob(x).sum(dim=1)
+    kl = kl_divergence(Normal(mu, (0.5 * logvar).exp()), Normal(torch.zeros_like(mu), torch.ones_like(mu))).sum(1)
+    return likelihood - kl""", """\
+def discriminator_loss(real_logits, fake_logits):
+    real = F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+    fake = F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
+    return real + fake""", """\
+def vae_step(vae, optimizer, x):
+    mu, logvar = vae.encode(x)
+    z = reparameterize(mu, logvar, torch.randn_like(mu))
+    mean, log_scale = vae.decode(z)
+    loss = -gaussian_elbo(x, mean, log_scale, mu, logvar).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.item()"""],
+
+    "04_formulas.ipynb": [HEAD + "\nfrom course_lib import vae, gan", """\
+reparameterize = lambda mu, logvar, noise: mu + noise * (0.5 * logvar).exp()""", """\
+LOG_2PI = math.log(2 * math.pi)
+
+def gaussian_elbo(x, mean, log_scale, mu, logvar):
+    z = (x - mean) / torch.exp(log_scale)
+    rec = -(0.5 * z ** 2 + log_scale + 0.5 * LOG_2PI).sum(-1)
+    kl = 0.5 * torch.sum(mu ** 2 + torch.exp(logvar) - 1 - logvar, dim=-1)
+    return rec - kl""", """\
+def discriminator_loss(real_logits, fake_logits):
+    # -log sigmoid(a) = softplus(-a): the stable form
+    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()""", """\
+class Step:
+    def __call__(self, vae, optimizer, x):
+        mu, logvar = vae.encode(x)
+        z = reparameterize(mu, logvar, torch.randn_like(logvar))
+        mean, log_scale = vae.decode(z)
+        loss = -gaussian_elbo(x, mean, log_scale, mu, logvar).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+vae_step = Step()"""],
+
+    "05_math.ipynb": [HEAD, """\
+def dpmpp_2m_coefficients(sigma, sigma_next, sigma_prev):
+    h = math.log(sigma / sigma_next)
+    r = math.log(sigma_prev / sigma) / h
+    k = 1 - sigma_next / sigma     # = -expm1(-h)
+    return torch.tensor([sigma_next / sigma, k * (1 + 1 / (2 * r)), -k / (2 * r)], dtype=torch.float64)"""],
+
+    "05_torch_tensors.ipynb": [HEAD + "\nfrom course_lib import kernels", """\
+@torch.no_grad()
+def dpmpp_2m_coefficients(sigma, sigma_next, sigma_prev):
+    s, s1, s0 = (torch.tensor(v, dtype=torch.float64) for v in (sigma, sigma_next, sigma_prev))
+    h, h_prev = torch.log(s / s1), torch.log(s0 / s)
+    r = h_prev / h
+    k = -torch.expm1(-h)
+    return torch.stack([s1 / s, k * (1 + 0.5 / r), -0.5 * k / r])"""],
+
+    "06_func_and_dpm.ipynb": [HEAD + "\nfrom course_lib.guidance import classifier_free  # to compare", """\
+def cfg_denoiser(d_cond, d_uncond, scale):
+    return torch.lerp(d_uncond, d_cond, scale)""", """\
+def classifier_guided_score(score, x, y, weight, bias, scale):
+    def log_p(z):
+        return torch.log_softmax(z.flatten(1) @ weight.T + bias, dim=1).gather(1, y[:, None]).sum()
+    return score + scale * torch.func.grad(log_p)(x)""", """\
+def guided_sample_loop(denoise, x, sigmas, y, scale):
+    previous = None
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        classifier_free = cfg_denoiser(denoise(x, s, y), denoise(x, s), scale)  # a local, named like the library's
+        if s_next == 0:
+            return classifier_free
+        h = math.log(s / s_next)
+        if previous is None:
+            dd = classifier_free
+        else:
+            r = math.log(float(sigmas[i - 1]) / s) / h
+            dd = (1 + 1 / (2 * r)) * classifier_free - previous / (2 * r)
+        x, previous = (s_next / s) * x - math.expm1(-h) * dd, classifier_free
+    return x"""],
+
+    "06_autograd_ancestral.ipynb": [HEAD, """\
+cfg_denoiser = lambda d_cond, d_uncond, scale: (1 - scale) * d_uncond + scale * d_cond""", """\
+@torch.enable_grad()
+def classifier_guided_score(score, x, y, weight, bias, scale):
+    x = x.detach().requires_grad_()
+    logits = x.reshape(len(x), -1) @ weight.t() + bias
+    chosen = logits[torch.arange(len(y)), y] - torch.logsumexp(logits, dim=1)
+    (grad,) = torch.autograd.grad(chosen.sum(), x)
+    return score + scale * grad""", """\
+def guided_sample_loop(denoise, x, sigmas, y, scale):
+    levels = sigmas.tolist()
+    for s, s_next in zip(levels, levels[1:]):
+        d = cfg_denoiser(denoise(x, s, y), denoise(x, s, None), scale)
+        if s_next == 0:
+            x = d
+            break
+        up = min(s_next, (s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2) ** 0.5)
+        down = (s_next ** 2 - up ** 2) ** 0.5
+        x = x + (down - s) * (x - d) / s + up * torch.randn_like(x)   # Euler ancestral
+    return x"""],
+
+    "07_einsum_own_class.ipynb": [HEAD + "\nfrom course_lib.nets import CrossAttention as LibraryCrossAttention  # to read",
+                                  """\
+class CrossAttention:
+    '''My own, named like the library's class.'''
+    def __init__(self, heads):
+        self.heads = heads
+
+    def split(self, t):
+        b, n, c = t.shape
+        return t.reshape(b, n, self.heads, c // self.heads)
+
+    def __call__(self, x, context, mask, w_q, w_k, w_v):
+        q, k, v = self.split(x @ w_q.T), self.split(context @ w_k.T), self.split(context @ w_v.T)
+        scores = torch.einsum("bnhd,blhd->bhnl", q, k) / math.sqrt(q.shape[-1])
+        scores = scores.masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
+        out = torch.einsum("bhnl,blhd->bnhd", scores.softmax(-1), v)
+        return out.reshape(x.shape)
+
+def cross_attention(x, context, mask, w_q, w_k, w_v, heads):
+    return CrossAttention(heads)(x, context, mask, w_q, w_k, w_v)""", """\
+def scale_latents(latents):
+    factor = 1.0 / latents.flatten().std()
+    return latents * factor""", """\
+def text_guided_eps(model, x, t, context, mask, null_context, null_mask, scale):
+    b = len(x)
+    eps_c = model(x, t, context=context, mask=mask)
+    eps_u = model(x, t, context=null_context.repeat(b, 1, 1), mask=null_mask.repeat(b, 1))
+    return eps_u + scale * (eps_c - eps_u)"""],
+
+    "07_permute_batched.ipynb": [HEAD, """\
+def heads_first(t, heads):
+    b, n, c = t.shape
+    return t.view(b, n, heads, c // heads).permute(0, 2, 1, 3)
+
+def cross_attention(x, context, mask, w_q, w_k, w_v, heads):
+    q = heads_first(F.linear(x, w_q), heads)
+    k = heads_first(F.linear(context, w_k), heads)
+    v = heads_first(F.linear(context, w_v), heads)
+    scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+    scores = torch.where(mask[:, None, None, :].bool(), scores, torch.full_like(scores, -math.inf))
+    weights = torch.softmax(scores, dim=-1)
+    return (weights @ v).permute(0, 2, 1, 3).flatten(2)""", """\
+scale_latents = lambda latents: latents / torch.std(latents)""", """\
+def text_guided_eps(model, x, t, context, mask, null_context, null_mask, scale):
+    match x.shape:
+        case (b, *_):
+            pass
+    both = model(torch.cat([x, x]), torch.cat([t, t]),
+                 context=torch.cat([context, null_context.expand(b, -1, -1)]),
+                 mask=torch.cat([mask, null_mask.expand(b, -1)]))
+    cond, uncond = both.chunk(2)
+    return uncond + scale * (cond - uncond)"""],
+
+    "08_layer_norm_fold.ipynb": [HEAD + "\nfrom course_lib.nets import dit  # the lesson's DiT, to compare", """\
+def adaln(x, shift, scale):
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]""", """\
+class Patches:
+    def __init__(self, p):
+        self.p = p
+
+    def patchify(self, x):            # a method named like the library's function
+        b, c, h, w = x.shape
+        cols = F.unfold(x, kernel_size=self.p, stride=self.p)          # (B, C p p, L), channel slowest
+        return cols.view(b, c, self.p * self.p, -1).permute(0, 3, 2, 1).reshape(b, -1, self.p * self.p * c)
+
+def patchify(x, p):
+    return Patches(p).patchify(x)""", """\
+def unpatchify(tokens, p, channels, h, w):
+    b, n, _ = tokens.shape
+    cols = tokens.view(b, n, p * p, channels).permute(0, 3, 2, 1).reshape(b, channels * p * p, n)
+    return F.fold(cols, output_size=(h, w), kernel_size=p, stride=p)""", """\
+def attention(h, qkv_w, qkv_b, heads):
+    b, n, d = h.shape
+    q, k, v = F.linear(h, qkv_w, qkv_b).view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+    w = (q @ k.transpose(-1, -2) / math.sqrt(d // heads)).softmax(dim=-1)
+    return (w @ v).transpose(1, 2).reshape(b, n, d)
+
+def dit_block(x, c, ada_w, ada_b, qkv_w, qkv_b, proj_w, proj_b, fc1_w, fc1_b, fc2_w, fc2_b, heads):
+    shift1, scale1, gate1, shift2, scale2, gate2 = F.linear(F.silu(c), ada_w, ada_b).chunk(6, dim=-1)
+    x = x + gate1[:, None] * F.linear(attention(adaln(x, shift1, scale1), qkv_w, qkv_b, heads), proj_w, proj_b)
+    hidden = F.gelu(F.linear(adaln(x, shift2, scale2), fc1_w, fc1_b), approximate="tanh")
+    return x + gate2[:, None] * F.linear(hidden, fc2_w, fc2_b)"""],
+
+    "08_reshape_einsum.ipynb": [HEAD, """\
+def adaln(x, shift, scale):
+    mu = x.mean(dim=-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(dim=-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + 1e-6) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)""", """\
+def patchify(x, p):
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // p, p, w // p, p)
+    return torch.einsum("bcipjq->bijpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
+
+def unpatchify(tokens, p, channels, h, w):
+    b = tokens.shape[0]
+    x = tokens.reshape(b, h // p, w // p, p, p, channels)
+    return torch.einsum("bijpqc->bcipjq", x).reshape(b, channels, h, w)""", """\
+def dit_block(x, c, ada_w, ada_b, qkv_w, qkv_b, proj_w, proj_b, fc1_w, fc1_b, fc2_w, fc2_b, heads):
+    mods = (F.silu(c) @ ada_w.T + ada_b).chunk(6, -1)
+    b, n, d = x.shape
+    h = adaln(x, mods[0], mods[1])
+    q, k, v = [t.reshape(b, n, heads, d // heads) for t in (h @ qkv_w.T + qkv_b).chunk(3, -1)]
+    att = torch.einsum("bnhe,bmhe->bhnm", q, k).div(math.sqrt(d // heads)).softmax(-1)
+    out = torch.einsum("bhnm,bmhe->bnhe", att, v).reshape(b, n, d)
+    x = x + mods[2][:, None] * (out @ proj_w.T + proj_b)
+    mlp = F.gelu(adaln(x, mods[3], mods[4]) @ fc1_w.T + fc1_b, approximate="tanh") @ fc2_w.T + fc2_b
+    return x + mods[5][:, None] * mlp"""],
+
+    "09_func_jacrev.ipynb": [HEAD + "\nfrom torch.func import jacrev, vmap\nfrom course_lib import flow, likelihood  # to compare",
+                             """\
+def dsm_loss(score_pred, eps, sigma):
+    residual = sigma[:, None] * score_pred + eps
+    return residual.pow(2).sum(dim=1).mean()""", """\
+def reverse_sde_step(x, score, beta, dt, noise):
+    drift = -0.5 * beta * x - beta * score
+    return x + drift * dt + math.sqrt(beta * abs(dt)) * noise""", """\
+def flow_matching_loss(velocity_pred, x0, noise):
+    return F.mse_loss(velocity_pred, noise - x0)""", """\
+def ode_log_likelihood(velocity, x, steps):
+    def field(z, t):
+        v = velocity(z, t)
+        jac = vmap(jacrev(lambda p: velocity(p[None], t)[0]))(z)
+        return v, jac.diagonal(dim1=-2, dim2=-1).sum(-1)
+    z, delta, h = x.clone(), torch.zeros(len(x), dtype=x.dtype), 1.0 / steps
+    for i in range(steps):
+        t = i * h
+        k1, l1 = field(z, t)
+        k2, l2 = field(z + h / 2 * k1, t + h / 2)
+        k3, l3 = field(z + h / 2 * k2, t + h / 2)
+        k4, l4 = field(z + h * k3, t + h)
+        z = z + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        delta = delta + h / 6 * (l1 + 2 * l2 + 2 * l3 + l4)
+    return -0.5 * (z ** 2).sum(1) - math.log(2 * math.pi) + delta"""],
+
+    "09_autograd_generate.ipynb": [HEAD, """\
+dsm_loss = lambda score_pred, eps, sigma: torch.mean(torch.sum((sigma.view(-1, 1) * score_pred + eps) ** 2, dim=1))""",
+                                   """\
+def reverse_sde_step(x, score, beta, dt, noise):
+    g = math.sqrt(beta)
+    return x + (-beta / 2 * x - g ** 2 * score) * dt + g * math.sqrt(-dt) * noise""", """\
+def flow_matching_loss(velocity_pred, x0, noise):
+    target = noise - x0
+    return ((velocity_pred - target) ** 2).mean()""", """\
+class Flow:
+    def __init__(self, velocity):
+        self.velocity = velocity
+
+    def slope(self, z, t):
+        with torch.enable_grad():
+            z = z.detach().requires_grad_(True)
+            v = self.velocity(z, t)
+            trace = sum(torch.autograd.grad(v[:, i].sum(), z, retain_graph=True)[0][:, i] for i in range(2))
+        return v.detach(), trace.detach()
+
+    def generate(self, x, steps):     # a method named like the library's
+        z, delta, h = x, torch.zeros(x.shape[0], dtype=x.dtype), 1 / steps
+        for i in range(steps):
+            t = i / steps
+            (k1, l1) = self.slope(z, t)
+            (k2, l2) = self.slope(z + 0.5 * h * k1, t + 0.5 * h)
+            (k3, l3) = self.slope(z + 0.5 * h * k2, t + 0.5 * h)
+            (k4, l4) = self.slope(z + h * k3, t + h)
+            z = z + h * (k1 + 2 * k2 + 2 * k3 + k4) / 6
+            delta = delta + h * (l1 + 2 * l2 + 2 * l3 + l4) / 6
+        return z, delta
+
+def ode_log_likelihood(velocity, x, steps):
+    z, delta = Flow(velocity).generate(x, steps)
+    return delta - 0.5 * z.pow(2).sum(-1) - math.log(2 * math.pi)"""],
+
+    "10_where_argsort.ipynb": [HEAD + "\nfrom course_lib import discrete, text_models  # to compare", """\
+def absorbing_forward(x0, t, u, mask_id):
+    return torch.where(u < t.unsqueeze(1), torch.full_like(x0, mask_id), x0)""", """\
+def mdlm_weight(t):
+    half = math.pi / 2
+    return half * torch.sin(half * t) / (1 - torch.cos(half * t))""", """\
+def unmask_sample(denoise, x, steps, mask_id):
+    n, length = x.shape
+    for k in range(steps):
+        masked = x == mask_id
+        keep = math.floor(length * (1 - (k + 1) / steps) + 1e-9)
+        probs = denoise(x)
+        draws = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).view(n, length)
+        order = torch.where(masked, torch.rand(n, length), torch.full((n, length), -1.0)).argsort(1, descending=True)
+        rank = order.argsort(1)
+        x = torch.where(masked & (rank < masked.sum(1, keepdim=True) - keep), draws, x)
+    return x"""],
+
+    "10_loops_generate.ipynb": [HEAD, """\
+def absorbing_forward(x0, t, u, mask_id):
+    out = x0.clone()
+    out[u < t[:, None]] = mask_id
+    return out""", """\
+mdlm_weight = lambda t: (math.pi / 2) * torch.sin(math.pi * t / 2) / (1 - torch.cos(math.pi * t / 2))""", """\
+class Unmasker:
+    def __init__(self, denoise, mask_id):
+        self.denoise, self.mask_id = denoise, mask_id
+
+    def generate(self, x, steps):              # a method named like the library's
+        length = x.shape[1]
+        for k in range(steps):
+            probs = self.denoise(x)
+            x = x.clone()
+            left = math.floor(length * (1 - (k + 1) / steps) + 1e-9)
+            for row in range(len(x)):
+                hidden = (x[row] == self.mask_id).nonzero().flatten()
+                reveal = hidden[torch.randperm(len(hidden))[: len(hidden) - left]]
+                for pos in reveal.tolist():
+                    x[row, pos] = torch.multinomial(probs[row, pos], 1).item()
+        return x
+
+def unmask_sample(denoise, x, steps, mask_id):
+    return Unmasker(denoise, mask_id).generate(x, steps)"""],
+}
