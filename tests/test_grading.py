@@ -227,13 +227,17 @@ def test_the_scan_follows_the_graded_function_through_the_notebook_by_scope():
      "exercise references"),
     (["from course_lib import schedules", "def alpha_bar_from_betas(b):\n    return schedules.NoiseSchedule(b).alpha_bar"],
      "alpha_bar_from_betas", "review", "can compute this answer"),
-    (["from course_lib import pretrained\nm = pretrained.load('shapes_ldm')",
+    (["from course_lib.text2image import load_text_to_image\nm = load_text_to_image('shapes_ldm')",
       "def cross_attention(x, context, mask, w_q, w_k, w_v, heads):\n    return type(m.unet.mid)(x)"], "cross_attention",
-     "review", "object made by course_lib.pretrained.load"),
+     "review", "object made by course_lib.text2image.load_text_to_image"),
+    (["from course_lib import runtime\ndevice = runtime.get_device()", "import torch\ndef q_sample(x0, t, alpha_bar, noise):\n"
+      "    return alpha_bar[t].to(device)"], "q_sample", None, None),  # an object the library made, harmless
     (["import torch, io\nf = torch.load(io.BytesIO(b'x'), weights_only=False)", "def alpha_bar_from_betas(b):\n"
       "    return f(b)"], "alpha_bar_from_betas", "review", "torch.load"),
     (["import functools, course_lib", "def alpha_bar_from_betas(b):\n    return functools.reduce(getattr, ['schedules', "
       "'alpha_bar_from_betas'], course_lib)(b)"], "alpha_bar_from_betas", "review", "getattr used as a value"),
+    (["import builtins\nfrom course_lib import schedules\nbuiltins.helper = schedules.alpha_bar_from_betas",
+      "def alpha_bar_from_betas(b):\n    return helper(b)"], "alpha_bar_from_betas", "review", "no cell defines"),
     (["import torch.nn.functional as F", "def cross_attention(x, context, mask, w_q, w_k, w_v, heads):\n"
       "    return F.scaled_dot_product_attention(x, x, x)"], "cross_attention", "refused", "scaled_dot_product"),
     (["from torch import nn\nmha = nn.MultiheadAttention(8, 2)", "def dit_block(*args):\n    return mha(*args)"],
@@ -243,6 +247,9 @@ def test_the_scan_follows_the_graded_function_through_the_notebook_by_scope():
 ])
 def test_the_scan_finds_copies_refused_libraries_and_what_it_cannot_follow(cells, name, kind, fragment):
     _, found = _findings(cells, name)
+    if kind is None:
+        assert found[name] == []
+        return
     assert any(k == kind and fragment in w for k, w in found[name]), found[name]
     if kind == "review":
         assert not any(k == "copy" for k, _ in found[name])  # not enough evidence to take the points

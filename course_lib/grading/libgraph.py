@@ -73,12 +73,18 @@ class LibraryGraph:
                 self.aliases[f"{module}.{name}"] = dotted
         # imports inside functions bind names too: resolve them per module (a name imported anywhere in the module)
         local_imports = {}
+        top = set(map(id, tree.body))
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level and node not in tree.body:
-                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(parts + ([node.module] if node.module else []))
+            if isinstance(node, ast.ImportFrom) and id(node) not in top:
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([node.module] if node.module else []))
                 for a in node.names:
                     local_imports[a.asname or a.name] = f"{base}.{a.name}"
+            elif isinstance(node, ast.Import) and id(node) not in top:
+                for a in node.names:
+                    local_imports[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
 
         def resolve(root: str, attrs: tuple) -> str | None:
             dotted = names.get(root) or local_imports.get(root)
@@ -87,6 +93,10 @@ class LibraryGraph:
         def targets(node, owner_class: str | None = None) -> set[str]:
             refs, _ = global_refs(node)
             out = {d for r in refs if (d := resolve(r.root, r.attrs))}
+            for n in ast.walk(node):  # names a function imports inside its body are local to it: followed too
+                chain = _chain(n) if isinstance(n, (ast.Name, ast.Attribute)) else None
+                if chain and chain[0] in local_imports:
+                    out.add(".".join((local_imports[chain[0]], *chain[1])))
             if owner_class:  # self.method / cls.method inside a class
                 for n in ast.walk(node):
                     if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in ("self", "cls"):

@@ -49,13 +49,14 @@ INTERNAL_ATTRS = {"__globals__", "__code__", "__closure__", "__builtins__", "__s
                   "f_locals", "f_builtins", "f_code", "f_trace", "tb_frame", "tb_next", "gi_frame", "gi_code",
                   "cr_frame", "cr_code", "ag_frame", "co_code", "co_consts", "co_names", "cell_contents"}
 # anywhere in a changed cell (review): modules and attributes that reach the interpreter or the process
-TAMPER_MODULES = {"ctypes", "_ctypes", "cffi", "_cffi_backend", "marshal", "_imp", "importlib", "runpy", "pkgutil",
+TAMPER_MODULES = {"ctypes", "_ctypes", "cffi", "_cffi_backend", "marshal", "pickle", "_pickle", "dill", "cloudpickle",
+                  "shelve", "copyreg", "_imp", "importlib", "runpy", "pkgutil",
                   "zipimport", "_frozen_importlib", "_frozen_importlib_external", "resource", "fcntl", "mmap", "posix",
                   "_posixsubprocess", "_thread", "__main__", "course_lib.grading", "course_lib.exercises"}
 TAMPER_ATTRS = {
     "os": {"write", "writev", "pwrite", "pwritev", "sendfile", "splice", "copy_file_range", "dup", "dup2", "fdopen",
            "openpty", "memfd_create", "set_inheritable", "register_at_fork", "kill", "killpg"},
-    "sys": {"setprofile", "settrace", "_getframe", "addaudithook", "_current_frames", "modules", "meta_path",
+    "sys": {"setprofile", "settrace", "_getframe", "addaudithook", "_current_frames", "modules", "path", "meta_path",
             "path_hooks", "path_importer_cache", "displayhook", "excepthook", "unraisablehook", "audit"},
     "signal": {"signal", "setitimer", "alarm", "set_wakeup_fd", "siginterrupt", "pthread_kill", "pthread_sigmask"},
     "gc": {"get_objects", "get_referrers", "get_referents"},
@@ -63,7 +64,10 @@ TAMPER_ATTRS = {
     "torch": {"_C"},
     "socket": {"fromfd", "socket"},
 }
-TAMPER_NAMES = {"exec", "eval", "compile", "__import__", "globals", "locals", "vars"}
+TAMPER_NAMES = {"exec", "eval", "compile", "__import__", "globals", "locals", "vars", "get_ipython"}
+# names that exist without a cell binding them: Python's builtins and what IPython adds to a notebook's namespace
+PROVIDED = set(dir(__import__("builtins"))) | {"get_ipython", "display", "In", "Out", "exit", "quit", "_", "__", "___",
+                                               "_i", "_ii", "_iii", "_oh", "_dh", "_ih", "__IPYTHON__"}
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,8 @@ class Notebook:
                 order += 1
             self.stars += [n.module for n in tree.body if isinstance(n, ast.ImportFrom) and n.module and not n.level
                            and any(a.name == "*" for a in n.names)]
+        # a star import of a module outside course_lib binds names the scan cannot list
+        self.unknown_stars = any(not (m == "course_lib" or m.startswith("course_lib.")) for m in self.stars)
         self._values: dict[str, set] = {}
 
     def final(self, name: str) -> list:
@@ -296,13 +302,13 @@ def _reach(nb: Notebook, name: str, rule: Rule, references: set[str], limit: int
             if kind == "builtin":
                 if value in DYNAMIC_BUILTINS:
                     add("review", f"looks names up dynamically ({value}())", cell)
+                elif value not in PROVIDED and not nb.unknown_stars:
+                    add("review", f"uses {_short(value, 40)}, which no cell defines (put there at run time?)", cell)
                 continue
             if kind == "local":
                 continue
             dotted = ".".join((value, *ref.attrs)) if kind == "lib" else value
             verdict = _classify(dotted, kind == "made", rule, references)
-            if verdict is None and kind == "made" and dotted.startswith("course_lib"):
-                verdict = ("review", f"uses an object made by {_short(dotted)} (what it computes cannot be read)")
             if verdict:
                 add(verdict[0], verdict[1], cell)
     return [Finding(kind, what, cell) for what, (kind, cell) in found.items()]
@@ -347,6 +353,10 @@ def _tamper_in(tree, nb: Notebook) -> set[str]:
                 chain = _chain(target) if isinstance(target, ast.Attribute) else None
                 if chain and any(kind == "lib" for kind, _ in nb.values(chain[0])):
                     found.add(f"changes an attribute of a module ({_short('.'.join((chain[0], *chain[1])), 40)})")
+        elif isinstance(node, ast.Call) and any(
+                (k.arg, getattr(k.value, "value", None)) in (("weights_only", False), ("allow_pickle", True))
+                for k in node.keywords):
+            found.add("loads a pickle, which can run any code (weights_only=False / allow_pickle=True)")
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("setattr", "delattr"):
             chain = _chain(node.args[0]) if node.args else None
             if chain and any(kind == "lib" for kind, _ in nb.values(chain[0])):
