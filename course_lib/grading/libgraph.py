@@ -16,7 +16,7 @@ import functools
 from collections import deque
 from pathlib import Path
 
-from .names import global_refs
+from .names import attribute_chain, global_refs
 
 PACKAGE = Path(__file__).resolve().parents[1]
 SKIPPED = ("course_lib.grading", "course_lib.exercises")  # the tooling that judges, not code a submission could use
@@ -94,7 +94,7 @@ class LibraryGraph:
             refs, _ = global_refs(node)
             out = {d for r in refs if (d := resolve(r.root, r.attrs))}
             for n in ast.walk(node):  # names a function imports inside its body are local to it: followed too
-                chain = _chain(n) if isinstance(n, (ast.Name, ast.Attribute)) else None
+                chain = attribute_chain(n) if isinstance(n, (ast.Name, ast.Attribute)) else None
                 if chain and chain[0] in local_imports:
                     out.add(".".join((local_imports[chain[0]], *chain[1])))
             if owner_class:  # self.method / cls.method inside a class
@@ -109,7 +109,7 @@ class LibraryGraph:
             elif isinstance(node, ast.ClassDef):
                 cls = f"{module}.{node.name}"
                 edges = self.edges.setdefault(cls, set())
-                edges.update(d for b in node.bases if (d := resolve(*(_chain(b) or ("", ())))))
+                edges.update(d for b in node.bases if (d := resolve(*(attribute_chain(b) or ("", ())))))
                 for item in node.body:
                     if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
                         method = f"{cls}.{item.name}"
@@ -158,14 +158,6 @@ class LibraryGraph:
                     found[u] = found[v]
                     todo.append(u)
         return found
-
-
-def _chain(node) -> tuple[str, tuple] | None:
-    attrs = []
-    while isinstance(node, ast.Attribute):
-        attrs.append(node.attr)
-        node = node.value
-    return (node.id, tuple(reversed(attrs))) if isinstance(node, ast.Name) else None
 
 
 @functools.lru_cache(maxsize=1)

@@ -181,6 +181,15 @@ class _Walker:
             self.visit(child, scopes)
 
 
+def attribute_chain(node) -> tuple[str, tuple] | None:
+    """(root name, attributes) of an expression `a.b.c`, else None."""
+    attrs = []
+    while isinstance(node, ast.Attribute):
+        attrs.append(node.attr)
+        node = node.value
+    return (node.id, tuple(reversed(attrs))) if isinstance(node, ast.Name) else None
+
+
 def global_refs(node) -> tuple[list[Ref], list[str]]:
     """(the references to global names in `node`, a module-level statement; descriptions of dynamic lookups)."""
     walker = _Walker()

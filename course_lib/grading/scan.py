@@ -29,7 +29,7 @@ import functools
 import re
 from dataclasses import dataclass
 
-from .names import DYNAMIC_BUILTINS, GlobalBinding, Ref, global_refs, top_level_bindings
+from .names import DYNAMIC_BUILTINS, GlobalBinding, Ref, attribute_chain, global_refs, top_level_bindings
 
 ALLOWED_MAGICS = {"matplotlib", "time", "timeit", "capture", "load_ext", "autoreload", "config", "precision",
                   "pip", "conda", "cd", "pwd", "ls", "who", "whos", "env", "pinfo", "pdef", "pdoc", "psource",
@@ -185,7 +185,7 @@ class Notebook:
 
     def expression(self, node, cell: int, depth: int) -> set:
         """What an assigned expression stands for (see `values`)."""
-        chain = _chain(node)
+        chain = attribute_chain(node)
         if chain:
             root, attrs = chain
             return {(kind, ".".join((dotted, *attrs))) if kind == "lib" else (kind, dotted)
@@ -201,14 +201,6 @@ def _single_target(node, name: str) -> bool:
         return isinstance(node.target, ast.Name)
     targets = node.targets if isinstance(node, ast.Assign) else [node.target]
     return any(isinstance(t, ast.Name) and t.id == name for t in targets)
-
-
-def _chain(node) -> tuple[str, tuple] | None:
-    attrs = []
-    while isinstance(node, ast.Attribute):
-        attrs.append(node.attr)
-        node = node.value
-    return (node.id, tuple(reversed(attrs))) if isinstance(node, ast.Name) else None
 
 
 @functools.lru_cache(maxsize=64)
@@ -350,7 +342,7 @@ def _tamper_in(tree, nb: Notebook) -> set[str]:
                 found.add("names a file-descriptor folder (/proc/*/fd, /dev/fd) in a string")
         elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
             for target in (node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]):
-                chain = _chain(target) if isinstance(target, ast.Attribute) else None
+                chain = attribute_chain(target) if isinstance(target, ast.Attribute) else None
                 if chain and any(kind == "lib" for kind, _ in nb.values(chain[0])):
                     found.add(f"changes an attribute of a module ({_short('.'.join((chain[0], *chain[1])), 40)})")
         elif isinstance(node, ast.Call) and any(
@@ -358,7 +350,7 @@ def _tamper_in(tree, nb: Notebook) -> set[str]:
                 for k in node.keywords):
             found.add("loads a pickle, which can run any code (weights_only=False / allow_pickle=True)")
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("setattr", "delattr"):
-            chain = _chain(node.args[0]) if node.args else None
+            chain = attribute_chain(node.args[0]) if node.args else None
             if chain and any(kind == "lib" for kind, _ in nb.values(chain[0])):
                 found.add(f"calls {node.func.id}() on a module")
     return found
