@@ -428,8 +428,7 @@ def sample_euler_ancestral(denoiser, x, sigmas, eta: float = 1.0, generator=None
     for i, s, s_next in _steps(sigmas, progress, "Euler ancestral"):
         up = min(s_next, eta * math.sqrt(max(s_next**2 * (s**2 - s_next**2) / s**2, 0.0)))
         down = math.sqrt(s_next**2 - up**2)
-        d = (x - denoiser(x, s, **model_kwargs)) / s
-        x = x + (down - s) * d
+        x = kernels.euler_step(x, denoiser(x, s, **model_kwargs), s, down)  # x + (down - s)(x - D) / s
         if up > 0:
             x = x + up * _noise(x, generator)
         traj.add(x, s_next)

@@ -28,7 +28,8 @@ def test_the_matched_dit_has_the_unets_parameter_count_and_flops_are_counted_wit
         cfg, d = net.config, net.config["hidden"]
         tokens = (8 // cfg["patch"]) ** 2
         left_out = 2 * tokens * cfg["patch"] ** 2 * d + 2 * (256 * d + d * d)  # patch embedding, time MLP
-        assert arch.forward_flops(net) == dit_flops(cfg) + left_out
+        # in eval mode too, where nn.MultiheadAttention's fused path would hide attention from the counter
+        assert arch.forward_flops(net.eval()) == arch.forward_flops(net.train()) == dit_flops(cfg) + left_out
     assert arch.forward_flops(_net("dit_m1")) > 4 * arch.forward_flops(_net("dit_m2"))
     with pytest.raises(ValueError, match="unknown architecture"):
         arch.arch_config("vit")
@@ -102,3 +103,20 @@ def test_the_shipped_full_run_has_every_planned_record():
     assert records[0]["kind"] == "reference" and records[0]["samples"] == 297  # the held-out digits
     with torch.no_grad():
         assert all(torch.isfinite(torch.tensor([r["fd"], r["precision"], r["recall"]])).all() for r in runs)
+
+
+def test_the_shipped_flops_count_attention_as_the_benchmark_counts_it_now(tmp_path):
+    """Every run's FLOPs in the shipped file are those of its architecture's model, attention included; a file written
+    with the eval-mode count that missed attention is brought back in line by recount_flops."""
+    from course_lib.nets import DiT
+
+    records = json.loads((DATA / "bench_arch.json").read_text())
+    for r in (r for r in records if r["kind"] == "run"):
+        cfg = {k: v for k, v in arch.arch_config(r["arch"]).items() if k != "kind"}
+        net = (UNet if r["arch"] == "unet" else DiT)(**cfg).eval()
+        assert r["forward_flops"] == arch.forward_flops(net), r["arch"]
+        assert r["train_flops"] == 3 * r["forward_flops"] * r["steps"] * r["batch_size"]
+    stale = [dict(r, forward_flops=1, train_flops=1) if r["kind"] == "run" else r for r in records]
+    path = tmp_path / "stale.json"
+    path.write_text(json.dumps(stale))
+    assert arch.recount_flops(path) == records

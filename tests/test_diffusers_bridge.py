@@ -230,3 +230,47 @@ def test_the_pretrained_section_says_why_it_cannot_run_here(monkeypatch):
     monkeypatch.setattr(pretrained, "hub_reachable", lambda: False)
     reason = pretrained.unavailable_reason(need_gpu=False)
     assert reason is not None and ("transformers" in reason or "offline" in reason)
+
+
+def _flow_levels(n: int):
+    """n + 1 levels uniform in a flow's time t, from t = 1 - 1e-5 (sigma = 1e5) down to 0, as t and as sigma."""
+    ts = torch.linspace(1 - 1e-5, 0, n + 1, dtype=torch.float64)
+    return ts, torch.cat([ts[:-1] / (1 - ts[:-1]), torch.zeros(1, dtype=torch.float64)])
+
+
+@pytest.mark.parametrize("name, shape", [("ring8_flow", (500, 2)), ("digits_flow", (32, 1, 8, 8))])
+def test_flow_sampling_in_float32_matches_diffusers_flow_schedulers(name, shape):
+    """The shipped flow models sampled in float32 by our Euler and Heun and by diffusers' FlowMatchEulerDiscrete /
+    FlowMatchHeunDiscrete schedulers on the same levels and noise: within 1e-4 (from sigma = 1e5 an update written as
+    x + (sigma_next - sigma)(x - D) / sigma lost float32's digits to cancellation: 4e-3 apart)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+
+    from course_lib.checkpoints import load_pretrained
+
+    model = load_pretrained(name).model
+    n = 12
+    ts, sigmas = _flow_levels(n)
+    noise = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    velocity = lambda x, t: model(x, torch.full((x.shape[0],), float(t), dtype=torch.float32))  # noqa: E731
+    euler = FlowMatchEulerDiscreteScheduler()
+    euler.set_timesteps(sigmas=ts[:-1].tolist())
+    heun = FlowMatchHeunDiscreteScheduler()
+    heun.set_timesteps(n)
+    t32 = ts.float()  # its levels set by hand, in its interleaved form (one entry per model evaluation)
+    heun.timesteps = torch.cat([t32[:1], t32[1:-1].repeat_interleave(2)]) * 1000
+    heun.sigmas = torch.cat([t32[:1], t32[1:-1].repeat_interleave(2), t32[-1:]])
+    for ours, theirs in (("euler", euler), ("heun", heun)):
+        x = noise.clone()
+        for t in theirs.timesteps:
+            x = theirs.step(velocity(x, t), t, x).prev_sample
+        got = S.sample(model, noise, sampler=ours, sigmas=sigmas.float()).x
+        assert got.dtype == torch.float32 and float((got - x).abs().max()) < 1e-4, (name, ours)
+
+
+def test_the_euler_update_keeps_float32_digits_from_a_flow_s_first_level():
+    from course_lib import kernels
+
+    g = torch.Generator().manual_seed(0)
+    x, d = torch.randn(1000, 2, generator=g) * 1e5, torch.randn(1000, 2, generator=g)
+    exact = kernels.euler_step(x.double(), d.double(), 99999.0, 19.0)
+    assert float((kernels.euler_step(x, d, 99999.0, 19.0).double() - exact).abs().max()) < 1e-5

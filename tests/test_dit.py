@@ -97,6 +97,19 @@ def test_flop_count_matches_torch_flop_counter():
         n = (8 // patch) ** 2
         left_out = 2 * (n * patch * patch * 4 * hidden) + 2 * (256 * hidden + hidden * hidden)
         assert dit_flops(net.config) + left_out == counter.get_total_flops(), (patch, hidden)
+    # a text DiT: cross-attention to L caption tokens of width 16, counted by hand and by the counter, in eval mode
+    from course_lib.bench.arch import forward_flops
+
+    net = DiT(in_channels=4, image_size=8, patch=2, hidden=32, depth=2, heads=4, context_dim=16).eval()
+    for length in (3, 10):
+        context, mask = torch.randn(1, length, 16), torch.ones(1, length, dtype=torch.bool)
+        left_out = 2 * (16 * 2 * 2 * 4 * 32) + 2 * (256 * 32 + 32 * 32)
+        got = forward_flops(net, shape=(4, 8, 8), context=context, mask=mask)
+        assert dit_flops(net.config, context_tokens=length) + left_out == got, length
+        cross = 2 * 2 * (2 * 16 * 32 * 32 + 2 * length * 16 * 32 + 2 * 16 * length * 32)  # 2 blocks, by hand
+        assert dit_flops(net.config, context_tokens=length) - dit_flops(dict(net.config, context_dim=None)) == cross
+    with pytest.raises(ValueError, match="context_tokens"):
+        dit_flops(net.config)
     cfg = DiT(in_channels=4, image_size=8, patch=2, hidden=32, depth=3, heads=4).config
     bigger = dict(cfg, patch=1)  # patch 1: 4x the tokens, at least 4x the cost
     assert dit_flops(bigger) > 4 * dit_flops(cfg) - 1 and math.isfinite(dit_flops(bigger))

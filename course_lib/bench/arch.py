@@ -65,17 +65,45 @@ def train_config(arch: str, seed: int, steps: int | None = None, quick: bool = F
     return preset("digits", model=arch_config(arch), seed=seed, **budget)
 
 
-def forward_flops(model: torch.nn.Module, shape=(1, 8, 8)) -> int:
-    """FLOPs of one forward pass on one input, counted by torch's FlopCounterMode (attention on sdpa's math path, so
-    its matrix products are seen; the fused kernels are invisible to the counter)."""
+def forward_flops(model: torch.nn.Module, shape=(1, 8, 8), **model_kwargs) -> int:
+    """FLOPs of one forward pass on one input, counted by torch's FlopCounterMode on the math path of attention in
+    every mode: sdpa forced to its math kernel and nn.MultiheadAttention's fused inference path switched off (in eval
+    mode it would skip the counter, which then misses every attention FLOP: 35-45% of a small DiT's)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     p = next(model.parameters())
     x, t = torch.zeros(1, *shape, device=p.device), torch.zeros(1, dtype=torch.long, device=p.device)
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(x, t)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model(x, t, **model_kwargs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return int(counter.get_total_flops())
+
+
+def recount_flops(json_path) -> list[dict]:
+    """Count the FLOPs of every run record of a saved benchmark again (forward_flops of a fresh model of its
+    architecture, train_flops from it, its steps and batch): they depend on the architecture alone. Rewrites the file."""
+    import json
+    from pathlib import Path
+
+    from ..checkpoints import write_json_atomic
+    from ..train import Trainer
+
+    records = json.loads(Path(json_path).read_text())
+    counted = {}
+    for r in records:
+        if r.get("kind") != "run":
+            continue
+        if r["arch"] not in counted:  # the model the benchmark counts, built the same way (weights do not matter)
+            counted[r["arch"]] = forward_flops(Trainer(train_config(r["arch"], 0)).ema)
+        r["forward_flops"] = counted[r["arch"]]
+        r["train_flops"] = 3 * r["forward_flops"] * r["steps"] * r["batch_size"]
+    write_json_atomic(records, json_path)
+    return records
 
 
 def seconds_per_step(arch: str, batch_size: int, steps: int = 10, warmup: int = 3, device=None) -> float:

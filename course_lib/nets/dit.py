@@ -125,12 +125,19 @@ class DiT(nn.Module):
         return unpatchify(h, self.patch, cfg["in_channels"], side, side)
 
 
-def dit_flops(config: dict) -> float:
+def dit_flops(config: dict, context_tokens: int | None = None) -> float:
     """Training-free cost of one forward pass of one image through a DiT config, in FLOPs (2 per multiply-add): per
     block the qkv and output projections (4 n d^2), attention scores and mixing (2 n^2 d), the MLP (2 r n d^2) and the
     adaLN regression (6 d^2), plus the final adaLN regression (2 d^2) and projection (n d p^2 C); patch embedding and
-    time MLP left out, as in Peebles & Xie 2023, table 1."""
+    time MLP left out, as in Peebles & Xie 2023, table 1. A text DiT (context_dim set) also pays, per block, for its
+    cross-attention to `context_tokens` caption tokens of width c: the query and output projections (2 n d^2), the key
+    and value projections of the caption (2 L c d), scores and mixing (2 n L d)."""
     n = (config["image_size"] // config["patch"]) ** 2
     d, r = config["hidden"], config["mlp_ratio"]
     per_block = 4 * n * d * d + 2 * n * n * d + 2 * r * n * d * d + 6 * d * d
+    c = config.get("context_dim")
+    if c:
+        if not context_tokens or context_tokens < 1:
+            raise ValueError("a text DiT's cost depends on the caption's length: pass context_tokens")
+        per_block += 2 * n * d * d + 2 * context_tokens * c * d + 2 * n * context_tokens * d
     return 2.0 * (config["depth"] * per_block + 2 * d * d + n * d * config["patch"] ** 2 * config["in_channels"])
