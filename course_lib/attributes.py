@@ -101,26 +101,74 @@ def prompt_labels(prompts) -> dict[str, torch.Tensor]:
     return out
 
 
-def adherence(clf: AttributeClassifier, images: torch.Tensor, prompts) -> dict[str, float]:
-    """How well images follow their prompts, as the classifier reads them: accuracy per attribute the prompts name,
-    'all' (every named attribute right in the same image) and, for two-object prompts, 'binding' (both objects with
-    the right colour on the right shape, in the right relation)."""
+def _judge(clf: AttributeClassifier, images: torch.Tensor, prompts) -> tuple[dict, dict, dict]:
+    """(wanted labels, predicted labels, per-attribute right-or-not-named), each {attribute: (n,) tensor}."""
     prompts = list(prompts)
     if len(prompts) != len(images):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
     want, pred = prompt_labels(prompts), predict(clf, images)
-    ok = torch.ones(len(prompts), dtype=torch.bool)
+    return want, pred, {k: (pred[k] == want[k]) | (want[k] < 0) for k in LABELS}
+
+
+def adherence_per_image(clf: AttributeClassifier, images: torch.Tensor, prompts) -> torch.Tensor:
+    """(n,) bool: the judge reads every attribute the image's prompt names as asked."""
+    _, _, right = _judge(clf, images, prompts)
+    return torch.stack(list(right.values())).all(0)
+
+
+def adherence(clf: AttributeClassifier, images: torch.Tensor, prompts) -> dict[str, float]:
+    """How well images follow their prompts, as the classifier reads them: accuracy per attribute the prompts name,
+    'all' (every named attribute right in the same image) and, for two-object prompts, 'binding' (both objects with
+    the right colour on the right shape, in the right places: the left or upper one first). 'relation' is the
+    arrangement only (side by side or stacked): in canonical form 'right of' is 'left of' with the objects exchanged,
+    so an image with the two objects in each other's places scores a right relation and a wrong binding."""
+    want, pred, right = _judge(clf, images, prompts)
     out = {}
     for k in LABELS:
         named = want[k] >= 0
         if named.any():
-            right = pred[k] == want[k]
-            out[k] = round(right[named].float().mean().item(), 4)
-            ok &= right | ~named
+            out[k] = round((pred[k] == want[k])[named].float().mean().item(), 4)
+    ok = torch.stack(list(right.values())).all(0)
     out["all"] = round(ok.float().mean().item(), 4)
     two = want["count"] == 1
     if two.any():
         out["binding"] = round(ok[two].float().mean().item(), 4)
+    return out
+
+
+BINDING_OUTCOMES = ("bound", "swapped", "misbound", "missing")
+
+
+def binding_breakdown(clf: AttributeClassifier, images: torch.Tensor, prompts) -> dict[str, float]:
+    """What happens to the two objects of two-object prompts, as shares of those prompts: 'bound' (each object has its
+    colour and shape, in its place, arranged as asked: adherence's 'binding'), 'swapped' (the two objects are right but
+    in each other's places), 'misbound' (both shapes and both colours are there, on the wrong shapes), 'missing' (a
+    shape or colour asked for is not there, or another fault: wrong count or arrangement with the right objects);
+    they add up to 1. 'present' is the share whose image holds both shapes and both colours asked for, wherever they
+    are (bound + swapped + misbound, and any of those with a wrong arrangement). When the two objects share a shape or
+    a colour, a swap and a misbinding are the same image; it counts as swapped."""
+    want, pred, right = _judge(clf, images, prompts)
+    two = want["count"] == 1
+    if not two.any():
+        raise ValueError("binding_breakdown needs two-object prompts ('a red circle left of a blue square')")
+    w = {k: v[two] for k, v in want.items()}
+    p = {k: v[two] for k, v in pred.items()}
+    first = lambda d: (d["shape"], d["colour"])  # noqa: E731
+    second = lambda d: (d["shape2"], d["colour2"])  # noqa: E731
+    same = lambda a, b: (a[0] == b[0]) & (a[1] == b[1])  # noqa: E731
+    shapes_there = ((p["shape"] == w["shape"]) & (p["shape2"] == w["shape2"])) | (
+        (p["shape"] == w["shape2"]) & (p["shape2"] == w["shape"]))
+    colours_there = ((p["colour"] == w["colour"]) & (p["colour2"] == w["colour2"])) | (
+        (p["colour"] == w["colour2"]) & (p["colour2"] == w["colour"]))
+    present = shapes_there & colours_there & (p["count"] == 1)
+    arranged = (p["count"] == 1) & (p["relation"] == w["relation"])
+    bound = torch.stack([v[two] for v in right.values()]).all(0)
+    swapped = ~bound & arranged & same(first(p), second(w)) & same(second(p), first(w))
+    misbound = ~bound & ~swapped & arranged & present
+    missing = ~(bound | swapped | misbound)
+    n = float(two.sum())
+    out = {k: round(float(v.sum()) / n, 4) for k, v in zip(BINDING_OUTCOMES, (bound, swapped, misbound, missing))}
+    out["present"] = round(float(present.sum()) / n, 4)
     return out
 
 

@@ -1,7 +1,7 @@
 """Sample-quality metrics: high-quality fraction and modes covered on 2D mixtures, distances between sample sets.
 
 Libraries used where they do the job: POT (Python Optimal Transport) for the sliced Wasserstein distance,
-SciPy's matrix square root for the Frechet distance.
+NumPy's symmetric eigensolver for the Frechet distance.
 """
 from __future__ import annotations
 
@@ -86,21 +86,24 @@ def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, n_projections: int = 51
 
 
 def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
-    """|mu_x - mu_y|^2 + tr(C_x + C_y - 2 (C_x C_y)^(1/2)) between Gaussians fitted to two feature sets (Heusel et al. 2017)."""
+    """|mu_x - mu_y|^2 + tr(C_x + C_y - 2 (C_x C_y)^(1/2)) between Gaussians fitted to two feature sets (Heusel et al. 2017).
+
+    tr((C_x C_y)^(1/2)) is computed as the sum of the square roots of the eigenvalues of C_x^(1/2) C_y C_x^(1/2), a
+    symmetric positive semi-definite matrix with the same eigenvalues as C_x C_y: exact and warning-free when the
+    covariances are singular (fewer samples than features), where a general matrix square root is not."""
     import numpy as np
-    from scipy import linalg
 
     x, y = _check_features(x, "x"), _check_features(y, "y")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y must have the same dimension, got {x.shape[1]} and {y.shape[1]}")
-    mu1, mu2 = x.mean(0).numpy(), y.mean(0).numpy()
-    c1, c2 = np.cov(x.numpy(), rowvar=False), np.cov(y.numpy(), rowvar=False)
-    covmean = linalg.sqrtm(c1 @ c2)
-    if not np.isfinite(covmean).all():  # singular product: regularise as pytorch-fid does
-        off = np.eye(len(c1)) * 1e-6
-        covmean = linalg.sqrtm((c1 + off) @ (c2 + off))
-    covmean = covmean.real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2 * np.trace(covmean))
+    mu1, mu2 = x.double().mean(0).numpy(), y.double().mean(0).numpy()
+    c1 = np.atleast_2d(np.cov(x.double().numpy(), rowvar=False))
+    c2 = np.atleast_2d(np.cov(y.double().numpy(), rowvar=False))
+    w, v = np.linalg.eigh(c1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = root1 @ c2 @ root1
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2 * trace_sqrt)
 
 
 def _kth_neighbour_distance(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -120,6 +123,24 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> dict
     precision = (d < _kth_neighbour_distance(real, k)[:, None]).any(0).double().mean()
     recall = (d < _kth_neighbour_distance(fake, k)[None, :]).any(1).double().mean()
     return {"precision": float(precision), "recall": float(recall)}
+
+
+def nearest_neighbours(queries: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euclidean distance from each query to its nearest reference row, and that row's index (both flattened to
+    vectors: images are compared pixel by pixel). The copy check of lesson 3: generated samples much nearer the
+    training set than held-out real data are would be memorised (Carlini et al. 2023; Somepalli et al. 2023)."""
+    if not isinstance(queries, torch.Tensor) or not isinstance(reference, torch.Tensor):
+        raise TypeError(f"queries and reference must be torch.Tensors, got {type(queries).__name__} and "
+                        f"{type(reference).__name__}")
+    if len(queries) == 0 or len(reference) == 0:
+        raise ValueError("queries and reference must hold at least one row each")
+    q, r = queries.reshape(len(queries), -1).double(), reference.reshape(len(reference), -1).double()
+    if q.shape[1] != r.shape[1]:
+        raise ValueError(f"queries and reference must have the same size per row, got {q.shape[1]} and {r.shape[1]}")
+    if not (torch.isfinite(q).all() and torch.isfinite(r).all()):
+        raise ValueError("queries and reference must be finite (no NaN or inf)")
+    dist, idx = torch.cdist(q, r, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1)  # exact: a copy is at 0
+    return dist, idx
 
 
 def class_coverage(predicted: torch.Tensor, num_classes: int = 10, min_share: float = 0.5) -> int:

@@ -60,6 +60,23 @@ def image_grid(images, nrow: int | None = None, ax=None, title: str | None = Non
     return ax
 
 
+def image_rows(rows, labels, title: str | None = None, value_range=(-1.0, 1.0), width: float = 9.0,
+               row_height: float = 0.9, label_size: int = 8):
+    """One row of images per entry of `rows` ((B, C, H, W) each), named on its left by `labels`; returns the figure.
+    For grids whose rows mean something (a label asked for, a noise level, a sampler)."""
+    if len(rows) != len(labels) or not rows:
+        raise ValueError(f"need one label per row and at least one row, got {len(rows)} rows and {len(labels)} labels")
+    fig, axes = plt.subplots(len(rows), 1, figsize=(width, row_height * len(rows) + (0.4 if title else 0)),
+                             squeeze=False)
+    for ax, imgs, label in zip(axes[:, 0], rows, labels):
+        image_grid(imgs, nrow=len(imgs), ax=ax, value_range=value_range, label=str(label))
+        ax.yaxis.label.set(rotation=0, ha="right", va="center", fontsize=label_size)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def scatter_2d(points, ax=None, title: str | None = None, lim: float = 1.6, modes=None,
                density: bool = True, bins: int = 80, s: float = 2.0, color: str = "C0"):
     """2D points over a log-density histogram, with the true modes as crosses; labelled axes; returns the axes."""

@@ -2,8 +2,10 @@
 sampled by the course's DPM-Solver++(2M) (Lu et al. 2022) and classifier-free guidance (Ho & Salimans 2022, eq. 6),
 next to the pipeline's own scheduler with the same noise, timesteps and guidance scale.
 
-Downloading needs internet and `transformers` (Colab has both); a GPU makes it take seconds, not minutes. Nothing
-here runs in the tests except `guided_sample` and `hub_reachable`, which need neither."""
+Downloading needs internet and `transformers` (Colab has both); a GPU makes it take seconds, not minutes. Offline,
+`tiny_pipeline` builds the same diffusers StableDiffusionPipeline class from a tiny configuration with random weights
+(no download), so that `side_by_side` runs, and is tested, anywhere: its images are noise, but the agreement between
+the two samplers is measured the same way."""
 from __future__ import annotations
 
 import socket
@@ -36,6 +38,53 @@ def unavailable_reason(need_gpu: bool = True) -> str | None:
     if not hub_reachable():
         return "huggingface.co cannot be reached (offline); the weights (about 2 GB) download from there"
     return None
+
+
+def tiny_pipeline(seed: int = 0, device=None):
+    """A diffusers StableDiffusionPipeline with SD 1.5's structure and scheduler settings at a tiny size and random
+    weights (seeded): a 2-level UNet2DConditionModel with cross-attention on 16x16x4 latents, an AutoencoderKL from
+    and to 32x32 images, a 2-layer CLIP text encoder and a character-level CLIP tokenizer written to a temporary
+    folder. Nothing is downloaded; it needs diffusers and transformers."""
+    import json
+    import tempfile
+
+    try:
+        import diffusers
+        import transformers
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    except ImportError as e:
+        raise ImportError(f"the tiny pipeline needs diffusers and transformers ({e}): pip install diffusers "
+                          "transformers") from None
+    transformers.utils.logging.set_verbosity_error()  # its notices about image processors SD does not use here
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  norm_num_groups=8, sample_size=32)
+    folder = tempfile.mkdtemp(prefix="tiny_sd_tokenizer_")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    with open(f"{folder}/vocab.json", "w") as f:
+        json.dump(vocab, f)
+    with open(f"{folder}/merges.txt", "w") as f:
+        f.write("#version: 0.2\n")  # no merges: one token per character, as a tiny BPE vocabulary allows
+    tokenizer = CLIPTokenizer(f"{folder}/vocab.json", f"{folder}/merges.txt", model_max_length=77,
+                              pad_token="<|endoftext|>")
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    scheduler = diffusers.DPMSolverMultistepScheduler(  # SD 1.5's noise schedule, DPM-Solver++(2M)
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+        algorithm_type="dpmsolver++", solver_order=2)
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(torch.device(device or "cpu"))
 
 
 def load_pipeline(model_id: str = SD_MODEL, device=None):

@@ -89,7 +89,7 @@ def _sample(logp: torch.Tensor, temperature: float, generator) -> tuple[torch.Te
 @torch.no_grad()
 def sample_masked(model, n: int | None = None, steps: int | None = None, order: str = "random", masking: str = "linear",
                   temperature: float = 1.0, seed=0, prompt: torch.Tensor | None = None, length: int | None = None,
-                  progress: bool = False) -> torch.Tensor:
+                  progress: bool = False, return_steps: bool = False):
     """Parallel unmasking: start from all [MASK] (or from `prompt`, whose [MASK] positions are filled and the rest kept)
     and reveal tokens over `steps` model calls from t = 1 to 0; each revealed token is drawn from the model.
 
@@ -101,6 +101,8 @@ def sample_masked(model, n: int | None = None, steps: int | None = None, order: 
     masked token revealed independently with probability (alpha(s) - alpha(t)) / (1 - alpha(t)), so the count per step
     is random. The last step reveals everything: no [MASK] is ever returned. The default, steps=None, is one step per
     token to fill with the random order: lesson 10's recommendation (as valid as the AR model, the most diverse).
+    return_steps=True returns (tokens, steps_at): the step (0-based) at which each position was drawn, -1 where the
+    prompt gave it; positions that share a step were drawn independently of each other.
     """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
@@ -117,6 +119,7 @@ def sample_masked(model, n: int | None = None, steps: int | None = None, order: 
         x = torch.full((n, length), MASK_ID, dtype=torch.long)
     else:
         x = _check_tokens(prompt, "prompt", masks=True).clone()
+    drawn_at = torch.full(x.shape, -1, dtype=torch.long)
     g = _generator(seed)
     device = _device(model)
     to_fill = (x == MASK_ID).sum(1)                          # per row: how many tokens this call generates
@@ -145,7 +148,8 @@ def sample_masked(model, n: int | None = None, steps: int | None = None, order: 
             rank = score.argsort(1, descending=True).argsort(1)
             reveal = masked & (rank < count.unsqueeze(1))
         x = torch.where(reveal, tok, x)
-    return x
+        drawn_at[reveal] = k
+    return (x, drawn_at) if return_steps else x
 
 
 class ExactDenoiser(torch.nn.Module):

@@ -44,6 +44,10 @@ def test_summary_and_verdict_are_means_and_spreads_over_seeds():
     assert v["dit_fd_std"] == pytest.approx(statistics.stdev((12, 13, 14.5)))
     assert v["ratio"] == pytest.approx(v["dit_fd"] / 11.0) and v["within"] is (v["ratio"] <= 1.15)
     assert v["winner"] == "unet" and "equal_time_fd" not in v
+    # 11 +- 1 against 13.17 +- 1.26: 2.17 apart, less than the spreads' sum 2.26, so not separated by the seeds
+    assert v["separated"] is False
+    far = [dict(r, fd=r["fd"] + 5.0) if r["arch"] == arch.MATCHED else r for r in runs]
+    assert arch.verdict(far)["separated"] is True
     with pytest.raises(ValueError, match="no equal-steps runs"):
         arch.verdict(runs[:3])
 

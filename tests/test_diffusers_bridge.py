@@ -232,6 +232,20 @@ def test_the_pretrained_section_says_why_it_cannot_run_here(monkeypatch):
     assert reason is not None and ("transformers" in reason or "offline" in reason)
 
 
+def test_the_whole_stable_diffusion_pipeline_and_our_sampler_agree_on_a_tiny_one():
+    # the SD section's code path end to end (prompt encoding, the pipeline's own call, VAE decoding), offline
+    pytest.importorskip("transformers")
+    from course_lib import pretrained
+
+    pipe = pretrained.tiny_pipeline(seed=0)
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    out = pretrained.side_by_side(pipe, prompt="a lighthouse", steps=8, scale=7.5, seed=0)
+    assert out["theirs"].shape == out["ours"].shape == (1, 3, 32, 32)
+    assert out["max_abs_diff"] < 1e-4 and out["theirs"].std() > 1e-3  # the same image, and not a blank one
+    other = pretrained.side_by_side(pipe, prompt="a lighthouse", steps=8, scale=7.5, seed=1)
+    assert (other["ours"] - out["ours"]).abs().max() > 1e-3  # another noise seed gives another image
+
+
 def _flow_levels(n: int):
     """n + 1 levels uniform in a flow's time t, from t = 1 - 1e-5 (sigma = 1e5) down to 0, as t and as sigma."""
     ts = torch.linspace(1 - 1e-5, 0, n + 1, dtype=torch.float64)

@@ -89,6 +89,16 @@ def test_progress_counts_points(capsys, monkeypatch):
     assert (got, total) == (1, len(lesson1))
     out = capsys.readouterr().out
     assert f"Total: 1 / {len(lesson1)} points" in out
+    # without a lesson: one line per lesson, every lesson with exercises, in order, and the course total
+    got, total = E.progress()
+    lines = capsys.readouterr().out.strip().splitlines()
+    lessons = sorted({ex.lesson for ex in E.EXERCISES.values()})
+    assert [int(line.split()[2]) for line in lines[:-1]] == lessons and lessons[-1] >= 10
+    points = {k: sum(ex.points for ex in E.EXERCISES.values() if ex.lesson == k) for k in lessons}
+    assert lines[lessons.index(1)].endswith(f"1 / {points[1]} points") and lines[lessons.index(1)][0] == "❌"
+    assert lines[lessons.index(2)].startswith("⬜") and (got, total) == (1, sum(points.values()))
+    with pytest.raises(ValueError, match="no exercises in lesson 99"):
+        E.progress(99)
 
 
 def test_check_and_progress_show_nothing_more_in_a_notebook(monkeypatch):

@@ -355,6 +355,15 @@ def test_shipped_first_seed_models_reproduce_their_records(dataset):
         else:
             assert scores["hq_fraction"] == pytest.approx(rec["hq_fraction"], abs=0.01)
             assert abs(scores["modes_covered"] - rec["modes_covered"]) <= 1
+        # the likelihood bound is measured again on the same held-out data and the same random steps
+        nll, unit = compare.held_out_nll(model, rec["family"], dataset, schedule, n=2000, n_t=100)
+        assert unit == rec["nll_unit"] and (nll is None) == (rec["nll"] is None)
+        if nll is not None:
+            assert nll == pytest.approx(rec["nll"], abs=2e-3)
+        if dataset == "digits" and rec["family"] == "diffusion":
+            # the bound of the reverse model the samplers run (x0 clipped to [-1, 1]) is below a uniform guess
+            # over the 17 grey levels; the unclipped one is not (lesson 4, section 7)
+            assert rec["nll"] < math.log2(17)
     with pytest.raises(ValueError, match="family"):
         compare.load_compared(dataset, "flow")
 

@@ -395,6 +395,40 @@ def test_bench_flow_records_have_the_issue_keys_and_compare_like_with_like():
     assert bench.verdict(recs)  # lines for whatever the records hold
 
 
+def test_the_verdict_compares_the_three_families_at_the_largest_budget_they_share():
+    import copy
+    import json
+
+    from course_lib.bench import flow as bench
+    from course_lib.checkpoints import shipped_dir
+
+    records = json.loads((shipped_dir() / "bench_flow.json").read_text())
+    line = next(x for x in bench.verdict(records) if "best of each: diffusion" in x and "reflow" in x)
+    top = max(r["budget"] for r in bench.summarize(records) if r["family"] == "reflow" and r["dataset"] == "ring8")
+    assert line.startswith(f"ring8 at {top} NFE")  # not the 1,000-step reference, which only diffusion has
+    best = {f: bench.best_at(records, "ring8", f, top)["mean"] for f in ("diffusion", "flow", "reflow")}
+    assert ("tops out below both" in line) == (best["reflow"] < min(best["diffusion"], best["flow"]))
+    lifted = copy.deepcopy(records)  # the same records with reflow raised above both: the sentence turns
+    for r in lifted:
+        if r.get("family") == "reflow" and r["dataset"] == "ring8" and "hq_fraction" in r:
+            r["hq_fraction"] = min(1.0, r["hq_fraction"] + 0.05)
+    line = next(x for x in bench.verdict(lifted) if "best of each: diffusion" in x and "reflow" in x)
+    assert "keeps up with them" in line
+
+
+def test_the_digits_likelihood_records_hold_the_clipped_bound_below_the_unclipped_one():
+    from course_lib.bench import flow as bench
+
+    recs = {(r["family"], r["method"]): r for r in bench.likelihood_records("digits", quick=True)}
+    plain, clipped = recs[("diffusion", "variational bound")], recs[("diffusion", "variational bound, x0 clipped")]
+    # clipping x0 to the data range can only lower each term for data inside it (lesson 4); the top steps' blow-up goes
+    assert clipped["nll"] < plain["nll"] and clipped["unit"] == plain["unit"] == "bits/dim"
+    assert clipped["nll"] < math.log2(17)  # below a uniform guess over the 17 grey levels
+    lines = bench.verdict(list(recs.values()))
+    assert any("with its x0 estimate clipped" in line for line in lines)
+    assert not any("target" in line or " met" in line for line in lines)
+
+
 def test_bench_flow_reruns_one_dataset_and_keeps_the_others_records(tmp_path, monkeypatch):
     from course_lib.bench import flow as bench
 

@@ -182,6 +182,12 @@ def test_the_guidance_benchmark_records_every_configuration_and_guidance_raises_
         G.guided("sag", 1.0, {"digits_cond": None})
     with pytest.raises(ValueError, match="unknown method"):
         G.bench_guidance(samples=20, scales={"sag": (1.0,)})
+    # the interval is honoured: guidance on noise levels the sampler never visits is the conditional model (w = 1)
+    never = G.bench_guidance(samples=40, seeds=(0,), nfe=10, scales={"cfg_interval": (3.0,), "cfg": (1.0,)},
+                             interval=(1e4, 2e4), progress=lambda s: None)
+    assert never[0]["interval"] == [1e4, 2e4] and never[1]["interval"] is None
+    assert never[0]["label_accuracy"] == never[1]["label_accuracy"]
+    assert never[0]["fd"] == pytest.approx(never[1]["fd"], rel=1e-3)
     # the per-class FD is the mean of the per-class FDs (checked against metrics directly on two classes)
     from course_lib.metrics import frechet_distance
 

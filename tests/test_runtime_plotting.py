@@ -72,6 +72,17 @@ def test_image_grid_maps_its_value_range_and_keeps_a_row_label():
     matplotlib.pyplot.close("all")
 
 
+def test_image_rows_names_every_row_and_shows_its_own_images():
+    rows = [torch.full((3, 1, 2, 2), v) for v in (-1.0, 1.0)]
+    fig = plotting.image_rows(rows, ["y = 0", "y = 1"], title="two rows")
+    assert [ax.get_ylabel() for ax in fig.axes] == ["y = 0", "y = 1"] and fig._suptitle.get_text() == "two rows"
+    first, second = (ax.images[0].get_array() for ax in fig.axes)
+    assert first[1, 1] == 0.0 and second[1, 1] == 1.0  # black row, then white row
+    with pytest.raises(ValueError, match="one label per row"):
+        plotting.image_rows(rows, ["only one"])
+    matplotlib.pyplot.close("all")
+
+
 def test_scatter_has_labelled_axes():
     ax = plotting.scatter_2d(torch.randn(100, 2), modes=torch.zeros(1, 2), title="t")
     assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title() == "t"

@@ -21,6 +21,24 @@ def test_frechet_distance_matches_the_gaussian_formula():
     assert M.frechet_distance(a, _gauss(20_000, 4, 2)) < 0.01
 
 
+def test_frechet_distance_agrees_with_scipys_matrix_root_and_stays_quiet_when_singular():
+    import warnings
+
+    from scipy import linalg  # the textbook formula, an independent computation
+
+    for n, d, seed in ((2000, 8, 0), (300, 64, 1)):
+        a, b = _gauss(n, d, seed), _gauss(n, d, seed + 10, scale=1.3, shift=0.2)
+        c1, c2 = np.cov(a.numpy(), rowvar=False), np.cov(b.numpy(), rowvar=False)
+        want = float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(c1) + np.trace(c2)
+                     - 2 * np.trace(linalg.sqrtm(c1 @ c2).real))
+        assert M.frechet_distance(a, b) == pytest.approx(want, rel=1e-9)
+    # fewer samples than features: both covariances singular; a set against itself is at distance 0
+    a, b = _gauss(40, 128, 3), _gauss(40, 128, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isfinite(M.frechet_distance(a, b)) and M.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-4)  # round-off of a trace near 128
+
+
 def test_sliced_wasserstein_of_a_shift():
     # SW2 between X and X + m in 2D is sqrt(E_theta (theta . m)^2) = |m| / sqrt(2)
     x = _gauss(3000, 2, 0)
@@ -40,6 +58,24 @@ def test_precision_recall_against_prdc_and_by_construction():
     collapsed = real[:1].repeat(50, 1) + 1e-3 * _gauss(50, 8, 2)
     pr = M.precision_recall(real, collapsed, k=3)
     assert pr["precision"] == 1.0 and pr["recall"] < 0.05
+
+
+def test_nearest_neighbours_against_sklearn_and_on_copies():
+    from sklearn.neighbors import NearestNeighbors  # an independent implementation
+    ref, q = _gauss(400, 64, 0).reshape(400, 1, 8, 8), _gauss(90, 64, 1).reshape(90, 1, 8, 8)
+    dist, idx = M.nearest_neighbours(q, ref)
+    d_sk, i_sk = NearestNeighbors(n_neighbors=1).fit(ref.reshape(400, -1).numpy()).kneighbors(q.reshape(90, -1).numpy())
+    assert torch.equal(idx, torch.as_tensor(i_sk[:, 0])) and np.allclose(dist.numpy(), d_sk[:, 0], atol=1e-10)
+    # exact copies are found at distance 0, at their own index
+    pick = torch.tensor([5, 17, 399])
+    dist, idx = M.nearest_neighbours(ref[pick] + 0.0, ref)
+    assert torch.equal(idx, pick) and float(dist.max()) < 1e-12
+    with pytest.raises(ValueError, match="same size"):
+        M.nearest_neighbours(_gauss(3, 4, 0), _gauss(3, 5, 0))
+    with pytest.raises(ValueError, match="finite"):
+        M.nearest_neighbours(torch.full((2, 4), float("nan")), _gauss(3, 4, 0))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        M.nearest_neighbours(np.zeros((2, 4)), _gauss(3, 4, 0))
 
 
 def test_class_coverage_and_bad_input():
@@ -89,9 +125,15 @@ def test_bench_records_and_targets(tmp_path, capsys):
     assert agg[2]["hq_fraction"] == pytest.approx(sum(pair) / 2, abs=1e-4)
     assert agg[2]["hq_fraction_sd"] == pytest.approx(abs(pair[0] - pair[1]) / 2 ** 0.5, abs=1e-4)
     assert bench.reference(records, "ring8")["nfe"] == 20
-    t = bench.targets(records)[0]
+    t = bench.targets(records)[0]  # the previous release's summary still works
     assert t["dataset"] == "ring8" and isinstance(t["met"], bool) and "hq" in t["detail"]
     assert t["default"].startswith(f"{default} (auto, 10 NFE)") and t["diffusers"].startswith("diffusers:dpmpp_2m")
+    v = bench.verdicts(records)[0]  # what lesson 3 prints: one sentence from the aggregated numbers
+    d, ref20 = v["default"], bench.reference(records, "ring8")
+    assert v["matches_reference"] == bench.matches_reference(d, ref20) and d["sampler"] == default
+    assert f"{d['hq_fraction']:.3f}" in v["sentence"] and f"{d['hq_fraction'] - ref20['hq_fraction']:+.3f}" in v["sentence"]
+    assert "dpmpp_2m on karras levels" in v["sentence"] and "DDPM with 20 steps" in v["sentence"]
+    assert "target" not in v["sentence"] and " met" not in v["sentence"]
     assert "dpmpp_2m" in bench.format_table(records) and "+-" in bench.format_table(records)
     fewest = bench.fewest_nfe(records, "ring8")
     assert set(fewest) == {(default, "auto"), ("heun", "karras"), ("diffusers:dpmpp_2m", "karras")}
@@ -112,7 +154,11 @@ def test_bench_records_and_targets(tmp_path, capsys):
     fig, ax = plt.subplots()
     bench.plot_frontier(records, "ring8", ax)
     labels = ax.get_legend_handles_labels()[1]
-    assert f"{default} (auto)" in labels and "diffusers, best scheduler + spacing" in labels and ax.get_xlabel()
+    assert f"{default} (auto, the default call)" in labels and ax.get_xlabel()
+    assert "diffusers: best scheduler and spacing per budget" in labels
+    # 2D quality is drawn as 1 - hq: the default call's line passes through its aggregated value at 10 NFE
+    line = next(l for l in ax.get_lines() if l.get_label() == f"{default} (auto, the default call)")
+    assert line.get_ydata()[list(line.get_xdata()).index(10)] == pytest.approx(1 - d["hq_fraction"])
     plt.close(fig)
     table = bench.pivot(records, "ring8", 10, "hq_fraction")
     assert "auto" in table and "karras" in table and "heun" in table

@@ -38,6 +38,41 @@ def test_the_attribute_classifier_reads_real_images_and_rejects_wrong_captions(c
     assert min(accuracy(clf, held[0], held[2]).values()) >= 0.9
 
 
+def test_binding_breakdown_tells_swapped_objects_from_colours_on_the_wrong_shapes(clf):
+    from course_lib.attributes import adherence_per_image, binding_breakdown
+    from course_lib.shapes import make_shapes
+
+    images, _, scenes = make_shapes(400, "test", 3)
+    keep = [i for i, s in enumerate(scenes) if s["relation"] is not None
+            and s["objects"][0]["shape"] != s["objects"][1]["shape"]
+            and s["objects"][0]["colour"] != s["objects"][1]["colour"]][:80]
+    images = images[keep]
+    pairs = [scenes[i] for i in keep]
+
+    def prompt(a, rel, b):
+        return f"a {a['colour']} {a['shape']} {rel} a {b['colour']} {b['shape']}"
+
+    asked = [prompt(s["objects"][0], s["relation"], s["objects"][1]) for s in pairs]
+    # the same relation with the objects exchanged: the image shows them in each other's places
+    swapped = [prompt(s["objects"][1], s["relation"], s["objects"][0]) for s in pairs]
+    # the colours exchanged between the shapes: both shapes and colours are there, on the wrong shapes
+    recoloured = [prompt({**s["objects"][0], "colour": s["objects"][1]["colour"]}, s["relation"],
+                         {**s["objects"][1], "colour": s["objects"][0]["colour"]}) for s in pairs]
+    right = binding_breakdown(clf, images, asked)
+    assert right["bound"] >= 0.95 and right["present"] >= 0.95
+    assert right["bound"] == pytest.approx(adherence(clf, images, asked)["binding"])
+    assert adherence_per_image(clf, images, asked).float().mean().item() == pytest.approx(right["bound"])
+    sw = binding_breakdown(clf, images, swapped)
+    assert sw["swapped"] >= 0.95 and sw["bound"] <= 0.05 and sw["present"] >= 0.95
+    assert adherence(clf, images, swapped)["relation"] >= 0.95  # the arrangement alone cannot see the swap
+    mis = binding_breakdown(clf, images, recoloured)
+    assert mis["misbound"] >= 0.95 and mis["present"] >= 0.95
+    for b in (right, sw, mis):
+        assert sum(b[k] for k in ("bound", "swapped", "misbound", "missing")) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="two-object"):
+        binding_breakdown(clf, images[:2], ["a red circle", "a blue square"])
+
+
 def test_the_autoencoder_reconstructs_held_out_images_at_28_db(clf):
     ae, scale = load_autoencoder()
     c = card("shapes_ae")
@@ -111,17 +146,28 @@ def test_generate_writes_a_png_and_never_overwrites_without_force(tmp_path, caps
     assert "vocabulary" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
 
 
-def test_bench_t2i_quick_records_what_the_issue_asks(tmp_path):
+def test_bench_t2i_quick_records_every_metric_per_seed_and_averages_them(tmp_path):
     from course_lib.bench.t2i import RECORD_KEYS, main_t2i
 
+    from course_lib.bench.t2i import aggregate
+
     path = tmp_path / "t2i.json"
-    records = main_t2i(quick=True, json_path=path, samples=12, models=("shapes_ldm",))
+    records = main_t2i(quick=True, json_path=path, samples=12, models=("shapes_ldm",), seeds=(0, 1))
     samples = [r for r in records if r["kind"] == "sample"]
     assert {r["guidance"] for r in samples} == {1.0, 3.0} and json.loads(path.read_text()) == records
+    assert sorted({r["seed"] for r in samples}) == [0, 1] and len(samples) == 6
     for r in samples:
         assert set(RECORD_KEYS) <= set(r) and r["space"] == "latent" and r["samples"] == 12
         assert 0 <= r["colour"] <= 1 and r["fd"] >= 0 and r["seconds"] > 0
-    assert [r for r in samples if r["prompts"] == "two"][0]["binding"] is not None
+    two = [r for r in samples if r["prompts"] == "two"]
+    assert all(r["binding"] is not None and r["present"] >= r["binding"] for r in two)
+    assert all(r["swapped"] is None for r in samples if r["prompts"] == "single")
+    # the seeds are averaged, with their spread
+    agg = aggregate(records)
+    assert len(agg) == 3 and all(a["seeds"] == 2 for a in agg)
+    a = next(a for a in agg if a["prompts"] == "two")
+    assert a["fd"] == pytest.approx((two[0]["fd"] + two[1]["fd"]) / 2, abs=1e-3)
+    assert a["fd_sd"] == pytest.approx(abs(two[0]["fd"] - two[1]["fd"]) / 2 ** 0.5, abs=1e-3)
     with pytest.raises(ValueError, match="exists"):
         main_t2i(quick=True, json_path=path, samples=12, models=("shapes_ldm",))
 

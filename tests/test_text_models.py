@@ -93,6 +93,36 @@ def test_confidence_order_reveals_the_surest_tokens_first():
     assert 0.15 < float((seen["random"][:, 0] != MASK_ID).double().mean()) < 0.35
 
 
+def test_return_steps_says_when_each_position_was_drawn():
+    corpus, rows, counts = small_corpus()
+    net, inputs = tm.ExactDenoiser(corpus), []
+    net.register_forward_hook(lambda mod, args, out: inputs.append(args[0].clone()))
+    prompt = corpus[:300].clone()
+    prompt[:, 1:] = MASK_ID
+    x, at = tm.sample_masked(net, steps=3, order="confidence", seed=5, prompt=prompt, return_steps=True)
+    assert torch.equal(x, tm.sample_masked(tm.ExactDenoiser(corpus), steps=3, order="confidence", seed=5, prompt=prompt))
+    assert (at[:, 0] == -1).all() and ((at[:, 1:] >= 0) & (at[:, 1:] < 3)).all()  # the prompt's token was given
+    after = inputs[1:] + [x]
+    for k, (before, now) in enumerate(zip(inputs, after)):  # step k changes exactly the positions it reports
+        assert torch.equal(before != now, at == k)
+    # one token per step in random order: every row's steps are a permutation
+    x, at = tm.sample_masked(net, 200, steps=4, order="random", seed=6, return_steps=True)
+    assert (at.sort(1).values == torch.arange(4)).all()
+
+
+def test_the_ancestral_sampler_draws_each_position_at_a_uniform_step():
+    # linear schedule: a token still masked at step k is revealed with probability 1 / (steps - k), so its step is
+    # uniform over the steps, independently of the other positions (collisions are common: MDLM, sec. 3.3)
+    corpus, _, _ = small_corpus()
+    n, steps = 2000, 5
+    _, at = tm.sample_masked(tm.ExactDenoiser(corpus), n, steps=steps, order="ancestral", seed=7, return_steps=True)
+    share = torch.bincount(at.flatten(), minlength=steps).double() / at.numel()
+    assert ((share - 1 / steps).abs() <= 4 * math.sqrt(0.2 * 0.8 / at.numel())).all()
+    together = (at[:, :, None] == at[:, None, :]).sum(-1) > 1  # drawn in the same step as another position
+    p_alone = (1 - 1 / steps) ** 3
+    assert float(together.double().mean()) == pytest.approx(1 - p_alone, abs=4 * math.sqrt(p_alone * (1 - p_alone) / n))
+
+
 def test_autoregressive_probabilities_sum_to_one_over_every_sequence():
     torch.manual_seed(1)
     net = TokenTransformer(VOCAB_SIZE, 3, dim=16, depth=2, heads=2, causal=True).eval()
@@ -193,7 +223,12 @@ def test_bench_text_quick_records_and_verdict():
     assert exact and all(r["validity"] == 1.0 for r in exact)  # one token per step from the exact denoiser: exact
     assert {r["kind"] for r in records} == {"sample", "nll", "nll_gap", "infill"}
     assert all({"model", "steps", "validity", "distinct", "bits_per_token", "seconds"} <= set(r) for r in records)
-    assert "bits per token" in "\n".join(verdict(records)) and "validity" in table(records)
+    lines = verdict(records)
+    assert "bits per token" in "\n".join(lines) and "validity" in table(records)
+    assert not any("target" in line or " met" in line for line in lines)  # sentences about the models, not a status
+    gap = next(r for r in records if r["kind"] == "nll_gap")
+    z = abs(gap["bits_per_token"]) / gap["stderr"]
+    assert ("no gap" in lines[1]) == (z < 2)
 
 
 def test_the_bound_equals_its_exact_time_integral_on_a_toy():

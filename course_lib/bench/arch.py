@@ -263,8 +263,9 @@ def summarize(records: list[dict]) -> list[dict]:
 
 
 def verdict(records: list[dict], tolerance: float = 0.15) -> dict:
-    """The matched DiT against the UNet at equal steps: FD ratio (mean over seeds), and whether the DiT is within
-    `tolerance` of the UNet's FD (issue 18's criterion), with the seed spread of each."""
+    """The matched DiT against the UNet at equal steps: FD ratio (mean over seeds), whether the DiT is within
+    `tolerance` of the UNet's FD ('within': a tie for practical purposes), whether the two means are further apart
+    than the sum of their seed-to-seed standard deviations ('separated'), and the seed spread of each."""
     rows = {(r["arch"], r["regime"]): r for r in summarize(records)}
     unet, dit = rows.get(("unet", "equal_steps")), rows.get((MATCHED, "equal_steps"))
     if unet is None or dit is None:
@@ -272,6 +273,7 @@ def verdict(records: list[dict], tolerance: float = 0.15) -> dict:
     ratio = dit["fd"] / unet["fd"]
     out = {"unet_fd": unet["fd"], "unet_fd_std": unet["fd_std"], "dit_fd": dit["fd"], "dit_fd_std": dit["fd_std"],
            "ratio": ratio, "within": ratio <= 1 + tolerance, "winner": "dit" if ratio < 1 else "unet",
+           "separated": abs(dit["fd"] - unet["fd"]) > dit["fd_std"] + unet["fd_std"],
            "seeds": min(unet["seeds"], dit["seeds"])}
     timed = rows.get((MATCHED, "equal_time"))
     if timed is not None:

@@ -21,7 +21,7 @@ NFE_QUICK = (20, 10)
 # default (the checkpoint's tuned Karras noise levels from its card). 'karras' spans the model's whole noise range.
 BENCH_SPACINGS = ("uniform", "trailing", "karras", "auto")
 SEEDS_FULL = (0, 1, 2)  # noise seeds of the full run; the tuning seed (step_schedules.TUNE_SEED) is never among them
-SPREAD_NFE = 10  # the extra seeds run only the reference and every configuration at this budget (the targets)
+SPREAD_NFE = 10  # the extra seeds run only the reference and every configuration at this budget (lesson 3's verdicts)
 
 
 def bench_configs(quick: bool = False, dataset: str = "ring8", with_diffusers: bool = True) -> list[tuple[str, str, int]]:
@@ -41,7 +41,7 @@ def bench_configs(quick: bool = False, dataset: str = "ring8", with_diffusers: b
 
 def spread_configs(configs: list[tuple[str, str, int]], nfe: int = SPREAD_NFE) -> list[tuple[str, str, int]]:
     """The configurations repeated on extra seeds when a full grid per seed is too slow: the reference, and at `nfe`
-    every sampler on its tuned levels ('auto') and every diffusers scheduler (what the targets compare)."""
+    every sampler on its tuned levels ('auto') and every diffusers scheduler (what lesson 3's verdicts compare)."""
     return [c for i, c in enumerate(configs) if i == 0 or (c[2] == nfe and (c[1] == "auto" or ":" in c[0]))]
 
 
@@ -169,7 +169,7 @@ def have_diffusers() -> bool:
 
 
 def matches_reference(record: dict, ref: dict) -> bool:
-    """Issue 4's bar: 2D hq within 0.05 of the reference with as many modes; digits FD within 10%."""
+    """As good as the reference: 2D hq within 0.05 of it with as many modes; digits FD within 10%."""
     if record["dataset"] == "digits":
         return record["fd"] <= 1.10 * ref["fd"]
     return record["hq_fraction"] >= ref["hq_fraction"] - 0.05 and record["modes_covered"] == ref["modes_covered"]
@@ -213,7 +213,7 @@ def bench_samplers(datasets=BENCH_DATASETS, quick: bool = False, samples: int | 
     """Run the sampler benchmark: one record per (dataset, sampler, spacing, nfe, seed).
 
     Full runs use SEEDS_FULL, the extra seeds repeating only `spread_configs` (the reference, and at 10 NFE the tuned
-    levels and diffusers: what the targets compare); quick runs seed 0; explicit `configs` run on every seed. The
+    levels and diffusers: what lesson 3's verdicts compare); quick runs seed 0; explicit `configs` run on every seed. The
     digits records start with the held-out real images scored the same way (`Judge.real_floor`). Records in `done`
     (an interrupted run's) are kept, not rerun; `on_record(records)` is called after each new one."""
     from ..checkpoints import load_pretrained
@@ -313,16 +313,61 @@ def default_record(records: list[dict], dataset: str, nfe: int = 10) -> dict | N
 
 
 def _quality(r: dict) -> str:
-    sd = lambda k: f" +- {r[k + '_sd']:.2f}" if r.get("seeds", 1) > 1 else ""
+    sd = lambda k, d: f" +- {r[k + '_sd']:.{d}f}" if r.get("seeds", 1) > 1 else ""
     if r["dataset"] == "digits":
-        return f"FD {r['fd']:.2f}{sd('fd')}"
-    return f"hq {r['hq_fraction']:.3f}{sd('hq_fraction')}, {r['modes_covered']:.0f} modes"
+        return f"FD {r['fd']:.2f}{sd('fd', 2)}"
+    return f"hq {r['hq_fraction']:.3f}{sd('hq_fraction', 3)}, {r['modes_covered']:.0f} modes"
+
+
+def verdicts(records: list[dict], nfe: int = 10) -> list[dict]:
+    """Per dataset, means over seeds: the default call at `nfe` NFE against DDPM's reference run (its most steps) and
+    against diffusers' best scheduler at <= `nfe` NFE, as one sentence each. 'matches_reference' is lesson 3's bar
+    (`matches_reference`: 2D hq within 0.05 with every mode, digits FD within 10%)."""
+    out = []
+    agg = aggregate(records)
+    for dataset in dict.fromkeys(r["dataset"] for r in records):
+        if not any(r["sampler"] == "ddpm" for r in agg if r["dataset"] == dataset):
+            continue
+        ref, default = reference(agg, dataset), default_record(agg, dataset, nfe)
+        try:
+            theirs = best(agg, dataset, nfe, ours=False)
+        except ValueError:
+            theirs = None
+        if default is None:
+            out.append({"dataset": dataset, "matches_reference": None, "default": None, "reference": ref,
+                        "diffusers": theirs, "sentence": f"{dataset}: the default call at {nfe} NFE was not measured."})
+            continue
+        call = f"the default call ({default['sampler']} on its tuned levels, {default['nfe']} NFE)"
+        spread = lambda r, k, d: f" +- {r[k + '_sd']:.{d}f}" if r.get("seeds", 1) > 1 else ""
+        if dataset == "digits":
+            gap = default["fd"] / ref["fd"] - 1
+            noise = max(default.get("fd_sd", 0.0), ref.get("fd_sd", 0.0))
+            within = (f"a difference {'smaller' if abs(default['fd'] - ref['fd']) < noise else 'larger'} than the "
+                      f"seed spread" if noise else "on one noise seed")
+            sentence = (f"{dataset}: {call} has FD {default['fd']:.2f}{spread(default, 'fd', 2)}, {100 * gap:+.1f}% "
+                        f"against DDPM with {ref['nfe']:,} steps ({ref['fd']:.2f}{spread(ref, 'fd', 2)}), {within}")
+            if theirs:
+                sentence += (f"; diffusers' best scheduler at {nfe} NFE ({theirs['sampler'].split(':')[1]} on "
+                             f"{theirs['spacing']} levels, which nobody tuned for this model) has "
+                             f"FD {theirs['fd']:.2f}{spread(theirs, 'fd', 2)}")
+        else:
+            sentence = (f"{dataset}: {call} puts {default['hq_fraction']:.3f}{spread(default, 'hq_fraction', 3)} of "
+                        f"its samples near a mode and covers {default['modes_covered']:.0f} of {ref['modes_covered']:.0f} "
+                        f"modes, {default['hq_fraction'] - ref['hq_fraction']:+.3f} against DDPM with {ref['nfe']:,} "
+                        f"steps ({ref['hq_fraction']:.3f})")
+            if theirs:
+                sentence += (f"; diffusers' best scheduler at {nfe} NFE ({theirs['sampler'].split(':')[1]} on "
+                             f"{theirs['spacing']} levels, which nobody tuned for this model) reaches "
+                             f"{theirs['hq_fraction']:.3f}, {default['hq_fraction'] - theirs['hq_fraction']:.3f} lower")
+        out.append({"dataset": dataset, "matches_reference": matches_reference(default, ref), "default": default,
+                    "reference": ref, "diffusers": theirs, "sentence": sentence + "."})
+    return out
 
 
 def targets(records: list[dict]) -> list[dict]:
-    """Per dataset, against DDPM's reference run (its most steps), means over seeds: the default call at 10 NFE, our
-    best at <= 10 NFE, and diffusers' best at <= 10 NFE. 2D targets (issue 21): the default within 0.05 hq of the
-    reference with every mode, and at least 0.05 above diffusers' best; digits: the default's FD within 10%."""
+    """The previous release's summary (lessons now print `verdicts`): per dataset, the reference, the default call,
+    our best and diffusers' best at <= 10 NFE as strings, and 'met': the default matches the reference (and, in 2D,
+    is at least 0.05 above diffusers' best)."""
     out = []
     agg = aggregate(records)
     for dataset in dict.fromkeys(r["dataset"] for r in records):
@@ -389,43 +434,71 @@ def fewest_table(records: list[dict], dataset: str) -> str:
     return "\n".join(lines)
 
 
-def plot_frontier(records: list[dict], dataset: str, ax, spacing: str = "auto") -> None:
-    """Quality vs NFE on `dataset`: each of our samplers on `spacing`, diffusers' best scheduler per budget, DDPM on
-    uniform spacing (the classic), and DDPM's reference run as a line with the target band."""
-    from ..samplers import SAMPLERS
+FRONTIER_SAMPLERS = ("euler", "heun", "dpmpp_2m", "ddpm")  # drawn beside the default sampler on the frontier
+
+
+def plot_frontier(records: list[dict], dataset: str, ax, spacing: str = "auto", samplers=None,
+                  legend: bool = True) -> None:
+    """Quality vs NFE on `dataset`: the default call's sampler (bold) and a few others (`samplers`, default
+    FRONTIER_SAMPLERS) on `spacing`, DDPM on uniform spacing (the classic recipe), diffusers' best scheduler per
+    budget, and DDPM's reference run as a line with the band of 'as good as the reference' (`matches_reference`).
+    2D quality is drawn as the share of samples *off* the modes, 1 - hq, on a log axis (lower is better, like FD), so
+    0.01 and 0.05 are as far apart as 0.1 and 0.5; the NFE axis is labelled at the measured budgets."""
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 
     agg = [r for r in aggregate(records) if r["dataset"] == dataset and r["nfe"] > 0]
     ref = reference(agg, dataset)
-    key = "fd" if dataset == "digits" else "hq_fraction"
-    better = min if dataset == "digits" else max
-    for i, name in enumerate(SAMPLERS):
-        pts = sorted((r["nfe"], r[key]) for r in agg if r["sampler"] == name and r["spacing"] == spacing
+    digits = dataset == "digits"
+    value = (lambda r: r["fd"]) if digits else (lambda r: max(1 - r["hq_fraction"], 1e-3))
+    better = min if digits else max
+    default = default_record(agg, dataset)
+    chosen = [default["sampler"]] if default else []
+    chosen += [n for n in (samplers or FRONTIER_SAMPLERS) if n not in chosen]
+    palette = iter(["C0", "C1", "C2", "C4", "C5", "C6", "C8", "C9"])
+    for name in chosen:
+        pts = sorted((r["nfe"], value(r)) for r in agg if r["sampler"] == name and r["spacing"] == spacing
                      and r is not ref)
         if pts:
-            ax.plot(*zip(*pts), "o-", color=f"C{i}", label=f"{name} ({spacing})")
-    classic = sorted((r["nfe"], r[key]) for r in agg if r["sampler"] == "ddpm" and r["spacing"] == "uniform"
+            bold = default is not None and name == default["sampler"]
+            ax.plot(*zip(*pts), "o-", color="C3" if bold else next(palette), lw=2.6 if bold else 1.2, ms=6 if bold else 4,
+                    zorder=5 if bold else 3, label=f"{name} ({spacing}{', the default call' if bold else ''})")
+    classic = sorted((r["nfe"], value(r)) for r in agg if r["sampler"] == "ddpm" and r["spacing"] == "uniform"
                      and r is not ref)
     if classic:
-        ax.plot(*zip(*classic), "s:", color="C0", alpha=0.6, label="ddpm (uniform)")
+        ax.plot(*zip(*classic), "s:", color="0.45", label="ddpm (uniform spacing: the classic recipe)")
     theirs = {}
     for r in agg:
         if r["sampler"].startswith("diffusers:"):
+            key = "fd" if digits else "hq_fraction"
             theirs[r["nfe"]] = better(theirs.get(r["nfe"], r[key]), r[key])
     if theirs:
-        ax.plot(*zip(*sorted(theirs.items())), "k^--", label="diffusers, best scheduler + spacing")
-    ax.axhline(ref[key], color="k", ls="--", lw=1, label=f"ddpm, {ref['nfe']} NFE")
-    if key == "hq_fraction":
-        ax.axhspan(ref[key] - 0.05, ref[key], color="0.9", label="target band (within 0.05)")
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("high-quality fraction (higher is better)")
-    else:
-        ax.axhspan(ref[key], 1.1 * ref[key], color="0.9", label="target band (within 10%)")
-        ax.set_yscale("log")
+        pts = sorted((n, v if digits else max(1 - v, 1e-3)) for n, v in theirs.items())
+        ax.plot(*zip(*pts), "k^--", label="diffusers: best scheduler and spacing per budget")
+    ax.axhline(value(ref), color="k", lw=1, label=f"ddpm with {ref['nfe']:,} steps (the reference)")
+    if digits:
+        ax.axhspan(ref["fd"], 1.1 * ref["fd"], color="0.85", label="as good as the reference (2D: hq within 0.05; "
+                   "digits: FD within 10%)")
         ax.set_ylabel("Frechet distance (log; lower is better)")
+    else:
+        ax.axhspan(1 - ref["hq_fraction"], 1 - ref["hq_fraction"] + 0.05, color="0.85",
+                   label="as good as the reference (2D: hq within 0.05; digits: FD within 10%)")
+        ax.set_ylabel("share of samples off the modes, 1 - hq\n(log; lower is better)")
+    ax.set_yscale("log")
     ax.set_xscale("log")
-    ax.set_xlabel("NFE (model evaluations, log)")
-    ax.set_title(f"{dataset} (means over {ref['seeds']} noise seed(s))")
-    ax.legend(fontsize=6)
+    nfes = sorted({r["nfe"] for r in agg if r is not ref})
+    nfes = [n for n in nfes if n + 1 not in nfes]  # Heun's odd budgets (9, 19, 49) sit beside 10, 20, 50
+    ax.xaxis.set_major_locator(FixedLocator(nfes))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([str(n) for n in nfes])
+    lo, hi = ax.get_ylim()
+    ticks = [m * 10.0 ** e for e in range(-3, 4) for m in (1, 2, 5) if lo <= m * 10.0 ** e <= hi]
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_yticklabels([f"{t:g}" for t in ticks])
+    ax.set_xlabel("NFE (network evaluations, log scale)")
+    ax.set_title(f"{dataset} (means over {ref['seeds']} noise seed{'s' if ref['seeds'] > 1 else ''})")
+    if legend:
+        ax.legend(fontsize=7)
 
 
 def format_table(records: list[dict]) -> str:
@@ -486,7 +559,7 @@ def partial_path(json_path):
 
 def main_samplers(quick: bool, json_path=None, datasets=BENCH_DATASETS, samples=None, device=None,
                   force: bool = False, seeds=None, resume: bool = False) -> int:
-    """The `bench samplers` command: run, print the table and the targets, optionally write JSON records.
+    """The `bench samplers` command: run, print the table and the verdicts, optionally write JSON records.
 
     With --json, every finished record is saved to FILE.partial as the run goes; --resume continues from it (a run
     that stopped loses at most the configuration it was on), and the finished run replaces it with FILE."""
@@ -514,9 +587,8 @@ def main_samplers(quick: bool, json_path=None, datasets=BENCH_DATASETS, samples=
     print(format_table(records))
     if not have_diffusers():
         print("diffusers is not installed: its schedulers were not run (pip install diffusers)")
-    for t in targets(records):
-        print(f"{t['dataset']}: reference {t['reference']}\n  default  {t['default']}\n  our best {t['best']}\n"
-              f"  diffusers' best {t['diffusers']}\n  {t['detail']} -> {'target met' if t['met'] else 'target NOT met'}")
+    for v in verdicts(records):
+        print(v["sentence"])
     print(f"{len(records)} configurations in {time.perf_counter() - start:.0f} s on {machine()}")
     if json_path is not None:
         write_json_atomic(records, Path(json_path))

@@ -4,8 +4,10 @@
 Prompts come from the shapes test split (one object: 'a small red circle at the top left'; two objects: 'a red circle
 left of a blue square') and from the held-out split (colour-shape pairs never seen in training). Each record: prompt
 adherence as the shipped attribute classifier reads the images (accuracy per attribute the prompts name, 'all' of them
-at once, and for two objects 'binding'), the Frechet distance in that classifier's features to the real images the
-prompts were the captions of, and the wall time. `nfe` counts guided denoiser calls; with guidance (scale != 1) each is
+at once, and for two objects 'binding' and what happens to the two objects: 'present', 'swapped', 'misbound', see
+`attributes.binding_breakdown`), the Frechet distance in that classifier's features to the real images the prompts
+were the captions of, and the wall time. A full run repeats every configuration on three noise seeds (one trained
+model each); `aggregate` gives the mean and the seed-to-seed standard deviation. `nfe` counts guided denoiser calls; with guidance (scale != 1) each is
 one network call on a batch of 2B (conditional and empty caption together), `network_evals` says so. Records of kind
 'train' carry each model's training cost from its card (measured while other jobs shared the machine), records of
 kind 'cost' the time of one training step and one denoiser call per resolution, measured side by side in this run.
@@ -21,9 +23,12 @@ SCALES = (0.0, 1.0, 2.0, 3.0, 5.0, 7.5)
 QUICK_SCALES = (1.0, 3.0)
 NFES = (5, 10, 20)
 SAMPLERS = ("dpmpp_2m", "euler", "heun", "ddim")
+SEEDS = (0, 1, 2)  # noise seeds of a full run
 ACC_KEYS = ("count", "shape", "colour", "size", "position", "shape2", "colour2", "relation", "all", "binding")
-RECORD_KEYS = ("kind", "model", "space", "prompts", "sampler", "guidance", "nfe", "network_evals", "samples", *ACC_KEYS,
-               "fd", "seconds")
+BINDING_KEYS = ("present", "swapped", "misbound")
+RECORD_KEYS = ("kind", "model", "space", "prompts", "sampler", "guidance", "nfe", "network_evals", "samples", "seed",
+               *ACC_KEYS, *BINDING_KEYS, "fd", "seconds")
+METRICS = (*ACC_KEYS, *BINDING_KEYS, "fd", "seconds")
 
 
 def prompt_set(kind: str, n: int, seed: int = 0):
@@ -41,17 +46,43 @@ def prompt_set(kind: str, n: int, seed: int = 0):
 
 def run_one(model, name: str, clf, kind: str, prompts, real, scale: float, nfe: int, sampler: str = "dpmpp_2m",
             seed: int = 0) -> dict:
-    """One configuration: generate for every prompt, judge the images."""
-    from ..attributes import adherence, fd
+    """One configuration on one noise seed: generate for every prompt, judge the images."""
+    from ..attributes import adherence, binding_breakdown, fd
 
     start = time.perf_counter()
     images = model.generate(prompts, scale=scale, nfe=nfe, sampler=sampler, seed=seed)
     seconds = time.perf_counter() - start
     acc = adherence(clf, images, prompts)
+    if "binding" in acc:
+        acc.update({k: v for k, v in binding_breakdown(clf, images, prompts).items() if k in BINDING_KEYS})
     rec = {"kind": "sample", "model": name, "space": model.space, "prompts": kind, "sampler": sampler,
            "guidance": scale, "nfe": nfe, "network_evals": nfe * (1 if scale == 1.0 else 2), "samples": len(prompts),
-           **{k: acc.get(k) for k in ACC_KEYS}, "fd": round(fd(clf, images, real), 3), "seconds": round(seconds, 2)}
+           "seed": seed, **{k: acc.get(k) for k in (*ACC_KEYS, *BINDING_KEYS)}, "fd": round(fd(clf, images, real), 3),
+           "seconds": round(seconds, 2)}
     return rec
+
+
+def aggregate(records: list[dict]) -> list[dict]:
+    """The sample records averaged over their noise seeds, one row per (model, prompts, sampler, guidance, nfe) in the
+    order first run: each metric's mean, its seed-to-seed standard deviation as `<metric>_sd` (0 for one seed), and
+    'seeds'. Records of other kinds are left out."""
+    import statistics
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r["kind"] == "sample":
+            groups.setdefault((r["model"], r["prompts"], r["sampler"], r["guidance"], r["nfe"]), []).append(r)
+    out = []
+    for rows in groups.values():
+        row = {k: rows[0][k] for k in ("kind", "model", "space", "prompts", "sampler", "guidance", "nfe",
+                                        "network_evals", "samples")}
+        row["seeds"] = len(rows)
+        for k in METRICS:
+            vals = [r[k] for r in rows if r.get(k) is not None]
+            row[k] = round(statistics.fmean(vals), 4) if vals else None
+            row[f"{k}_sd"] = round(statistics.stdev(vals), 4) if len(vals) > 1 else (0.0 if vals else None)
+        out.append(row)
+    return out
 
 
 def plan(quick: bool, space: str) -> list[tuple[str, float, int, str]]:
@@ -69,16 +100,16 @@ def plan(quick: bool, space: str) -> list[tuple[str, float, int, str]]:
 
 
 def summary_lines(records: list[dict]) -> list[str]:
-    head = f"{'model':<13}{'prompts':<9}{'sampler':<10}{'w':>5}{'nfe':>5}{'shape':>7}{'colour':>7}{'pos':>6}" \
-           f"{'all':>6}{'bind':>6}{'fd':>8}{'s':>7}"
+    """The benchmark as a table: means over noise seeds (with the seed-to-seed sd of 'all' and FD), then costs."""
+    head = f"{'model':<13}{'prompts':<9}{'sampler':<10}{'w':>5}{'nfe':>5}{'seeds':>6}{'shape':>7}{'colour':>7}" \
+           f"{'pos':>6}{'all':>13}{'bind':>6}{'swap':>6}{'fd':>17}{'s':>7}"
     lines = [head]
     f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-    for r in records:
-        if r["kind"] != "sample":
-            continue
+    for r in aggregate(records):
         lines.append(f"{r['model']:<13}{r['prompts']:<9}{r['sampler']:<10}{r['guidance']:>5g}{r['nfe']:>5}"
-                     f"{f(r['shape']):>7}{f(r['colour']):>7}{f(r['position']):>6}{f(r['all']):>6}"
-                     f"{f(r['binding']):>6}{r['fd']:>8.2f}{r['seconds']:>7.1f}")
+                     f"{r['seeds']:>6}{f(r['shape']):>7}{f(r['colour']):>7}{f(r['position']):>6}"
+                     f"{f(r['all']) + ' +- ' + f(r['all_sd']):>13}{f(r['binding']):>6}{f(r['swapped']):>6}"
+                     f"{r['fd']:>9.1f} +- {r['fd_sd']:<5.1f}{r['seconds']:>7.1f}")
     for r in records:
         if r["kind"] == "cost":
             lines.append(f"cost {r['model']:<14}: {r['seconds_per_train_step']:.3f} s per training step of batch "
@@ -91,8 +122,9 @@ def summary_lines(records: list[dict]) -> list[str]:
 
 
 def main_t2i(quick: bool = False, json_path=None, samples: int | None = None, force: bool = False,
-             models=("shapes_ldm", "shapes_pixel")) -> list[dict]:
-    """Run the benchmark; print the table; with json_path write the records (refusing to overwrite without force)."""
+             models=("shapes_ldm", "shapes_pixel"), seeds=None) -> list[dict]:
+    """Run the benchmark on every noise seed (SEEDS; quick: seed 0); print the table; with json_path write the records
+    (refusing to overwrite without force)."""
     import torch
 
     from ..attributes import load_attribute_classifier
@@ -100,6 +132,9 @@ def main_t2i(quick: bool = False, json_path=None, samples: int | None = None, fo
     from ..text2image import load_text_to_image
 
     refuse_to_overwrite(json_path, force)
+    seeds = tuple(seeds if seeds is not None else ((0,) if quick else SEEDS))
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct, got {seeds!r}")
     n = samples or (100 if quick else 500)
     clf = load_attribute_classifier()
     sets = {k: prompt_set(k, n) for k in ("single", "two", "heldout")}
@@ -113,9 +148,10 @@ def main_t2i(quick: bool = False, json_path=None, samples: int | None = None, fo
                             c.get("seconds_per_step"), "batch_size": c.get("batch_size"), "steps": c.get("steps"),
                             "train_seconds": c.get("train_seconds"), "parameters": c.get("parameters"),
                             "machine": c.get("machine")})
-            for kind, scale, nfe, sampler in tqdm(plan(quick, model.space), desc=f"bench t2i {name}"):
+            todo = [(seed, *cfg) for seed in seeds for cfg in plan(quick, model.space)]
+            for seed, kind, scale, nfe, sampler in tqdm(todo, desc=f"bench t2i {name}"):
                 prompts, real = sets[kind]
-                records.append(run_one(model, name, clf, kind, prompts, real, scale, nfe, sampler))
+                records.append(run_one(model, name, clf, kind, prompts, real, scale, nfe, sampler, seed=seed))
     for r in records:
         r["machine"] = r.get("machine") or machine()
         r["quick"] = quick
@@ -174,8 +210,8 @@ def step_costs(batch: int = 32, repeats: int = 5, sample_batch: int = 64) -> lis
 
 def best_scale(records: list[dict], model: str, nfe: int = 20) -> float:
     """The guidance scale lesson 7 recommends for a model: on one-object prompts at `nfe` NFE of DPM-Solver++(2M),
-    the highest share of images with every attribute right, ties broken by the lower FD."""
-    rows = [r for r in records if r["kind"] == "sample" and r["model"] == model and r["prompts"] == "single"
+    the highest share of images with every attribute right (mean over seeds), ties broken by the lower FD."""
+    rows = [r for r in aggregate(records) if r["model"] == model and r["prompts"] == "single"
             and r["nfe"] == nfe and r["sampler"] == "dpmpp_2m"]
     if not rows:
         raise ValueError(f"no one-object records of {model!r} at {nfe} NFE in these records")

@@ -354,15 +354,31 @@ def check(name: str, fn) -> Verdict:
 
 
 def progress(lesson: int | None = None) -> Score:
-    """Print the status of every exercise (of one lesson if given) checked this session; return (points, total)."""
-    names = [n for n, ex in EXERCISES.items() if lesson is None or ex.lesson == lesson]
+    """Print the status of every exercise of one lesson checked this session, or, with no lesson, one line per lesson
+    (points passed of its total); return (points, total)."""
+    names = sorted((n for n, ex in EXERCISES.items() if lesson is None or ex.lesson == lesson),
+                   key=lambda n: EXERCISES[n].lesson)  # stable: each lesson's exercises in the order they appear
+    if not names:
+        raise ValueError(f"no exercises in lesson {lesson!r}; lessons with exercises: "
+                         f"{sorted({ex.lesson for ex in EXERCISES.values()})}")
     got = total = 0
+    per_lesson: dict[int, list[int]] = {}
     for n in names:
         ex, res = EXERCISES[n], _RESULTS.get(n)
         status = res.status if res else NOT_ATTEMPTED
+        earned = ex.points if status == PASSED else 0
         total += ex.points
-        got += ex.points if status == PASSED else 0
-        print(f"{_SYMBOL[status]} lesson {ex.lesson}  {n:<24} {status.replace('_', ' ')}")
+        got += earned
+        tally = per_lesson.setdefault(ex.lesson, [0, 0, 0])  # points, total, exercises attempted
+        tally[0] += earned
+        tally[1] += ex.points
+        tally[2] += status != NOT_ATTEMPTED
+        if lesson is not None:
+            print(f"{_SYMBOL[status]} lesson {ex.lesson}  {n:<24} {status.replace('_', ' ')}")
+    if lesson is None:
+        for k, (pts, tot, tried) in sorted(per_lesson.items()):
+            symbol = _SYMBOL[PASSED if pts == tot else (FAILED if tried else NOT_ATTEMPTED)]
+            print(f"{symbol} lesson {k:>2}  {pts} / {tot} points")
     print(f"Total: {got} / {total} points")
     return Score(got, total)
 
