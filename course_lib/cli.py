@@ -138,9 +138,10 @@ def _train(args) -> int:
 
 
 def _generate(args) -> int:
+    import random
     from pathlib import Path
 
-    from .text2image import DEFAULT_NFE, load_text_to_image, save_grid
+    from .grammar import complete_prompt, parse_caption
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
@@ -149,14 +150,47 @@ def _generate(args) -> int:
         raise ValueError(f"{out} exists; pass --force to replace it (or choose another --out)")
     if args.n < 1 or args.n > 64:
         raise ValueError(f"--n must be between 1 and 64, got {args.n}")
+    scenes = [parse_caption(p) for p in args.prompt]  # every prompt checked before torch and the model load
+    rng = random.Random(args.seed)
+    prompts, notes = [], []
+    for text, scene in zip(args.prompt, scenes):
+        for _ in range(args.n):
+            full, filled = complete_prompt(text, rng)
+            prompts.append(full)
+        if filled:
+            notes.append(f"{text!r} names no {' and no '.join(filled)}: every training caption of one object names "
+                         f"them, so each sample draws {'them' if len(filled) > 1 else 'it'} at random")
+
+    from .text2image import DEFAULT_NFE, load_text_to_image, save_grid
+
     model = load_text_to_image(args.model)
     scale = model.card.get("best_scale") if args.scale is None else args.scale
-    prompts = [p for p in args.prompt for _ in range(args.n)]
     images = model.generate(prompts, scale=scale, nfe=args.nfe or DEFAULT_NFE, sampler=args.sampler, seed=args.seed)
-    save_grid(images, out, rows=len(args.prompt))
-    print(f"Wrote {out}: {args.n} sample(s) per prompt for {len(args.prompt)} prompt(s), {args.model}, "
-          f"guidance {scale:g}, {args.nfe or DEFAULT_NFE} NFE ({args.sampler}), seed {args.seed}")
+    save_grid(images, out, rows=len(args.prompt), labels=list(args.prompt))
+    print(f"Wrote {out}: {args.n} sample(s) per prompt for {len(args.prompt)} prompt(s), one row each, labelled; "
+          f"{args.model}, guidance {scale:g}, {args.nfe or DEFAULT_NFE} NFE ({args.sampler}), seed {args.seed}")
+    for note in notes:
+        print(note)
+    if any(s["relation"] is not None for s in scenes):
+        print(two_object_note(args.model))
     return 0
+
+
+def two_object_note(model: str) -> str:
+    """What lesson 7 measured about two-object prompts, from the shipped benchmark (for the model it ran)."""
+    import json
+
+    from .bench.t2i import aggregate
+    from .checkpoints import shipped_dir
+
+    path = shipped_dir() / "bench_t2i.json"
+    rows = [r for r in aggregate(json.loads(path.read_text())) if r["model"] == model and r["prompts"] == "two"]
+    if not rows:
+        return "Two objects: lesson 7 measures how often the model binds each colour to its shape."
+    best = max(rows, key=lambda r: r["all"])
+    return (f"Two objects: in lesson 7's benchmark this model draws both objects with the right colours, shapes and "
+            f"arrangement in {best['all']:.0%} of samples at best (guidance {best['guidance']:g}, {best['nfe']} NFE, "
+            f"{best['seeds']} seeds); expect some rows to swap or mix the colours.")
 
 
 PRESET_NAMES = SHIPPED  # every shipped checkpoint has a preset that reproduces it

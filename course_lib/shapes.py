@@ -16,21 +16,22 @@ import math
 
 import torch
 
+from .grammar import (  # noqa: F401  (the grammar's names are part of this module's interface)
+    COLOURS,
+    HELD_OUT,
+    POSITIONS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    SPLITS,
+    VOCAB,
+    complete_prompt,
+    parse_caption,
+    prompt_words,
+)
+
 SIZE = 32
-SHAPES = ("circle", "square", "triangle", "cross")
-COLOURS = {"red": (1.0, 0.15, 0.15), "green": (0.2, 0.9, 0.2), "blue": (0.25, 0.4, 1.0), "yellow": (1.0, 0.9, 0.1),
-           "magenta": (0.95, 0.2, 0.95), "cyan": (0.1, 0.9, 0.95)}
-SIZES = {"small": 3.5, "large": 6.0}  # radius in pixels of a 32x32 image
-POSITIONS = {"top left": (0, 0), "top": (0, 1), "top right": (0, 2), "left": (1, 0), "center": (1, 1),
-             "right": (1, 2), "bottom left": (2, 0), "bottom": (2, 1), "bottom right": (2, 2)}  # (row, column)
-RELATIONS = ("left of", "right of", "above", "below")
-HELD_OUT = (("red", "triangle"), ("blue", "circle"), ("green", "cross"), ("yellow", "square"))
-SPLITS = ("train", "test", "heldout")
 _SUPER = 4  # render at 4x and average: anti-aliased edges
-VOCAB = ("<pad>", "a", "at", "the", "of", "left", "right", "above", "below", "top", "bottom", "center",
-         *SIZES, *COLOURS, *SHAPES)
-
-
 def _split_seed(split: str, seed: int) -> int:
     """One generator seed per (split, seed), stable across machines and Python versions."""
     return int.from_bytes(hashlib.sha256(f"shapes/{split}/{seed}".encode()).digest()[:7], "big")
@@ -85,48 +86,6 @@ def caption(scene: dict) -> str:
         return f"a {o['size']} {o['colour']} {o['shape']} at the {o['position']}"
     a, b = objs
     return f"a {a['colour']} {a['shape']} {scene['relation']} a {b['colour']} {b['shape']}"
-
-
-def parse_caption(text: str) -> dict:
-    """The attributes a caption names: {'objects': [{'shape', 'colour', 'size'?, 'position'?}, ...], 'relation'}.
-    Size and position are optional in a prompt ('a red circle'); an unknown word is a ValueError listing VOCAB."""
-    if not isinstance(text, str):
-        raise TypeError(f"a caption is a str, got {type(text).__name__}")
-    words = text.lower().replace(",", " ").split()
-    unknown = [w for w in words if w not in VOCAB or w == "<pad>"]
-    if unknown:
-        raise ValueError(f"unknown word(s) {unknown} in {text!r}; the vocabulary is: {', '.join(VOCAB[1:])}")
-    i, objects, relation = 0, [], None
-
-    def obj(i):
-        if i >= len(words) or words[i] != "a":
-            raise ValueError(f"expected 'a' at word {i + 1} of {text!r} (grammar: 'a [size] colour shape "
-                             f"[at the position]' or 'a colour shape relation a colour shape')")
-        o, i = {}, i + 1
-        if i < len(words) and words[i] in SIZES:
-            o["size"], i = words[i], i + 1
-        if i + 1 >= len(words) or words[i] not in COLOURS or words[i + 1] not in SHAPES:
-            raise ValueError(f"expected a colour then a shape after 'a' in {text!r}")
-        o["colour"], o["shape"] = words[i], words[i + 1]
-        return o, i + 2
-
-    o, i = obj(i)
-    objects.append(o)
-    rest = " ".join(words[i:])
-    if rest.startswith("at the "):
-        pos = rest[len("at the "):]
-        if pos not in POSITIONS:
-            raise ValueError(f"unknown position {pos!r} in {text!r}; positions: {', '.join(POSITIONS)}")
-        o["position"] = pos
-    elif rest:
-        relation = next((r for r in RELATIONS if rest.startswith(r + " ")), None)
-        if relation is None:
-            raise ValueError(f"expected 'at the <position>' or a relation ({', '.join(RELATIONS)}) in {text!r}")
-        o2, j = obj(i + len(relation.split()))
-        if j != len(words):
-            raise ValueError(f"unexpected words after the second object in {text!r}")
-        objects.append(o2)
-    return {"objects": objects, "relation": relation}
 
 
 def _mask(shape: str, radius: float, centre: tuple[float, float], rows: torch.Tensor, cols: torch.Tensor):
@@ -184,7 +143,7 @@ def tokenize(captions, max_len: int = MAX_WORDS) -> torch.Tensor:
     index = {w: i for i, w in enumerate(VOCAB)}
     for row, text in enumerate(captions):
         parse_caption(text)
-        words = text.lower().replace(",", " ").split()
+        words = prompt_words(text)
         if len(words) > max_len:
             raise ValueError(f"{text!r} has {len(words)} words; max_len is {max_len}")
         out[row, :len(words)] = torch.tensor([index[w] for w in words])

@@ -287,14 +287,29 @@ def image_grid(images: torch.Tensor, rows: int = 1, upscale: int = 4) -> torch.T
     return grid
 
 
-def save_grid(images: torch.Tensor, path, rows: int = 1, upscale: int = 4) -> None:
-    """Write image_grid(images) as a PNG (Pillow), atomically."""
+def save_grid(images: torch.Tensor, path, rows: int = 1, upscale: int = 4, labels: list[str] | None = None) -> None:
+    """Write image_grid(images) as a PNG (Pillow), atomically; with `labels` (one per row), each row's text is
+    written in a band above it."""
     import io
 
-    from PIL import Image
+    from PIL import Image, ImageDraw, ImageFont
 
     from .checkpoints import write_bytes_atomic
 
+    grid = Image.fromarray(image_grid(images, rows, upscale).numpy())
+    if labels is not None:
+        if len(labels) != rows:
+            raise ValueError(f"give one label per row: {rows} rows, {len(labels)} labels")
+        font = ImageFont.load_default()
+        band = 16
+        row_h = (grid.height - 1) // rows
+        out = Image.new("RGB", (grid.width, grid.height + rows * band), (255, 255, 255))
+        draw = ImageDraw.Draw(out)
+        for r, text in enumerate(labels):
+            top = r * (row_h + band)
+            draw.text((4, top + 2), text, fill=(0, 0, 0), font=font)
+            out.paste(grid.crop((0, r * row_h, grid.width, (r + 1) * row_h + 1)), (0, top + band))
+        grid = out
     buf = io.BytesIO()
-    Image.fromarray(image_grid(images, rows, upscale).numpy()).save(buf, format="PNG")
+    grid.save(buf, format="PNG")
     write_bytes_atomic(buf.getvalue(), path)

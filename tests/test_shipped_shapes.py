@@ -137,13 +137,60 @@ def test_generate_writes_a_png_and_never_overwrites_without_force(tmp_path, caps
     args = ["generate", "a red circle above a blue square", "a small green square at the top", "--out", str(out),
             "--n", "3", "--nfe", "4"]
     assert main(args) == 0
-    assert Image.open(out).size == (3 * 129 + 1, 2 * 129 + 1)
+    assert Image.open(out).size == (3 * 129 + 1, 2 * 129 + 1 + 2 * 16)  # two rows, each under a band with its prompt
+    printed = capsys.readouterr().out
+    band = torch.from_numpy(__import__("numpy").asarray(Image.open(out).convert("L")))[:16]
+    assert (band < 128).any() and (band[:, -40:] == 255).all()  # dark text at the left of the first band, white past it
     out.write_bytes(b"mine")
     assert main(args) == 2 and out.read_bytes() == b"mine"
     assert "exists" in capsys.readouterr().err
     assert main(args + ["--force"]) == 0 and out.read_bytes() != b"mine"
     assert main(["generate", "a purple circle", "--out", str(tmp_path / "x.png")]) == 2
     assert "vocabulary" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+
+
+def test_generate_states_what_lesson_7_measured_for_two_objects(capsys):
+    from course_lib.bench.t2i import aggregate
+    from course_lib.cli import two_object_note
+    from course_lib.checkpoints import shipped_dir
+
+    note = two_object_note("shapes_ldm")
+    rows = [r for r in aggregate(json.loads((shipped_dir() / "bench_t2i.json").read_text()))
+            if r["model"] == "shapes_ldm" and r["prompts"] == "two"]
+    assert f"{max(r['all'] for r in rows):.0%} of samples" in note and "swap" in note
+
+
+def test_generate_fills_what_a_one_object_prompt_leaves_out_and_reads_punctuation(tmp_path, capsys):
+    import random
+
+    from course_lib.cli import main
+    from course_lib.grammar import SIZES, complete_prompt, parse_caption
+
+    assert parse_caption("A red circle.") == parse_caption("a red circle")
+    full, filled = complete_prompt("a red circle", random.Random(0))
+    assert filled == ["size", "position"] and parse_caption(full)["objects"][0]["colour"] == "red"
+    assert complete_prompt("a small red circle at the top", random.Random(0)) == ("a small red circle at the top", [])
+    assert complete_prompt("a red circle left of a blue square", random.Random(0))[1] == []
+    # drawn at random per sample: over 400 draws each size appears about half the time (4 sd of a binomial: 40)
+    sizes = [parse_caption(complete_prompt("a red circle", rng)[0])["objects"][0]["size"]
+             for rng in [random.Random(1)] for _ in range(400)]
+    assert all(abs(sizes.count(s) - 200) <= 40 for s in SIZES)
+    out = tmp_path / "one.png"
+    assert main(["generate", "a red circle.", "--out", str(out), "--n", "2", "--nfe", "3"]) == 0 and out.exists()
+    assert "names no size and no position" in capsys.readouterr().out
+
+
+def test_generate_refuses_a_bad_prompt_at_once_without_loading_torch(tmp_path):
+    import subprocess
+    import sys
+
+    script = ("import sys; from course_lib.cli import main; "
+              f"rc = [main(['generate', p, '--out', {str(tmp_path / 'x.png')!r}]) for p in ('', 'a purple purple circle', 'circle.')]; "
+              "print(rc, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "[2, 2, 2] False", r.stdout + r.stderr
+    assert "empty prompt" in r.stderr and "unknown word(s) 'purple' in 'a purple purple circle';" in r.stderr  # once
+    assert "expected 'a' at word 1" in r.stderr and not (tmp_path / "x.png").exists()
 
 
 def test_bench_t2i_quick_records_every_metric_per_seed_and_averages_them(tmp_path):

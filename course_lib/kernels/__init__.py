@@ -34,6 +34,22 @@ def triton_available() -> bool:
     return True
 
 
+def kernel_source(name: str) -> str:
+    """The source of a Triton kernel in triton_kernels.py, read from the file: works without Triton installed (the
+    same text as inspect.getsource of the kernel's Python function, decorator excluded)."""
+    import ast
+    from pathlib import Path
+
+    path = Path(__file__).with_name("triton_kernels.py")
+    text = path.read_text()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            lines = text.splitlines(keepends=True)
+            return "".join(lines[node.lineno - 1:node.end_lineno])
+    kernels = sorted(n.name for n in ast.walk(ast.parse(text)) if isinstance(n, ast.FunctionDef) and n.decorator_list)
+    raise ValueError(f"no kernel named {name!r} in {path.name}; the kernels are {', '.join(kernels)}")
+
+
 def _tk():
     from . import triton_kernels
 
