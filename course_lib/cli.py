@@ -206,11 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_doctor)
     p = sub.add_parser("start", help="copy the student lessons into your own work folder (never overwrites)",
                        description="Copy every student lesson (exercises blank) into DIR, default my-work/, which git "
-                                   "and the tests ignore. A lesson already in DIR is kept as it is, so running it "
-                                   "again after a course update only adds new lessons.")
+                                   "and the tests ignore. A lesson already in DIR is never overwritten; run it again "
+                                   "after a course update to get new lessons and to hear which of yours have a newer "
+                                   "release (recorded by content hash in DIR/.course-release.json).")
     p.add_argument("dest", nargs="?", default="my-work", metavar="DIR", help="your work folder (default: my-work)")
     p.add_argument("--repo", metavar="PATH", help="the course repository (default: this checkout, or .)")
-    p.set_defaults(func=lambda a: __import__("course_lib.workspace", fromlist=["main_start"]).main_start(a.dest, a.repo))
+    p.add_argument("--refresh-untouched", action="store_true",
+                   help="replace the lessons you never edited by their newer release (an edited lesson is never "
+                        "replaced: its newer release is written beside it as NAME.new.ipynb)")
+    p.set_defaults(func=lambda a: __import__("course_lib.workspace", fromlist=["main_start"]).main_start(
+        a.dest, a.repo, a.refresh_untouched))
 
     p = sub.add_parser("release", help="write student copies of the source notebooks",
                        description="Copy every notebook in SRC_DIR to OUT_DIR with solutions replaced by stubs, "

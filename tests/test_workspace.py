@@ -47,3 +47,54 @@ def test_the_work_folder_is_ignored_by_git_and_outside_the_tests():
     if r.returncode == 128:
         pytest.skip("not a git checkout")
     assert r.returncode == 0, f"{workspace.DEFAULT_DIR}/ is not ignored by git"
+
+
+def _release(tmp_path, lessons: dict) -> Path:
+    """A fake course checkout whose notebooks/student holds the given lessons (name -> text)."""
+    repo = tmp_path / "course"
+    (repo / "notebooks" / "student").mkdir(parents=True, exist_ok=True)
+    for name, text in lessons.items():
+        (repo / "notebooks" / "student" / name).write_text(text)
+    return repo
+
+
+def test_start_after_a_course_update_says_which_lessons_are_newer_and_never_loses_an_edit(tmp_path, capsys):
+    repo = _release(tmp_path, {"01_a.ipynb": "a v1", "02_b.ipynb": "b v1", "03_c.ipynb": "c v1"})
+    dest = tmp_path / "work"
+    assert main(["start", str(dest), "--repo", str(repo)]) == 0
+    capsys.readouterr()
+    (dest / "02_b.ipynb").write_text("b v1 + my answers")   # the learner edits lesson 2, never opens 1 and 3
+    _release(tmp_path, {"01_a.ipynb": "a v2", "02_b.ipynb": "b v2", "03_c.ipynb": "c v1", "04_d.ipynb": "d v1"})
+    assert main(["start", str(dest), "--repo", str(repo)]) == 0
+    out = capsys.readouterr().out
+    assert "copied    " in out and "04_d.ipynb" in out                                  # a new lesson arrives
+    assert "01_a.ipynb has a newer release and you have not edited it" in out and "--refresh-untouched" in out
+    assert (dest / "01_a.ipynb").read_text() == "a v1"                                 # not replaced unasked
+    assert (dest / "02_b.ipynb").read_text() == "b v1 + my answers"                    # an edit is never lost
+    assert (dest / "02_b.new.ipynb").read_text() == "b v2" and "02_b.new.ipynb" in out  # the new release beside it
+    assert "03_c.ipynb" in out and "newer" not in [l for l in out.splitlines() if "03_c" in l][0]
+    # asked to, start replaces what the learner never edited, and only that
+    assert main(["start", str(dest), "--repo", str(repo), "--refresh-untouched"]) == 0
+    out = capsys.readouterr().out
+    assert (dest / "01_a.ipynb").read_text() == "a v2" and "refreshed 01_a" in out.replace(str(dest) + "/", "")
+    assert (dest / "02_b.ipynb").read_text() == "b v1 + my answers"
+    # a learner who edited the side-by-side copy keeps it: the next newer release gets another name
+    (dest / "02_b.new.ipynb").write_text("b v2 + notes")
+    _release(tmp_path, {"02_b.ipynb": "b v3"})
+    workspace.update(dest, repo)
+    assert (dest / "02_b.new.ipynb").read_text() == "b v2 + notes" and (dest / "02_b.new-2.ipynb").read_text() == "b v3"
+
+
+def test_start_on_a_folder_without_a_record_tells_edits_from_updates_honestly(tmp_path, capsys):
+    repo = _release(tmp_path, {"01_a.ipynb": "a v2", "02_b.ipynb": "b v1"})
+    dest = tmp_path / "work"
+    dest.mkdir()
+    (dest / "01_a.ipynb").write_text("a v1 + answers")  # copied by an older `start`, which kept no record
+    (dest / "02_b.ipynb").write_text("b v1")
+    report = workspace.update(dest, repo)
+    assert report.unknown == [dest / "01_a.ipynb"] and report.kept == [dest / "02_b.ipynb"]
+    assert (dest / "01_a.ipynb").read_text() == "a v1 + answers" and not (dest / "01_a.new.ipynb").exists()
+    (dest / workspace.MANIFEST).write_text("not json")  # a damaged record is rebuilt, nothing else touched
+    assert main(["start", str(dest), "--repo", str(repo)]) == 0
+    assert "cannot tell your edits from a course update" in capsys.readouterr().out
+    assert (dest / "01_a.ipynb").read_text() == "a v1 + answers"
