@@ -81,6 +81,21 @@ def test_student_copies_badges_open_the_student_copy(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed: the install cell clones with git")
+def outer_venv(venv: Path) -> Path:
+    """A virtual environment that sees this test's own packages (torch, pip, setuptools: nothing is downloaded) and
+    not the base interpreter's: a path file lists this environment's site folders, after the venv's own. (A venv with
+    --system-site-packages would see the base Python's packages, which differ from machine to machine.)"""
+    import site
+    import sysconfig
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    inner = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                           check=True, capture_output=True, text=True).stdout.strip()
+    ours = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()])
+    (Path(inner) / "_outer_environment.pth").write_text("\n".join(p for p in ours if Path(p).is_dir()) + "\n")
+    return venv
+
+
 def test_the_install_cell_works_in_a_simulated_colab(tmp_path):
     """The first cell's Colab branch, run by IPython with a fake google.colab, in a virtual environment (so the
     regular install lands there, not over this checkout's), cloning a local repository of the working tree: then
@@ -90,8 +105,7 @@ def test_the_install_cell_works_in_a_simulated_colab(tmp_path):
     git = ["git", "-C", str(src), "-c", "user.email=t@t", "-c", "user.name=t"]
     for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "course"]):
         subprocess.run(git + args, check=True, capture_output=True)
-    venv = tmp_path / "venv"  # without pip: this environment's pip and setuptools build it, nothing is downloaded
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    venv = outer_venv(tmp_path / "venv")
     python = venv / "bin" / "python"
     clone = tmp_path / "content" / "course"
     cell = colab.install_cell(f"file://{src}", str(clone))
