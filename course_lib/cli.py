@@ -38,8 +38,13 @@ def _colab(args) -> int:
     if args.check:
         for path in changed:
             print(f"{path}: its Colab links or install cell do not match {url}")
-        print("in step" if not changed else "run `python -m course_lib colab` to fix them, then `release`")
-        return 1 if changed else 0
+        answers, why = colab.url_answers(url)
+        if not answers:
+            print(f"{url} does not answer as a git repository ({why}): the install cell would fail to clone it")
+        print("in step, and the repository answers" if not changed and answers else
+              "run `python -m course_lib colab` to fix them, then `release`" if changed else
+              "in step, but the repository cannot be reached from here")
+        return 1 if changed or not answers else 0
     for path in changed:
         print(f"updated {path}")
     print(f"Colab links, install cells and homepage point at {url}"

@@ -41,21 +41,47 @@ def badge(notebook: str, url: str = REPO_URL) -> str:
 def install_cell(url: str = REPO_URL, where: str | None = None) -> str:
     """The first code cell of every lesson: on Colab, clone the course and install what Colab lacks; else nothing.
 
-    The course itself is installed without its dependencies (Colab's torch, Jupyter and widgets are kept), then only
-    the declared requirements that are missing or out of range (`doctor.missing_requirements`). A regular install
-    into site-packages: importable at once, no restart. `where` (default /content/NAME) is for tests."""
+    It imports nothing but the standard library until the course is installed: course_lib/colab_setup.py (a script,
+    stdlib only) installs the course without its dependencies (Colab's torch, Jupyter and widgets are kept), then only
+    the declared requirements that are missing or out of range, quietly. Run again, it finishes an interrupted clone or
+    install and otherwise does nothing; it asks for a restart only when a package the kernel had imported was
+    replaced. `where` (default /content/NAME) is for tests."""
     where = where or clone_dir(url)
     return f"""\
 # On Colab: fetch the course and install what Colab lacks (about a minute). Elsewhere this does nothing.
-import os, sys
-if "google.colab" in sys.modules and not os.path.isdir("{where}"):
-    !git clone -q --depth 1 {url} {where}
-    %pip install -q --no-deps {where}
-    from course_lib.doctor import missing_requirements
-    need = missing_requirements(skip=["jupyterlab"])  # Colab has its own notebook server
-    if need:
-        %pip install -q {{need}}
-    %cd {where}/notebooks"""
+# After any error, run this cell again: it resumes.
+import os, subprocess, sys
+if "google.colab" in sys.modules:
+    COURSE = "{where}"
+    if not os.path.isfile(COURSE + "/course_lib/colab_setup.py"):  # not cloned yet, or the clone was cut short
+        if os.path.isdir(COURSE + "/.git"):
+            subprocess.run(["rm", "-rf", COURSE], check=True)
+        got = subprocess.run(["git", "clone", "-q", "--depth", "1", "{url}", COURSE], capture_output=True, text=True)
+        if got.returncode:
+            raise RuntimeError("Cloning the course failed: " + got.stderr.strip() + "\\nRun this cell again.")
+    loaded = ",".join(sorted({{m.split(".")[0] for m in sys.modules}}))
+    setup = subprocess.run([sys.executable, COURSE + "/course_lib/colab_setup.py", COURSE], text=True,
+                           capture_output=True, env={{**os.environ, "COURSE_LOADED": loaded}})
+    print((setup.stdout + setup.stderr).strip())
+    if setup.returncode:
+        raise RuntimeError("The course is not ready yet: see the message above.")
+    os.chdir(COURSE + "/notebooks")"""
+
+
+def url_answers(url: str, timeout: float = 30) -> tuple[bool, str]:
+    """Whether `git ls-remote` reaches the repository at `url` (what the install cell clones), and why not."""
+    import subprocess
+
+    try:
+        r = subprocess.run(["git", "ls-remote", "--exit-code", url, "HEAD"], capture_output=True, text=True,
+                           timeout=timeout, env={**__import__("os").environ, "GIT_TERMINAL_PROMPT": "0"})
+    except FileNotFoundError:
+        return False, "git is not installed"
+    except subprocess.TimeoutExpired:
+        return False, f"no answer in {timeout:g} s"
+    if r.returncode:
+        return False, (r.stderr.strip().splitlines() or [f"git exited with {r.returncode}"])[-1]
+    return True, "answers"
 
 
 def retarget(text: str, notebook: str | None = None, url: str = REPO_URL) -> str:

@@ -29,7 +29,19 @@ def test_urls_badges_and_links():
     assert colab.retarget(text, url=FORK).count("someone/my-diffusion-fork/blob/main/notebooks/0") == 2
     assert colab.student_links(text, "01_a.ipynb", FORK).count("notebooks/student/01_a.ipynb") == 2
     cell = colab.install_cell(FORK)
-    assert f"git clone -q --depth 1 {FORK} /content/my-diffusion-fork" in cell and "--no-deps" in cell
+    assert f'"--depth", "1", "{FORK}", COURSE' in cell and 'COURSE = "/content/my-diffusion-fork"' in cell
+    import ast  # until the course is installed the cell imports the standard library only (and no magics)
+    imported = {a.name for n in ast.walk(ast.parse(cell)) if isinstance(n, ast.Import) for a in n.names}
+    assert imported == {"os", "subprocess", "sys"} and not any(isinstance(n, ast.ImportFrom) for n in ast.walk(ast.parse(cell)))
+
+
+def test_the_colab_setup_script_names_only_what_is_absent_or_out_of_range():
+    from course_lib import colab_setup
+
+    todo = colab_setup.missing(["numpy>=1.0", "jupyterlab>=999", "numpy>=999", "no-such-dist-xyz"])
+    assert [(req, name) for req, name, _ in todo] == [("numpy>=999", "numpy"), ("no-such-dist-xyz", "no-such-dist-xyz")]
+    assert todo[0][2] and todo[1][2] is None  # the installed version, or None
+    assert "torch>=2.2" in colab_setup.requirements(ROOT)
 
 
 def test_missing_requirements_names_only_what_is_absent_or_out_of_range(monkeypatch):
@@ -50,7 +62,8 @@ def _course_copy(dest: Path) -> Path:
     return dest
 
 
-def test_a_fork_repoints_every_badge_install_cell_and_the_homepage(tmp_path, capsys):
+def test_a_fork_repoints_every_badge_install_cell_and_the_homepage(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(colab, "url_answers", lambda url: (True, "answers"))  # no network in tests: see below
     root = _course_copy(tmp_path / "fork")
     assert main(["colab", "--root", str(root), "--check"]) == 0
     assert main(["colab", "--root", str(root), "--url", FORK]) == 0
@@ -69,6 +82,28 @@ def test_a_fork_repoints_every_badge_install_cell_and_the_homepage(tmp_path, cap
     assert main(["colab", "--root", str(root), "--check"]) == 1  # against this checkout's REPO_URL: out of step
     assert main(["colab", "--root", str(root), "--url", "https://example.com/x"]) == 2
     assert main(["colab", "--root", str(tmp_path)]) == 2  # not the course repository
+
+
+def test_the_check_says_when_the_repository_does_not_answer(tmp_path, capsys):
+    """`colab --check` asks the repository itself (git ls-remote): tried here on local repositories, no network."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "-C", str(repo), "init", "-q"], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q",
+                    "--allow-empty", "-m", "x"], check=True)
+    assert colab.url_answers(f"file://{repo}") == (True, "answers")
+    ok, why = colab.url_answers(f"file://{tmp_path / 'nowhere'}")
+    assert not ok and why
+    root = _course_copy(tmp_path / "course")  # in step with the course's URL, but that URL does not answer here
+    import course_lib.colab as module
+    saved = module.url_answers
+    module.url_answers = lambda url: (False, "no answer in 30 s")
+    try:
+        assert main(["colab", "--root", str(root), "--check"]) == 1
+    finally:
+        module.url_answers = saved
+    out = capsys.readouterr().out
+    assert "does not answer as a git repository (no answer in 30 s)" in out and "cannot be reached" in out
 
 
 def test_student_copies_badges_open_the_student_copy(tmp_path):
@@ -96,36 +131,127 @@ def outer_venv(venv: Path) -> Path:
     return venv
 
 
+class SimulatedColab:
+    """A Colab-like runtime: a virtual environment seeing this test's packages, a fake google.colab module, IPython
+    running the lesson's first cell, and a local git repository of the course as the URL (nothing is downloaded)."""
+
+    def __init__(self, tmp_path: Path, extra_requirement: str | None = None):
+        self.tmp = tmp_path
+        self.src = _course_copy(tmp_path / "repo")
+        if extra_requirement:  # a dependency the runtime lacks, served from a local wheel folder
+            text = (self.src / "pyproject.toml").read_text()
+            (self.src / "pyproject.toml").write_text(text.replace('dependencies = [\n',
+                                                                  f'dependencies = [\n    "{extra_requirement}",\n', 1))
+        git = ["git", "-C", str(self.src), "-c", "user.email=t@t", "-c", "user.name=t"]
+        for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "course"]):
+            subprocess.run(git + args, check=True, capture_output=True)
+        self.venv = outer_venv(tmp_path / "venv")
+        self.clone = tmp_path / "content" / "course"
+        self.cell = colab.install_cell(f"file://{self.src}", str(self.clone))
+        self.wheels = tmp_path / "wheels"
+        self.wheels.mkdir()
+        self.blocker = tmp_path / "blocker"
+
+    def run(self, before: str = "", after: str = "", hide: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+        """Run the cell once in a fresh kernel (code `before` and `after` it); `hide` makes modules unimportable."""
+        script = textwrap.dedent("""
+            import os, sys, types, importlib
+            sys.modules["google.colab"] = types.ModuleType("google.colab")  # what the cell looks for
+            from IPython.core.interactiveshell import InteractiveShell
+            {before}
+            result = InteractiveShell.instance().run_cell({cell!r})
+            print("SUCCESS", result.success)
+            if not result.success:
+                print("ERROR", result.error_in_exec or result.error_before_exec)
+            importlib.invalidate_caches()
+            {after}
+        """).format(before=before, after=after, cell=self.cell)
+        env = {"PATH": f"{self.venv / 'bin'}:/usr/bin:/bin", "HOME": str(self.tmp), "PIP_NO_INDEX": "1",
+               "PIP_FIND_LINKS": str(self.wheels), "PIP_NO_BUILD_ISOLATION": "0",
+               "PIP_DISABLE_PIP_VERSION_CHECK": "1", "GIT_CONFIG_NOSYSTEM": "1"}
+        if hide:
+            self.blocker.mkdir(exist_ok=True)
+            (self.blocker / "sitecustomize.py").write_text(textwrap.dedent(f"""
+                import sys
+                class _Hide:
+                    def find_spec(self, name, path=None, target=None):
+                        if name.split(".")[0] in {hide!r}:
+                            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+                sys.meta_path.insert(0, _Hide())
+            """))
+            env["PYTHONPATH"] = str(self.blocker)
+        return subprocess.run([str(self.venv / "bin" / "python"), "-c", script], cwd=self.tmp, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+
+def probe_wheel(folder: Path, version: str, tmp: Path) -> None:
+    """Build a tiny package `course-colab-probe` at `version` into the wheel folder (offline)."""
+    pkg = tmp / f"probe-{version}"
+    (pkg / "course_colab_probe").mkdir(parents=True)
+    (pkg / "course_colab_probe" / "__init__.py").write_text(f"VERSION = {version!r}\n")
+    (pkg / "pyproject.toml").write_text(textwrap.dedent(f"""
+        [build-system]
+        requires = ["setuptools"]
+        build-backend = "setuptools.build_meta"
+        [project]
+        name = "course-colab-probe"
+        version = "{version}"
+        [tool.setuptools]
+        packages = ["course_colab_probe"]
+    """))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    "-w", str(folder), str(pkg)], check=True, capture_output=True)
+
+
 def test_the_install_cell_works_in_a_simulated_colab(tmp_path):
-    """The first cell's Colab branch, run by IPython with a fake google.colab, in a virtual environment (so the
-    regular install lands there, not over this checkout's), cloning a local repository of the working tree: then
-    course_lib imports from the clone, grading included, without a restart, and the cell moved into notebooks/."""
+    """Installed from the clone, course_lib imports at once (no restart); the cell says so in one line, moves into
+    notebooks/, and run again has nothing left to do."""
     pytest.importorskip("IPython")
-    src = _course_copy(tmp_path / "repo")
-    git = ["git", "-C", str(src), "-c", "user.email=t@t", "-c", "user.name=t"]
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "course"]):
-        subprocess.run(git + args, check=True, capture_output=True)
-    venv = outer_venv(tmp_path / "venv")
-    python = venv / "bin" / "python"
-    clone = tmp_path / "content" / "course"
-    cell = colab.install_cell(f"file://{src}", str(clone))
-    script = textwrap.dedent(f"""
-        import os, sys, types, importlib
-        sys.modules["google.colab"] = types.ModuleType("google.colab")  # what the cell looks for
-        from IPython.core.interactiveshell import InteractiveShell
-        result = InteractiveShell.instance().run_cell({cell!r})
-        assert result.success, result.error_in_exec or result.error_before_exec
-        importlib.invalidate_caches()
-        import course_lib, course_lib.grading.calls
-        from course_lib import check
-        print("FILE", course_lib.__file__)
-        print("CWD", os.getcwd())
-    """)
-    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path), "PIP_NO_INDEX": "1",
-           "PIP_NO_BUILD_ISOLATION": "0", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "GIT_CONFIG_NOSYSTEM": "1"}
-    r = subprocess.run([str(python), "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    colab_ = SimulatedColab(tmp_path)
+    r = colab_.run(after="import course_lib, course_lib.grading.calls\nfrom course_lib import check\n"
+                         "print('FILE', course_lib.__file__)\nprint('CWD', os.getcwd())")
+    assert r.returncode == 0 and "SUCCESS True" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     out = dict(line.split(" ", 1) for line in r.stdout.splitlines() if line.startswith(("FILE ", "CWD ")))
-    assert Path(out["FILE"]).resolve().is_relative_to(venv.resolve()), r.stdout  # the clone's install, not this checkout
-    assert Path(out["CWD"]).resolve() == (clone / "notebooks").resolve()
-    assert (clone / "course_lib" / "colab.py").is_file()
+    assert Path(out["FILE"]).resolve().is_relative_to(colab_.venv.resolve()), r.stdout  # the clone's, not this checkout
+    assert Path(out["CWD"]).resolve() == (colab_.clone / "notebooks").resolve()
+    said = [line for line in r.stdout.splitlines() if not line.startswith(("SUCCESS", "FILE", "CWD"))]
+    assert said == ["Course ready: installed the course; no restart needed."], said  # quiet: no pip warnings
+    r = colab_.run()
+    assert "Course ready: nothing to install." in r.stdout and "SUCCESS True" in r.stdout, r.stdout + r.stderr
+
+
+def test_the_install_cell_needs_nothing_but_the_standard_library_until_it_has_installed(tmp_path):
+    """A runtime where numpy cannot be imported (the old cell imported course_lib, hence numpy, first): the cell runs."""
+    pytest.importorskip("IPython")
+    colab_ = SimulatedColab(tmp_path)
+    r = colab_.run(after="print('NUMPY', 'numpy' in sys.modules)", hide=("numpy",))
+    assert "SUCCESS True" in r.stdout and "NUMPY False" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Course ready" in r.stdout
+
+
+def test_the_install_cell_resumes_after_a_cut_short_clone_and_a_failed_install(tmp_path):
+    pytest.importorskip("IPython")
+    colab_ = SimulatedColab(tmp_path, extra_requirement="course-colab-probe>=1")
+    # a dependency that cannot be fetched yet: the cell stops with a message saying what to do, and no traceback wall
+    r = colab_.run()
+    assert "SUCCESS False" in r.stdout and "course-colab-probe" in r.stdout and "Run this cell again" in r.stdout
+    # the clone was cut short (its files half there): the next run clones again; the package can now be fetched
+    (colab_.clone / "course_lib" / "colab_setup.py").unlink()
+    probe_wheel(colab_.wheels, "1.0", tmp_path)
+    r = colab_.run(after="import course_colab_probe; print('PROBE', course_colab_probe.VERSION)")
+    assert "SUCCESS True" in r.stdout and "PROBE 1.0" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "installed course-colab-probe; no restart needed" in r.stdout
+
+
+def test_the_install_cell_asks_for_a_restart_only_when_it_replaced_an_imported_package(tmp_path):
+    pytest.importorskip("IPython")
+    colab_ = SimulatedColab(tmp_path, extra_requirement="course-colab-probe>=2")
+    probe_wheel(colab_.wheels, "1.0", tmp_path)
+    subprocess.run([str(colab_.venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-index", "--find-links",
+                    str(colab_.wheels), "course-colab-probe==1.0"], check=True, capture_output=True)
+    probe_wheel(colab_.wheels, "2.0", tmp_path)
+    r = colab_.run(before="import course_colab_probe")  # this kernel holds version 1 in memory
+    assert "SUCCESS False" in r.stdout and "restart it (Runtime > Restart session)" in r.stdout, r.stdout + r.stderr
+    assert "course-colab-probe (replacing 1.0)" in r.stdout
+    r = colab_.run(after="import course_colab_probe; print('PROBE', course_colab_probe.VERSION)")  # after the restart
+    assert "Course ready: nothing to install." in r.stdout and "PROBE 2.0" in r.stdout, r.stdout + r.stderr
