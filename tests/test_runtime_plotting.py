@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import matplotlib
 import numpy as np
 import pytest
@@ -43,7 +45,9 @@ def test_device_choice_on_this_machine():
 
 def test_colab_cell_installs_only_on_colab():
     cell = runtime.COLAB_INSTALL_CELL
-    assert '"google.colab" in sys.modules' in cell and "pip install" in cell and runtime.REPO_URL in cell
+    assert '"google.colab" in sys.modules' in cell and "colab_setup.py" in cell and runtime.REPO_URL in cell
+    from course_lib import colab_setup  # the script the cell runs is what installs, with pip
+    assert '"pip", "install"' in Path(colab_setup.__file__).read_text()
     assert runtime.in_colab() is False
 
 
