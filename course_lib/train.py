@@ -403,7 +403,9 @@ def plot_losses(losses, ax=None, window: int = 100, title: str | None = None):
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 3))
     ax.plot(losses, color="tab:blue", alpha=0.25, lw=0.5, label="per step")
-    ax.plot(smoothed(list(losses), window), color="tab:blue", lw=1.5, label=f"mean of {window}")
+    losses = list(losses)
+    shown = max(1, min(window, len(losses)))  # a run shorter than the window is averaged over what there is
+    ax.plot(smoothed(losses, window), color="tab:blue", lw=1.5, label=f"mean of {shown}")
     ax.set(yscale="log", xlabel="optimizer step", ylabel="training loss", title=title)
     ax.legend(frameon=False)
     return ax

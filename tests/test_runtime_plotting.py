@@ -102,3 +102,14 @@ def test_animation_renders_to_html_with_every_frame():
     assert "<script" in html and html.count("data:image/png;base64") == 3
     with pytest.raises(ValueError):
         plotting.animate([], lambda ax, f: None)
+
+
+def test_the_loss_plot_names_the_window_it_really_averaged():
+    import matplotlib.pyplot as plt
+
+    from course_lib.train import plot_losses
+
+    for n, want in ((40, "mean of 40"), (500, "mean of 100")):  # a quick run shorter than the window says so
+        ax = plot_losses([1.0 / (i + 1) for i in range(n)])
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["per step", want]
+        plt.close(ax.figure)
