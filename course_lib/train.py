@@ -152,7 +152,7 @@ PRESETS["digits_noisy_classifier"] = TrainConfig(data="digits", family="classifi
 for _name in MIXTURES:
     PRESETS[f"{_name}_flow"] = replace(PRESETS[_name], family="flow")
     # reflow: pseudo-Huber (Lee et al. 2024), a long run ending at 1% of the learning rate. ring8, Euler uniform in t,
-    # hq at 1 / 2 NFE (3 seeds x 5,000 points, measured when the preset was chosen), pairs solved accurately (Heun in t): squared error,
+    # hq at 1 / 2 NFE (3 seeds x 5,000 points), pairs solved accurately (Heun in t): squared error,
     # 12,000 steps 0.92 / 0.93; pseudo-Huber, 12,000 0.90 / 0.91; squared error, 36,000 (lr to 1%) 0.945 / 0.947; this
     # preset 0.952 / 0.953. On the earlier pairs (Heun in sigma: teacher hq 0.90, not 0.97) this preset gave 0.87 / 0.88
     PRESETS[f"{_name}_reflow"] = replace(PRESETS[f"{_name}_flow"], teacher=f"{_name}_flow", loss="pseudo_huber",
@@ -400,11 +400,9 @@ def plot_losses(losses, ax=None, window: int = 100, title: str | None = None):
     """Loss per step (faint) and its running mean, on a log scale, with labelled axes."""
     import matplotlib.pyplot as plt
 
-    if ax is None:
-        _, ax = plt.subplots(figsize=(5, 3))
+    ax = ax if ax is not None else plt.subplots(figsize=(5, 3))[1]
+    shown = max(1, min(window, len(losses := list(losses))))  # a run shorter than the window: the mean of all of it
     ax.plot(losses, color="tab:blue", alpha=0.25, lw=0.5, label="per step")
-    losses = list(losses)
-    shown = max(1, min(window, len(losses)))  # a run shorter than the window is averaged over what there is
     ax.plot(smoothed(losses, window), color="tab:blue", lw=1.5, label=f"mean of {shown}")
     ax.set(yscale="log", xlabel="optimizer step", ylabel="training loss", title=title)
     ax.legend(frameon=False)
