@@ -51,15 +51,6 @@ def requirement_status(dist: str, specifier: str) -> tuple[bool, str]:
         return False, f"{v} (outside the required {specifier})"
     return True, v
 
-def missing_requirements(skip=()) -> str:
-    """The declared requirements that are not installed or out of range, quoted for a shell ('' when none): what
-    the Colab install cell passes to `%pip install` after installing the course itself without dependencies."""
-    import shlex
-
-    wanted = [(n, spec) for n, spec in REQUIRED.items() if n.lower() not in {s.lower() for s in skip}]
-    return " ".join(shlex.quote(f"{n}{spec}") for n, spec in wanted if not requirement_status(n, spec)[0])
-
-
 def _version(dist: str) -> str | None:
     try:
         return md.version(dist)

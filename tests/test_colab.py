@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from course_lib import colab, doctor
+from course_lib import colab
 from course_lib.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,13 +42,6 @@ def test_the_colab_setup_script_names_only_what_is_absent_or_out_of_range():
     assert [(req, name) for req, name, _ in todo] == [("numpy>=999", "numpy"), ("no-such-dist-xyz", "no-such-dist-xyz")]
     assert todo[0][2] and todo[1][2] is None  # the installed version, or None
     assert "torch>=2.2" in colab_setup.requirements(ROOT)
-
-
-def test_missing_requirements_names_only_what_is_absent_or_out_of_range(monkeypatch):
-    monkeypatch.setattr(doctor, "REQUIRED", {"numpy": ">=1.0", "jupyterlab": ">=3.6"})
-    assert doctor.missing_requirements() == ""  # both installed here
-    monkeypatch.setattr(doctor, "REQUIRED", {"numpy": ">=999", "no-such-dist-xyz": "", "jupyterlab": ">=999"})
-    assert doctor.missing_requirements(skip=["JupyterLab"]) == "'numpy>=999' no-such-dist-xyz"  # quoted for a shell
 
 
 def _course_copy(dest: Path) -> Path:

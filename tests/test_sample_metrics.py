@@ -157,7 +157,7 @@ def test_bench_records_and_targets(tmp_path, capsys):
     assert f"{default} (auto, the default call)" in labels and ax.get_xlabel()
     assert "diffusers: best scheduler and spacing per budget" in labels
     # 2D quality is drawn as 1 - hq: the default call's line passes through its aggregated value at 10 NFE
-    line = next(l for l in ax.get_lines() if l.get_label() == f"{default} (auto, the default call)")
+    line = next(ln for ln in ax.get_lines() if ln.get_label() == f"{default} (auto, the default call)")
     assert line.get_ydata()[list(line.get_xdata()).index(10)] == pytest.approx(1 - d["hq_fraction"])
     plt.close(fig)
     table = bench.pivot(records, "ring8", 10, "hq_fraction")

@@ -139,7 +139,8 @@ def test_generate_writes_a_png_and_never_overwrites_without_force(tmp_path, caps
     assert main(args) == 0
     assert Image.open(out).size == (3 * 129 + 1, 2 * 129 + 1 + 2 * 16)  # two rows, each under a band with its prompt
     printed = capsys.readouterr().out
-    band = torch.from_numpy(__import__("numpy").asarray(Image.open(out).convert("L")))[:16]
+    assert "labelled" in printed and "Two objects:" in printed  # the first prompt has two objects
+    band = torch.tensor(list(Image.open(out).convert("L").getdata()), dtype=torch.uint8).reshape(-1, 3 * 129 + 1)[:16]
     assert (band < 128).any() and (band[:, -40:] == 255).all()  # dark text at the left of the first band, white past it
     out.write_bytes(b"mine")
     assert main(args) == 2 and out.read_bytes() == b"mine"
@@ -151,8 +152,8 @@ def test_generate_writes_a_png_and_never_overwrites_without_force(tmp_path, caps
 
 def test_generate_states_what_lesson_7_measured_for_two_objects(capsys):
     from course_lib.bench.t2i import aggregate
-    from course_lib.cli import two_object_note
     from course_lib.checkpoints import shipped_dir
+    from course_lib.cli import two_object_note
 
     note = two_object_note("shapes_ldm")
     rows = [r for r in aggregate(json.loads((shipped_dir() / "bench_t2i.json").read_text()))
@@ -194,9 +195,7 @@ def test_generate_refuses_a_bad_prompt_at_once_without_loading_torch(tmp_path):
 
 
 def test_bench_t2i_quick_records_every_metric_per_seed_and_averages_them(tmp_path):
-    from course_lib.bench.t2i import RECORD_KEYS, main_t2i
-
-    from course_lib.bench.t2i import aggregate
+    from course_lib.bench.t2i import RECORD_KEYS, aggregate, main_t2i
 
     path = tmp_path / "t2i.json"
     records = main_t2i(quick=True, json_path=path, samples=12, models=("shapes_ldm",), seeds=(0, 1))

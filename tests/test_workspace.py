@@ -72,7 +72,7 @@ def test_start_after_a_course_update_says_which_lessons_are_newer_and_never_lose
     assert (dest / "01_a.ipynb").read_text() == "a v1"                                 # not replaced unasked
     assert (dest / "02_b.ipynb").read_text() == "b v1 + my answers"                    # an edit is never lost
     assert (dest / "02_b.new.ipynb").read_text() == "b v2" and "02_b.new.ipynb" in out  # the new release beside it
-    assert "03_c.ipynb" in out and "newer" not in [l for l in out.splitlines() if "03_c" in l][0]
+    assert "03_c.ipynb" in out and "newer" not in [line for line in out.splitlines() if "03_c" in line][0]
     # asked to, start replaces what the learner never edited, and only that
     assert main(["start", str(dest), "--repo", str(repo), "--refresh-untouched"]) == 0
     out = capsys.readouterr().out
