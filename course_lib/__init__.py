@@ -34,8 +34,9 @@ def check(name: str, fn):
     return _check(name, fn)
 
 
-def progress(lesson: int | None = None):
-    """Print the status of every exercise (of one lesson if given) checked this session; return (points, total)."""
+def progress(lesson: int | str | None = None):
+    """Print one lesson's exercises (default: the lesson of your latest check; "all": one line per lesson) with status
+    and points as checked in this kernel; return (points, total)."""
     from .exercises import progress as _progress
 
     return _progress(lesson)

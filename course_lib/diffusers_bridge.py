@@ -204,23 +204,32 @@ def unet_to_diffusers(model: nn.Module, sample_size: int | None = None):
     return out.eval()
 
 
-def to_diffusers_scheduler(schedule: NoiseSchedule, prediction: str = "eps", **kwargs):
+def to_diffusers_scheduler(schedule: NoiseSchedule, prediction: str = "eps", clip: bool = False, **kwargs):
     """diffusers' DPMSolverMultistepScheduler (DPM-Solver++(2M), Lu et al. 2022) on exactly this schedule's betas
-    (`trained_betas`), so that diffusers samples a course model on the noise levels it was trained with."""
+    (`trained_betas`), so that diffusers samples a course model on the noise levels it was trained with. clip=True
+    clips each x0 prediction to [-1, 1] like the course's `clip=1.0` (diffusers' thresholding, Saharia et al. 2022,
+    with sample_max_value=1 is exactly that clipping): for pixel models of data in [-1, 1]."""
     import diffusers
 
     theirs = {v: k for k, v in PREDICTIONS.items()}
     if prediction not in theirs:
         raise ValueError(f"prediction must be one of {sorted(theirs)}, got {prediction!r}")
+    if not isinstance(clip, bool):
+        raise TypeError(f"clip must be True or False (clipping to [-1, 1]), got {clip!r}")
+    if clip:
+        kwargs = {"thresholding": True, "sample_max_value": 1.0, **kwargs}
     return diffusers.DPMSolverMultistepScheduler(
         num_train_timesteps=schedule.T, trained_betas=schedule.betas.double().cpu().numpy(),
         prediction_type=theirs[prediction], **{"algorithm_type": "dpmsolver++", "solver_order": 2, **kwargs})
 
 
-def export_pipeline(model: nn.Module, schedule: NoiseSchedule, folder, image_size: int, force: bool = False):
+def export_pipeline(model: nn.Module, schedule: NoiseSchedule, folder, image_size: int, force: bool = False,
+                    clip: bool = True):
     """Write an unconditional course UNet and its schedule as a diffusers `DDPMPipeline` folder (model_index.json,
     unet/, scheduler/ with DPM-Solver++(2M) on the model's betas) that `DDPMPipeline.from_pretrained(folder)` loads
-    and samples; an existing folder is replaced only with force=True. Returns the pipeline."""
+    and samples; an existing folder is replaced only with force=True. clip (default, as the course's own sampling of
+    image models) clips each x0 prediction to [-1, 1]: without it few-step samples of a small model saturate.
+    Returns the pipeline."""
     import shutil
     from pathlib import Path
 
@@ -235,6 +244,7 @@ def export_pipeline(model: nn.Module, schedule: NoiseSchedule, folder, image_siz
             raise FileExistsError(f"{folder} exists; pass force=True to replace it")
         shutil.rmtree(folder)
     pipe = diffusers.DDPMPipeline(unet=unet_to_diffusers(model, image_size),
-                                  scheduler=to_diffusers_scheduler(schedule, getattr(model, "prediction", "eps")))
+                                  scheduler=to_diffusers_scheduler(schedule, getattr(model, "prediction", "eps"),
+                                                                   clip=clip))
     pipe.save_pretrained(folder)
     return pipe

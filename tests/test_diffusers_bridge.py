@@ -195,7 +195,7 @@ def test_an_exported_pipeline_loads_in_diffusers_and_samples_like_our_solver(tmp
         for p in ours.parameters():
             p.add_(0.05 * torch.randn(p.shape))
     schedule = NoiseSchedule.named("cosine", 1000)
-    export_pipeline(ours, schedule, tmp_path / "pipe", image_size=8)
+    export_pipeline(ours, schedule, tmp_path / "pipe", image_size=8, clip=False)
     with pytest.raises(FileExistsError):
         export_pipeline(ours, schedule, tmp_path / "pipe", image_size=8)
     pipe = diffusers.DDPMPipeline.from_pretrained(tmp_path / "pipe")
@@ -220,6 +220,35 @@ def test_an_exported_pipeline_loads_in_diffusers_and_samples_like_our_solver(tmp
         mine = S.sample(ours.float(), z, schedule, "dpmpp_2m", timesteps=ts.long().tolist(), stable=False).x
     mine = (mine / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert abs(mine - images).max() < 2e-3
+
+
+def test_an_exported_pipeline_clips_like_our_sampler_by_default(tmp_path):
+    """Without clipping a small model's few-step samples saturate: the export clips x0 to [-1, 1] as `clip=1.0` does."""
+    from course_lib.diffusers_bridge import export_pipeline, to_diffusers_scheduler
+    from course_lib.nets import UNet
+    from course_lib.schedules import NoiseSchedule
+
+    torch.manual_seed(1)
+    ours = UNet(base=16, mults=[1, 2], num_res=1).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+    schedule = NoiseSchedule.named("cosine", 1000)
+    export_pipeline(ours, schedule, tmp_path / "pipe", image_size=8)
+    pipe = diffusers.DDPMPipeline.from_pretrained(tmp_path / "pipe")
+    assert pipe.scheduler.config.thresholding and pipe.scheduler.config.sample_max_value == 1.0
+    unet, sched = pipe.unet.double(), pipe.scheduler
+    z = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    theirs, ts = _theirs(sched, unet, z, 12)
+    ours.double()
+    with torch.no_grad():
+        clipped = S.sample(ours, z, schedule, "dpmpp_2m", timesteps=ts.long().tolist(), stable=False, clip=1.0).x
+        free = S.sample(ours, z, schedule, "dpmpp_2m", timesteps=ts.long().tolist(), stable=False).x
+    assert (free - clipped).abs().max() > 0.1  # this model's x0 predictions leave [-1, 1], so clipping is visible
+    torch.testing.assert_close(clipped, theirs, rtol=1e-4, atol=1e-4)
+    assert not to_diffusers_scheduler(schedule).config.thresholding
+    with pytest.raises(TypeError, match="clip must be True or False"):
+        to_diffusers_scheduler(schedule, clip=1.0)
 
 
 def test_the_pretrained_section_says_why_it_cannot_run_here(monkeypatch):

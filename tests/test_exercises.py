@@ -82,23 +82,45 @@ def test_unknown_exercise_and_broken_checker_never_raise(capsys, monkeypatch):
 
 def test_progress_counts_points(capsys, monkeypatch):
     monkeypatch.setattr(E, "_RESULTS", {})
+    monkeypatch.setattr(E, "_LAST_LESSON", [])
+    lessons = sorted({ex.lesson for ex in E.EXERCISES.values()})
+    points = {k: sum(ex.points for ex in E.EXERCISES.values() if ex.lesson == k) for k in lessons}
+    # before any check: one line per lesson, every lesson with exercises in order, then the course total
+    assert tuple(E.progress()) == (0, sum(points.values()))
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.strip().startswith("lesson")]
+    assert [int(line.split()[1]) for line in rows] == lessons and lessons[-1] >= 10
+    assert "python -m course_lib grade my-work" in out and "this kernel" in out  # where the whole standing is
     E.check("alpha_bar_from_betas", E.ref_alpha_bar_from_betas)
     E.check("q_sample", _stub)
-    got, total = E.progress(lesson=1)
+    capsys.readouterr()
     lesson1 = [n for n, ex in E.EXERCISES.items() if ex.lesson == 1]
-    assert (got, total) == (1, len(lesson1))
-    out = capsys.readouterr().out
-    assert f"Total: 1 / {len(lesson1)} points" in out
-    # without a lesson: one line per lesson, every lesson with exercises, in order, and the course total
-    got, total = E.progress()
-    lines = capsys.readouterr().out.strip().splitlines()
-    lessons = sorted({ex.lesson for ex in E.EXERCISES.values()})
-    assert [int(line.split()[2]) for line in lines[:-1]] == lessons and lessons[-1] >= 10
-    points = {k: sum(ex.points for ex in E.EXERCISES.values() if ex.lesson == k) for k in lessons}
-    assert lines[lessons.index(1)].endswith(f"1 / {points[1]} points") and lines[lessons.index(1)][0] == "❌"
-    assert lines[lessons.index(2)].startswith("⬜") and (got, total) == (1, sum(points.values()))
-    with pytest.raises(ValueError, match="no exercises in lesson 99"):
-        E.progress(99)
+    # without a lesson: the lesson of the latest check, one row per exercise with its points, words before symbols
+    assert tuple(E.progress()) == (1, points[1]) == tuple(E.progress(lesson=1))
+    out = capsys.readouterr().out.split("Lesson 1")[1]
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert set(rows) == set(lesson1)
+    assert rows["alpha_bar_from_betas"].split()[1:5] == ["1", "/", "1", "point"]
+    assert rows["alpha_bar_from_betas"].rstrip().endswith("passed ✅")
+    assert rows["q_sample"].split()[1] == "0" and rows["q_sample"].rstrip().endswith("not attempted ⬜")
+    assert f"Total for lesson 1: 1 / {points[1]} points" in out
+    got, total = E.progress("all")
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("lesson")]
+    assert rows[lessons.index(1)].split()[2:4] == ["1", "/"] and rows[lessons.index(1)].endswith("not all passed ❌")
+    assert rows[lessons.index(2)].endswith("not attempted ⬜") and (got, total) == (1, sum(points.values()))
+    E.check("noise_images", E.EXERCISES["noise_images"].reference)  # the default follows the latest check
+    assert tuple(E.progress()) == (1, points[0]) and "Lesson 0," in capsys.readouterr().out
+    for bad in (99, "3", True, 2.0):
+        with pytest.raises(ValueError, match="no exercises in lesson"):
+            E.progress(bad)
+
+
+def test_a_verdict_starts_with_words():
+    """Without an emoji font the symbols show as boxes: the line must read correctly from its words alone."""
+    assert str(E.CheckResult("q_sample", E.PASSED, "fine.")).startswith("q_sample: passed ")
+    failed = str(E.CheckResult("q_sample", E.FAILED, "values differ.", "Use cumprod."))
+    assert failed.splitlines()[0].startswith("q_sample: failed ") and "Hint: Use cumprod." in failed
+    assert str(E.CheckResult("q_sample", E.NOT_ATTEMPTED, "stub.")).startswith("q_sample: not attempted ")
 
 
 def test_check_and_progress_show_nothing_more_in_a_notebook(monkeypatch):

@@ -125,7 +125,7 @@ def test_check_and_progress_in_a_real_kernel(tmp_path):
     nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
     text = ["".join(o.get("text", "") for o in c.outputs if o.output_type == "stream") for c in nb.cells]
-    assert "log_snr: passed." in text[1] and "q_sample: not attempted." in text[2]
-    assert "alpha_bar_from_betas: failed." in text[3] and "Hint: Use a running product" in text[3]
-    assert "Total: 1 / 3 points" in text[4]
+    assert "log_snr: passed ✅" in text[1] and "q_sample: not attempted ⬜" in text[2]
+    assert "alpha_bar_from_betas: failed ❌" in text[3] and "Hint: Use a running product" in text[3]
+    assert "Total for lesson 1: 1 / 3 points" in text[4] and "grade my-work" in text[4]
     assert all(o.output_type != "error" for c in nb.cells for o in c.outputs)

@@ -6,7 +6,7 @@ on_behaviour.py for the ones graded on what a training run or a sampling loop pr
 a line at the bottom of this one. The grader's workers may neither import nor read anything in this folder.
 
 `check(name, fn)` never raises (except on Ctrl-C): it prints passed / failed (with a hint) / not
-attempted and returns a bool. Results are remembered for this session; `progress()` shows the total.
+attempted and returns a bool. Results are remembered for this kernel; `progress()` shows them with their points.
 """
 from __future__ import annotations
 
@@ -20,7 +20,10 @@ from ..grading.calls import Raised, call_learner, with_oracles
 from ..grading.calls import clone_inputs as _clone
 
 PASSED, FAILED, NOT_ATTEMPTED = "passed", "failed", "not_attempted"
-_SYMBOL = {PASSED: "✅", FAILED: "❌", NOT_ATTEMPTED: "⬜"}
+_SYMBOL = {PASSED: "✅", FAILED: "❌", NOT_ATTEMPTED: "⬜"}  # after the words, which carry the meaning without an emoji font
+STANDING = ("These are the checks run in this kernel since it started; a restarted kernel or another notebook starts "
+            "afresh.\nYour standing in every lesson: `python -m course_lib grade my-work --out grades.csv` in a "
+            "terminal\n(it runs each notebook of your work folder again in quick mode, as an instructor's grader would).")
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ class CheckResult:
         return self.status == PASSED
 
     def __str__(self) -> str:
-        text = f"{_SYMBOL[self.status]} {self.name}: {self.status.replace('_', ' ')}. {self.message}"
+        text = f"{self.name}: {_word(self.status)} {_SYMBOL[self.status]} — {self.message}"
         return text + (f"\n   Hint: {self.hint}" if self.hint else "")
 
 
@@ -95,6 +98,11 @@ LIBRARY_EQUIVALENTS = {
     "dpmpp_2m_coefficients": ("course_lib.kernels.dpmpp_2m_step", "course_lib.samplers.sample_dpmpp_2m"),
 }
 _RESULTS: dict[str, CheckResult] = {}
+_LAST_LESSON: list[int] = []  # the lesson of the latest check in this kernel: progress() shows it by default
+
+
+def _word(status: str) -> str:
+    return status.replace("_", " ")
 
 
 def register(exercise: Exercise) -> Exercise:
@@ -349,37 +357,47 @@ def check(name: str, fn) -> Verdict:
         result = CheckResult(str(name), FAILED, f"the checker itself failed ({type(e).__name__}: {e}).",
                              "This is a bug in the course, not your code: please report it.")
     _RESULTS[result.name] = result
+    if result.name in EXERCISES:
+        _LAST_LESSON[:] = [EXERCISES[result.name].lesson]
     print(result)
     return Verdict(result.name, result.passed)
 
 
-def progress(lesson: int | None = None) -> Score:
-    """Print the status of every exercise of one lesson checked this session, or, with no lesson, one line per lesson
-    (points passed of its total); return (points, total)."""
-    names = sorted((n for n, ex in EXERCISES.items() if lesson is None or ex.lesson == lesson),
-                   key=lambda n: EXERCISES[n].lesson)  # stable: each lesson's exercises in the order they appear
-    if not names:
-        raise ValueError(f"no exercises in lesson {lesson!r}; lessons with exercises: "
-                         f"{sorted({ex.lesson for ex in EXERCISES.values()})}")
-    got = total = 0
-    per_lesson: dict[int, list[int]] = {}
-    for n in names:
-        ex, res = EXERCISES[n], _RESULTS.get(n)
-        status = res.status if res else NOT_ATTEMPTED
-        earned = ex.points if status == PASSED else 0
-        total += ex.points
-        got += earned
-        tally = per_lesson.setdefault(ex.lesson, [0, 0, 0])  # points, total, exercises attempted
-        tally[0] += earned
-        tally[1] += ex.points
-        tally[2] += status != NOT_ATTEMPTED
-        if lesson is not None:
-            print(f"{_SYMBOL[status]} lesson {ex.lesson}  {n:<24} {status.replace('_', ' ')}")
+def progress(lesson: int | str | None = None) -> Score:
+    """Print the exercises of one lesson with their status and points, as checked in this kernel, and where the whole
+    course's standing is kept. Without a lesson: the lesson of the latest check (every lesson, one line each, before
+    any check); `progress("all")`: every lesson. Returns (points, total) of what it showed."""
+    lessons = sorted({ex.lesson for ex in EXERCISES.values()})
     if lesson is None:
-        for k, (pts, tot, tried) in sorted(per_lesson.items()):
-            symbol = _SYMBOL[PASSED if pts == tot else (FAILED if tried else NOT_ATTEMPTED)]
-            print(f"{symbol} lesson {k:>2}  {pts} / {tot} points")
-    print(f"Total: {got} / {total} points")
+        lesson = _LAST_LESSON[-1] if _LAST_LESSON else "all"
+    if lesson != "all" and (isinstance(lesson, bool) or not isinstance(lesson, int) or lesson not in lessons):
+        raise ValueError(f"no exercises in lesson {lesson!r}; lessons with exercises: {lessons} "
+                         "(or 'all' for one line per lesson)")
+    rows = []  # (lesson, name, status, earned, points): each lesson's exercises in the order they appear
+    for n in sorted(EXERCISES, key=lambda n: EXERCISES[n].lesson):
+        ex, res = EXERCISES[n], _RESULTS.get(n)
+        if lesson == "all" or ex.lesson == lesson:
+            status = res.status if res else NOT_ATTEMPTED
+            rows.append((ex.lesson, n, status, ex.points if status == PASSED else 0, ex.points))
+    got, total = sum(r[3] for r in rows), sum(r[4] for r in rows)
+    unit = lambda k: "point" if k == 1 else "points"  # noqa: E731
+    if lesson == "all":
+        print("Every lesson, as checked in this kernel:")
+        for k in lessons:
+            mine = [r for r in rows if r[0] == k]
+            pts, tot = sum(r[3] for r in mine), sum(r[4] for r in mine)
+            tried = any(r[2] != NOT_ATTEMPTED for r in mine)
+            status = PASSED if pts == tot else (FAILED if tried else NOT_ATTEMPTED)
+            word = {PASSED: "all passed", FAILED: "not all passed", NOT_ATTEMPTED: "not attempted"}[status]
+            print(f"  lesson {k:>2}  {pts:>2} / {tot} {unit(tot):<6}  {word} {_SYMBOL[status]}")
+        print(f"Total: {got} / {total} points")
+    else:
+        print(f"Lesson {lesson}, as checked in this kernel:")
+        width = max(len(r[1]) for r in rows)
+        for _, n, status, earned, points in rows:
+            print(f"  {n:<{width}}  {earned} / {points} {unit(points):<6}  {_word(status)} {_SYMBOL[status]}")
+        print(f"Total for lesson {lesson}: {got} / {total} {unit(total)}")
+    print(STANDING)
     return Score(got, total)
 
 
