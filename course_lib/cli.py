@@ -76,6 +76,7 @@ def _train(args) -> int:
         raise ValueError(f"--steps must be positive, got {args.steps}")
     info = device_info(args.device)
     machine = f"{info.name}; {platform.machine()}; torch {__import__('torch').__version__}"
+    several_ranks = False  # under torchrun
     command = (f"python -m course_lib train --preset {args.preset} --out {out} --force"
                + (f" --steps {args.steps}" if args.steps else ""))
     if args.preset == "digits_classifier":
@@ -105,10 +106,11 @@ def _train(args) -> int:
         if state is not None:
             trainer.save(state)
         if trainer.world > 1:  # under torchrun every rank holds the same model: rank 0 measures and writes it
-            from .distributed import finish
+            from .distributed import finish, leave
+            several_ranks = True
             finish()
             if trainer.rank != 0:
-                return 0
+                leave(0)
         card = {"preset": args.preset, "steps": trainer.step, "train_seconds": round(trainer.elapsed, 1),
                 "machine": machine, "command": command, "parameters": count_parameters(trainer.model),
                 "final_loss": round(sum(trainer.losses[-200:]) / len(trainer.losses[-200:]), 5)}
@@ -139,6 +141,9 @@ def _train(args) -> int:
     write_json_atomic(card, out.with_suffix(".json"))
     print(json.dumps(card, indent=2, sort_keys=True))
     print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and {out.with_suffix('.json')}")
+    if several_ranks:
+        from .distributed import leave
+        leave(0)
     return 0
 
 

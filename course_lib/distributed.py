@@ -5,6 +5,7 @@ processes give the same numbers as one process with the same global batch, and a
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -69,3 +70,12 @@ def finish() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def leave(code: int = 0):
+    """End this rank now, its work written: flush the output and skip the interpreter's teardown, in which gloo's
+    threads can still abort the process (SIGABRT, "terminate called without an active exception"; see
+    pytorch/pytorch#179291) and so fail a run whose work is done."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

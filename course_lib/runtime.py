@@ -94,3 +94,13 @@ def describe_mode() -> str:
     if is_quick():
         return f"Quick mode ({QUICK_ENV}=1): tiny budgets, results are noisier than in the saved notebook."
     return f"Full mode: full budgets (set {QUICK_ENV}=1 for a run of under a minute)."
+
+
+def smoke_note(n: int | None = None) -> str:
+    """In quick mode, a line to print before a verdict computed in the notebook: its numbers test the code, they are not
+    a measurement; "" in full mode."""
+    if not is_quick():
+        return ""
+    size = f", {n:,} samples" if n is not None else ""
+    return (f"(quick mode{size}: a smoke test of the code, not a measurement; the saved notebook's full run is the "
+            "result)")

@@ -15,6 +15,13 @@ def test_quick_mode_parsing(monkeypatch, value, quick):
     assert runtime.budget(full=1000, quick=10) == (10 if quick else 1000)
 
 
+def test_quick_mode_labels_a_verdict_as_a_smoke_test(monkeypatch):
+    monkeypatch.setenv(runtime.QUICK_ENV, "1")
+    assert "smoke test" in runtime.smoke_note(40) and "40 samples" in runtime.smoke_note(40)
+    monkeypatch.setenv(runtime.QUICK_ENV, "0")
+    assert runtime.smoke_note(40) == ""
+
+
 def test_quick_mode_rejects_garbage(monkeypatch):
     monkeypatch.setenv(runtime.QUICK_ENV, "maybe")
     with pytest.raises(ValueError, match="COURSE_QUICK"):
