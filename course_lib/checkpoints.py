@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,49 +26,47 @@ def _default_mode() -> int:
     return 0o666 & ~mask
 
 
-def save_atomic(obj, path: str | Path) -> Path:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file at `path`."""
+def _write_atomic(write, path: str | Path, replace: bool) -> Path:
+    from .outputs import no_space, publish
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
-    except BaseException:
+        publish(tmp, path, replace)
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        full = no_space(path, e) if isinstance(e, Exception) else None
+        if full is not None:
+            raise full from None
         raise
     return path
 
 
-def write_bytes_atomic(data: bytes, path: str | Path) -> Path:
+def save_atomic(obj, path: str | Path, replace: bool = True) -> Path:
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file at `path`.
+    replace=False refuses to replace a file (FileExistsError), even one that appeared while the command ran."""
+    return _write_atomic(lambda f: torch.save(obj, f), path, replace)
+
+
+def write_bytes_atomic(data: bytes, path: str | Path, replace: bool = True) -> Path:
     """Write bytes through a temporary file in the same folder and a rename: never half a file at `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return _write_atomic(lambda f: f.write(data), path, replace)
 
 
-def write_text_atomic(text: str, path: str | Path) -> Path:
+def write_text_atomic(text: str, path: str | Path, replace: bool = True) -> Path:
     """Write a UTF-8 text file through a temporary file in the same folder and a rename: never half a file at `path`."""
-    return write_bytes_atomic(text.encode("utf-8"), path)
+    return write_bytes_atomic(text.encode("utf-8"), path, replace)
 
 
-def write_json_atomic(data, path: str | Path) -> Path:
+def write_json_atomic(data, path: str | Path, replace: bool = True) -> Path:
     """Write a JSON file (indented, sorted keys) through a temporary file and a rename."""
-    return write_text_atomic(json.dumps(data, indent=2, sort_keys=True) + "\n", path)
+    return write_text_atomic(json.dumps(data, indent=2, sort_keys=True) + "\n", path, replace)
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
@@ -74,16 +74,17 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    _check_integrity(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, random bytes, a pickle of something else ...
-        msg = str(e)  # PyTorch's own text suggests weights_only=False: wrong advice for a file of unknown origin
-        detail = (msg.split("WeightsUnpickler error:", 1)[1].strip() if "WeightsUnpickler error:" in msg else msg)
-        detail = (detail.splitlines() or [""])[0][:200]
-        if "Unsupported global" in detail:  # a pickle of code or objects: never unpickle it
-            raise ValueError(f"{path} holds Python objects besides tensors, which course_lib refuses to unpickle "
-                             f"(unpickling can run code): {detail.split(' was not')[0]}. It is not a course_lib "
-                             "checkpoint; never load a file you did not make yourself with weights_only=False.") from None
+    except pickle.UnpicklingError as e:  # the weights-only unpickler refused: code or objects, never unpickled
+        found = [line.strip() for line in str(e).splitlines()
+                 if "global" in line.lower() and "weights_only" not in line]
+        raise ValueError(f"{path} holds Python objects besides tensors, which course_lib refuses to unpickle "
+                         f"(unpickling can run code){': ' + found[0][:200].rstrip('.') if found else ''}. It is not a course_lib "
+                         "checkpoint; never load a file you did not make yourself with weights_only=False.") from None
+    except Exception as e:  # truncated zip, random bytes ...
+        detail = (str(e).splitlines() or [""])[0][:200]
         raise ValueError(f"{path} is not a readable checkpoint (corrupt or truncated?): "
                          f"{type(e).__name__}: {detail}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
@@ -91,7 +92,39 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if ckpt.get("version") != VERSION or ckpt.get("kind") not in KINDS:
         raise ValueError(f"{path}: unsupported checkpoint version {ckpt.get('version')!r} "
                          f"or kind {ckpt.get('kind')!r}; this course_lib reads version {VERSION}")
+    _check_fields(path, ckpt)
     return ckpt
+
+
+def _check_integrity(path: Path) -> None:
+    """torch.save writes a zip whose members carry CRC-32 checksums that torch.load does not verify: check them, so
+    a flipped bit or a damaged copy is refused instead of loading slightly wrong weights."""
+    if not zipfile.is_zipfile(path):
+        return  # not torch's zip format: torch.load says what it is
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise ValueError(f"{path} is damaged (truncated or corrupt: {e}); copy or download it again") from None
+    if bad is not None:
+        raise ValueError(f"{path} is damaged: the bytes of {bad} do not match their stored checksum (a flipped bit "
+                         "or a bad copy); copy or download it again, or retrain it")
+
+
+def _check_fields(path: Path, ckpt: dict) -> None:
+    """A crafted or foreign card gets a clear error naming the file, not a KeyError later."""
+    needed = {"train_state": ("config", "model_config", "ema"), "weights": ("config", "model_config", "weights")}
+    for key in needed[ckpt["kind"]]:
+        if key not in ckpt:
+            raise ValueError(f"{path} is missing its {key!r} entry: not a complete course_lib checkpoint")
+    for key in ("config", "model_config"):
+        if not isinstance(ckpt[key], dict):
+            raise ValueError(f"{path}: its {key!r} entry must be a dict, got {type(ckpt[key]).__name__}")
+    weights = ckpt["weights"] if ckpt["kind"] == "weights" else ckpt["ema"]
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise ValueError(f"{path}: its weights must be a dict of tensors")
+    if not isinstance(ckpt.get("card", {}), dict):
+        raise ValueError(f"{path}: its card must be a dict, got {type(ckpt['card']).__name__}")
 
 
 def check_same_model(model_config: dict, expected: dict, where: str = "checkpoint") -> None:
@@ -106,8 +139,17 @@ def load_weights(model: torch.nn.Module, path: str | Path, which: str = "ema") -
     """Load the weights of a checkpoint into `model` (which must have the same .config); returns the model."""
     ckpt = load_checkpoint(path)
     check_same_model(ckpt["model_config"], getattr(model, "config", {}), where=f"checkpoint {Path(path).name}")
-    model.load_state_dict(_weights(ckpt, which))
+    _load_into(model, _weights(ckpt, which), path)
     return model
+
+
+def _load_into(model: torch.nn.Module, weights: dict, path) -> None:
+    """Load weights into the model the checkpoint's config describes; weights of other shapes or names name the file."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:300]
+        raise ValueError(f"{path}: its weights do not fit the model its config describes ({detail})") from None
 
 
 def _weights(ckpt: dict, which: str) -> dict:
@@ -119,13 +161,34 @@ def _weights(ckpt: dict, which: str) -> dict:
 
 def shipped_dir() -> Path:
     """The folder holding the shipped checkpoints: $COURSE_CHECKPOINTS, the repo's data/, or the Colab clone's."""
-    candidates = [os.environ.get("COURSE_CHECKPOINTS"), Path(__file__).resolve().parents[1] / "data",
+    chosen = os.environ.get("COURSE_CHECKPOINTS")
+    if chosen and not (Path(chosen) / "ring8.pt").is_file():
+        raise FileNotFoundError(f"COURSE_CHECKPOINTS is set to {chosen}, which holds no shipped checkpoints "
+                                "(ring8.pt): point it at the course's data/ folder, or unset it")
+    candidates = [chosen, Path(__file__).resolve().parents[1] / "data",
                   "/content/diffusion-course/data", Path.cwd() / "data", Path.cwd().parent / "data"]
     for c in candidates:
         if c and (Path(c) / "ring8.pt").is_file():
             return Path(c)
     raise FileNotFoundError("cannot find the shipped checkpoints (data/ring8.pt): run from the course repository, "
                             "or set COURSE_CHECKPOINTS to the folder that holds them")
+
+
+def read_json(path: str | Path):
+    """A JSON file's content; a malformed or missing one is a ValueError / FileNotFoundError that names the file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); if it is a file the course ships, restore it with "
+                         f"`git checkout -- {path.name}` in its folder") from None
+
+
+def shipped_json(name: str):
+    """A benchmark record or model card shipped in data/ (e.g. "bench_guidance.json"), read with a clear error."""
+    return read_json(shipped_dir() / name)
 
 
 class Pretrained(NamedTuple):
@@ -157,7 +220,7 @@ def load_pretrained(name_or_path: str | Path, device=None, which: str = "ema") -
         raise ValueError(f"{path} holds no diffusion model, nor a flow model (family {config.get('family')!r}); "
                          f"load it with load_model")
     model = build_model(ckpt["model_config"])
-    model.load_state_dict(_weights(ckpt, which))
+    _load_into(model, _weights(ckpt, which), path)
     model.eval().requires_grad_(False)
     if device is not None:
         model.to(device)
@@ -191,7 +254,7 @@ def load_model(path: str | Path, device=None, which: str = "ema") -> Loaded:
 
     ckpt = load_checkpoint(path)
     model = build_model(ckpt["model_config"])
-    model.load_state_dict(_weights(ckpt, which))
+    _load_into(model, _weights(ckpt, which), path)
     model.eval().requires_grad_(False)
     if device is not None:
         model.to(device)

@@ -59,107 +59,160 @@ def _grade(args) -> int:
     return main_grade(args)
 
 
+def _train_command(args, out) -> str:
+    """The exact command that reproduces this run (paths quoted for a POSIX shell)."""
+    import shlex
+
+    words = ["python", "-m", "course_lib", "train", "--preset", args.preset, "--out", str(out), "--force"]
+    for flag, value in (("--steps", args.steps), ("--state", args.state), ("--eval-samples", args.eval_samples),
+                        ("--save-every", args.save_every if args.save_every != 1000 else None)):
+        if value is not None:
+            words += [flag, str(value)]
+    return shlex.join(words + (["--no-eval"] if args.no_eval else []))
+
+
+def _check_state(state, config) -> None:
+    """Refuse to resume a training state started with another preset or budget (the card would describe the wrong
+    run); the checkpoint is read, not unpickled."""
+    from .checkpoints import load_checkpoint
+
+    saved = load_checkpoint(state)
+    if saved["kind"] != "train_state":
+        raise ValueError(f"--state {state} holds exported weights only (no optimizer state): it cannot be resumed")
+    mine = config.to_dict()
+    differ = sorted(k for k in set(saved["config"]) | set(mine) if saved["config"].get(k) != mine.get(k))
+    if differ:
+        detail = ", ".join(f"{k} {saved['config'].get(k)!r} there, {mine.get(k)!r} here" for k in differ)
+        raise ValueError(f"--state {state} was started with other settings ({detail}): resume it with the --preset "
+                         "and --steps it was started with, or give a new --state")
+
+
 def _train(args) -> int:
     import json
     import platform
     from pathlib import Path
 
     from .checkpoints import write_json_atomic
+    from .outputs import Plan, write_then_publish
     from .runtime import device_info
 
     if args.preset not in PRESET_NAMES:
         raise ValueError(f"unknown preset {args.preset!r}; choose one of {list(PRESET_NAMES)}")
-    out = Path(args.out or f"{args.preset}.pt")
-    if out.exists() and not args.force:
-        raise ValueError(f"{out} exists; pass --force to replace it (or choose another --out)")
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be positive, got {args.steps}")
-    info = device_info(args.device)
-    machine = f"{info.name}; {platform.machine()}; torch {__import__('torch').__version__}"
-    several_ranks = False  # under torchrun
-    command = (f"python -m course_lib train --preset {args.preset} --out {out} --force"
-               + (f" --steps {args.steps}" if args.steps else ""))
-    if args.preset == "digits_classifier":
-        from .classifier import export_classifier, train_classifier
-
-        clf, card = train_classifier(steps=args.steps or 2_000)
-        card.update(preset=args.preset, machine=machine, command=command)
-    elif args.preset in SHAPES_PRESETS:  # lesson 7's models: their own loops (course_lib.shapes_presets)
-        from .shapes_presets import train_preset
-
-        _, card, export = train_preset(args.preset, args.steps)
-        card.update(preset=args.preset, machine=machine, command=command)
-    else:
-        from .evaluate import held_out_likelihood, sample_quality
-        from .nets import count_parameters
-        from .train import Trainer, preset
+    for flag, value, most in (("--steps", args.steps, 10**8), ("--eval-samples", args.eval_samples, 100_000),
+                              ("--save-every", args.save_every, 10**8)):
+        if value is not None and not 1 <= value <= most:
+            raise ValueError(f"{flag} must be between 1 and {most:,}, got {value}")
+    trainer_preset = args.preset != "digits_classifier" and args.preset not in SHAPES_PRESETS
+    if args.state and not trainer_preset:
+        raise ValueError(f"--state is for the presets the Trainer trains; {args.preset} trains in one go")
+    plan = Plan(force=args.force)
+    out = plan.output(args.out or f"{args.preset}.pt", "checkpoint")
+    plan.output(out.with_suffix(".json"), "card (the checkpoint's name with .json)")
+    state = Path(args.state) if args.state else None
+    if state is not None:
+        plan.output(state, "training state (--state)", may_exist=True)
+    config = None
+    if trainer_preset:
+        from .train import preset
 
         config = preset(args.preset, **({"steps": args.steps} if args.steps else {}))
-        state = Path(args.state) if args.state else None
         if state is not None and state.exists():
-            trainer = Trainer.resume(state, info.device)
-            print(f"Resumed {state} at step {trainer.step}")
-        else:
-            trainer = Trainer(config, info.device)
-        save = (lambda tr: tr.save(state)) if state is not None else None
-        trainer.train(callback=save, every=1000)
-        if state is not None:
-            trainer.save(state)
-        if trainer.world > 1:  # under torchrun every rank holds the same model: rank 0 measures and writes it
-            from .distributed import finish, leave
-            several_ranks = True
-            finish()
-            if trainer.rank != 0:
-                leave(0)
-        card = {"preset": args.preset, "steps": trainer.step, "train_seconds": round(trainer.elapsed, 1),
-                "machine": machine, "command": command, "parameters": count_parameters(trainer.model),
-                "final_loss": round(sum(trainer.losses[-200:]) / len(trainer.losses[-200:]), 5)}
-        if not args.no_eval and trainer.family in ("masked_diffusion", "autoregressive"):
-            from .checkpoints import Loaded
-            from .text_models import evaluate_text
+            _check_state(state, config)
+    info = device_info(args.device)
+    machine = f"{info.name}; {platform.machine()}; torch {__import__('torch').__version__}"
+    command = _train_command(args, out)
+    import os
 
-            print("Measuring the captions it writes and its bits per token ...")
-            card["quality"] = evaluate_text(Loaded(trainer.ema, trainer.config.to_dict(), {}))
-        elif not args.no_eval and trainer.family == "classifier":
-            from .evaluate import noisy_accuracy
-
-            card["quality"] = noisy_accuracy(trainer.ema, trainer.schedule)
-        elif not args.no_eval:
-            print("Measuring sample quality and the likelihood bound ...")
-            ema, cfg = trainer.ema, trainer.config.to_dict()
-            n = args.eval_samples or (1000 if trainer.config.data == "digits" else 2000)
-            card["quality"] = sample_quality(ema, trainer.schedule, cfg, n=n, progress=True)
-            if trainer.family == "diffusion":  # the variational bound needs a noise schedule (flow: lesson 9's ODE)
-                n_t = 100 if trainer.config.data == "digits" else None
-                card["likelihood"] = held_out_likelihood(ema, trainer.schedule, cfg, n_t=n_t)
-    if args.preset == "digits_classifier":
-        export_classifier(clf, out, card)
-    elif args.preset in SHAPES_PRESETS:
-        export(out, card)
-    else:
-        trainer.export(out, card)
-    write_json_atomic(card, out.with_suffix(".json"))
-    print(json.dumps(card, indent=2, sort_keys=True))
-    print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and {out.with_suffix('.json')}")
-    if several_ranks:
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 writes, so only it holds the locks
+    with (plan if rank0 else Plan()):
+        card, write = _train_run(args, config, state, info, machine, command)
+        write_then_publish(lambda tmp: write(tmp, card), out, replace=args.force)
+        write_json_atomic(card, out.with_suffix(".json"), replace=args.force)
+        print(json.dumps(card, indent=2, sort_keys=True))
+        print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and {out.with_suffix('.json')}")
+    if config is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from .distributed import leave
         leave(0)
     return 0
 
 
+def _train_run(args, config, state, info, machine, command):
+    """Train (resuming --state), measure, and return (card, write(path, card)); other torchrun ranks end here."""
+    if args.preset == "digits_classifier":
+        from .classifier import export_classifier, train_classifier
+
+        clf, card = train_classifier(steps=args.steps or 2_000)
+        card.update(preset=args.preset, machine=machine, command=command)
+        return card, lambda path, c: export_classifier(clf, path, c)
+    if args.preset in SHAPES_PRESETS:  # lesson 7's models: their own loops (course_lib.shapes_presets)
+        from .shapes_presets import train_preset
+
+        _, card, export = train_preset(args.preset, args.steps)
+        card.update(preset=args.preset, machine=machine, command=command)
+        return card, export
+    from .evaluate import held_out_likelihood, sample_quality
+    from .nets import count_parameters
+    from .train import Trainer
+
+    if state is not None and state.exists():
+        trainer = Trainer.resume(state, info.device)
+        print(f"Resumed {state} at step {trainer.step}")
+    else:
+        trainer = Trainer(config, info.device)
+    save = (lambda tr: tr.save(state)) if state is not None else None
+    trainer.train(callback=save, every=args.save_every)
+    if state is not None:
+        trainer.save(state)
+    if trainer.world > 1:  # under torchrun every rank holds the same model: rank 0 measures and writes it
+        from .distributed import finish, leave
+        finish()
+        if trainer.rank != 0:
+            leave(0)
+    card = {"preset": args.preset, "steps": trainer.step, "train_seconds": round(trainer.elapsed, 1),
+            "machine": machine, "command": command, "parameters": count_parameters(trainer.model),
+            "final_loss": round(sum(trainer.losses[-200:]) / len(trainer.losses[-200:]), 5)}
+    if not args.no_eval and trainer.family in ("masked_diffusion", "autoregressive"):
+        from .checkpoints import Loaded
+        from .text_models import evaluate_text
+
+        print("Measuring the captions it writes and its bits per token ...")
+        card["quality"] = evaluate_text(Loaded(trainer.ema, trainer.config.to_dict(), {}))
+    elif not args.no_eval and trainer.family == "classifier":
+        from .evaluate import noisy_accuracy
+
+        card["quality"] = noisy_accuracy(trainer.ema, trainer.schedule)
+    elif not args.no_eval:
+        print("Measuring sample quality and the likelihood bound ...")
+        ema, cfg = trainer.ema, trainer.config.to_dict()
+        n = args.eval_samples or (1000 if trainer.config.data == "digits" else 2000)
+        card["quality"] = sample_quality(ema, trainer.schedule, cfg, n=n, progress=True)
+        if trainer.family == "diffusion":  # the variational bound needs a noise schedule (flow: lesson 9's ODE)
+            n_t = 100 if trainer.config.data == "digits" else None
+            card["likelihood"] = held_out_likelihood(ema, trainer.schedule, cfg, n_t=n_t)
+    return card, trainer.export
+
+
 def _generate(args) -> int:
+    import math
     import random
-    from pathlib import Path
 
     from .grammar import complete_prompt, parse_caption
+    from .outputs import Plan
 
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise ValueError(f"--out must name a .png file, got {out}")
-    if out.exists() and not args.force:
-        raise ValueError(f"{out} exists; pass --force to replace it (or choose another --out)")
+    if not args.out.lower().endswith(".png"):
+        raise ValueError(f"--out must name a .png file, got {args.out}")
+    plan = Plan(force=args.force)
+    out = plan.output(args.out, "image (--out)")
+    if args.model.endswith(".pt"):
+        plan.input(args.model, "model checkpoint (--model)")
     if args.n < 1 or args.n > 64:
         raise ValueError(f"--n must be between 1 and 64, got {args.n}")
+    if args.scale is not None and not (math.isfinite(args.scale) and 0 <= args.scale <= 100):
+        raise ValueError(f"--scale must be a guidance scale between 0 and 100, got {args.scale}")
+    if args.nfe is not None and not 1 <= args.nfe <= 1000:
+        raise ValueError(f"--nfe must be between 1 and 1,000, got {args.nfe}")
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
     scenes = [parse_caption(p) for p in args.prompt]  # every prompt checked before torch and the model load
     rng = random.Random(args.seed)
     prompts, notes = [], []
@@ -171,12 +224,16 @@ def _generate(args) -> int:
             notes.append(f"{text!r} names no {' and no '.join(filled)}: every training caption of one object names "
                          f"them, so each sample draws {'them' if len(filled) > 1 else 'it'} at random")
 
+    from .outputs import write_then_publish
     from .text2image import DEFAULT_NFE, load_text_to_image, save_grid
 
-    model = load_text_to_image(args.model)
-    scale = model.card.get("best_scale") if args.scale is None else args.scale
-    images = model.generate(prompts, scale=scale, nfe=args.nfe or DEFAULT_NFE, sampler=args.sampler, seed=args.seed)
-    save_grid(images, out, rows=len(args.prompt), labels=list(args.prompt))
+    with plan:
+        model = load_text_to_image(args.model)
+        scale = model.card.get("best_scale") if args.scale is None else args.scale
+        images = model.generate(prompts, scale=scale, nfe=args.nfe or DEFAULT_NFE, sampler=args.sampler,
+                                seed=args.seed)
+        write_then_publish(lambda tmp: save_grid(images, tmp, rows=len(args.prompt), labels=list(args.prompt)), out,
+                           replace=args.force)
     print(f"Wrote {out}: {args.n} sample(s) per prompt for {len(args.prompt)} prompt(s), one row each, labelled; "
           f"{args.model}, guidance {scale:g}, {args.nfe or DEFAULT_NFE} NFE ({args.sampler}), seed {args.seed}")
     for note in notes:
@@ -188,13 +245,11 @@ def _generate(args) -> int:
 
 def two_object_note(model: str) -> str:
     """What lesson 7 measured about two-object prompts, from the shipped benchmark (for the model it ran)."""
-    import json
-
     from .bench.t2i import aggregate
-    from .checkpoints import shipped_dir
+    from .checkpoints import read_json, shipped_dir
 
     path = shipped_dir() / "bench_t2i.json"
-    rows = [r for r in aggregate(json.loads(path.read_text())) if r["model"] == model and r["prompts"] == "two"]
+    rows = [r for r in aggregate(read_json(path)) if r["model"] == model and r["prompts"] == "two"]
     if not rows:
         return "Two objects: lesson 7 measures how often the model binds each colour to its shape."
     best = max(rows, key=lambda r: r["all"])
@@ -289,8 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", required=True, metavar="NAME", help=f"one of: {', '.join(PRESET_NAMES)}")
     p.add_argument("--out", metavar="PATH", help="where to write the checkpoint (default: ./NAME.pt)")
     p.add_argument("--steps", type=int, metavar="N", help="optimizer steps (default: the preset's)")
-    p.add_argument("--state", metavar="PATH", help="also keep the full training state here (saved every 1,000 "
-                                                   "steps); if the file exists, training resumes from it")
+    p.add_argument("--state", metavar="PATH", help="also keep the full training state here (saved every "
+                                                   "--save-every steps); if the file exists, training resumes from "
+                                                   "it (started with the same --preset and --steps)")
+    p.add_argument("--save-every", type=int, default=1000, metavar="N",
+                   help="steps between saves of --state (default 1,000)")
     p.add_argument("--device", choices=("cuda", "mps", "cpu"), help="default: the best one found")
     p.add_argument("--eval-samples", type=int, metavar="N",
                    help="samples for the quality numbers (default: 2,000 points or 1,000 digits)")
@@ -336,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, OSError) as e:  # OSError: a missing input, a full disk, a file that appeared
         message = f"error: {e}"
         try:
             print(message, file=sys.stderr)

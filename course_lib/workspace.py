@@ -5,6 +5,7 @@ learner saves can make the tests fail, and no command of the course overwrites a
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,38 @@ class StartReport:
     untouched_newer: list[Path] = field(default_factory=list)  # never edited, a newer release exists (not replaced)
     edited_newer: list[tuple[Path, Path]] = field(default_factory=list)  # (your copy, the newer release beside it)
     unknown: list[Path] = field(default_factory=list)     # differs from the release, copied before the folder kept a record
+    repaired: list[tuple[Path, Path | None]] = field(default_factory=list)  # not a notebook: (lesson, kept where)
+
+
+def _is_notebook(path: Path) -> bool:
+    """Whether a file is a readable notebook (JSON with cells); a broken copy is not a learner's work."""
+    try:
+        nb = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(nb, dict) and isinstance(nb.get("cells"), list)
+
+
+def _set_aside(path: Path) -> Path | None:
+    """Move a broken lesson out of the way (an empty one is removed): NAME.ipynb.broken (not a notebook the grader
+    or JupyterLab would pick up), never over a file."""
+    if path.stat().st_size == 0:
+        path.unlink()
+        return None
+    for k in range(1, 100):
+        aside = path.with_name(f"{path.name}.broken{'' if k == 1 else f'-{k}'}")
+        try:
+            os.link(path, aside)
+        except FileExistsError:
+            continue
+        except OSError:  # no hard links on this filesystem
+            if aside.exists():
+                continue
+            os.rename(path, aside)
+            return aside
+        path.unlink()
+        return aside
+    raise ValueError(f"{path} is not a readable notebook and too many .broken copies exist beside it")
 
 
 def _beside(target: Path, data: bytes) -> Path:
@@ -83,9 +116,11 @@ def update(dest: str | Path = DEFAULT_DIR, repo: str | Path | None = None, refre
     for lesson in sorted(src.glob("*.ipynb")):
         release = lesson.read_bytes()
         new_hash, target = _sha(release), dest / lesson.name
+        if target.is_file() and not _is_notebook(target):  # e.g. 0 bytes from a copy on a full disk: not your work
+            kept = _set_aside(target)
+            report.repaired.append((target, kept))
         try:
-            with open(target, "xb") as out:  # "x": fails if the file exists, no race
-                out.write(release)
+            write_bytes_atomic(release, target, replace=False)  # whole or not at all, and never over a file
             report.copied.append(target)
             record[lesson.name] = new_hash
             continue
@@ -138,6 +173,9 @@ def main_start(dest: str, repo: str | None = None, refresh_untouched: bool = Fal
               "--refresh-untouched` replaces it")
     for mine, new in r.edited_newer:
         print(f"newer     {mine} has a newer release; yours has your edits and is kept: the new release is {new.name}")
+    for lesson, aside in r.repaired:
+        print(f"repaired  {lesson} was not a readable notebook (an interrupted copy?): copied afresh"
+              + (f"; the broken file is {aside.name}" if aside else " (it was empty)"))
     if r.unknown:
         print(f"{len(r.unknown)} lesson(s) differ from the current release and were copied before this folder kept a "
               f"record of releases, so `start` cannot tell your edits from a course update: "

@@ -333,3 +333,50 @@ def test_what_the_oracle_saw_is_evidence_only_when_a_loop_leaves_the_schedule():
             E.run_task(loop, task)
             found = T.off_schedule(task)
             assert (found == [] if expected in ([], None) else expected in found[0]), (loop.__name__, found)
+
+
+def test_check_stops_an_endless_loop_politely(capsys, monkeypatch):
+    import time as _time
+
+    assert E.check_seconds("q_sample") >= 60 and E.check_seconds("train_step") >= 3 * 120  # generous for a laptop
+    monkeypatch.setattr(E, "_RESULTS", {})
+    monkeypatch.setattr(E, "check_seconds", lambda name: 1.5)
+
+    def q_sample(x0, t, alpha_bar, noise):
+        try:
+            while True:
+                pass
+        except Exception:  # a learner's broad except must not swallow the check's stop
+            return x0
+
+    start = _time.monotonic()
+    assert not E.check("q_sample", q_sample)
+    assert _time.monotonic() - start < 60
+    out = capsys.readouterr().out
+    assert "q_sample: failed" in out and "still running after 1.5 s" in out and "Hint:" in out
+    assert E.check("q_sample", E.ref_q_sample)  # the alarm is gone: the next check runs normally
+
+
+def test_the_check_limit_leaves_an_earlier_alarm_alone_and_rearms_a_later_one():
+    import signal
+
+    from course_lib.exercises.time_limit import TimeUp, time_limit
+
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *a: fired.append("grader"))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 30.0)  # the grader's own cell alarm, later than the check's
+        with pytest.raises(TimeUp):
+            with time_limit(0.2):
+                while True:
+                    pass
+        remaining, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 25 < remaining <= 30 and signal.getsignal(signal.SIGALRM) is not None and not fired
+        signal.setitimer(signal.ITIMER_REAL, 0.3)  # an earlier alarm than the check's: left to fire as set
+        with time_limit(30):
+            while not fired:
+                pass
+        assert fired == ["grader"]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

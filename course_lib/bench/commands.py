@@ -11,8 +11,8 @@ def _datasets(args, allowed) -> list[str]:
     for d in datasets:
         if d not in allowed:
             raise ValueError(f"unknown dataset {d!r}; choose from {list(allowed)}")
-    if args.samples is not None and args.samples < 10:
-        raise ValueError(f"--samples must be at least 10, got {args.samples}")
+    if args.samples is not None and not 10 <= args.samples <= 1_000_000:
+        raise ValueError(f"--samples must be between 10 and 1,000,000, got {args.samples}")
     return datasets
 
 
@@ -49,6 +49,7 @@ def _bench(args) -> int:
         return 0
     from .samplers import BENCH_DATASETS, main_samplers
 
+    _check_seeds(args.seeds)
     datasets = _datasets(args, BENCH_DATASETS)
     return main_samplers(args.quick, args.json, datasets, args.samples, args.device, args.force, args.seeds,
                          args.resume)

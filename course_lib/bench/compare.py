@@ -247,11 +247,10 @@ def main_compare(quick: bool, json_path=None, datasets=COMPARE_DATASETS, seeds=N
 
 def shipped_records() -> list[dict]:
     """The full benchmark's records shipped in data/bench_compare.json."""
-    import json
 
-    from ..checkpoints import shipped_dir
+    from ..checkpoints import read_json, shipped_dir
 
-    return json.loads((shipped_dir() / "bench_compare.json").read_text())
+    return read_json(shipped_dir() / "bench_compare.json")
 
 
 def load_compared(dataset: str, family: str, folder=None):

@@ -682,8 +682,15 @@ def main_tune(preset: str, samplers=None, samples: int | None = None, budgets=No
     tunable = [*BENCH_DATASETS, *(n for n in SHIPPED if n.endswith(("_flow", "_reflow")))]  # the unconditional ODE models
     if preset not in tunable:
         raise ValueError(f"tuning needs a shipped sampling model whose samples can be scored; choose one of {tunable}")
+    from ..outputs import writable_folder
+
+    if samples is not None and not 10 <= samples <= 100_000:
+        raise ValueError(f"--samples must be between 10 and 100,000, got {samples}")
+    if budgets is not None and (min(budgets) < 1 or max(budgets) > 1000 or len(set(budgets)) != len(budgets)):
+        raise ValueError(f"--nfe must be distinct budgets between 1 and 1,000, got {budgets}")
     start = time.perf_counter()
     path = shipped_dir() / f"{preset}.pt"
+    writable_folder(path, "tuned card (written into the shipped checkpoint)")  # before the minutes of tuning
     old = __import__("course_lib.checkpoints", fromlist=["load_checkpoint"]).load_checkpoint(path).get("card", {})
     merged = {**(old.get("sampling") or {})}
     if not recommend_only:

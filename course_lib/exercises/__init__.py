@@ -18,12 +18,11 @@ import torch
 
 from ..grading.calls import Raised, call_learner, with_oracles
 from ..grading.calls import clone_inputs as _clone
+from .time_limit import TimeUp, time_limit
 
 PASSED, FAILED, NOT_ATTEMPTED = "passed", "failed", "not_attempted"
 _SYMBOL = {PASSED: "✅", FAILED: "❌", NOT_ATTEMPTED: "⬜"}  # after the words, which carry the meaning without an emoji font
-STANDING = ("These are the checks run in this kernel since it started; a restarted kernel or another notebook starts "
-            "afresh.\nYour standing in every lesson: `python -m course_lib grade my-work --out grades.csv` in a "
-            "terminal\n(it runs each notebook of your work folder again in quick mode, as an instructor's grader would).")
+
 
 
 @dataclass(frozen=True)
@@ -346,11 +345,24 @@ class Score(NamedTuple):
         return None
 
 
+def check_seconds(name: str) -> float | None:
+    """How long `check` lets an exercise's calls run in all: three times the grader's limit per call."""
+    ex = EXERCISES.get(name)
+    return None if ex is None else 3.0 * (ex.seconds or 20.0)
+
+
 def check(name: str, fn) -> Verdict:
     """Check your function for exercise `name`: prints passed / failed with a hint / not attempted; returns a Verdict,
-    true when it passed."""
+    true when it passed. A function still running after `check_seconds(name)` is stopped and fails."""
+    limit = check_seconds(name)
     try:
-        result = run_check(name, fn)
+        with time_limit(limit):
+            result = run_check(name, fn)
+    except TimeUp:
+        result = CheckResult(str(name), FAILED, f"your function was still running after {limit:g} s, so the check "
+                             "stopped it.", "Look for a loop whose condition never becomes false (a `while` whose "
+                             "variable is never updated) or a loop over far more steps than the inputs have; a "
+                             "correct solution finishes in seconds here.")
     except KeyboardInterrupt:
         raise
     except BaseException as e:  # a bug in a reference must still not raise in a learner's face
@@ -364,41 +376,11 @@ def check(name: str, fn) -> Verdict:
 
 
 def progress(lesson: int | str | None = None) -> Score:
-    """Print the exercises of one lesson with their status and points, as checked in this kernel, and where the whole
-    course's standing is kept. Without a lesson: the lesson of the latest check (every lesson, one line each, before
-    any check); `progress("all")`: every lesson. Returns (points, total) of what it showed."""
-    lessons = sorted({ex.lesson for ex in EXERCISES.values()})
-    if lesson is None:
-        lesson = _LAST_LESSON[-1] if _LAST_LESSON else "all"
-    if lesson != "all" and (isinstance(lesson, bool) or not isinstance(lesson, int) or lesson not in lessons):
-        raise ValueError(f"no exercises in lesson {lesson!r}; lessons with exercises: {lessons} "
-                         "(or 'all' for one line per lesson)")
-    rows = []  # (lesson, name, status, earned, points): each lesson's exercises in the order they appear
-    for n in sorted(EXERCISES, key=lambda n: EXERCISES[n].lesson):
-        ex, res = EXERCISES[n], _RESULTS.get(n)
-        if lesson == "all" or ex.lesson == lesson:
-            status = res.status if res else NOT_ATTEMPTED
-            rows.append((ex.lesson, n, status, ex.points if status == PASSED else 0, ex.points))
-    got, total = sum(r[3] for r in rows), sum(r[4] for r in rows)
-    unit = lambda k: "point" if k == 1 else "points"  # noqa: E731
-    if lesson == "all":
-        print("Every lesson, as checked in this kernel:")
-        for k in lessons:
-            mine = [r for r in rows if r[0] == k]
-            pts, tot = sum(r[3] for r in mine), sum(r[4] for r in mine)
-            tried = any(r[2] != NOT_ATTEMPTED for r in mine)
-            status = PASSED if pts == tot else (FAILED if tried else NOT_ATTEMPTED)
-            word = {PASSED: "all passed", FAILED: "not all passed", NOT_ATTEMPTED: "not attempted"}[status]
-            print(f"  lesson {k:>2}  {pts:>2} / {tot} {unit(tot):<6}  {word} {_SYMBOL[status]}")
-        print(f"Total: {got} / {total} points")
-    else:
-        print(f"Lesson {lesson}, as checked in this kernel:")
-        width = max(len(r[1]) for r in rows)
-        for _, n, status, earned, points in rows:
-            print(f"  {n:<{width}}  {earned} / {points} {unit(points):<6}  {_word(status)} {_SYMBOL[status]}")
-        print(f"Total for lesson {lesson}: {got} / {total} {unit(total)}")
-    print(STANDING)
-    return Score(got, total)
+    """Print the exercises of one lesson with their status and points, as checked in this kernel (default: the lesson
+    of the latest check; "all": one line per lesson), and where the whole course's standing is kept."""
+    from .standing import show
+
+    return show(lesson)
 
 
 # ---- the exercises, one file per lesson (each registers its own; imported last, as they use the names above) ------

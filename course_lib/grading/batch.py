@@ -619,11 +619,37 @@ def grade_batch(paths, out, json_out=None, limits: Limits | None = None, jobs: i
         subs = [s for s in subs if shards.shard_of(s.label, shard[1]) == shard[0]]
     out = Path(out)
     journal = journal_path(out)
+    plan = _output_plan(subs, out, journal, json_out)
     for target in filter(None, [out, json_out and Path(json_out)]):
         if target.exists() and not journal.exists() and not force:
             raise ValueError(f"{target} exists and is not from an earlier grading run (no {journal.name} next to it); "
                              "pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
+    plan.claim()  # one grading run per CSV at a time: a second one would interleave the journal
+    try:
+        return _grade_claimed(subs, out, journal, json_out, limits, jobs, force, scratch_base, echo, paths, released,
+                              shard, all_labels)
+    finally:
+        plan.release()
+
+
+def _output_plan(subs, out: Path, journal: Path, json_out):
+    """Refuse outputs that would overwrite a submission or each other (existing outputs are handled by the journal)."""
+    from ..outputs import Plan
+
+    plan = Plan(force=True)
+    for sub in subs:
+        if sub.path:
+            plan.input(sub.path, f"submission {sub.label}")
+    plan.output(out, "grades CSV (--out)", may_exist=True)
+    plan.output(journal, "journal kept next to --out", may_exist=True)
+    if json_out:
+        plan.output(json_out, "JSON (--json)", may_exist=True)
+    return plan
+
+
+def _grade_claimed(subs, out, journal, json_out, limits, jobs, force, scratch_base, echo, paths, released, shard,
+                   all_labels):
     if force and journal.exists():
         journal.unlink()
     done = _read_journal(journal)
