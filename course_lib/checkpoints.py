@@ -19,13 +19,6 @@ KINDS = ("train_state", "weights")
 SHIPPED = SHIPPED_MODELS
 
 
-def _default_mode() -> int:
-    """The permissions a new file would get (mkstemp's files are private, 0600, otherwise)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def _write_atomic(write, path: str | Path, replace: bool) -> Path:
     from .outputs import no_space, publish
 
@@ -77,14 +70,12 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     _check_integrity(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:  # the weights-only unpickler refused: code or objects, never unpickled
-        found = [line.strip() for line in str(e).splitlines()
-                 if "global" in line.lower() and "weights_only" not in line]
-        raise ValueError(f"{path} holds Python objects besides tensors, which course_lib refuses to unpickle "
-                         f"(unpickling can run code){': ' + found[0][:200].rstrip('.') if found else ''}. It is not a course_lib "
-                         "checkpoint; never load a file you did not make yourself with weights_only=False.") from None
-    except Exception as e:  # truncated zip, random bytes ...
-        detail = (str(e).splitlines() or [""])[0][:200]
+    except Exception as e:  # truncated zip, random bytes, a pickle of code or objects ...
+        detail = _torch_detail(e)
+        if isinstance(e, pickle.UnpicklingError) and "global" in detail.lower():  # refused: never unpickled
+            raise ValueError(f"{path} holds Python objects besides tensors, which course_lib refuses to unpickle "
+                             f"(unpickling can run code): {detail.rstrip('.')}. It is not a course_lib checkpoint; "
+                             "never load a file you did not make yourself with weights_only=False.") from None
         raise ValueError(f"{path} is not a readable checkpoint (corrupt or truncated?): "
                          f"{type(e).__name__}: {detail}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
@@ -94,6 +85,15 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
                          f"or kind {ckpt.get('kind')!r}; this course_lib reads version {VERSION}")
     _check_fields(path, ckpt)
     return ckpt
+
+
+def _torch_detail(error: BaseException) -> str:
+    """The line of a torch.load error that says what is wrong, without PyTorch's advice to retry with
+    weights_only=False (wrong advice for a file of unknown origin)."""
+    advice = ("weights only load failed", "weights_only", "re-running", "documentation", "trusted source")
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    useful = [line for line in lines if not any(a in line.lower() for a in advice)]
+    return (useful or ["(no detail)"])[0][:200]
 
 
 def _check_integrity(path: Path) -> None:

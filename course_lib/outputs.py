@@ -142,19 +142,25 @@ def _stale(lock: Path) -> bool:
         return False
 
 
-def publish(tmp, path: Path, replace: bool) -> None:
-    """Give the finished temporary file its name: over an existing file only with replace=True; otherwise refuse one
-    that appeared while this command ran (a hard link is atomic and fails if the name exists)."""
-    from .checkpoints import _default_mode
+def default_mode() -> int:
+    """The permissions a new file would get (mkstemp's files are private, 0600, otherwise)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
-    os.chmod(tmp, _default_mode())
+
+def publish(tmp, path: Path, replace: bool, keep: bool = False) -> None:
+    """Give the finished temporary file its name: over an existing file only with replace=True; otherwise refuse one
+    that appeared while this command ran (a hard link is atomic and fails if the name exists), and with keep=True
+    keep this run's result beside it as NAME.new.EXT."""
+    os.chmod(tmp, default_mode())
     if replace:
         os.replace(tmp, path)
         return
     try:
         os.link(tmp, path)
     except FileExistsError:
-        kept = _beside(tmp, path)
+        kept = _beside(tmp, path) if keep else None
         raise FileExistsError(f"{path} appeared while this command ran (another run?): it was not replaced"
                               + (f"; this run's result is {kept}" if kept else "")) from None
     except OSError:  # a filesystem without hard links: claim the name exclusively, then fill it
@@ -185,7 +191,7 @@ def write_then_publish(write, path, replace: bool) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
-        publish(tmp, path, replace)
+        publish(tmp, path, replace, keep=True)
     finally:
         tmp.unlink(missing_ok=True)
     return path

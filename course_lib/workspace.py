@@ -116,7 +116,7 @@ def update(dest: str | Path = DEFAULT_DIR, repo: str | Path | None = None, refre
     for lesson in sorted(src.glob("*.ipynb")):
         release = lesson.read_bytes()
         new_hash, target = _sha(release), dest / lesson.name
-        if target.is_file() and not _is_notebook(target):  # e.g. 0 bytes from a copy on a full disk: not your work
+        if target.is_file() and _is_notebook(lesson) and not _is_notebook(target):  # e.g. 0 bytes: not your work
             kept = _set_aside(target)
             report.repaired.append((target, kept))
         try:

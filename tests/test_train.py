@@ -222,7 +222,7 @@ def test_cli_train_writes_a_checkpoint_and_card_and_never_overwrites_silently(tm
     assert C.load_pretrained(out).config["steps"] == 5
     before = out.read_bytes()
     assert main(["train", "--preset", "ring8", "--steps", "5", "--out", str(out)]) == 2
-    assert "exists; pass --force" in capsys.readouterr().err and out.read_bytes() == before
+    assert "exists (it would be the checkpoint); pass --force" in capsys.readouterr().err and out.read_bytes() == before
     assert main(["train", "--preset", "nope"]) == 2
     assert "unknown preset" in capsys.readouterr().err
 

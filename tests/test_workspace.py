@@ -18,10 +18,11 @@ def test_start_copies_the_student_lessons_and_never_overwrites(tmp_path, capsys)
     assert [p.name for p in copied] == [p.name for p in released] and kept == []
     assert all((dest / p.name).read_bytes() == p.read_bytes() for p in released)
     mine = dest / released[0].name
-    mine.write_text("my answers")  # a learner's saved work
+    answers = mine.read_text().replace('"source": [', '"source": ["# my answers\\n", ', 1)
+    mine.write_text(answers)  # a learner's saved work
     (dest / released[1].name).unlink()  # and a lesson they deleted
     assert main(["start", str(dest), "--repo", str(ROOT)]) == 0
-    assert mine.read_text() == "my answers"
+    assert mine.read_text() == answers and "# my answers" in answers
     assert (dest / released[1].name).read_bytes() == released[1].read_bytes()  # restored
     out = capsys.readouterr().out
     assert "never overwritten" in out and f"jupyter lab {dest}" in out
