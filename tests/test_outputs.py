@@ -307,3 +307,16 @@ def test_a_malformed_shipped_json_is_named(tmp_path):
     (tmp_path / "bench_guidance.json").write_text("{\"records\": [1, 2")
     with pytest.raises(ValueError, match="bench_guidance.json is not valid JSON"):
         C.read_json(tmp_path / "bench_guidance.json")
+
+
+def test_a_benchmarks_json_is_checked_before_the_run(tmp_path):
+    from course_lib.bench import refuse_to_overwrite
+
+    (tmp_path / "old.json").write_text("[]")
+    for path, message in ((tmp_path / "old.json", "old.json exists"), (f"{tmp_path}/", "names a folder"),
+                          (tmp_path / "notes.txt" / "b.json", "not a folder")):
+        (tmp_path / "notes.txt").write_text("mine")
+        with pytest.raises(ValueError, match=message):
+            refuse_to_overwrite(path, force=False)
+    refuse_to_overwrite(tmp_path / "old.json", force=True)
+    assert (tmp_path / "old.json").read_text() == "[]"  # checked, not written

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 
 def refuse_to_overwrite(json_path, force: bool) -> None:
-    """Every benchmark's --json: an existing file is replaced only with --force."""
-    from pathlib import Path
+    """Every benchmark's --json, checked before the run: an existing file is replaced only with --force, and a folder
+    or an unwritable place is refused."""
+    if json_path is not None:
+        from ..outputs import Plan
 
-    if json_path is not None and Path(json_path).exists() and not force:
-        raise ValueError(f"{json_path} exists; pass --force to replace it (or choose another --json)")
+        Plan(force=force).output(json_path, "benchmark records (--json)")
 
 
 def __getattr__(name: str):
