@@ -100,7 +100,7 @@ def test_a_student_lesson_runs_in_jupyterlab_in_a_real_browser(tmp_path):
             assert state["errors"] == [], state["errors"]
             assert all(isinstance(c, int) for c in state["counts"]), state["counts"]  # every cell ran
             assert state["images"] >= 5 and state["broken"] == 0, (state["images"], state["broken"])
-            assert "not attempted" in state["text"] and "Total:" in state["text"]  # check's and progress's verdicts
+            assert "not attempted" in state["text"] and "Total for lesson" in state["text"]  # check's and progress's verdicts
             # the slider: move it, and the figure beside it must change
             slider = page.locator(".jp-OutputArea-output .widget-slider").first
             box = slider.locator("xpath=ancestor::div[contains(@class, 'jp-OutputArea-output')][1]")

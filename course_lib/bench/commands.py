@@ -28,6 +28,10 @@ def _bench(args) -> int:
         return _bench_compare(args)
     if args.bench == "kernels":
         return _bench_kernels(args)
+    if args.bench == "threads":
+        from .threads import main_threads
+
+        return main_threads(args.quick, args.json, args.force)
     if args.bench == "grader":
         from .grader import main_grader
 
@@ -103,7 +107,7 @@ def _bench_arguments(p: argparse.ArgumentParser, quick_help: str, datasets: bool
 
 def add_bench_parser(sub) -> None:
     """Add `bench` and its subcommands to the CLI's subparsers."""
-    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | t2i | arch | flow | text | grader)",
+    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | threads | t2i | arch | flow | text | grader)",
                        description="Benchmarks that print a table and, with --json, save flat records.")
     bench = p.add_subparsers(dest="bench", metavar="BENCHMARK")
     bench.required = True
@@ -146,6 +150,14 @@ def add_bench_parser(sub) -> None:
                                      "size, eager (and Triton) only.")
     _bench_arguments(p, "one size and no torch.compile (under a minute on 2 cores)", datasets=False,
                      devices=("cuda", "cpu"), device_default="cuda when available")
+    p = bench.add_parser("threads", help="CPU threading settings timed on a quiet machine and beside a busy process",
+                         description="Times one training step of the digits UNet and the ring8 MLP in a fresh process "
+                                     "per setting (torch's default, passive OpenMP waiting, cores - 1, both, one "
+                                     "thread), on a quiet machine and with one busy process beside it, in 3 "
+                                     "interleaved rounds, and names the best default: the smallest slowdown beside a "
+                                     "busy process among the settings within 10% of the best on a quiet machine. "
+                                     "About 10 minutes on 2 cores; --quick: ring8 only, one round.")
+    _bench_arguments(p, "ring8 only, one round (about a minute)", datasets=False, devices=None)
     p = bench.add_parser("t2i", help="text-to-image: latent vs pixel, per guidance scale, NFE and sampler",
                          description="Generates images for shapes test prompts (one object, two objects, held-out "
                                      "colour-shape pairs) with the shipped latent (shapes_ldm) and pixel "
