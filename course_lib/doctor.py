@@ -116,7 +116,8 @@ def report() -> tuple[bool, list[str]]:
     for label, (good, text) in (("Widgets", widgets_status()), ("Triton", triton_status())):
         lines.append(f"{label:<13}{'ok' if good else 'no'}: {text}")
     try:
-        lines.append(f"Mode         {runtime.describe_mode()}")
+        lines.append(f"Threads      {runtime.configure_threads()}")
+        lines.append(f"Mode         {runtime.describe_mode().splitlines()[0]}")
     except ValueError as e:
         ok = False
         lines.append(f"Mode         FAILED: {e}")

@@ -90,10 +90,13 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def describe_mode() -> str:
-    """One line saying which budget mode is on."""
+    """One line saying which budget mode is on (and a second when this process runs on fewer CPU threads than torch's
+    default because other processes keep cores busy: `configure_threads`)."""
+    threads = configure_threads()
+    extra = f"\nUsing {threads}." if _THREADS_REDUCED else ""
     if is_quick():
-        return f"Quick mode ({QUICK_ENV}=1): tiny budgets, results are noisier than in the saved notebook."
-    return f"Full mode: full budgets (set {QUICK_ENV}=1 for a run of under a minute)."
+        return f"Quick mode ({QUICK_ENV}=1): tiny budgets, results are noisier than in the saved notebook." + extra
+    return f"Full mode: full budgets (set {QUICK_ENV}=1 for a run of under a minute)." + extra
 
 
 def smoke_note(n: int | None = None) -> str:
@@ -104,3 +107,72 @@ def smoke_note(n: int | None = None) -> str:
     size = f", {n:,} samples" if n is not None else ""
     return (f"(quick mode{size}: a smoke test of the code, not a measurement; the saved notebook's full run is the "
             "result)")
+
+
+THREADS_ENV = "COURSE_THREADS"
+_THREADS_NOTE: list[str] = []  # what configure_threads decided in this process (it decides once)
+_THREADS_REDUCED: list[bool] = []  # non-empty when it chose fewer threads because other processes were busy
+
+
+def busy_elsewhere(interval: float = 0.3) -> float | None:
+    """How many cores other processes keep busy now: the busy share of /proc/stat over `interval` times the cores,
+    minus this process's own CPU time (Linux); None where /proc/stat is missing."""
+    import time
+
+    def snapshot():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return sum(values), values[3] + values[4]
+
+    try:
+        (total0, idle0), cpu0 = snapshot(), time.process_time()
+        time.sleep(interval)
+        (total1, idle1), cpu1 = snapshot(), time.process_time()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    cores = os.cpu_count() or 1
+    busy = (1 - (idle1 - idle0) / (total1 - total0)) * cores
+    return max(0.0, busy - (cpu1 - cpu0) / interval)
+
+
+def _measured_slowdown() -> str:
+    """The worst slowdown of torch's default threads beside another process, from the shipped `bench threads`."""
+    try:
+        from .checkpoints import shipped_json
+
+        rows = shipped_json("bench_threads.json")["summary"]
+        worst = max(r["vs_best"] for r in rows if r["condition"] != "quiet" and r["setting"] == "torch default")
+        return f" (up to {worst:.0f}x slower, measured by `python -m course_lib bench threads`)"
+    except (OSError, ValueError, KeyError):
+        return ""
+
+
+def configure_threads() -> str:
+    """Choose this process's CPU threads once, by COURSE_THREADS: unset or "auto", torch's default (fastest on a quiet
+    machine) unless other processes keep cores busy now, then only the free cores (torch's threads would otherwise
+    wait on the busy ones); a number, that many; "all", torch's default always. Returns what it decided, and why."""
+    if _THREADS_NOTE:
+        return _THREADS_NOTE[0]
+    setting = os.environ.get(THREADS_ENV, "auto").strip().lower() or "auto"
+    cores = os.cpu_count() or 1
+    if setting.isdigit() and int(setting) >= 1:
+        torch.set_num_threads(int(setting))
+        note = f"{setting} CPU thread(s), as {THREADS_ENV}={setting} asks"
+    elif setting in ("all", "asis"):
+        note = f"{torch.get_num_threads()} CPU threads (torch's default, as {THREADS_ENV}={setting} asks)"
+    elif setting == "auto":
+        busy = busy_elsewhere()
+        free = max(1, cores - round(busy or 0))
+        if busy is not None and free < torch.get_num_threads():
+            torch.set_num_threads(free)
+            _THREADS_REDUCED.append(True)
+            note = (f"{free} CPU thread(s): other processes keep {busy:.1f} of {cores} cores busy, and torch's default "
+                    f"threads would wait on them{_measured_slowdown()}; {THREADS_ENV}=all keeps {cores}")
+        else:
+            note = f"{torch.get_num_threads()} CPU threads (torch's default: the fastest on a quiet machine)"
+    else:
+        raise ValueError(f"{THREADS_ENV} must be auto, all or a number of threads, got {setting!r}")
+    _THREADS_NOTE.append(note)
+    return note

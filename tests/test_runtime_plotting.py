@@ -120,3 +120,78 @@ def test_the_loss_plot_names_the_window_it_really_averaged():
         ax = plot_losses([1.0 / (i + 1) for i in range(n)])
         assert [t.get_text() for t in ax.get_legend().get_texts()] == ["per step", want]
         plt.close(ax.figure)
+
+
+@pytest.fixture
+def threads(monkeypatch):
+    """configure_threads decides afresh, on a pretend 2-core machine, and only records what it would set."""
+    monkeypatch.setattr(runtime, "_THREADS_NOTE", [])
+    monkeypatch.setattr(runtime, "_THREADS_REDUCED", [])
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
+    state = {"n": 2}
+    monkeypatch.setattr(torch, "get_num_threads", lambda: state["n"])
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: state.update(n=n))
+    monkeypatch.delenv(runtime.THREADS_ENV, raising=False)
+    return state
+
+
+@pytest.mark.parametrize("busy, env, want, reduced", [
+    (0.1, None, 2, False),      # quiet: torch's default, the fastest there
+    (None, None, 2, False),     # no /proc/stat: nothing to go on, torch's default
+    (1.0, None, 1, True),       # one core taken by another process: only the free one
+    (1.9, "auto", 1, True),     # never fewer than one
+    (1.0, "all", 2, False),     # the learner keeps torch's default
+    (0.0, "3", 3, False),       # or names a number
+])
+def test_threads_follow_the_free_cores(threads, monkeypatch, busy, env, want, reduced):
+    monkeypatch.setattr(runtime, "busy_elsewhere", lambda interval=0.3: busy)
+    if env is not None:
+        monkeypatch.setenv(runtime.THREADS_ENV, env)
+    note = runtime.configure_threads()
+    assert threads["n"] == want and note.startswith(str(want))
+    assert ("Using 1 CPU thread" in runtime.describe_mode()) == reduced
+    assert runtime.configure_threads() == note  # decided once per process
+
+
+def test_threads_refuse_a_bad_setting(threads, monkeypatch):
+    monkeypatch.setenv(runtime.THREADS_ENV, "lots")
+    with pytest.raises(ValueError, match="COURSE_THREADS must be auto, all or a number"):
+        runtime.configure_threads()
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads /proc/stat (Linux)")
+def test_a_busy_process_is_seen_as_a_busy_core():
+    import subprocess
+    import sys
+
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.5)
+        assert runtime.busy_elsewhere(interval=1.0) >= 0.5  # one spinning process: about one core (more if others run)
+    finally:
+        spin.kill()
+        spin.wait()
+
+
+def test_the_threads_benchmark_picks_by_its_stated_rule():
+    from course_lib.bench import threads as T
+
+    def rec(workload, condition, setting, ms):
+        return {"workload": workload, "condition": condition, "setting": setting, "wall_ms": ms, "round": 0}
+
+    ms = {"quiet": {"torch default": 10, "passive waiting": 10.5, "cores - 1": 16, "passive, cores - 1": 16,
+                    "1 thread": 16},
+          "another training": {"torch default": 300, "passive waiting": 20, "cores - 1": 17, "passive, cores - 1": 17,
+                               "1 thread": 16}}
+    records = [rec("ring8", c, s, v) for c, row in ms.items() for s, v in row.items()]
+    rows = T.summarize(records)
+    assert {r["setting"]: r["vs_best"] for r in rows if r["condition"] == "another training"}["torch default"] == 18.75
+    pick, why = T.choose(rows)
+    assert pick == "passive waiting" and "1.05x" in why  # within 10% quiet, and the least slowdown beside a job
+    ms["quiet"]["passive waiting"] = 12  # now 20% slower quiet: only torch's default qualifies
+    assert T.choose(T.summarize([rec("ring8", c, s, v) for c, row in ms.items() for s, v in row.items()]))[0] == \
+        "torch default"
+    one = T.time_setting("ring8", "1 thread", steps=2)  # the timing process itself runs and reports its threads
+    assert one["threads"] == 1 and one["wall_ms"] > 0
