@@ -246,6 +246,7 @@ def test_an_exported_pipeline_clips_like_our_sampler_by_default(tmp_path):
         free = S.sample(ours, z, schedule, "dpmpp_2m", timesteps=ts.long().tolist(), stable=False).x
     assert (free - clipped).abs().max() > 0.1  # this model's x0 predictions leave [-1, 1], so clipping is visible
     torch.testing.assert_close(clipped, theirs, rtol=1e-4, atol=1e-4)
+    assert pipe.scheduler.config.timestep_spacing == "leading" and pipe.scheduler.config.prediction_type == "epsilon"
     assert not to_diffusers_scheduler(schedule).config.thresholding
     with pytest.raises(TypeError, match="clip must be True or False"):
         to_diffusers_scheduler(schedule, clip=1.0)
@@ -317,3 +318,15 @@ def test_the_euler_update_keeps_float32_digits_from_a_flow_s_first_level():
     x, d = torch.randn(1000, 2, generator=g) * 1e5, torch.randn(1000, 2, generator=g)
     exact = kernels.euler_step(x.double(), d.double(), 99999.0, 19.0)
     assert float((kernels.euler_step(x, d, 99999.0, 19.0).double() - exact).abs().max()) < 1e-5
+
+
+def test_the_export_benchmark_compares_like_with_like_and_reports_the_karras_crash():
+    from course_lib.bench import export as E
+
+    records = E.pipeline_records(n=60, nfes=(5,))
+    assert [r["what"] for r in records] == ["exported pipeline, clipped", "exported pipeline, not clipped",
+                                            "course default call"]
+    assert all(r["nfe"] == 5 and r["samples"] == 60 and r["fd"] > 0 for r in records)  # same NFE, same n
+    crash = E.karras_crash(nfe=10)
+    assert crash["diffusers"] == diffusers.__version__ and crash["with set_begin_index(0)"] == "ran"
+    assert crash["as a pipeline runs it"] == "ran" or crash["as a pipeline runs it"].startswith("IndexError")

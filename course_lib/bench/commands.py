@@ -28,6 +28,10 @@ def _bench(args) -> int:
         return _bench_compare(args)
     if args.bench == "kernels":
         return _bench_kernels(args)
+    if args.bench == "export":
+        from .export import main_export
+
+        return main_export(args.quick, args.json, args.force)
     if args.bench == "threads":
         from .threads import main_threads
 
@@ -107,7 +111,7 @@ def _bench_arguments(p: argparse.ArgumentParser, quick_help: str, datasets: bool
 
 def add_bench_parser(sub) -> None:
     """Add `bench` and its subcommands to the CLI's subparsers."""
-    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | threads | t2i | arch | flow | text | grader)",
+    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | threads | export | t2i | arch | flow | text | grader)",
                        description="Benchmarks that print a table and, with --json, save flat records.")
     bench = p.add_subparsers(dest="bench", metavar="BENCHMARK")
     bench.required = True
@@ -150,6 +154,13 @@ def add_bench_parser(sub) -> None:
                                      "size, eager (and Triton) only.")
     _bench_arguments(p, "one size and no torch.compile (under a minute on 2 cores)", datasets=False,
                      devices=("cuda", "cpu"), device_default="cuda when available")
+    p = bench.add_parser("export", help="an exported diffusers pipeline's FD against the course's default call",
+                         description="Exports the shipped digits UNet with export_pipeline (clipped and not), samples "
+                                     "1,000 digits with DDPMPipeline at 10 and 20 steps, and compares FD with the "
+                                     "course's default call at the same NFE and noise seed; then runs diffusers' "
+                                     "Karras sigmas on the same schedule as a pipeline does and with "
+                                     "set_begin_index(0). About a minute on 2 cores; --quick: 200 samples.")
+    _bench_arguments(p, "200 samples", datasets=False, devices=None)
     p = bench.add_parser("threads", help="CPU threading settings timed on a quiet machine and beside a busy process",
                          description="Times one training step of the digits UNet and the ring8 MLP in a fresh process "
                                      "per setting (torch's default, passive OpenMP waiting, cores - 1, both, one "
