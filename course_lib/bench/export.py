@@ -42,6 +42,31 @@ def pipeline_records(n: int = 1000, nfes=(10, 20), seed: int = 0) -> list[dict]:
     return records
 
 
+SPACINGS = {"linspace": {}, "leading": {"timestep_spacing": "leading"}, "trailing": {"timestep_spacing": "trailing"},
+            "karras": {"use_karras_sigmas": True}, "lu lambdas": {"use_lu_lambdas": True},
+            "exponential": {"use_exponential_sigmas": True}}
+
+
+def spacing_records(n: int = 1000, nfe: int = 10, seed: int = 0) -> list[dict]:
+    """The exported scheduler (DPM-Solver++(2M), clipped) with each of diffusers' spacings, through diffusers' own step
+    loop (with set_begin_index(0), so that Karras runs): FD at n samples. Why the export uses "leading"."""
+    from ..checkpoints import load_pretrained
+    from ..diffusers_bridge import to_diffusers_scheduler
+    from .samplers import Judge
+
+    pre, judge, records = load_pretrained("digits"), Judge("digits", n), []
+    for name, options in SPACINGS.items():
+        sched = to_diffusers_scheduler(pre.schedule, clip=True, **options)
+        sched.set_timesteps(nfe)
+        sched.set_begin_index(0)
+        x = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed)) * sched.init_noise_sigma
+        with torch.no_grad():
+            for t in sched.timesteps:
+                x = sched.step(pre.model(x, t.expand(n).long()), t, x).prev_sample
+        records.append({"spacing": name, "nfe": nfe, "fd": judge(x.clamp(-1, 1))["fd"], "samples": n})
+    return records
+
+
 def karras_crash(nfe: int = 10) -> dict:
     """diffusers' DPMSolverMultistepScheduler with use_karras_sigmas on the shipped digits schedule (cosine): Karras
     sigmas up to the schedule's largest map to repeated integer timesteps (999, 999, ...); the scheduler then looks up
@@ -79,12 +104,15 @@ def main_export(quick: bool, json_path, force: bool) -> int:
     records = pipeline_records(n=200 if quick else 1000)
     for r in records:
         print(f"{r['what']:<34} {r['nfe']:>3} NFE: FD {r['fd']:8.2f} ({r['samples']} samples, {r['seconds']:.1f} s)")
+    spacings = spacing_records(n=200 if quick else 1000)
+    print("the exported scheduler's spacings at 10 NFE: "
+          + ", ".join(f"{r['spacing']} FD {r['fd']:.2f}" for r in spacings))
     crash = karras_crash()
     print(f"diffusers {crash['diffusers']}, Karras sigmas at {crash['nfe']} steps (timesteps {crash['timesteps']}): "
           f"as a pipeline runs it: {crash['as a pipeline runs it']}; with set_begin_index(0): "
           f"{crash['with set_begin_index(0)']}")
     if json_path:
-        write_json_atomic({"records": records, "karras": crash,
+        write_json_atomic({"records": records, "spacings": spacings, "karras": crash,
                            "command": "python -m course_lib bench export" + (" --quick" if quick else "")},
                           json_path, replace=force)
         print(f"Wrote {json_path}")
