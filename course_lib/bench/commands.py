@@ -28,6 +28,10 @@ def _bench(args) -> int:
         return _bench_compare(args)
     if args.bench == "kernels":
         return _bench_kernels(args)
+    if args.bench == "lessons":
+        from .lessons import main_lessons
+
+        return main_lessons(args.quick, args.json, args.force, args.lessons)
     if args.bench == "export":
         from .export import main_export
 
@@ -111,7 +115,7 @@ def _bench_arguments(p: argparse.ArgumentParser, quick_help: str, datasets: bool
 
 def add_bench_parser(sub) -> None:
     """Add `bench` and its subcommands to the CLI's subparsers."""
-    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | threads | export | t2i | arch | flow | text | grader)",
+    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | threads | export | lessons | t2i | arch | flow | text | grader)",
                        description="Benchmarks that print a table and, with --json, save flat records.")
     bench = p.add_subparsers(dest="bench", metavar="BENCHMARK")
     bench.required = True
@@ -154,6 +158,13 @@ def add_bench_parser(sub) -> None:
                                      "size, eager (and Triton) only.")
     _bench_arguments(p, "one size and no torch.compile (under a minute on 2 cores)", datasets=False,
                      devices=("cuda", "cpu"), device_default="cuda when available")
+    p = bench.add_parser("lessons", help="time every lesson in full mode (the README's column)",
+                         description="Executes every source lesson start to finish in a fresh kernel, one after the "
+                                     "other, in full mode (--quick: quick mode), and prints each one's time and the "
+                                     "README's column. The notebooks are not written. Full mode: about 40 minutes "
+                                     "on 2 CPU cores.")
+    _bench_arguments(p, "time quick mode instead", datasets=False, devices=None)
+    p.add_argument("--lessons", nargs="+", type=int, metavar="N", help="only these lesson numbers")
     p = bench.add_parser("export", help="an exported diffusers pipeline's FD against the course's default call",
                          description="Exports the shipped digits UNet with export_pipeline (clipped and not), samples "
                                      "1,000 digits with DDPMPipeline at 10 and 20 steps, and compares FD with the "
