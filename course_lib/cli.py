@@ -89,6 +89,7 @@ def _check_state(state, config) -> None:
 
 def _train(args) -> int:
     import json
+    import os
     import platform
     from pathlib import Path
 
@@ -121,8 +122,6 @@ def _train(args) -> int:
     info = device_info(args.device)
     machine = f"{info.name}; {platform.machine()}; torch {__import__('torch').__version__}"
     command = _train_command(args, out)
-    import os
-
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 writes, so only it holds the locks
     with (plan if rank0 else Plan()):
         card, write = _train_run(args, config, state, info, machine, command)

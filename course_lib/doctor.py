@@ -117,6 +117,10 @@ def report() -> tuple[bool, list[str]]:
         lines.append(f"{label:<13}{'ok' if good else 'no'}: {text}")
     try:
         lines.append(f"Threads      {runtime.configure_threads()}")
+    except ValueError as e:
+        ok = False
+        lines.append(f"Threads      FAILED: {e}")
+    try:
         lines.append(f"Mode         {runtime.describe_mode().splitlines()[0]}")
     except ValueError as e:
         ok = False

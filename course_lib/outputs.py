@@ -170,10 +170,15 @@ def publish(tmp, path: Path, replace: bool, keep: bool = False) -> None:
     os.unlink(tmp)
 
 
-def _beside(tmp, path: Path) -> Path | None:
-    """Keep a result whose name was taken: NAME.new.EXT (or .new-2, ...), never over a file."""
+def names_beside(path: Path):
+    """The names for a file kept beside `path` when its own name is taken: NAME.new.EXT, NAME.new-2.EXT, ..."""
     for k in range(1, 100):
-        alt = path.with_name(f"{path.stem}.new{'' if k == 1 else f'-{k}'}{path.suffix}")
+        yield path.with_name(f"{path.stem}.new{'' if k == 1 else f'-{k}'}{path.suffix}")
+
+
+def _beside(tmp, path: Path) -> Path | None:
+    """Keep a result whose name was taken under the first free name of `names_beside`, never over a file."""
+    for alt in names_beside(path):
         try:
             os.link(tmp, alt)
             return alt

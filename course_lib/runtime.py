@@ -160,7 +160,7 @@ def configure_threads() -> str:
     if setting.isdigit() and int(setting) >= 1:
         torch.set_num_threads(int(setting))
         note = f"{setting} CPU thread(s), as {THREADS_ENV}={setting} asks"
-    elif setting in ("all", "asis"):
+    elif setting == "all":
         note = f"{torch.get_num_threads()} CPU threads (torch's default, as {THREADS_ENV}={setting} asks)"
     elif setting == "auto":
         busy = busy_elsewhere()

@@ -80,8 +80,9 @@ def _set_aside(path: Path) -> Path | None:
 def _beside(target: Path, data: bytes) -> Path:
     """Write a newer release next to a learner's edited copy, as NAME.new.ipynb (or .new-2, ... when a different file
     has that name); never over a file. An identical copy already there is reused."""
-    for k in range(1, 100):
-        candidate = target.with_name(f"{target.stem}.new{'' if k == 1 else f'-{k}'}{target.suffix}")
+    from .outputs import names_beside
+
+    for candidate in names_beside(target):
         try:
             with open(candidate, "xb") as out:
                 out.write(data)

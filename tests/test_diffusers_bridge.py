@@ -184,8 +184,8 @@ def test_a_course_unet_exported_to_diffusers_predicts_the_same(kw):
         unet_to_diffusers(torch.nn.Linear(2, 2))
 
 
-def test_an_exported_pipeline_loads_in_diffusers_and_samples_like_our_solver(tmp_path):
-    from course_lib.diffusers_bridge import export_pipeline
+def _random_unet_and_schedule():
+    """A small UNet with perturbed weights (its x0 predictions leave [-1, 1]) and a cosine schedule."""
     from course_lib.nets import UNet
     from course_lib.schedules import NoiseSchedule
 
@@ -194,7 +194,13 @@ def test_an_exported_pipeline_loads_in_diffusers_and_samples_like_our_solver(tmp
     with torch.no_grad():
         for p in ours.parameters():
             p.add_(0.05 * torch.randn(p.shape))
-    schedule = NoiseSchedule.named("cosine", 1000)
+    return ours, NoiseSchedule.named("cosine", 1000)
+
+
+def test_an_exported_pipeline_loads_in_diffusers_and_samples_like_our_solver(tmp_path):
+    from course_lib.diffusers_bridge import export_pipeline
+
+    ours, schedule = _random_unet_and_schedule()
     export_pipeline(ours, schedule, tmp_path / "pipe", image_size=8, clip=False)
     with pytest.raises(FileExistsError):
         export_pipeline(ours, schedule, tmp_path / "pipe", image_size=8)
@@ -225,15 +231,8 @@ def test_an_exported_pipeline_loads_in_diffusers_and_samples_like_our_solver(tmp
 def test_an_exported_pipeline_clips_like_our_sampler_by_default(tmp_path):
     """Without clipping a small model's few-step samples saturate: the export clips x0 to [-1, 1] as `clip=1.0` does."""
     from course_lib.diffusers_bridge import export_pipeline, to_diffusers_scheduler
-    from course_lib.nets import UNet
-    from course_lib.schedules import NoiseSchedule
 
-    torch.manual_seed(1)
-    ours = UNet(base=16, mults=[1, 2], num_res=1).eval()
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.add_(0.05 * torch.randn(p.shape))
-    schedule = NoiseSchedule.named("cosine", 1000)
+    ours, schedule = _random_unet_and_schedule()
     export_pipeline(ours, schedule, tmp_path / "pipe", image_size=8)
     pipe = diffusers.DDPMPipeline.from_pretrained(tmp_path / "pipe")
     assert pipe.scheduler.config.thresholding and pipe.scheduler.config.sample_max_value == 1.0

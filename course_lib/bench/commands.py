@@ -161,8 +161,8 @@ def add_bench_parser(sub) -> None:
     p = bench.add_parser("lessons", help="time every lesson in full mode (the README's column)",
                          description="Executes every source lesson start to finish in a fresh kernel, one after the "
                                      "other, in full mode (--quick: quick mode), and prints each one's time and the "
-                                     "README's column. The notebooks are not written. Full mode: about 40 minutes "
-                                     "on 2 CPU cores.")
+                                     "README's column. The notebooks are not written. Full mode: about 27 minutes "
+                                     "on 2 quiet CPU cores.")
     _bench_arguments(p, "time quick mode instead", datasets=False, devices=None)
     p.add_argument("--lessons", nargs="+", type=int, metavar="N", help="only these lesson numbers")
     p = bench.add_parser("export", help="an exported diffusers pipeline's FD against the course's default call",
@@ -172,13 +172,14 @@ def add_bench_parser(sub) -> None:
                                      "Karras sigmas on the same schedule as a pipeline does and with "
                                      "set_begin_index(0). About a minute on 2 cores; --quick: 200 samples.")
     _bench_arguments(p, "200 samples", datasets=False, devices=None)
-    p = bench.add_parser("threads", help="CPU threading settings timed on a quiet machine and beside a busy process",
+    p = bench.add_parser("threads", help="CPU threading settings timed on a quiet machine and beside other processes",
                          description="Times one training step of the digits UNet and the ring8 MLP in a fresh process "
                                      "per setting (torch's default, passive OpenMP waiting, cores - 1, both, one "
-                                     "thread), on a quiet machine and with one busy process beside it, in 3 "
-                                     "interleaved rounds, and names the best default: the smallest slowdown beside a "
-                                     "busy process among the settings within 10% of the best on a quiet machine. "
-                                     "About 10 minutes on 2 cores; --quick: ring8 only, one round.")
+                                     "thread), on a quiet machine, beside a busy loop and beside a second training "
+                                     "process, in 3 interleaved rounds, and names the best static setting: the "
+                                     "smallest slowdown beside another process among the settings within 10% of the "
+                                     "best on a quiet machine. About 8 minutes on 2 cores; --quick: ring8 only, one "
+                                     "round.")
     _bench_arguments(p, "ring8 only, one round (about a minute)", datasets=False, devices=None)
     p = bench.add_parser("t2i", help="text-to-image: latent vs pixel, per guidance scale, NFE and sampler",
                          description="Generates images for shapes test prompts (one object, two objects, held-out "

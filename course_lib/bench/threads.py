@@ -42,7 +42,7 @@ print(json.dumps({"wall_ms": wall, "cpu_ms": cpu, "threads": torch.get_num_threa
 def _clean_env(extra: dict) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
                                                             "GOMP_SPINCOUNT", "COURSE_THREADS")}
-    env["COURSE_THREADS"] = "asis"  # the worker measures the setting itself, not the course's default
+    env["COURSE_THREADS"] = "all"  # the worker measures the setting itself, not the course's choice
     return {**env, **extra}
 
 
