@@ -297,6 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="change nothing; exit 1 if anything is out of step")
     p.set_defaults(func=_colab)
 
+    p = sub.add_parser("exercises", help="the graded exercises: how many per lesson, and the central ideas they cover",
+                       description="Print the graded functions, points and behaviour-graded exercises of each lesson "
+                                   "and the share of its central ideas a learner implements (course_lib.exercises.ideas).")
+    p.add_argument("--summary", action="store_true", help="the table (the default); --verbose also names the gaps")
+    p.add_argument("--verbose", action="store_true", help="name each central idea that has no exercise yet")
+    p.set_defaults(func=lambda a: print(__import__("course_lib.exercises.ideas", fromlist=["summary_text"])
+                                        .summary_text(a.verbose)) or 0)
     p = sub.add_parser("grade", help="grade submitted notebooks safely (CSV + JSON)",
                        description="Run each submitted notebook in its own confined process in quick mode, call "
                                    "its exercise functions on secret random inputs and judge the outputs against "

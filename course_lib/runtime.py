@@ -176,3 +176,29 @@ def configure_threads() -> str:
         raise ValueError(f"{THREADS_ENV} must be auto, all or a number of threads, got {setting!r}")
     _THREADS_NOTE.append(note)
     return note
+
+
+def cpu_has_bf16() -> bool:
+    """True when this CPU does bfloat16 arithmetic natively (x86 AVX512-BF16 or AMX), where bf16 autocast is fast;
+    elsewhere torch emulates it, slower than fp32."""
+    cpu = getattr(torch, "cpu", None)
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # private in torch 2.x: absent = no
+        check = getattr(cpu, name, None)
+        try:
+            if check is not None and check():
+                return True
+        except RuntimeError:
+            pass
+    return False
+
+
+def autocast_dtype(device) -> torch.dtype | None:
+    """The Trainer's mixed precision on `device` (TrainConfig.amp): bfloat16 on a CUDA GPU that supports it, else
+    float16; on a CPU bfloat16 where it is native (cpu_has_bf16; `python -m course_lib bench bf16` measured sample
+    quality within fp32's seed spread), else None (fp32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_bf16():
+        return torch.bfloat16
+    return None

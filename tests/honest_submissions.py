@@ -267,7 +267,17 @@ def guided_sample_loop(denoise, x, sigmas, y, scale):
             r = math.log(float(sigmas[i - 1]) / s) / h
             dd = (1 + 1 / (2 * r)) * classifier_free - previous / (2 * r)
         x, previous = (s_next / s) * x - math.expm1(-h) * dd, classifier_free
-    return x"""],
+    return x""", """\
+def cond_train_step(model, optimizer, x0, y, alpha_bar, null_label):
+    y = y.masked_fill(torch.bernoulli(torch.full(y.shape, 0.1)).bool(), null_label)   # 10% dropped
+    t = torch.randint(len(alpha_bar), x0.shape[:1])
+    noise = torch.randn_like(x0)
+    a = alpha_bar[t].unsqueeze(1)
+    loss = F.mse_loss(model(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, y), noise)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.item()"""],
 
     "06_autograd_ancestral.ipynb": [HEAD, """\
 cfg_denoiser = lambda d_cond, d_uncond, scale: (1 - scale) * d_uncond + scale * d_cond""", """\
@@ -288,7 +298,24 @@ def guided_sample_loop(denoise, x, sigmas, y, scale):
         up = min(s_next, (s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2) ** 0.5)
         down = (s_next ** 2 - up ** 2) ** 0.5
         x = x + (down - s) * (x - d) / s + up * torch.randn_like(x)   # Euler ancestral
-    return x"""],
+    return x""", """\
+class CondStep:
+    def __init__(self, p_uncond=0.25):
+        self.p_uncond = p_uncond
+
+    def __call__(self, model, optimizer, x0, y, alpha_bar, null_label):
+        y = y.clone()
+        y[torch.randperm(len(y))[: int(self.p_uncond * len(y))]] = null_label
+        t = torch.randint(0, alpha_bar.numel(), (len(x0),))
+        eps = torch.randn(x0.shape)
+        x_t = alpha_bar[t].sqrt()[:, None] * x0 + (1 - alpha_bar[t]).sqrt()[:, None] * eps
+        loss = (model(x_t, t, y=y) - eps).square().sum(-1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss
+
+cond_train_step = CondStep()"""],
 
     "07_einsum_own_class.ipynb": [HEAD + "\nfrom course_lib.nets import CrossAttention as LibraryCrossAttention  # to read",
                                   """\
@@ -422,7 +449,16 @@ def ode_log_likelihood(velocity, x, steps):
         k4, l4 = field(z + h * k3, t + h)
         z = z + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
         delta = delta + h / 6 * (l1 + 2 * l2 + 2 * l3 + l4)
-    return -0.5 * (z ** 2).sum(1) - math.log(2 * math.pi) + delta"""],
+    return -0.5 * (z ** 2).sum(1) - math.log(2 * math.pi) + delta""", """\
+def flow_step(model, optimizer, x0):
+    t = torch.rand(len(x0))                      # one time per row, shape (B,)
+    noise = torch.randn_like(x0)
+    x_t = torch.lerp(x0, noise, t[:, None])      # (1 - t) x0 + t noise
+    loss = F.mse_loss(model(x_t, t), noise - x0)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss"""],
 
     "09_autograd_generate.ipynb": [HEAD, """\
 dsm_loss = lambda score_pred, eps, sigma: torch.mean(torch.sum((sigma.view(-1, 1) * score_pred + eps) ** 2, dim=1))""",
@@ -458,7 +494,21 @@ class Flow:
 
 def ode_log_likelihood(velocity, x, steps):
     z, delta = Flow(velocity).generate(x, steps)
-    return delta - 0.5 * z.pow(2).sum(-1) - math.log(2 * math.pi)"""],
+    return delta - 0.5 * z.pow(2).sum(-1) - math.log(2 * math.pi)""", """\
+class FlowTrainer:
+    def sample_times(self, n):                   # named like the library's; logit-normal times (SD3's choice)
+        return torch.sigmoid(torch.randn(n, 1))
+
+    def __call__(self, model, optimizer, x0):
+        t, noise = self.sample_times(x0.shape[0]), torch.randn(*x0.shape)
+        velocity = noise - x0
+        loss = (model(x0 + t * velocity, t) - velocity).pow(2).sum(dim=1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return float(loss)
+
+flow_step = FlowTrainer()"""],
 
     "10_where_argsort.ipynb": [HEAD + "\nfrom course_lib import discrete, text_models  # to compare", """\
 def absorbing_forward(x0, t, u, mask_id):
@@ -476,7 +526,19 @@ def unmask_sample(denoise, x, steps, mask_id):
         order = torch.where(masked, torch.rand(n, length), torch.full((n, length), -1.0)).argsort(1, descending=True)
         rank = order.argsort(1)
         x = torch.where(masked & (rank < masked.sum(1, keepdim=True) - keep), draws, x)
-    return x"""],
+    return x""", """\
+def masked_step(model, optimizer, x0, mask_id):
+    n, length = x0.shape
+    t = (torch.rand(1) + torch.arange(n) / n) % 1 * 0.999 + 1e-3   # low-discrepancy times, one per row
+    hide = torch.rand(n, length) < t[:, None]
+    x_t = x0.masked_fill(hide, mask_id)
+    targets = x0.masked_fill(~hide, -100)                         # ignored where nothing was masked
+    ce = F.cross_entropy(model(x_t).permute(0, 2, 1), targets, ignore_index=-100, reduction="none")
+    loss = (ce / t[:, None]).sum() / (n * length)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.item()"""],
 
     "10_loops_generate.ipynb": [HEAD, """\
 def absorbing_forward(x0, t, u, mask_id):
@@ -502,5 +564,23 @@ class Unmasker:
         return x
 
 def unmask_sample(denoise, x, steps, mask_id):
-    return Unmasker(denoise, mask_id).generate(x, steps)"""],
+    return Unmasker(denoise, mask_id).generate(x, steps)""", """\
+class MaskedDiffusion:
+    def log_probs(self, logits, mask_id):       # MDLM's SUBS: [MASK] never predicted
+        logits = logits.clone()
+        logits[..., mask_id] = -math.inf
+        return logits.log_softmax(-1)
+
+    def step(self, model, optimizer, x0, mask_id):
+        t = torch.rand(x0.shape[0], 1).clamp(min=1e-3)
+        masked = torch.rand(x0.shape) < t
+        x_t = torch.where(masked, mask_id, x0)
+        logp = self.log_probs(model(x_t), mask_id).gather(-1, x0[..., None]).squeeze(-1)
+        per_token = -(logp * masked / t).mean()
+        optimizer.zero_grad()
+        per_token.backward()
+        optimizer.step()
+        return per_token.detach()
+
+masked_step = MaskedDiffusion().step"""],
 }

@@ -36,6 +36,18 @@ def _bench(args) -> int:
         from .export import main_export
 
         return main_export(args.quick, args.json, args.force)
+    if args.bench == "exercises":
+        from .exercises import main_exercises
+
+        if args.jobs < 1:
+            raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
+        return main_exercises(args.quick, args.json, args.force, args.jobs)
+    if args.bench == "bf16":
+        from .precision import main_bf16
+
+        if args.samples is not None and args.samples < 50:
+            raise ValueError(f"--samples must be at least 50, got {args.samples}")
+        return main_bf16(args.quick, args.json, args.samples, args.force)
     if args.bench == "threads":
         from .threads import main_threads
 
@@ -115,7 +127,7 @@ def _bench_arguments(p: argparse.ArgumentParser, quick_help: str, datasets: bool
 
 def add_bench_parser(sub) -> None:
     """Add `bench` and its subcommands to the CLI's subparsers."""
-    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | threads | export | lessons | t2i | arch | flow | text | grader)",
+    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | threads | bf16 | exercises | export | lessons | t2i | arch | flow | text | grader)",
                        description="Benchmarks that print a table and, with --json, save flat records.")
     bench = p.add_subparsers(dest="bench", metavar="BENCHMARK")
     bench.required = True
@@ -181,6 +193,22 @@ def add_bench_parser(sub) -> None:
                                      "best on a quiet machine. About 8 minutes on 2 cores; --quick: ring8 only, one "
                                      "round.")
     _bench_arguments(p, "ring8 only, one round (about a minute)", datasets=False, devices=None)
+    p = bench.add_parser("bf16", help="bf16 autocast against fp32 for CPU training: sample quality and speed",
+                         description="Trains the digits and ring8 presets in fp32 and under bf16 autocast from the "
+                                     "same seed, steps and data, for seeds 0 1 2, samples each from the same noise "
+                                     "(DPM-Solver++(2M), 20 NFE) and compares FD (digits) and sliced Wasserstein "
+                                     "distance (ring8) with fp32's seed spread, and the training time (about 40 "
+                                     "minutes on 2 CPU cores). --quick: 30 and 150 steps, one seed, 200 samples.")
+    _bench_arguments(p, "a small run for checking (about a minute)", datasets=False, devices=None,
+                     samples_help="samples scored per run (default 1,000; quick 200)")
+    p = bench.add_parser("exercises", help="calibrate the exercises graded on a training run: pass rates and times",
+                         description="Runs the conditional (label dropout), flow-matching and masked-diffusion step exercises' reference on 20 "
+                                     "fresh tasks, honest variants in other styles on 10, each known mistake on 5 "
+                                     "and each shortcut on 3, one CPU thread per check; records every verdict, "
+                                     "whether the mistake's own hint was shown, the seconds, and what the judge "
+                                     "measured (about 10 minutes with --jobs 2). --quick: one or two tasks each.")
+    _bench_arguments(p, "one or two tasks each (about a minute)", datasets=False, devices=None)
+    p.add_argument("--jobs", type=int, default=2, metavar="N", help="checks in parallel, one CPU thread each")
     p = bench.add_parser("t2i", help="text-to-image: latent vs pixel, per guidance scale, NFE and sampler",
                          description="Generates images for shapes test prompts (one object, two objects, held-out "
                                      "colour-shape pairs) with the shipped latent (shapes_ldm) and pixel "

@@ -385,7 +385,8 @@ def progress(lesson: int | str | None = None) -> Score:
 
 # ---- the exercises, one file per lesson (each registers its own; imported last, as they use the names above) ------
 
-from . import lesson01, lesson2, lesson3, lesson4, lesson5, lesson6, lesson7, lesson8, lesson9, lesson10, on_behaviour  # noqa: E402, F401  (registration order)
+from . import lesson01, lesson2, lesson3, lesson4, lesson5, lesson6, lesson7, lesson8, lesson9, lesson10  # noqa: E402, F401, I001  (registration order)
+from . import on_behaviour, on_training  # noqa: E402, F401, I001  (graded on training runs and loops)
 from .lesson01 import ref_alpha_bar_from_betas, ref_log_snr, ref_noise_images, ref_q_sample  # noqa: E402, F401
 from .lesson2 import ref_eps_to_x0, ref_posterior_mean, ref_simple_loss  # noqa: E402, F401
 from .lesson3 import ref_ddim_step, ref_heun_step, ref_karras_sigmas  # noqa: E402, F401

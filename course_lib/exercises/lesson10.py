@@ -1,13 +1,16 @@
 """Lesson 10: the absorbing (masking) forward sample and MDLM's loss weight, graded on values; a parallel unmasking
-sampler, graded on the rows it writes with the exact denoiser of a fresh corpus (course_lib.grading.tasks)."""
+sampler, graded on the rows it writes with the exact denoiser of a fresh corpus (course_lib.grading.tasks); the
+masked-diffusion training step, graded on the bound its trained network reaches on a fresh Markov chain."""
 from __future__ import annotations
 
 import math
 
 import torch
 
+from ..grading import harnesses as _H
 from ..grading import tasks as _T
 from . import FAILED, LIBRARY_EQUIVALENTS, CheckResult, Exercise, register
+from .on_behaviour import _trained_or_verdict
 
 UNMASK_VALID = 0.95      # share of rows that are rows of the task's corpus: the reference (one token per step) 1.000
 # over 100 tasks; MDLM's binomial reveal counts 0.41-0.49, one shot and the course's own captions 0.000 (random rows:
@@ -165,4 +168,130 @@ LIBRARY_EQUIVALENTS.update({
                           "course_lib.discrete.absorbing_marginal"),
     "mdlm_weight": ("course_lib.discrete.mdlm_weight", "course_lib.discrete.alpha_rate"),
     "unmask_sample": ("course_lib.text_models.sample_masked", "course_lib.text_models.generate"),
+})
+
+
+# ---- lesson 10: the masked-diffusion training step -------------------------------------------------------------------
+
+MASKED_GAP = 0.12  # nats per token above the chain's exact entropy that the trained network's bound may reach
+LOSS_AGREEMENT = (0.8, 1.25)  # the learner's reported loss over the last steps / the judge's bound of the same network
+BOUND_ROWS, BOUND_TIMES = 2000, 16
+
+
+def ref_masked_step(model, optimizer, x0, mask_id):
+    """One step on MDLM's negative ELBO (Sahoo et al. 2024, eq. 10, linear schedule alpha(t) = 1 - t): t ~ U(0, 1)
+    per row, each token masked with probability t, the cross-entropy of the masked tokens weighted by 1 / t; in nats
+    per token (the sum over a row divided by its length, averaged over rows)."""
+    b, length = x0.shape
+    t = torch.rand(b, 1).clamp_min(1e-3)
+    xt = torch.where(torch.rand(b, length) < t, torch.full_like(x0, mask_id), x0)
+    ce = torch.nn.functional.cross_entropy(model(xt).transpose(1, 2), x0, reduction="none")
+    loss = ((xt == mask_id) * ce / t).sum(1).mean() / length
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+@torch.no_grad()
+def masked_bound_per_token(net, rows: torch.Tensor, mask_id: int, seed: int, n_t: int = BOUND_TIMES) -> float:
+    """The network's negative ELBO (discrete.mdlm_loss, [MASK] given probability zero) of `rows`, in nats per token:
+    n_t stratified times per row."""
+    from ..discrete import mdlm_loss, subs_log_probs
+
+    g = torch.Generator().manual_seed(seed)
+    x0 = rows.repeat_interleave(n_t, 0)
+    strata = torch.arange(n_t, dtype=torch.float64).repeat(len(rows))
+    t = 1e-3 + (1 - 1e-3) * (strata + torch.rand(len(x0), generator=g, dtype=torch.float64)) / n_t
+    xt = torch.where(torch.rand(x0.shape, generator=g, dtype=torch.float64) < t[:, None], torch.full_like(x0, mask_id),
+                     x0)
+    logp = subs_log_probs(net(xt), mask_id)
+    return float(mdlm_loss(logp, x0, xt, t, mask_id).mean()) / rows.shape[1]
+
+
+def masked_measure(task, outputs: list) -> tuple[CheckResult | None, dict]:
+    """The training run's verdict if it went wrong (else None), and what the judge measures: the trained network's
+    bound on fresh rows, the chain's exact entropy (both per token), their gap, and the reported loss's ratio to the
+    bound."""
+    seed, chain, mask_id = task.private["seed"], task.private["chain"], task.private["mask_id"]
+    net, verdict = _trained_or_verdict("masked_step", outputs, _H.token_net(seed, chain.length, mask_id))
+    if verdict:
+        return verdict, {}
+    rows = chain.sample(BOUND_ROWS, torch.Generator().manual_seed(seed + 5))
+    bound, exact = masked_bound_per_token(net, rows, mask_id, seed + 6), chain.entropy() / chain.length
+    reported = float(outputs[0]["losses"][-200:].mean())
+    return None, {"bound": bound, "exact": exact, "gap": bound - exact, "reported": reported,
+                  "ratio": reported / bound, "length": chain.length}
+
+
+def assess_masked_step(task, outputs: list) -> CheckResult | None:
+    """Lesson 10: the loss went down; the trained network's bound on fresh rows of the task's Markov chain is within
+    MASKED_GAP nats per token of the chain's exact entropy; and the loss the step reported over its last 200 steps
+    agrees with that bound (it is the negative ELBO in nats per token, not another number)."""
+    verdict, m = masked_measure(task, outputs)
+    if verdict:
+        return verdict
+    ratio = m["ratio"]
+    if m["gap"] <= MASKED_GAP and LOSS_AGREEMENT[0] <= ratio <= LOSS_AGREEMENT[1]:
+        return None
+    what = (f"the trained network's bound on fresh rows is {m['bound']:.3f} nats per token, the data's exact entropy "
+            f"{m['exact']:.3f} (accepted: within {MASKED_GAP:g}); the loss your step reported over its last 200 steps "
+            f"averages {m['reported']:.3g}, {ratio:.2f} times that bound (accepted: {LOSS_AGREEMENT[0]:g} to "
+            f"{LOSS_AGREEMENT[1]:g})")
+    if abs(ratio / m["length"] - 1) < 0.2:
+        hint = "Report the loss per token: the row's weighted sum divided by the row's length, averaged over rows."
+    elif ratio < LOSS_AGREEMENT[0]:
+        hint = ("Weight each masked token's cross-entropy by 1 / t (MDLM's -alpha'(t) / (1 - alpha(t)) for the linear "
+                "schedule): without it the number your step minimises and returns is not the bound.")
+    else:
+        hint = ("Mask each token with probability t (masked where a uniform number is below t), take the "
+                "cross-entropy of model(x_t) against x0 at the masked positions only, weight it by 1 / t, and return "
+                "the mean per token.")
+    return CheckResult("masked_step", FAILED, f"{what}.", hint)
+
+
+def _masked_step_with(mistake: str):
+    """The reference step with one usual mistake (for the tests and the hints)."""
+    def step(model, optimizer, x0, mask_id):
+        b, length = x0.shape
+        t = torch.rand(b, 1).clamp_min(1e-3)
+        masked = torch.rand(b, length) < ((1 - t) if mistake == "keep t" else t)
+        xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
+        ce = torch.nn.functional.cross_entropy(model(xt).transpose(1, 2), x0, reduction="none")
+        weighted = (xt == mask_id) * ce / (1 if mistake == "weight" else t)
+        loss = weighted.sum(1).mean() / (1 if mistake == "per row" else length)
+        optimizer.zero_grad()
+        loss.backward()
+        if mistake != "step":
+            optimizer.step()
+        return loss.detach()
+    return step
+
+
+def _fake_masked_step(model, optimizer, x0, mask_id):
+    """A shortcut: reports a falling loss and never trains."""
+    _fake_masked_step.calls = getattr(_fake_masked_step, "calls", 0) + 1
+    return 1.0 / _fake_masked_step.calls
+
+
+def _masked_on_one_row(model, optimizer, x0, mask_id):
+    """A shortcut: trains on one constant row (token 0 everywhere) instead of the batch it is given."""
+    return ref_masked_step(model, optimizer, torch.zeros_like(x0), mask_id)
+
+
+register(Exercise(
+    "masked_step", 10, ref_masked_step, None,
+    "One masked-diffusion step: one t ~ U(0, 1) per row, mask each token with probability t, the cross-entropy of "
+    "model(x_t) against x0 at the masked positions weighted by 1 / t, summed over the row and divided by its length, "
+    "averaged over rows; then zero_grad, backward, step. Return the loss.",
+    mistakes=((_masked_step_with("weight"), "1 / t"), (_masked_step_with("per row"), "per token"),
+              (_masked_step_with("step"), "optimizer.step()")),
+    shortcuts=((_fake_masked_step, "never changed"), (_masked_on_one_row, "exact entropy")),
+    trials=1, task=_T.masked_training_task, assess=assess_masked_step, seconds=120.0,
+    passed_message=f"{_T.TRAIN_STEPS} of your steps trained a network whose bound on fresh rows of a random Markov "
+                   f"chain is within {MASKED_GAP:g} nats per token of the chain's exact entropy, and your loss is that "
+                   f"bound."))
+LIBRARY_EQUIVALENTS.update({
+    "masked_step": ("course_lib.text_models.masked_diffusion_loss", "course_lib.discrete.mdlm_loss",
+                    "course_lib.discrete.mask_tokens", "course_lib.train.Trainer.train_step"),
 })

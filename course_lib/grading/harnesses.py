@@ -28,6 +28,67 @@ def vae_net(seed: int):
     return VAE(net="mlp", latent=2, dim=2, hidden=64, depth=2)
 
 
+class UnitTimeVelocity(torch.nn.Module):
+    """The flow-matching exercise's network: model(x_t, t) with t in [0, 1], one per row (B,) or (B, 1), or one number
+    for the batch; inside, a flow-prediction TimeMLP that takes t * FLOW_TIME_SCALE like the course's flow models."""
+
+    def __init__(self, net):
+        from ..samplers import FLOW_TIME_SCALE
+
+        super().__init__()
+        self.net, self.scale = net, FLOW_TIME_SCALE
+
+    def forward(self, x, t):
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        if t.ndim == 2 and t.shape[1] == 1:
+            t = t[:, 0]
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t must be one time per row, shape ({x.shape[0]},) or ({x.shape[0]}, 1), or one number; "
+                             f"got shape {tuple(t.shape)}")
+        if bool(((t < 0) | (t > 1)).any()):
+            raise ValueError(f"this network takes times t in [0, 1] (t = 0 the data, t = 1 the noise); got values from "
+                             f"{float(t.min()):.3g} to {float(t.max()):.3g}")
+        return self.net(x, t * self.scale)
+
+
+def flow_net(seed: int) -> UnitTimeVelocity:
+    """The small velocity network the flow-matching-step exercise trains."""
+    from ..nets import TimeMLP
+
+    torch.manual_seed(seed)
+    return UnitTimeVelocity(TimeMLP(dim=2, hidden=128, depth=3, temb_dim=32, prediction="flow"))
+
+
+class TokenMLP(torch.nn.Module):
+    """The masked-diffusion exercise's network: rows of token ids (B, L) with [MASK] = mask_id -> logits (B, L,
+    mask_id + 1) over every token, [MASK] included; an MLP on the one-hot row."""
+
+    def __init__(self, length: int, mask_id: int, hidden: int = 256):
+        super().__init__()
+        self.length, self.tokens = length, mask_id + 1
+        self.net = torch.nn.Sequential(torch.nn.Linear(length * self.tokens, hidden), torch.nn.SiLU(),
+                                       torch.nn.Linear(hidden, hidden), torch.nn.SiLU(),
+                                       torch.nn.Linear(hidden, length * self.tokens))
+
+    def forward(self, x):
+        x = torch.as_tensor(x)
+        if x.ndim != 2 or x.shape[1] != self.length or x.is_floating_point():
+            raise ValueError(f"the network takes rows of token ids, an integer tensor of shape (B, {self.length}); got "
+                             f"{x.dtype} of shape {tuple(x.shape)}")
+        if bool(((x < 0) | (x >= self.tokens)).any()):
+            raise ValueError(f"token ids must lie in 0 .. {self.tokens - 1} (the last is [MASK])")
+        one_hot = torch.nn.functional.one_hot(x.long(), self.tokens).float().flatten(1)
+        return self.net(one_hot).view(x.shape[0], self.length, self.tokens)
+
+
+def token_net(seed: int, length: int, mask_id: int) -> TokenMLP:
+    """The small network the masked-diffusion-step exercise trains."""
+    torch.manual_seed(seed)
+    return TokenMLP(length, mask_id)
+
+
 def train_alpha_bar() -> torch.Tensor:
     """The training-step exercise's alpha-bar: a cosine schedule of T_TRAIN steps, float32."""
     from ..schedules import NoiseSchedule
@@ -47,18 +108,23 @@ def _as_loss(value, step: int) -> float:
     raise TypeError(f"your step returned {type(value).__name__} at step {step}; return the batch's loss (a number)")
 
 
-def _train(fn, model, data: torch.Tensor, seed: int, steps: int, extra: tuple) -> dict:
-    """Call fn(model, optimizer, x0, *extra) on `steps` batches drawn from `data`; the losses and the final weights."""
+def _train(fn, model, data: torch.Tensor, seed: int, steps: int, extra: tuple, labels: torch.Tensor | None = None
+           ) -> dict:
+    """Call fn(model, optimizer, x0, *extra) (with labels: fn(model, optimizer, x0, y, *extra)) on `steps` batches
+    drawn from `data`; the losses and the final weights."""
     if not isinstance(data, torch.Tensor) or data.ndim != 2:
-        raise TypeError("the training data must be a tensor of points")
+        raise TypeError("the training data must be a tensor of points or token rows")
+    if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != data.shape[:1]):
+        raise TypeError("the labels must be a tensor with one label per row of the data")
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     gen = torch.Generator().manual_seed(seed + 1)
     losses = []
     torch.manual_seed(seed + 2)  # the learner's own torch.randn / randint calls are reproducible too
     model.train()
     for step in range(steps):
-        batch = data[torch.randint(len(data), (BATCH,), generator=gen)]
-        losses.append(_as_loss(fn(model, optimizer, batch, *extra), step))
+        idx = torch.randint(len(data), (BATCH,), generator=gen)
+        given = (data[idx],) if labels is None else (data[idx], labels[idx])
+        losses.append(_as_loss(fn(model, optimizer, *given, *extra), step))
     out = {"losses": torch.tensor(losses, dtype=torch.float64)}
     out.update({f"param.{k}": v.detach().clone() for k, v in model.state_dict().items()})
     return out
@@ -69,9 +135,34 @@ def train_diffusion(fn, seed: int, data: torch.Tensor, steps: int = TRAIN_STEPS)
     return _train(fn, denoiser_net(seed), data, seed, steps, (train_alpha_bar(),))
 
 
+def conditional_net(seed: int, num_classes: int):
+    """The small class-conditional noise-prediction network of the label-dropout exercise (label num_classes = none)."""
+    from ..nets import TimeMLP
+
+    torch.manual_seed(seed)
+    return TimeMLP(dim=2, hidden=128, depth=3, temb_dim=32, num_classes=num_classes)
+
+
+def train_conditional(fn, seed: int, data: torch.Tensor, labels: torch.Tensor, null_label: int,
+                      steps: int = TRAIN_STEPS) -> dict:
+    """Lesson 6: train the conditional denoiser with cond_train_step(model, optimizer, x0, y, alpha_bar, null_label)."""
+    return _train(fn, conditional_net(seed, null_label), data, seed, steps, (train_alpha_bar(), null_label), labels)
+
+
 def train_vae(fn, seed: int, data: torch.Tensor, steps: int = TRAIN_STEPS) -> dict:
     """Lesson 4: train the small VAE with the learner's vae_step(vae, optimizer, x)."""
     return _train(fn, vae_net(seed), data, seed, steps, ())
 
 
-PROCEDURES = {"train_diffusion": train_diffusion, "train_vae": train_vae}
+def train_flow(fn, seed: int, data: torch.Tensor, steps: int = TRAIN_STEPS) -> dict:
+    """Lesson 9: train the small velocity network with the learner's flow_step(model, optimizer, x0)."""
+    return _train(fn, flow_net(seed), data, seed, steps, ())
+
+
+def train_masked(fn, seed: int, data: torch.Tensor, mask_id: int, steps: int = TRAIN_STEPS) -> dict:
+    """Lesson 10: train the small token network with the learner's masked_step(model, optimizer, x0, mask_id)."""
+    return _train(fn, token_net(seed, data.shape[1], mask_id), data, seed, steps, (mask_id,))
+
+
+PROCEDURES = {"train_diffusion": train_diffusion, "train_vae": train_vae, "train_flow": train_flow,
+              "train_masked": train_masked, "train_conditional": train_conditional}

@@ -22,6 +22,7 @@ TRAIN_STEPS, BATCH, POOL = 2000, 256, 65_536  # the training exercises: steps, b
 T_TRAIN = 100  # the training-step exercise's cosine schedule
 UNMASK_SAMPLES, UNMASK_CORPUS, UNMASK_LENGTH = 500, 300, 10
 TEXT_BATCH = 6
+MASKED_POOL = 16_384  # rows of the Markov chain sent to the masked-diffusion training exercise
 
 
 @dataclass
@@ -82,6 +83,42 @@ def overlapping_mixture(gen: torch.Generator):
 
     k, std = _randint(gen, 5, 7), round(_uniform(gen, 0.3, 0.4), 4)
     return GaussianMixture2D(f"overlap{k}", scattered_modes(gen, k, 2.4 * std, 1.1), std)
+
+
+class MarkovChain:
+    """Token rows from a first-order Markov chain over tokens 0 .. k-1 (initial distribution p0, transition matrix P):
+    a data distribution whose exact entropy is known, for the masked-diffusion training exercise."""
+
+    def __init__(self, p0: torch.Tensor, transition: torch.Tensor, length: int):
+        self.p0, self.transition, self.length = p0.double(), transition.double(), length
+        self.k = len(p0)
+
+    def sample(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        x = torch.empty(n, self.length, dtype=torch.long)
+        x[:, 0] = torch.multinomial(self.p0.float(), n, replacement=True, generator=gen)
+        for i in range(1, self.length):
+            x[:, i] = torch.multinomial(self.transition[x[:, i - 1]].float(), 1, generator=gen)[:, 0]
+        return x
+
+    def entropy(self) -> float:
+        """The exact entropy of a row in nats: H(x_1) + sum over i of E[H(P[x_{i-1}])], with the marginals propagated."""
+        def h(p):
+            return -(p * p.clamp_min(1e-300).log()).sum(-1)
+        marginal, total = self.p0, float(h(self.p0))
+        rows = h(self.transition)
+        for _ in range(1, self.length):
+            total += float(marginal @ rows)
+            marginal = marginal @ self.transition
+        return total
+
+
+def markov_chain(gen: torch.Generator) -> MarkovChain:
+    """6-9 tokens, rows of 10-14: each transition row and the initial distribution a softmax of normal logits of scale
+    2.5 (peaked, so the chain has structure for a network to learn)."""
+    k, length = _randint(gen, 6, 9), _randint(gen, 10, 14)
+    p0 = torch.softmax(2.5 * torch.randn(k, generator=gen, dtype=torch.float64), 0)
+    transition = torch.softmax(2.5 * torch.randn(k, k, generator=gen, dtype=torch.float64), 1)
+    return MarkovChain(p0, transition, length)
 
 
 def random_corpus(gen: torch.Generator, n: int = UNMASK_CORPUS, length: int = UNMASK_LENGTH) -> torch.Tensor:
@@ -261,6 +298,31 @@ def text_guidance_task(gen: torch.Generator) -> Task:
         with torch.no_grad():
             return unet(x, t, context=context, mask=mask)
     return Task([call], {"inputs": inputs, "model": model})
+
+
+def conditional_training_task(gen: torch.Generator) -> Task:
+    """Lesson 6: the conditional training procedure runs the learner's step TRAIN_STEPS times on labelled points of a
+    fresh overlapping mixture (the label is the mode; label k, the number of modes, is 'no label'); the grader keeps
+    the mixture, and what exact sampling of p(x | y) gives for the label accuracy."""
+    from ..metrics import nearest_mode
+
+    mix = overlapping_mixture(gen)
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    x, y = mix.sample(POOL, gen, return_labels=True)
+    check_x, check_y = mix.sample(40_000, gen, return_labels=True)
+    expected = float((nearest_mode(check_x, mix)[0] == check_y).float().mean())
+    inputs = {"seed": seed, "data": x, "labels": y, "null_label": len(mix.modes)}
+    return Task([Call(inputs, procedure="train_conditional")],
+                {"mixture": mix, "seed": seed, "expected_accuracy": expected})
+
+
+def masked_training_task(gen: torch.Generator) -> Task:
+    """Lesson 10: the masked-diffusion training procedure runs the learner's step TRAIN_STEPS times on rows of a fresh
+    Markov chain (token k is [MASK]); the grader keeps the chain and scores the weights against its exact entropy."""
+    chain = markov_chain(gen)
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    inputs = {"seed": seed, "data": chain.sample(MASKED_POOL, gen), "mask_id": chain.k}
+    return Task([Call(inputs, procedure="train_masked")], {"chain": chain, "seed": seed, "mask_id": chain.k})
 
 
 def training_task(gen: torch.Generator, procedure: str) -> Task:

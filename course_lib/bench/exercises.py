@@ -1,0 +1,187 @@
+"""Calibration of the exercises graded on a training run (`python -m course_lib bench exercises`): the reference and
+honest variants in other styles on many fresh tasks (they must pass every one), each known mistake and shortcut (they
+must fail, with their own hint), and the seconds one check takes on one CPU thread. What the judge measured on each
+task (the exercises' `*_measure` functions) is recorded beside the verdict, so the thresholds can be read
+against the distributions."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def _flow_lerp(model, optimizer, x0):
+    """Honest: torch.lerp, one time per row of shape (B,), F.mse_loss, the loss tensor returned."""
+    t = torch.rand(len(x0))
+    noise = torch.randn_like(x0)
+    loss = torch.nn.functional.mse_loss(model(torch.lerp(x0, noise, t[:, None]), t), noise - x0)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def _flow_logit_normal(model, optimizer, x0):
+    """Honest: logit-normal times (SD3's choice), the squared error summed over the two dimensions."""
+    t, noise = torch.sigmoid(torch.randn(x0.shape[0], 1)), torch.randn(*x0.shape)
+    velocity = noise - x0
+    loss = (model(x0 + t * velocity, t) - velocity).pow(2).sum(dim=1).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return float(loss)
+
+
+def _masked_low_discrepancy(model, optimizer, x0, mask_id):
+    """Honest: MDLM's low-discrepancy times, targets ignored where nothing was masked."""
+    n, length = x0.shape
+    t = (torch.rand(1) + torch.arange(n) / n) % 1 * 0.999 + 1e-3
+    hide = torch.rand(n, length) < t[:, None]
+    ce = torch.nn.functional.cross_entropy(model(x0.masked_fill(hide, mask_id)).permute(0, 2, 1),
+                                           x0.masked_fill(~hide, -100), ignore_index=-100, reduction="none")
+    loss = (ce / t[:, None]).sum() / (n * length)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def _masked_subs(model, optimizer, x0, mask_id):
+    """Honest: MDLM's SUBS parameterisation ([MASK] given probability zero), log-probabilities gathered."""
+    t = torch.rand(x0.shape[0], 1).clamp(min=1e-3)
+    masked = torch.rand(x0.shape) < t
+    logits = model(torch.where(masked, mask_id, x0)).clone()
+    logits[..., mask_id] = -float("inf")
+    logp = logits.log_softmax(-1).gather(-1, x0[..., None]).squeeze(-1)
+    loss = -(logp * masked / t).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def _cond_bernoulli(model, optimizer, x0, y, alpha_bar, null_label):
+    """Honest: a 10% dropout drawn with torch.bernoulli and masked_fill, F.mse_loss, the loss as a float."""
+    y = y.masked_fill(torch.bernoulli(torch.full(y.shape, 0.1)).bool(), null_label)
+    t = torch.randint(len(alpha_bar), x0.shape[:1])
+    noise = torch.randn_like(x0)
+    a = alpha_bar[t].unsqueeze(1)
+    loss = torch.nn.functional.mse_loss(model(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, y), noise)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+class _CondStep:
+    """Honest: a callable instance with its own dropout rate, the labels dropped by a random permutation."""
+
+    def __init__(self, p_uncond=0.25):
+        self.p_uncond = p_uncond
+
+    def __call__(self, model, optimizer, x0, y, alpha_bar, null_label):
+        y = y.clone()
+        y[torch.randperm(len(y))[: int(self.p_uncond * len(y))]] = null_label
+        t = torch.randint(0, alpha_bar.numel(), (len(x0),))
+        eps = torch.randn(x0.shape)
+        x_t = alpha_bar[t].sqrt()[:, None] * x0 + (1 - alpha_bar[t]).sqrt()[:, None] * eps
+        loss = (model(x_t, t, y=y) - eps).square().sum(-1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss
+
+
+HONEST = {"cond_train_step": {"bernoulli 10%": _cond_bernoulli, "permutation 25%": _CondStep()},
+          "flow_step": {"lerp": _flow_lerp, "logit-normal times": _flow_logit_normal},
+          "masked_step": {"low-discrepancy times": _masked_low_discrepancy, "SUBS": _masked_subs}}
+TASKS = {"reference": 20, "honest": 10, "mistake": 5, "shortcut": 3}
+QUICK_TASKS = {"reference": 2, "honest": 1, "mistake": 1, "shortcut": 1}
+
+
+def solutions(name: str) -> list[tuple[str, str, object, str | None]]:
+    """(kind, label, function, the hint fragment a failure must show) for one exercise, in a fixed order."""
+    from ..exercises import EXERCISES
+
+    ex = EXERCISES[name]
+    out = [("reference", "reference", ex.reference, None)]
+    out += [("honest", label, fn, None) for label, fn in HONEST.get(name, {}).items()]
+    out += [("mistake", f"hint '{hint}'", fn, hint) for fn, hint in ex.mistakes]
+    out += [("shortcut", fn.__name__.strip("_"), fn, fragment) for fn, fragment in ex.shortcuts]
+    return out
+
+
+def _one(job: tuple) -> dict:
+    """One check of one solution (its position in `solutions`) on one task, in a worker with one CPU thread."""
+    from ..exercises import EXERCISES, judge_task, run_task
+    from ..exercises.lesson10 import masked_measure
+    from ..exercises.on_training import cond_measure, flow_measure
+
+    name, position, seed = job
+    torch.set_num_threads(1)
+    kind, label, fn, fragment = solutions(name)[position]
+    ex = EXERCISES[name]
+    start = time.perf_counter()
+    task = ex.task(torch.Generator().manual_seed(seed))
+    outputs = run_task(fn, task)
+    verdict = judge_task(ex, task, outputs)
+    seconds = time.perf_counter() - start
+    measures = {"cond_train_step": cond_measure, "flow_step": flow_measure, "masked_step": masked_measure}
+    _, measured = measures[name](task, outputs) if name in measures else (None, {})
+    text = "" if verdict is None else f"{verdict.message} {verdict.hint}"
+    return {"exercise": name, "kind": kind, "solution": label, "seed": seed, "passed": verdict is None,
+            "hint_shown": None if fragment is None else fragment in text, "seconds": round(seconds, 2),
+            **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in measured.items()}}
+
+
+def run(names=("cond_train_step", "flow_step", "masked_step"), tasks=None, jobs: int = 2, progress=None) -> list[dict]:
+    """Every solution of every named exercise on its number of fresh tasks (task seeds 0, 1, ...)."""
+    import multiprocessing
+
+    tasks = tasks or TASKS
+    progress = progress or (lambda line: print(line, flush=True))
+    work = [(name, position, seed) for name in names for position, (kind, *_) in enumerate(solutions(name))
+            for seed in range(tasks[kind])]
+    records = []
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        for rec in pool.imap(_one, work):
+            records.append(rec)
+            shown = "" if rec["hint_shown"] is None else ", its hint shown" if rec["hint_shown"] else ", ANOTHER HINT"
+            progress(f"{rec['exercise']:<12} {rec['solution']:<34} seed {rec['seed']:>2}: "
+                     f"{'passed' if rec['passed'] else 'failed'}{shown} ({rec['seconds']:.1f} s)")
+    return records
+
+
+def summarize(records: list[dict]) -> list[str]:
+    """One line per (exercise, solution): passes of tasks, hints shown, seconds, and the judge's measures' ranges."""
+    lines = []
+    keys = list(dict.fromkeys((r["exercise"], r["kind"], r["solution"]) for r in records))
+    for name, kind, label in keys:
+        mine = [r for r in records if (r["exercise"], r["kind"], r["solution"]) == (name, kind, label)]
+        numeric = [k for k, v in mine[0].items() if isinstance(v, float) and k not in ("seconds",)]
+        ranges = ", ".join(f"{k} {min(r[k] for r in mine if k in r):.3g} to {max(r[k] for r in mine if k in r):.3g}"
+                           for k in numeric if all(k in r for r in mine))
+        hints = "" if mine[0]["hint_shown"] is None else f", its own hint {sum(bool(r['hint_shown']) for r in mine)}/{len(mine)}"
+        lines.append(f"{name} {kind} {label}: passed {sum(r['passed'] for r in mine)}/{len(mine)}{hints}; "
+                     f"{statistics.median(r['seconds'] for r in mine):.1f} s per check (median, one thread)"
+                     + (f"; {ranges}" if ranges else ""))
+    return lines
+
+
+def main_exercises(quick: bool, json_path, force: bool, jobs: int) -> int:
+    from ..checkpoints import write_json_atomic
+    from . import refuse_to_overwrite
+
+    refuse_to_overwrite(json_path, force)
+    start = time.perf_counter()
+    records = run(tasks=QUICK_TASKS if quick else TASKS, jobs=jobs)
+    print()
+    print("\n".join(summarize(records)))
+    print(f"({time.perf_counter() - start:.0f} s with {jobs} process(es) of one thread)")
+    if json_path:
+        write_json_atomic({"records": records, "summary": summarize(records),
+                           "command": "python -m course_lib bench exercises" + (" --quick" if quick else "")},
+                          json_path, replace=force)
+        print(f"Wrote {json_path}")
+    return 0
