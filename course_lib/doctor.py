@@ -93,7 +93,7 @@ def triton_status() -> tuple[bool, str]:
 
 def report() -> tuple[bool, list[str]]:
     """The doctor's findings as (course can run, lines to print)."""
-    lines, ok = [], True
+    lines, ok, info = [], True, None
     lines.append(f"Python       {platform.python_version()} on {platform.system()} {platform.machine()}")
     for dist, spec in REQUIRED.items():
         good, text = requirement_status(dist, spec)
@@ -120,6 +120,13 @@ def report() -> tuple[bool, list[str]]:
     except ValueError as e:
         ok = False
         lines.append(f"Threads      FAILED: {e}")
+    try:
+        dtype = runtime.autocast_dtype(info.device if info is not None else "cpu")
+        lines.append("Precision    " + (f"training under {str(dtype).replace('torch.', '')} autocast "
+                                        f"({runtime.PRECISION_ENV}=fp32 keeps fp32)" if dtype else "training in fp32"))
+    except ValueError as e:
+        ok = False
+        lines.append(f"Precision    FAILED: {e}")
     try:
         lines.append(f"Mode         {runtime.describe_mode().splitlines()[0]}")
     except ValueError as e:

@@ -110,6 +110,7 @@ def smoke_note(n: int | None = None) -> str:
 
 
 THREADS_ENV = "COURSE_THREADS"
+PRECISION_ENV = "COURSE_PRECISION"  # auto (the default) or fp32: autocast_dtype
 _THREADS_NOTE: list[str] = []  # what configure_threads decided in this process (it decides once)
 _THREADS_REDUCED: list[bool] = []  # non-empty when it chose fewer threads because other processes were busy
 
@@ -194,9 +195,15 @@ def cpu_has_bf16() -> bool:
 
 def autocast_dtype(device) -> torch.dtype | None:
     """The Trainer's mixed precision on `device` (TrainConfig.amp): bfloat16 on a CUDA GPU that supports it, else
-    float16; on a CPU bfloat16 where it is native (cpu_has_bf16; `python -m course_lib bench bf16` measured sample
-    quality within fp32's seed spread), else None (fp32)."""
+    float16; on a CPU bfloat16 where it is native (cpu_has_bf16: `python -m course_lib bench bf16` measured sample
+    quality within fp32's seed spread, and faster steps), else None (fp32). COURSE_PRECISION=fp32 keeps fp32
+    everywhere (the shipped checkpoints were trained so)."""
+    setting = os.environ.get(PRECISION_ENV, "auto").strip().lower() or "auto"
+    if setting not in ("auto", "fp32"):
+        raise ValueError(f"{PRECISION_ENV} must be auto or fp32, got {setting!r}")
     device = torch.device(device)
+    if setting == "fp32":
+        return None
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu" and cpu_has_bf16():

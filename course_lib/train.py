@@ -18,6 +18,7 @@ from . import checkpoints as ckpt_io
 from .data import DATASETS, MIXTURES, DataSource  # noqa: F401  (MIXTURES: where the benchmarks look it up)
 from .families import FAMILIES, family
 from .nets import build_model
+from .runtime import autocast_dtype
 
 LOSS_NAMES = {name: f.loss_names for name, f in FAMILIES.items()}
 OPTIMIZER_KEYS = {"model": "optimizer", "disc": "opt_d"}  # a network's optimizer in a checkpoint (names kept stable)
@@ -44,7 +45,7 @@ class TrainConfig:
     steps: int = 10_000                 # the budget in optimizer steps ...
     seconds: float | None = None        # ... and optionally in wall-clock seconds (whichever ends first)
     seed: int = 0
-    amp: bool = True                    # bfloat16/float16 autocast, used on CUDA only
+    amp: bool = True                    # autocast where it pays: runtime.autocast_dtype (GPU; CPU with native bf16)
     betas: tuple = (0.9, 0.999)         # Adam's betas (GANs usually train with beta1 = 0.5)
     family: str = "diffusion"           # diffusion | gan | vae: what is trained (course_lib.families)
     options: object = None              # the family's own fields (filled from the keywords the loop does not take)
@@ -204,9 +205,7 @@ class Trainer:
         adam = dict(lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
         self.opts = {role: torch.optim.AdamW(net.parameters(), **adam) for role, net in self.nets.items()}
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.amp_dtype = None
-        if config.amp and self.device.type == "cuda":
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.amp_dtype = autocast_dtype(self.device) if config.amp else None  # fp32 where None (runtime)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16) \
             if hasattr(torch.amp, "GradScaler") else torch.cuda.amp.GradScaler(enabled=self.amp_dtype == torch.float16)
         self.step, self.elapsed = 0, 0.0
