@@ -16,10 +16,12 @@ from ..grading import tasks as _T
 from . import FAILED, LIBRARY_EQUIVALENTS, CheckResult, Exercise, register
 from .on_behaviour import MODE_SHARE, _quality, _trained_or_verdict
 
-# Calibrated on random tasks (tests/test_exercises.py; numbers in the closing note of the change that added it)
-FLOW_HQ_FLOOR = 0.6
+# Calibrated with `python -m course_lib bench exercises` (data/bench_exercises.json: 20 tasks for the reference, 10 for
+# each honest variant, 5 for each mistake; one thread)
+FLOW_HQ_FLOOR = 0.6  # the reference's samples: 0.79 at worst; training on the course's ring 0.13 at best
 FLOW_EULER_STEPS = 100  # the judge samples the trained field with Euler, 100 steps uniform in t
-FIELD_ERROR = 0.12  # the trained field's mean squared distance from the exact velocity, relative to its size
+FIELD_ERROR = 0.15  # the trained field's mean squared distance from the exact velocity, relative to its size: the
+# reference 0.071 at worst, logit-normal times 0.092; the noise (eps) target 0.20 at best, the other mistakes 0.99+
 
 
 def ref_flow_step(model, optimizer, x0):
@@ -177,9 +179,10 @@ LIBRARY_EQUIVALENTS.update({
 # ---- lesson 6: the conditional training step with label dropout ------------------------------------------------------
 
 COND_STEPS, GUIDE_SCALE = 30, 3.0  # the judge samples with Euler on 30 Karras levels, unguided and at scale 3
-ACC_TOLERANCE = 0.08   # how far the unguided label accuracy may fall below exact sampling's (an ODE sampler's
-# samples sit closer to their modes than exact ones, so above is not a fault)
-COND_GAIN = 0.3        # the share of the gap to 100% that guidance at scale 3 must close
+COND_SHARE = 0.4  # unguided label accuracy, as a share of the way from chance (1 / k) to exact sampling's: the
+# reference reaches 0.62 at worst over 20 tasks; a network that ignores the labels about 0
+COND_GAIN = 0.5  # the share of the gap to 100% that guidance at scale 3 must close: the reference 0.83 at worst over
+# 20 tasks; without label dropout guidance makes it worse (negative)
 
 
 def ref_cond_train_step(model, optimizer, x0, y, alpha_bar, null_label):
@@ -222,22 +225,24 @@ def cond_measure(task, outputs: list) -> tuple[CheckResult | None, dict]:
             finite = torch.isfinite(x).all(1)
             measured[key] = float(((nearest_mode(x.nan_to_num(), mix)[0] == labels) & finite).float().mean())
     measured["gain"] = (measured["acc_guided"] - measured["acc_unguided"]) / max(1 - measured["acc_unguided"], 1e-9)
+    measured["share"] = (measured["acc_unguided"] - 1 / k) / max(measured["expected"] - 1 / k, 1e-9)
     return None, measured
 
 
 def assess_cond_train_step(task, outputs: list) -> CheckResult | None:
-    """Lesson 6: unguided samples of the trained network are nearest to their label's mode about as often as exact
-    samples of p(x | y) are (no more than ACC_TOLERANCE less often), and guidance at scale 3, which needs the unconditional model that label
-    dropout trains, closes COND_GAIN of the gap to 100%."""
+    """Lesson 6: unguided samples of the trained network are nearest to their label's mode well above chance (COND_SHARE
+    of the way from chance to exact sampling of p(x | y)), and guidance at scale 3, which needs the unconditional model
+    that label dropout trains, closes COND_GAIN of the gap to 100%."""
     verdict, m = cond_measure(task, outputs)
     if verdict:
         return verdict
     acc1, acc3, expected = m["acc_unguided"], m["acc_guided"], m["expected"]
     unguided = (f"the trained network's unguided samples are nearest to the mode of their label {acc1:.0%} of the "
-                f"time; exact samples of p(x | y) are {expected:.0%} (accepted: within {ACC_TOLERANCE:.0%})")
+                f"time, {m['share']:.0%} of the way from chance ({1 / len(task.private['mixture'].modes):.0%}) to exact "
+                f"samples of p(x | y) ({expected:.0%}); accepted: {COND_SHARE:.0%} of the way")
     dropout = ("Label dropout: replace each label by null_label with a small probability (say 0.2) before calling the "
                "network, so that the same network learns the unconditional model that guidance pushes away from.")
-    if acc1 < expected - ACC_TOLERANCE:
+    if m["share"] < COND_SHARE:
         return CheckResult("cond_train_step", FAILED, f"{unguided}.",
                            "Pass the labels to the network (model(x_t, t, y)) and drop only a share of them (say "
                            "20%) to null_label: the network must learn p(x | y) for every label as well as p(x).")
