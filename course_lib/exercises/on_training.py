@@ -168,8 +168,8 @@ register(Exercise(
               (_flow_step_with("swapped"), "backwards in time"), (_flow_step_with("step"), "optimizer.step()")),
     shortcuts=((_fake_flow_step, "never changed"), (_flow_on_course_data, "samples of the trained velocity field")),
     trials=1, task=lambda gen: _T.training_task(gen, "train_flow"), assess=assess_flow_step, seconds=120.0,
-    passed_message=f"{_T.TRAIN_STEPS} of your steps trained a velocity field whose Euler samples cover every mode of "
-                   f"a fresh mixture with at least {FLOW_HQ_FLOOR:.0%} of them near a mode."))
+    passed_message=f"{_T.TRAIN_STEPS} of your steps trained a velocity field close to a fresh mixture's exact one, whose "
+                   f"Euler samples cover every mode with at least {FLOW_HQ_FLOOR:.0%} of them near a mode."))
 LIBRARY_EQUIVALENTS.update({
     "flow_step": ("course_lib.flow.flow_matching_loss", "course_lib.flow.velocity_target", "course_lib.flow.interpolate",
                   "course_lib.train.Trainer.train_step", "course_lib.families.flow.FlowFamily.step"),
@@ -294,8 +294,8 @@ register(Exercise(
               (_cond_step_with("step"), "optimizer.step()")),
     shortcuts=((_fake_cond_step, "never changed"), (_cond_on_course_data, "nearest to")),
     trials=1, task=_T.conditional_training_task, assess=assess_cond_train_step, seconds=120.0,
-    passed_message=f"{_T.TRAIN_STEPS} of your steps trained one network whose samples are nearest to their label's "
-                   f"mode as often as exact sampling's, and which guidance at scale {GUIDE_SCALE:g} sharpens."))
+    passed_message=f"{_T.TRAIN_STEPS} of your steps trained one network whose unguided samples are nearest to their "
+                   f"label's mode far more often than chance, and which guidance at scale {GUIDE_SCALE:g} sharpens."))
 LIBRARY_EQUIVALENTS.update({
     "cond_train_step": ("course_lib.losses.diffusion_loss", "course_lib.train.Trainer.train_step",
                         "course_lib.families.diffusion.DiffusionFamily.loss",
