@@ -10,7 +10,7 @@ import torch
 from ..grading import harnesses as _H
 from ..grading import tasks as _T
 from . import FAILED, LIBRARY_EQUIVALENTS, CheckResult, Exercise, register
-from .on_behaviour import _trained_or_verdict
+from .on_behaviour import _fake_loss_step, _trained_or_verdict
 
 UNMASK_VALID = 0.95      # share of rows that are rows of the task's corpus: the reference (one token per step) 1.000
 # over 100 tasks; MDLM's binomial reveal counts 0.41-0.49, one shot and the course's own captions 0.000 (random rows:
@@ -272,12 +272,6 @@ def _masked_step_with(mistake: str):
     return step
 
 
-def _fake_masked_step(model, optimizer, x0, mask_id):
-    """A shortcut: reports a falling loss and never trains."""
-    _fake_masked_step.calls = getattr(_fake_masked_step, "calls", 0) + 1
-    return 1.0 / _fake_masked_step.calls
-
-
 def _masked_on_one_row(model, optimizer, x0, mask_id):
     """A shortcut: trains on one constant row (token 0 everywhere) instead of the batch it is given."""
     return ref_masked_step(model, optimizer, torch.zeros_like(x0), mask_id)
@@ -290,7 +284,7 @@ register(Exercise(
     "averaged over rows; then zero_grad, backward, step. Return the loss.",
     mistakes=((_masked_step_with("weight"), "1 / t"), (_masked_step_with("per row"), "per token"),
               (_masked_step_with("step"), "optimizer.step()")),
-    shortcuts=((_fake_masked_step, "never changed"), (_masked_on_one_row, "exact entropy")),
+    shortcuts=((_fake_loss_step, "never changed"), (_masked_on_one_row, "exact entropy")),
     trials=1, task=_T.masked_training_task, assess=assess_masked_step, seconds=120.0,
     passed_message=f"{_T.TRAIN_STEPS} of your steps trained a network whose bound on fresh rows of a random Markov "
                    f"chain is within {MASKED_GAP:g} nats per token of the chain's exact entropy, and your loss is that "

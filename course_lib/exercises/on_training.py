@@ -14,7 +14,7 @@ import torch
 from ..grading import harnesses as _H
 from ..grading import tasks as _T
 from . import FAILED, LIBRARY_EQUIVALENTS, CheckResult, Exercise, register
-from .on_behaviour import MODE_SHARE, _quality, _trained_or_verdict
+from .on_behaviour import MODE_SHARE, _fake_loss_step, _quality, _trained_or_verdict
 
 # Calibrated with `python -m course_lib bench exercises` (data/bench_exercises.json: 20 tasks for the reference, 10 for
 # each honest variant, 5 for each mistake; one thread)
@@ -147,12 +147,6 @@ def _flow_step_with(mistake: str):
     return step
 
 
-def _fake_flow_step(model, optimizer, x0):
-    """A shortcut: reports a falling loss and never trains."""
-    _fake_flow_step.calls = getattr(_fake_flow_step, "calls", 0) + 1
-    return 1.0 / _fake_flow_step.calls
-
-
 def _flow_on_course_data(model, optimizer, x0):
     """A shortcut: trains on the lesson's ring of 8 Gaussians instead of the batch it is given."""
     from ..data import ring_of_gaussians
@@ -166,7 +160,7 @@ register(Exercise(
     "model(x_t, t) and noise - x0, then zero_grad, backward, step. Return the loss.",
     mistakes=((_flow_step_with("flipped"), "wrong sign"), (_flow_step_with("noise"), "eps target"),
               (_flow_step_with("swapped"), "backwards in time"), (_flow_step_with("step"), "optimizer.step()")),
-    shortcuts=((_fake_flow_step, "never changed"), (_flow_on_course_data, "samples of the trained velocity field")),
+    shortcuts=((_fake_loss_step, "never changed"), (_flow_on_course_data, "samples of the trained velocity field")),
     trials=1, task=lambda gen: _T.training_task(gen, "train_flow"), assess=assess_flow_step, seconds=120.0,
     passed_message=f"{_T.TRAIN_STEPS} of your steps trained a velocity field close to a fresh mixture's exact one, whose "
                    f"Euler samples cover every mode with at least {FLOW_HQ_FLOOR:.0%} of them near a mode."))
@@ -272,12 +266,6 @@ def _cond_step_with(mistake: str):
     return step
 
 
-def _fake_cond_step(model, optimizer, x0, y, alpha_bar, null_label):
-    """A shortcut: reports a falling loss and never trains."""
-    _fake_cond_step.calls = getattr(_fake_cond_step, "calls", 0) + 1
-    return 1.0 / _fake_cond_step.calls
-
-
 def _cond_on_course_data(model, optimizer, x0, y, alpha_bar, null_label):
     """A shortcut: trains on the lesson's ring of six overlapping Gaussians, labelled by mode, not the given batch."""
     from ..data import ring_of_gaussians
@@ -292,7 +280,7 @@ register(Exercise(
     "lesson 2's step with the labels passed to the network, model(x_t, t, y). Return the loss.",
     mistakes=((_cond_step_with("no dropout"), "Label dropout"), (_cond_step_with("drop all"), "drop only a share"),
               (_cond_step_with("step"), "optimizer.step()")),
-    shortcuts=((_fake_cond_step, "never changed"), (_cond_on_course_data, "nearest to")),
+    shortcuts=((_fake_loss_step, "never changed"), (_cond_on_course_data, "nearest to")),
     trials=1, task=_T.conditional_training_task, assess=assess_cond_train_step, seconds=120.0,
     passed_message=f"{_T.TRAIN_STEPS} of your steps trained one network whose unguided samples are nearest to their "
                    f"label's mode far more often than chance, and which guidance at scale {GUIDE_SCALE:g} sharpens."))
