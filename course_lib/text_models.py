@@ -20,11 +20,12 @@ ORDERS = ("random", "confidence", "ancestral")
 TEXT_FAMILIES = ("masked_diffusion", "autoregressive")
 
 
-def _check_tokens(tokens: torch.Tensor, name: str = "tokens", masks: bool = False) -> torch.Tensor:
+def _check_tokens(tokens: torch.Tensor, name: str = "tokens", masks: bool = False, top: int | None = None
+                  ) -> torch.Tensor:
     if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must be integer token ids of shape (n, length), got "
                         f"{getattr(tokens, 'shape', type(tokens).__name__)}")
-    top = VOCAB_SIZE if masks else MASK_ID
+    top = top if top is not None else VOCAB_SIZE if masks else MASK_ID
     if ((tokens < 0) | (tokens >= top)).any():
         raise ValueError(f"{name} must hold ids in [0, {top})" + ("" if masks else " ([MASK] is not a caption token)"))
     return tokens.long()
@@ -56,10 +57,11 @@ def masked_diffusion_loss(model, x0: torch.Tensor, masking: str = "linear",
 
 @torch.no_grad()
 def masked_bound(model, tokens: torch.Tensor, n_t: int = 64, masking: str = "linear", seed: int = 0,
-                 batch: int = 4096) -> torch.Tensor:
+                 batch: int = 4096, mask_id: int = MASK_ID) -> torch.Tensor:
     """The negative ELBO of each caption in nats, an upper bound on -log p(x): the time integral of eq. 10 estimated
-    with n_t stratified times per caption (time j in [j/n_t, (j+1)/n_t))."""
-    tokens = _check_tokens(tokens)
+    with n_t stratified times per caption (time j in [j/n_t, (j+1)/n_t)). Another vocabulary: tokens 0 .. mask_id - 1
+    and [MASK] = mask_id."""
+    tokens = _check_tokens(tokens, top=mask_id)
     if not isinstance(n_t, int) or n_t < 1:
         raise ValueError(f"n_t must be a positive int, got {n_t!r}")
     g = _generator(seed)
@@ -68,9 +70,9 @@ def masked_bound(model, tokens: torch.Tensor, n_t: int = 64, masking: str = "lin
     t = (1e-4 + (1 - 1e-4) * (strata + torch.rand(len(rows), generator=g, dtype=torch.float64)) / n_t)
     out = []
     for x0, tt in zip(rows.split(batch), t.split(batch)):
-        xt = mask_tokens(x0, tt, MASK_ID, masking, g)
-        logp = subs_log_probs(model(xt.to(_device(model))), MASK_ID).cpu()
-        out.append(mdlm_loss(logp, x0, xt, tt, MASK_ID, masking).double())
+        xt = mask_tokens(x0, tt, mask_id, masking, g)
+        logp = subs_log_probs(model(xt.to(_device(model))), mask_id).cpu()
+        out.append(mdlm_loss(logp, x0, xt, tt, mask_id, masking).double())
     return torch.cat(out).reshape(len(tokens), n_t).mean(1)
 
 

@@ -105,6 +105,7 @@ def describe(v: dict) -> str:
 
 def main_bf16(quick: bool, json_path, samples, force: bool) -> int:
     from ..checkpoints import write_json_atomic
+    from ..runtime import cpu_has_bf16
     from . import refuse_to_overwrite
 
     refuse_to_overwrite(json_path, force)
@@ -119,16 +120,11 @@ def main_bf16(quick: bool, json_path, samples, force: bool) -> int:
         print(f"{t['dataset']}: one training step {t['fp32_ms']:.1f} ms in fp32, {t['bf16_ms']:.1f} ms in bf16 "
               f"({t['speedup']:.2f}x; medians of {t['rounds']} interleaved rounds, {t['threads']} threads)")
     print(f"({time.perf_counter() - start:.0f} s; this CPU "
-          f"{'has' if _native_bf16() else 'lacks'} native bf16 arithmetic (AVX512-BF16 or AMX))")
+          f"{'has' if cpu_has_bf16() else 'lacks'} native bf16 arithmetic (AVX512-BF16 or AMX))")
     if json_path:
-        write_json_atomic({"records": records, "verdicts": verdicts, "step_times": timings, "native_bf16": _native_bf16(),
+        write_json_atomic({"records": records, "verdicts": verdicts, "step_times": timings, "native_bf16": cpu_has_bf16(),
                            "command": "python -m course_lib bench bf16" + (" --quick" if quick else "")}, json_path,
                           replace=force)
         print(f"Wrote {json_path}")
     return 0
 
-
-def _native_bf16() -> bool:
-    from ..runtime import cpu_has_bf16
-
-    return cpu_has_bf16()

@@ -19,7 +19,7 @@ from .on_behaviour import MODE_SHARE, _fake_loss_step, _quality, _trained_or_ver
 # Calibrated with `python -m course_lib bench exercises` (data/bench_exercises.json: 20 tasks for the reference, 10 for
 # each honest variant, 5 for each mistake; one thread)
 FLOW_HQ_FLOOR = 0.6  # the reference's samples: 0.79 at worst; training on the course's ring 0.13 at best
-FLOW_EULER_STEPS = 100  # the judge samples the trained field with Euler, 100 steps uniform in t
+FLOW_EULER_STEPS = 100  # the judge samples the trained field with the course's Euler, 100 steps uniform in t
 FIELD_ERROR = 0.15  # the trained field's mean squared distance from the exact velocity, relative to its size: the
 # reference 0.071 at worst, logit-normal times 0.092; the noise (eps) target 0.20 at best, the other mistakes 0.99+
 
@@ -84,16 +84,6 @@ def _closest_field(net, mix, seed: int) -> tuple[str, dict]:
     return min(rel, key=rel.get), rel
 
 
-@torch.no_grad()
-def euler_flow_samples(net, noise: torch.Tensor, steps: int = FLOW_EULER_STEPS) -> torch.Tensor:
-    """The judge's sampler: Euler on dx/dt = net(x, t) from t = 1 (the noise) to t = 0, `steps` uniform steps."""
-    ts = torch.linspace(1, 0, steps + 1).tolist()
-    x = noise.clone()
-    for t, t_next in zip(ts[:-1], ts[1:]):
-        x = x + (t_next - t) * net(x, torch.full((x.shape[0],), t))
-    return x
-
-
 def flow_measure(task, outputs: list) -> tuple[CheckResult | None, dict]:
     """The training run's verdict if it went wrong (else None), and what the judge measures of the trained field: the
     samples' high-quality share and emptiest mode (as a share of its fair n / k), the field's relative distance from
@@ -102,8 +92,11 @@ def flow_measure(task, outputs: list) -> tuple[CheckResult | None, dict]:
     net, verdict = _trained_or_verdict("flow_step", outputs, _H.flow_net(seed))
     if verdict:
         return verdict, {}
+    from ..samplers import sample
+
     noise = torch.randn(_T.SAMPLE_POINTS, 2, generator=torch.Generator().manual_seed(seed + 3))
-    x = euler_flow_samples(net, noise)
+    with torch.no_grad():  # Euler, uniform in t: net.net is the flow-prediction network inside the exercise's wrapper
+        x = sample(net.net, noise, sampler="euler", steps=FLOW_EULER_STEPS, spacing="uniform").x
     hq, counts, _ = _quality(x, mix) if torch.isfinite(x).all() else (0.0, torch.zeros(len(mix.modes)), 0.0)
     learned, rel = _closest_field(net, mix, seed)
     return None, {"hq": hq, "emptiest": float(counts.min()) * len(mix.modes) / _T.SAMPLE_POINTS,
@@ -176,21 +169,31 @@ COND_STEPS, GUIDE_SCALE = 30, 3.0  # the judge samples with Euler on 30 Karras l
 COND_SHARE = 0.4  # unguided label accuracy, as a share of the way from chance (1 / k) to exact sampling's: the
 # reference reaches 0.62 at worst over 20 tasks; a network that ignores the labels about 0
 COND_GAIN = 0.5  # the share of the gap to 100% that guidance at scale 3 must close: the reference 0.83 at worst over
-# 20 tasks; without label dropout guidance makes it worse (negative)
+# 20 tasks; without label dropout usually negative, but 0.87-1.0 on 3 of 30 tasks (the untrained 'no label' embedding
+# happened to act as an unconditional model), hence the next check
+UNCOND_ERROR = 0.04  # the 'no label' prediction's mean squared distance from the exact unconditional denoiser, relative
+# to the size of the denoising step, at sigma 0.2, 0.5, 1 and 2: the reference 0.003-0.016 (20 tasks), the honest
+# variants up to 0.015; without dropout 0.085-0.58
 
 
-def ref_cond_train_step(model, optimizer, x0, y, alpha_bar, null_label):
-    """One step of conditional DDPM training with label dropout (Ho & Salimans 2022, Algorithm 1): each label is
-    replaced by null_label with probability 0.2, so one network learns the conditional and the unconditional model."""
-    y = torch.where(torch.rand(len(y)) < 0.2, torch.full_like(y, null_label), y)
+def _cond_step(model, optimizer, x0, y, alpha_bar, null_label, p_drop: float = 0.2, take_step: bool = True):
+    """Lesson 2's training step on labelled data, each label replaced by null_label with probability p_drop."""
+    y = torch.where(torch.rand(len(y)) < p_drop, torch.full_like(y, null_label), y)
     t = torch.randint(0, len(alpha_bar), (x0.shape[0],))
     noise = torch.randn_like(x0)
     ab = alpha_bar[t][:, None].to(x0.dtype)
     loss = ((noise - model(ab.sqrt() * x0 + (1 - ab).sqrt() * noise, t, y)) ** 2).mean()
     optimizer.zero_grad()
     loss.backward()
-    optimizer.step()
+    if take_step:
+        optimizer.step()
     return loss.detach()
+
+
+def ref_cond_train_step(model, optimizer, x0, y, alpha_bar, null_label):
+    """One step of conditional DDPM training with label dropout (Ho & Salimans 2022, Algorithm 1): each label is
+    replaced by null_label with probability 0.2, so one network learns the conditional and the unconditional model."""
+    return _cond_step(model, optimizer, x0, y, alpha_bar, null_label)
 
 
 def cond_measure(task, outputs: list) -> tuple[CheckResult | None, dict]:
@@ -220,13 +223,30 @@ def cond_measure(task, outputs: list) -> tuple[CheckResult | None, dict]:
             measured[key] = float(((nearest_mode(x.nan_to_num(), mix)[0] == labels) & finite).float().mean())
     measured["gain"] = (measured["acc_guided"] - measured["acc_unguided"]) / max(1 - measured["acc_unguided"], 1e-9)
     measured["share"] = (measured["acc_unguided"] - 1 / k) / max(measured["expected"] - 1 / k, 1e-9)
+    measured["uncond_error"] = _uncond_error(den, mix, k, seed)
     return None, measured
+
+
+@torch.no_grad()
+def _uncond_error(den, mix, k: int, seed: int) -> float:
+    """How far the network's 'no label' prediction is from the mixture's exact unconditional denoiser: mean squared
+    distance relative to the size of the exact denoising step, on noisy data at sigma 0.2, 0.5, 1 and 2."""
+    from ..analytic import mixture_denoiser
+
+    exact, g, err, size = mixture_denoiser(mix), torch.Generator().manual_seed(seed + 7), 0.0, 0.0
+    for sigma in (0.2, 0.5, 1.0, 2.0):
+        x = mix.sample(1000, g) + sigma * torch.randn(1000, 2, generator=g)
+        want = exact(x.double(), sigma).float()
+        err += float((den(x, sigma, y=torch.full((1000,), k)) - want).pow(2).mean())
+        size += float((x - want).pow(2).mean())
+    return err / size
 
 
 def assess_cond_train_step(task, outputs: list) -> CheckResult | None:
     """Lesson 6: unguided samples of the trained network are nearest to their label's mode well above chance (COND_SHARE
-    of the way from chance to exact sampling of p(x | y)), and guidance at scale 3, which needs the unconditional model
-    that label dropout trains, closes COND_GAIN of the gap to 100%."""
+    of the way from chance to exact sampling of p(x | y)); called with 'no label' it is the data's unconditional
+    denoiser (UNCOND_ERROR), which only label dropout trains; and guidance at scale 3 closes COND_GAIN of the gap to
+    100%."""
     verdict, m = cond_measure(task, outputs)
     if verdict:
         return verdict
@@ -240,6 +260,11 @@ def assess_cond_train_step(task, outputs: list) -> CheckResult | None:
         return CheckResult("cond_train_step", FAILED, f"{unguided}.",
                            "Pass the labels to the network (model(x_t, t, y)) and drop only a share of them (say "
                            "20%) to null_label: the network must learn p(x | y) for every label as well as p(x).")
+    if m["uncond_error"] > UNCOND_ERROR:
+        return CheckResult("cond_train_step", FAILED, f"called with null_label, the trained network is not the data's "
+                           f"unconditional denoiser: its squared distance from the exact one is "
+                           f"{m['uncond_error']:.0%} of the size of the denoising step (accepted: {UNCOND_ERROR:.0%}).",
+                           dropout)
     if m["gain"] < COND_GAIN:
         return CheckResult("cond_train_step", FAILED, f"guided at scale {GUIDE_SCALE:g}, {acc3:.0%} of the samples are "
                            f"nearest to their label's mode against {acc1:.0%} unguided: guidance closed "
@@ -249,21 +274,9 @@ def assess_cond_train_step(task, outputs: list) -> CheckResult | None:
 
 def _cond_step_with(mistake: str):
     """The reference step with one usual mistake (for the tests and the hints)."""
-    def step(model, optimizer, x0, y, alpha_bar, null_label):
-        if mistake == "drop all":
-            y = torch.full_like(y, null_label)
-        elif mistake != "no dropout":
-            y = torch.where(torch.rand(len(y)) < 0.2, torch.full_like(y, null_label), y)
-        t = torch.randint(0, len(alpha_bar), (x0.shape[0],))
-        noise = torch.randn_like(x0)
-        ab = alpha_bar[t][:, None].to(x0.dtype)
-        loss = ((noise - model(ab.sqrt() * x0 + (1 - ab).sqrt() * noise, t, y)) ** 2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        if mistake != "step":
-            optimizer.step()
-        return loss.detach()
-    return step
+    options = {"no dropout": {"p_drop": 0.0}, "drop all": {"p_drop": 1.0}, "step": {"take_step": False}}[mistake]
+    return lambda model, optimizer, x0, y, alpha_bar, null_label: _cond_step(model, optimizer, x0, y, alpha_bar,
+                                                                           null_label, **options)
 
 
 def _cond_on_course_data(model, optimizer, x0, y, alpha_bar, null_label):
