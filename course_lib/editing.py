@@ -91,3 +91,26 @@ def sdedit(denoiser, image: torch.Tensor, sigma_start: float, sigmas, sampler: s
     noise = torch.randn(image.shape, generator=generator, dtype=image.dtype).to(image.device)
     kwargs = {"generator": generator} if "generator" in inspect.signature(fn).parameters else {}
     return fn(den, image + sigma_start * noise, path, **kwargs, **model_kwargs)
+
+
+def inpainting_spread(mean: torch.Tensor, cov: torch.Tensor, known: torch.Tensor, resample: int, n: int = 2000,
+                      n_steps: int = 45, generator: torch.Generator | None = None) -> tuple[float, float]:
+    """How well `inpaint` samples a Gaussian's exact conditional: completions of n rows of N(mean, cov) (coordinates
+    where `known` is True kept) with the exact denoiser on n_steps Karras levels, whitened by the true conditional
+    covariance about each row's true conditional mean; returns the smallest and largest eigenvalue of their covariance
+    (both 1 for exact conditional samples)."""
+    from .analytic import gaussian_conditional, multivariate_gaussian_denoiser
+    from .step_schedules import karras_sigmas
+
+    mean, cov = torch.as_tensor(mean, dtype=torch.float64), torch.as_tensor(cov, dtype=torch.float64)
+    known = torch.as_tensor(known, dtype=torch.bool)
+    if known.shape != mean.shape or not known.any() or known.all():
+        raise ValueError("known must be a bool mask over mean's coordinates with both True and False entries")
+    rows = mean + torch.randn(n, len(mean), generator=generator, dtype=torch.float64) @ torch.linalg.cholesky(cov).T
+    sigmas = karras_sigmas(n_steps, 0.01, 20.0, 7.0).double()
+    x = inpaint(multivariate_gaussian_denoiser(mean, cov), rows, known.expand(n, -1).double(), sigmas,
+                resample=resample, generator=generator)
+    cond_mean, cond_cov = gaussian_conditional(mean, cov, known, rows[:, known])
+    w = torch.linalg.solve_triangular(torch.linalg.cholesky(cond_cov), (x[:, ~known] - cond_mean).T, upper=False).T
+    eig = torch.linalg.eigvalsh(torch.cov(w.T).reshape(w.shape[1], w.shape[1]))
+    return float(eig.min()), float(eig.max())

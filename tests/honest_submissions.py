@@ -277,7 +277,20 @@ def cond_train_step(model, optimizer, x0, y, alpha_bar, null_label):
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    return loss.item()"""],
+    return loss.item()""", """\
+def repaint(denoise, known, mask, sigmas, resample):
+    keep = mask.float()                                # DDIM steps down, the mask as a float
+    levels = sigmas.tolist()
+    x = torch.randn(known.shape) * levels[0]
+    for i in range(len(levels) - 1):
+        hi, lo = levels[i], levels[i + 1]
+        for rep in range(resample if lo > 0 else 1):
+            x = keep * (known + hi * torch.randn(known.shape)) + (1 - keep) * x
+            x0 = denoise(x, hi)
+            x = x0 + (lo / hi) * (x - x0)
+            if lo > 0 and rep + 1 < resample:
+                x = x + (hi**2 - lo**2) ** 0.5 * torch.randn(x.shape)
+    return keep * known + (1 - keep) * x"""],
 
     "06_autograd_ancestral.ipynb": [HEAD, """\
 cfg_denoiser = lambda d_cond, d_uncond, scale: (1 - scale) * d_uncond + scale * d_cond""", """\
@@ -315,7 +328,28 @@ class CondStep:
         optimizer.step()
         return loss
 
-cond_train_step = CondStep()"""],
+cond_train_step = CondStep()""", """\
+def moves(n, resample, jump=3):                        # RePaint's jumps: blocks of 3 levels walked `resample` times
+    for start in range(0, n, jump):
+        end = min(start + jump, n)
+        for r in range(resample if end < n else 1):
+            yield from ((i, i + 1) for i in range(start, end))
+            if r < resample - 1 and end < n:
+                yield from ((i, i - 1) for i in range(end, start, -1))
+
+@torch.no_grad()
+def repaint(denoise, known, mask, sigmas, resample):
+    x = torch.randn_like(known) * sigmas[0]
+    for a, b in moves(len(sigmas) - 1, resample):
+        s, t = float(sigmas[a]), float(sigmas[b])
+        if b < a:                                      # back up a level
+            x = x + math.sqrt(t * t - s * s) * torch.randn_like(x)
+            continue
+        x[mask] = (known + s * torch.randn_like(known))[mask]
+        d = denoise(x, s)
+        x = d if t == 0 else d + (t / s) ** 2 * (x - d) + t * math.sqrt(1 - (t / s) ** 2) * torch.randn_like(x)
+    x[mask] = known[mask]
+    return x"""],
 
     "07_einsum_own_class.ipynb": [HEAD + "\nfrom course_lib.nets import CrossAttention as LibraryCrossAttention  # to read",
                                   """\

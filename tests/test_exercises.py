@@ -380,3 +380,40 @@ def test_the_check_limit_leaves_an_earlier_alarm_alone_and_rearms_a_later_one():
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_the_inpainting_task_s_truth_matches_the_precision_form():
+    """The Gaussian's conditional (mean and covariance of the unknown half given the known half) and its exact
+    denoiser, against their forms through the precision matrix (an independent derivation)."""
+    from course_lib.analytic import correlated_pairs_gaussian, gaussian_conditional
+    from course_lib.grading import tasks as T
+
+    for seed in range(5):
+        mean, cov, known = correlated_pairs_gaussian(torch.Generator().manual_seed(seed))
+        assert torch.linalg.eigvalsh(cov).min() > 0 and known.sum() * 2 == len(mean)
+        x = mean + torch.randn(7, len(mean), dtype=torch.float64) @ torch.linalg.cholesky(cov).T
+        cond_mean, cond_cov = gaussian_conditional(mean, cov, known, x[:, known])
+        prec = torch.linalg.inv(cov)
+        p_uu, p_uk = prec[~known][:, ~known], prec[~known][:, known]
+        assert torch.allclose(cond_cov, torch.linalg.inv(p_uu), atol=1e-8)
+        want = mean[~known] - (x[:, known] - mean[known]) @ (torch.linalg.inv(p_uu) @ p_uk).T
+        assert torch.allclose(cond_mean, want, atol=1e-8)
+    task = T.inpainting_task(torch.Generator().manual_seed(3))
+    denoise, p = task.calls[0].oracles["denoise"], task.private
+    x, s = torch.randn(T.INPAINT_ROWS, len(p["mean"]), dtype=torch.float64), 0.7
+    eye = torch.eye(len(p["mean"]), dtype=torch.float64)
+    post = torch.linalg.inv(torch.linalg.inv(p["cov"]) + eye / s**2)  # x0 | x_s: precision Sigma^-1 + I / s^2
+    want = (torch.linalg.inv(p["cov"]) @ p["mean"] + x / s**2) @ post.T
+    assert torch.allclose(denoise(x, s).double(), want, atol=1e-4)
+    assert torch.equal(task.calls[0].inputs["known"][:, ~p["known"]], torch.zeros(T.INPAINT_ROWS, int((~p["known"]).sum())))
+
+
+def test_repaint_is_graded_on_the_conditional_it_samples():
+    """RePaint's passes are what bring the completions to the conditional: the reference passes on ten tasks, the same
+    loop with one pass per level (replacement) fails on each, with the hint to resample."""
+    from course_lib.exercises import lesson6
+
+    for seed in range(10):
+        assert E.run_check("repaint", lesson6.ref_repaint, seed=seed).passed, seed
+        r = E.run_check("repaint", lesson6._repaint_with("no resampling"), seed=seed)
+        assert r.status == E.FAILED and "Walk every level" in r.hint, (seed, str(r))

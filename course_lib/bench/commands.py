@@ -41,7 +41,7 @@ def _bench(args) -> int:
 
         if args.jobs < 1:
             raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
-        return main_exercises(args.quick, args.json, args.force, args.jobs)
+        return main_exercises(args.quick, args.json, args.force, args.jobs, args.only)
     if args.bench == "bf16":
         from .precision import main_bf16
 
@@ -202,13 +202,15 @@ def add_bench_parser(sub) -> None:
     _bench_arguments(p, "a small run for checking (about a minute)", datasets=False, devices=None,
                      samples_help="samples scored per run (default 1,000; quick 200)")
     p = bench.add_parser("exercises", help="calibrate the exercises graded on a training run: pass rates and times",
-                         description="Runs the conditional (label dropout), flow-matching and masked-diffusion step exercises' reference on 20 "
+                         description="Runs the RePaint loop and the conditional (label dropout), flow-matching and masked-diffusion "
+                                     "step exercises' reference on 20 "
                                      "fresh tasks, honest variants in other styles on 10, each known mistake on 5 "
                                      "and each shortcut on 3, one CPU thread per check; records every verdict, "
                                      "whether the mistake's own hint was shown, the seconds, and what the judge "
                                      "measured (about 10 minutes with --jobs 2). --quick: one or two tasks each.")
     _bench_arguments(p, "one or two tasks each (about a minute)", datasets=False, devices=None)
     p.add_argument("--jobs", type=int, default=2, metavar="N", help="checks in parallel, one CPU thread each")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="these exercises only (default: all it calibrates)")
     p = bench.add_parser("t2i", help="text-to-image: latent vs pixel, per guidance scale, NFE and sampler",
                          description="Generates images for shapes test prompts (one object, two objects, held-out "
                                      "colour-shape pairs) with the shipped latent (shapes_ldm) and pixel "

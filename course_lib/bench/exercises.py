@@ -93,11 +93,52 @@ class _CondStep:
         return loss
 
 
-HONEST = {"cond_train_step": {"bernoulli 10%": _cond_bernoulli, "permutation 25%": _CondStep()},
+def _repaint_ddim(denoise, known, mask, sigmas, resample):
+    """Honest: DDIM (deterministic) steps down, the mask as a float, levels as a Python list."""
+    keep = mask.float()
+    levels = sigmas.tolist()
+    x = torch.randn(known.shape) * levels[0]
+    for i in range(len(levels) - 1):
+        hi, lo = levels[i], levels[i + 1]
+        for rep in range(resample if lo > 0 else 1):
+            x = keep * (known + hi * torch.randn(known.shape)) + (1 - keep) * x
+            x0 = denoise(x, hi)
+            x = x0 + (lo / hi) * (x - x0)
+            if lo > 0 and rep + 1 < resample:
+                x = x + (hi**2 - lo**2) ** 0.5 * torch.randn(x.shape)
+    return keep * known + (1 - keep) * x
+
+
+def _repaint_blocks(denoise, known, mask, sigmas, resample, jump=3):
+    """Honest: RePaint's jumps (blocks of 3 levels walked `resample` times, alg. 1 with j = 3), as a list of moves."""
+    n = len(sigmas) - 1
+    moves = []
+    for start in range(0, n, jump):
+        end = min(start + jump, n)
+        for r in range(resample if end < n else 1):
+            moves += [(i, i + 1) for i in range(start, end)]
+            if r < resample - 1 and end < n:
+                moves += [(i, i - 1) for i in range(end, start, -1)]
+    x = torch.randn_like(known) * sigmas[0]
+    for a, b in moves:
+        s, t = float(sigmas[a]), float(sigmas[b])
+        if b > a:
+            x[mask] = (known + s * torch.randn_like(known))[mask]
+            d = denoise(x, s)
+            x = d if t == 0 else d + (t / s) ** 2 * (x - d) + t * (1 - (t / s) ** 2) ** 0.5 * torch.randn_like(x)
+        else:
+            x = x + (t * t - s * s) ** 0.5 * torch.randn_like(x)
+    x[mask] = known[mask]
+    return x
+
+
+HONEST = {"repaint": {"DDIM steps": _repaint_ddim, "jumps of 3": _repaint_blocks},
+          "cond_train_step": {"bernoulli 10%": _cond_bernoulli, "permutation 25%": _CondStep()},
           "flow_step": {"lerp": _flow_lerp, "logit-normal times": _flow_logit_normal},
           "masked_step": {"low-discrepancy times": _masked_low_discrepancy, "SUBS": _masked_subs}}
 TASKS = {"reference": 20, "honest": 10, "mistake": 5, "shortcut": 3}
 QUICK_TASKS = {"reference": 2, "honest": 1, "mistake": 1, "shortcut": 1}
+MORE_TASKS = {"repaint": 2}  # checks that take under a second: this many times the tasks
 
 
 def solutions(name: str) -> list[tuple[str, str, object, str | None]]:
@@ -115,6 +156,7 @@ def solutions(name: str) -> list[tuple[str, str, object, str | None]]:
 def _one(job: tuple) -> dict:
     """One check of one solution (its position in `solutions`) on one task, in a worker with one CPU thread."""
     from ..exercises import EXERCISES, judge_task, run_task
+    from ..exercises.lesson6 import repaint_measure
     from ..exercises.lesson10 import masked_measure
     from ..exercises.on_training import cond_measure, flow_measure
 
@@ -127,22 +169,26 @@ def _one(job: tuple) -> dict:
     outputs = run_task(fn, task)
     verdict = judge_task(ex, task, outputs)
     seconds = time.perf_counter() - start
-    measures = {"cond_train_step": cond_measure, "flow_step": flow_measure, "masked_step": masked_measure}
+    measures = {"cond_train_step": cond_measure, "flow_step": flow_measure, "masked_step": masked_measure,
+                "repaint": repaint_measure}
     _, measured = measures[name](task, outputs) if name in measures else (None, {})
     text = "" if verdict is None else f"{verdict.message} {verdict.hint}"
     return {"exercise": name, "kind": kind, "solution": label, "seed": seed, "passed": verdict is None,
             "hint_shown": None if fragment is None else fragment in text, "seconds": round(seconds, 2),
-            **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in measured.items()}}
+            **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in measured.items() if k != "known_kept"}}
 
 
-def run(names=("cond_train_step", "flow_step", "masked_step"), tasks=None, jobs: int = 2, progress=None) -> list[dict]:
+NAMES = ("repaint", "cond_train_step", "flow_step", "masked_step")
+
+
+def run(names=NAMES, tasks=None, jobs: int = 2, progress=None) -> list[dict]:
     """Every solution of every named exercise on its number of fresh tasks (task seeds 0, 1, ...)."""
     import multiprocessing
 
     tasks = tasks or TASKS
     progress = progress or (lambda line: print(line, flush=True))
     work = [(name, position, seed) for name in names for position, (kind, *_) in enumerate(solutions(name))
-            for seed in range(tasks[kind])]
+            for seed in range(tasks[kind] * MORE_TASKS.get(name, 1))]
     records = []
     with multiprocessing.get_context("spawn").Pool(jobs) as pool:
         for rec in pool.imap(_one, work):
@@ -169,19 +215,23 @@ def summarize(records: list[dict]) -> list[str]:
     return lines
 
 
-def main_exercises(quick: bool, json_path, force: bool, jobs: int) -> int:
+def main_exercises(quick: bool, json_path, force: bool, jobs: int, only=None) -> int:
     from ..checkpoints import write_json_atomic
     from . import refuse_to_overwrite
 
     refuse_to_overwrite(json_path, force)
     start = time.perf_counter()
-    records = run(tasks=QUICK_TASKS if quick else TASKS, jobs=jobs)
+    unknown = sorted(set(only or ()) - set(NAMES))
+    if unknown:
+        raise ValueError(f"--only takes exercises of {', '.join(NAMES)}; got {', '.join(unknown)}")
+    records = run(names=tuple(only or NAMES), tasks=QUICK_TASKS if quick else TASKS, jobs=jobs)
     print()
     print("\n".join(summarize(records)))
     print(f"({time.perf_counter() - start:.0f} s with {jobs} process(es) of one thread)")
     if json_path:
         write_json_atomic({"records": records, "summary": summarize(records),
-                           "command": "python -m course_lib bench exercises" + (" --quick" if quick else "")},
+                           "command": "python -m course_lib bench exercises" + (" --quick" if quick else "")
+                           + (f" --only {' '.join(only)}" if only else "")},
                           json_path, replace=force)
         print(f"Wrote {json_path}")
     return 0

@@ -1,4 +1,5 @@
-"""Lesson 6: the classifier-free guided denoiser, the classifier-guided score, and a guided sampling loop (on behaviour)."""
+"""Lesson 6: the classifier-free guided denoiser, the classifier-guided score, a guided sampling loop and RePaint's
+inpainting loop (both on behaviour)."""
 from __future__ import annotations
 
 import math
@@ -166,6 +167,146 @@ def _three_calls(denoise, x, sigmas, y, scale):
     return x
 
 
+# ---- RePaint (Lugmayr et al. 2022) on a Gaussian whose conditional is known ---------------------------------------
+# Calibrated on 40 random tasks (python -m course_lib bench exercises; 40-50 Karras levels, 10-15 passes per level):
+INPAINT_BIAS = 0.25  # the length of the completions' mean error, whitened by the true conditional covariance (in
+# conditional standard deviations): the reference 0.07 at most (2,000 rows: the sampling error alone is about 0.04)
+INPAINT_BAND = (0.65, 1.35)  # the eigenvalues of the completions' covariance about the true conditional means,
+# whitened by the true conditional covariance (1 for exact conditional samples): the reference 0.77-0.93 (its steps
+# use the denoiser's mean, which loses a little variance); DDIM steps instead of posterior draws 0.91-1.09; no
+# resampling (replacement) 2.51 at least; noising back up by sigma instead of sqrt(sigma^2 - sigma_next^2) 1.64 at least
+KNOWN_NOISE = (0.5, 1.6)  # the known coordinates the denoiser sees lie this many noise levels from the known values
+# (median over calls at levels of 0.1 and above): 1.0 when they are noised to the level; 0 when pasted in clean
+
+
+def ref_repaint(denoise, known, mask, sigmas, resample):
+    """RePaint (Lugmayr et al. 2022, alg. 1) in the sigma view x = x0 + sigma eps: at each level put the known part in,
+    noised to the level; take a DDPM posterior step down (Ho et al. 2020, eq. 7); between passes noise back up."""
+    sig = [float(s) for s in sigmas]
+    x = sig[0] * torch.randn_like(known)
+    for s, s_next in zip(sig[:-1], sig[1:]):
+        passes = resample if s_next > 0 else 1
+        for r in range(passes):
+            x = torch.where(mask, known + s * torch.randn_like(known), x)
+            d = denoise(x, s)
+            if s_next == 0:
+                x = d
+                break
+            ratio = (s_next / s) ** 2
+            x = d + ratio * (x - d) + s_next * math.sqrt(1 - ratio) * torch.randn_like(x)
+            if r < passes - 1:
+                x = x + math.sqrt(s * s - s_next * s_next) * torch.randn_like(x)
+    return torch.where(mask, known, x)
+
+
+def _repaint_with(mistake: str):
+    """The reference with one usual mistake."""
+    def loop(denoise, known, mask, sigmas, resample):
+        sig = [float(s) for s in sigmas]
+        x = sig[0] * torch.randn_like(known)
+        for s, s_next in zip(sig[:-1], sig[1:]):
+            passes = 1 if mistake == "no resampling" or s_next == 0 else resample
+            for r in range(passes):
+                noisy = known if mistake == "clean known" else known + s * torch.randn_like(known)
+                x = torch.where(mask, noisy, x)
+                d = denoise(x, s)
+                if s_next == 0:
+                    x = d
+                    break
+                ratio = (s_next / s) ** 2
+                x = d + ratio * (x - d) + s_next * math.sqrt(1 - ratio) * torch.randn_like(x)
+                if r < passes - 1:
+                    up = s if mistake == "noise up by s" else math.sqrt(s * s - s_next * s_next)
+                    x = x + up * torch.randn_like(x)
+        return x if mistake == "known not kept" else torch.where(mask, known, x)
+    return loop
+
+
+def repaint_measure(task, outputs: list) -> tuple[CheckResult | None, dict]:
+    """(a verdict when the output is unusable, else None; what the judge measures): `known_gap`, the median over the
+    denoiser's calls at levels of 0.1 and above of the known coordinates' RMS distance from the known values in noise
+    levels; `bias`, the length of the completions' mean error whitened by the true conditional covariance; `lo` and
+    `hi`, the extreme eigenvalues of the whitened completions' covariance about the true conditional means."""
+    name, p = "repaint", task.private
+    x, known, values = outputs[0], p["known"], p["values"]
+    want = tuple(values.shape)
+    if not isinstance(x, torch.Tensor) or tuple(x.shape) != want:
+        return CheckResult(name, FAILED, f"expected the completed rows, shape {want}, got "
+                           f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}.",
+                           "Return x after the last step, with the known coordinates put back."), {}
+    if not torch.isfinite(x).all():
+        return CheckResult(name, FAILED, "the completions contain NaN or infinity.",
+                           "Divide by sigma only while sigma > 0: the last step goes to sigma = 0."), {}
+    x = x.double()
+    oracle = task.calls[0].oracles["denoise"]
+    gaps = [g for s, g in oracle.log if s >= 0.1]
+    cond_mean, cond_cov = p["truth"]
+    w = torch.linalg.solve_triangular(torch.linalg.cholesky(cond_cov), (x[:, ~known] - cond_mean).T, upper=False).T
+    eig = torch.linalg.eigvalsh(torch.cov(w.T).reshape(w.shape[1], w.shape[1]))
+    return None, {"known_kept": bool(torch.allclose(x[:, known], values[:, known].double(), atol=1e-5)),
+                  "known_gap": float(torch.tensor(gaps).median()) if gaps else 1.0, "bias": float(w.mean(0).norm()),
+                  "lo": float(eig.min()), "hi": float(eig.max()), "calls": len(oracle.log)}
+
+
+def assess_repaint(task, outputs: list) -> CheckResult | None:
+    """The completions keep the known coordinates; the denoiser saw the known coordinates noised to its level
+    (KNOWN_NOISE); and, whitened by the true conditional covariance about each row's true conditional mean, the
+    completions' mean is within INPAINT_BIAS of 0 and their covariance's eigenvalues within INPAINT_BAND."""
+    verdict, m = repaint_measure(task, outputs)
+    if verdict:
+        return verdict
+    name, p = "repaint", task.private
+    if not m["known_kept"]:
+        return CheckResult(name, FAILED, "the completions do not keep the known coordinates.",
+                           "End with torch.where(mask, known, x): where mask is True the answer is the known value.")
+    if not KNOWN_NOISE[0] <= m["known_gap"] <= KNOWN_NOISE[1]:
+        return CheckResult(name, FAILED, f"the known coordinates your loop hands the denoiser lie {m['known_gap']:.2f} "
+                           "noise levels from the known values (median over its calls); at level sigma they must be "
+                           "noised to it (1.0).", "Before each call put in known + sigma * noise where mask is True, "
+                           "with fresh noise: the denoiser expects every coordinate at the same noise level.")
+    full = task.calls[0].oracles["denoise"].budget
+    if m["hi"] > INPAINT_BAND[1]:
+        if m["calls"] < full / 2:
+            hint = (f"Walk every level `resample` times ({p['resample']} here): after each pass but the last, noise back "
+                    "up from sigma_next to sigma and step down again; that is how the generated part comes to agree "
+                    f"with the known part (your loop called the denoiser {m['calls']} times of {full:.0f}).")
+        elif m["lo"] > 1.3:
+            hint = ("Going back up from sigma_next to sigma adds noise of variance sigma^2 - sigma_next^2 (the noise "
+                    "already there has variance sigma_next^2), not sigma^2.")
+        else:
+            hint = ("Step down with a draw of the DDPM posterior, d + (s_next / s)^2 (x - d) + s_next sqrt(1 - "
+                    "(s_next / s)^2) z with fresh noise z, and noise back up by sqrt(s^2 - s_next^2) z between passes.")
+        return CheckResult(name, FAILED, f"along one direction your completions vary {m['hi']:.2f} times as much as "
+                           f"samples of the true conditional distribution do (accepted: up to {INPAINT_BAND[1]:g}).", hint)
+    if m["lo"] < INPAINT_BAND[0]:
+        return CheckResult(name, FAILED, f"along one direction your completions vary only {m['lo']:.2f} times as much as "
+                           f"samples of the true conditional distribution do (accepted: {INPAINT_BAND[0]:g} or more).",
+                           "Return samples, not averages: draw fresh noise in every step down, and let the last step "
+                           "(to sigma = 0) land on denoise(x, sigma).")
+    if m["bias"] > INPAINT_BIAS:
+        return CheckResult(name, FAILED, f"the mean of your completions lies {m['bias']:.2f} conditional standard "
+                           f"deviations from the true conditional mean (accepted: {INPAINT_BIAS:g}).",
+                           "Put the known part in at every level and step towards denoise(x, sigma).")
+    return None
+
+
+def _repaint_no_call(denoise, known, mask, sigmas, resample):
+    """A shortcut: never calls the denoiser; fills the unknown coordinates with noise."""
+    return torch.where(mask, known, torch.randn_like(known))
+
+
+def _repaint_one_call(denoise, known, mask, sigmas, resample):
+    """A shortcut: one call at the smallest level on the known values with zeros elsewhere."""
+    return torch.where(mask, known, denoise(known, float(sigmas[-2])))
+
+
+def _repaint_two_calls(denoise, known, mask, sigmas, resample):
+    """Over the budget: two passes' worth of calls per pass."""
+    for s in [float(v) for v in sigmas[:-1]] * (2 * resample):
+        denoise(known, s)
+    return known
+
+
 register(Exercise(
     "cfg_denoiser", 6, ref_cfg_denoiser, _inputs_cfg,
     "Start from the unconditional prediction and move `scale` times the difference towards the conditional one: "
@@ -205,7 +346,24 @@ register(Exercise(
     passed_message="on two fresh mixtures of overlapping modes your loop samples the conditional model at scale 1 (as "
                    "many samples nearest their requested mode as exact samples of p(x | y), spread as the data are) "
                    "and guides it at a scale from 3 to 5."))
+register(Exercise(
+    "repaint", 6, ref_repaint, None,
+    "At each level s (to s_next), `resample` times: put the known part in noised to s (known + s z where mask is "
+    "True), d = denoise(x, s), step down with d + (s_next / s)^2 (x - d) + s_next sqrt(1 - (s_next / s)^2) z, and, "
+    "except after the last pass, noise back up: x + sqrt(s^2 - s_next^2) z. The step to 0 lands on d; return "
+    "torch.where(mask, known, x).",
+    mistakes=((_repaint_with("no resampling"), "Walk every level"), (_repaint_with("noise up by s"), "sigma^2 - sigma_next^2"),
+              (_repaint_with("clean known"), "noised to it"), (_repaint_with("known not kept"), "keep the known")),
+    shortcuts=((_repaint_no_call, "times as much"), (_repaint_one_call, "times as much"),
+               (_repaint_two_calls, "more than the budget")),
+    trials=1, task=_T.inpainting_task, assess=assess_repaint, seconds=60.0,
+    refused=SAMPLER_LIBRARIES + ("course_lib.editing",),
+    rule=SAMPLER_RULE.replace("samplers)", "samplers and its editing tools)"),
+    passed_message="on a fresh Gaussian whose conditional distribution is known, your completions have its mean and "
+                   "its spread in every direction, and the denoiser saw the known part noised to each level."))
 LIBRARY_EQUIVALENTS.update({
+    "repaint": ("course_lib.editing.inpaint", "course_lib.editing.repaint_path", "course_lib.samplers.ancestral_step",
+                "course_lib.samplers.sample_ancestral"),
     "cfg_denoiser": ("course_lib.guidance.classifier_free",),
     "classifier_guided_score": ("course_lib.guidance.classifier_guidance", "course_lib.guidance.classifier_log_prob"),
     "guided_sample_loop": ("course_lib.guidance.classifier_free", "course_lib.samplers.sample",

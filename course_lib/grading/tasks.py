@@ -23,6 +23,7 @@ T_TRAIN = 100  # the training-step exercise's cosine schedule
 UNMASK_SAMPLES, UNMASK_CORPUS, UNMASK_LENGTH = 500, 300, 10
 TEXT_BATCH = 6
 MASKED_POOL = 16_384  # rows of the Markov chain sent to the masked-diffusion training exercise
+INPAINT_ROWS = 2000  # rows completed by the inpainting exercise, each with its own known coordinates
 
 
 @dataclass
@@ -193,6 +194,44 @@ def guidance_task(gen: torch.Generator) -> Task:
     expected = float((nearest_mode(x, mix)[0] == y).float().mean())
     return Task(calls, {"mixture": mix, "labels": labels, "scale": scale, "nfe": nfe, "sigmas": sigmas,
                         "expected_accuracy": expected})
+
+
+def inpainting_task(gen: torch.Generator) -> Task:
+    """Lesson 6: repaint(denoise, known, mask, sigmas, resample) on the exact denoiser of a fresh Gaussian of correlated pairs (analytic.correlated_pairs_gaussian)
+    (D(x, s) = m + S (S + s^2 I)^-1 (x - m)); INPAINT_ROWS rows, each with its own known half drawn from the Gaussian;
+    40-50 Karras levels, 10-15 passes per level, one denoise call per level and pass. The oracle notes, per call, how
+    far the known coordinates it sees lie from the known values, in units of the noise level."""
+    from ..analytic import correlated_pairs_gaussian, gaussian_conditional, multivariate_gaussian_denoiser
+    from ..step_schedules import karras_sigmas
+
+    mean, cov, known = correlated_pairs_gaussian(gen)
+    d = len(mean)
+    n_steps, resample = _randint(gen, 40, 50), _randint(gen, 10, 15)
+    sigmas = karras_sigmas(n_steps, round(_uniform(gen, 0.01, 0.02), 4), round(_uniform(gen, 10, 20), 3), 7.0).float()
+    rows = mean + torch.randn(INPAINT_ROWS, d, generator=gen, dtype=torch.float64) @ torch.linalg.cholesky(cov).T
+    mask = known.expand(INPAINT_ROWS, d).clone()
+    values = torch.where(mask, rows, torch.zeros(())).float()  # the unknown coordinates are not sent
+
+    gaussian = multivariate_gaussian_denoiser(mean, cov)
+
+    def exact(x, sigma):
+        return gaussian(x, sigma).float()
+
+    def check(x, sigma):
+        return as_points(x, INPAINT_ROWS, "x", dim=d), as_float(sigma, "sigma")
+
+    def note(args):
+        x, sigma = args
+        gap = (x[:, known] - values[:, known].double()) / max(sigma, 1e-12)
+        return sigma, float(gap.pow(2).mean().sqrt())
+
+    denoise = Oracle("denoise", exact, check, n_steps * resample, note=note,
+                     budget_text=f"one call per level and pass: {resample} passes of the {n_steps} levels")
+    truth = gaussian_conditional(mean, cov, known, rows[:, known])
+    return Task([Call({"denoise": OracleRef("denoise"), "known": values, "mask": mask, "sigmas": sigmas,
+                       "resample": resample}, {"denoise": denoise})],
+                {"mean": mean, "cov": cov, "known": known, "values": values, "truth": truth, "sigmas": sigmas,
+                 "resample": resample})
 
 
 def off_schedule(task: Task) -> list[str]:
