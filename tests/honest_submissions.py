@@ -378,7 +378,21 @@ def text_guided_eps(model, x, t, context, mask, null_context, null_mask, scale):
     b = len(x)
     eps_c = model(x, t, context=context, mask=mask)
     eps_u = model(x, t, context=null_context.repeat(b, 1, 1), mask=null_mask.repeat(b, 1))
-    return eps_u + scale * (eps_c - eps_u)"""],
+    return eps_u + scale * (eps_c - eps_u)""", """\
+def ae_step(ae, optimizer, x, kl_weight):
+    recon, mean, logvar = ae(x)                        # the network's own forward samples z
+    posterior = torch.distributions.Normal(mean, torch.exp(0.5 * logvar))
+    prior = torch.distributions.Normal(torch.zeros_like(mean), torch.ones_like(mean))
+    loss = F.mse_loss(recon, x) + kl_weight * torch.distributions.kl_divergence(posterior, prior).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.item()""", """\
+def contrastive_loss(image_features, text_features, scale):
+    img = image_features / image_features.norm(dim=1, keepdim=True)
+    txt = text_features / text_features.norm(dim=1, keepdim=True)
+    logits = scale * torch.einsum("id,jd->ij", img, txt)
+    return -(logits.log_softmax(1).diagonal().mean() + logits.log_softmax(0).diagonal().mean()) / 2"""],
 
     "07_permute_batched.ipynb": [HEAD, """\
 def heads_first(t, heads):
@@ -402,7 +416,26 @@ def text_guided_eps(model, x, t, context, mask, null_context, null_mask, scale):
                  context=torch.cat([context, null_context.expand(b, -1, -1)]),
                  mask=torch.cat([mask, null_mask.expand(b, -1)]))
     cond, uncond = both.chunk(2)
-    return uncond + scale * (cond - uncond)"""],
+    return uncond + scale * (cond - uncond)""", """\
+class AEStep:
+    def __call__(self, ae, optimizer, x, kl_weight):
+        mean, logvar = ae.encode(x)
+        std = logvar.mul(0.5).exp()
+        z = torch.distributions.Normal(mean, std).rsample()
+        mse = (ae.decode(z) - x).square().mean()
+        kl = (mean.square() + std.square() - 1 - logvar).mean() / 2
+        total = mse + kl_weight * kl
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        return total
+
+ae_step = AEStep()""", """\
+def contrastive_loss(image_features, text_features, scale):
+    sim = F.cosine_similarity(image_features[:, None, :], text_features[None, :, :], dim=-1)
+    logits = sim * scale
+    eye = torch.eye(len(logits))
+    return 0.5 * F.cross_entropy(logits, eye) + 0.5 * F.cross_entropy(logits.t(), eye)"""],
 
     "08_layer_norm_fold.ipynb": [HEAD + "\nfrom course_lib.nets import dit  # the lesson's DiT, to compare", """\
 def adaln(x, shift, scale):

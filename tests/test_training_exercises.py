@@ -1,4 +1,4 @@
-"""The exercises graded on a training run (lessons 6, 9 and 10): the judge's exact quantities checked against independent
+"""The exercises graded on a training run (lessons 6, 7, 9 and 10): the judge's exact quantities checked against independent
 derivations, and the inventory of central ideas that `python -m course_lib exercises` prints."""
 import itertools
 import math
@@ -106,7 +106,9 @@ def test_the_judge_s_velocity_fields_are_the_exact_ones_of_a_gaussian():
         torch.testing.assert_close(fields["noise"](x, t) - x0, v)  # velocity = E[noise] - E[x0]
 
 
-@pytest.mark.parametrize("name,honest", [("flow_step", "lerp"), ("masked_step", "SUBS")])
+@pytest.mark.parametrize("name,honest", [("flow_step", "lerp"), ("masked_step", "SUBS"),
+                                         ("ae_step", "callable rsample"), ("contrastive_loss", "soft targets"),
+                                         ("repaint", "jumps of 3")])
 def test_an_honest_variant_in_another_style_passes(name, honest):
     from course_lib.bench.exercises import HONEST
 
@@ -164,3 +166,38 @@ def test_a_step_without_label_dropout_fails_even_where_guidance_happens_to_work(
     1.0 measured); the judge's comparison with the exact unconditional denoiser still fails it, with the dropout hint."""
     r = E.run_check("cond_train_step", O._cond_step_with("no dropout"), seed=33)
     assert r.status == E.FAILED and "unconditional denoiser" in r.message and "Label dropout" in r.hint, str(r)
+
+
+def test_clip_s_loss_is_the_mean_negative_log_probability_of_the_matching_pairs():
+    """The reference against the loss written out pair by pair (log of a softmax over a row or a column)."""
+    from course_lib.exercises.on_images import ref_contrastive_loss
+
+    gen = torch.Generator().manual_seed(0)
+    img, txt, scale = torch.randn(5, 7, generator=gen, dtype=torch.float64), torch.randn(5, 7, generator=gen,
+                                                                                          dtype=torch.float64), 4.5
+    cos = [[float(img[i] @ txt[j] / (img[i].norm() * txt[j].norm())) for j in range(5)] for i in range(5)]
+    rows = [-math.log(math.exp(scale * cos[i][i]) / sum(math.exp(scale * cos[i][j]) for j in range(5))) for i in range(5)]
+    cols = [-math.log(math.exp(scale * cos[j][j]) / sum(math.exp(scale * cos[i][j]) for i in range(5))) for j in range(5)]
+    assert float(ref_contrastive_loss(img, txt, torch.tensor(scale))) == pytest.approx((sum(rows) + sum(cols)) / 10,
+                                                                                     rel=1e-12)
+
+
+def test_the_lesson_7_tasks_draw_what_they_say():
+    """Rectangle images in [-1, 1] with 2-4 colours each; concepts whose captions name their two attributes and whose
+    images sit nearer their own concept's mean than chance would put them."""
+    from course_lib.grading import image_tasks as I
+
+    x = I.rectangle_images(200, torch.Generator().manual_seed(1))
+    assert x.shape == (200, 3, I.AE_SIZE, I.AE_SIZE) and x.min() >= -1 and x.max() <= 1
+    colours = [len(torch.unique(img.flatten(1).T, dim=0)) for img in x]
+    assert min(colours) >= 1 and max(colours) <= 4 and sum(c >= 2 for c in colours) > 150
+    pairs = I.paired_concepts(torch.Generator().manual_seed(2))
+    concepts = torch.arange(pairs.k)
+    caps = pairs.captions(concepts)
+    assert torch.equal(caps[:, 0], concepts // pairs.n_b) and torch.equal(caps[:, 1] - pairs.n_a, concepts % pairs.n_b)
+    means = pairs.f[concepts // pairs.n_b] + pairs.g[concepts % pairs.n_b]
+    imgs = pairs.images(concepts.repeat(50), torch.Generator().manual_seed(3))
+    nearest = torch.cdist(imgs, means).argmin(1)
+    assert (nearest == concepts.repeat(50)).float().mean() > 5 / pairs.k  # well above chance, far from trivial
+    task = E.EXERCISES["ae_step"].task(torch.Generator().manual_seed(4))
+    assert 5e-4 <= task.calls[0].inputs["kl_weight"] <= 2e-3

@@ -132,7 +132,53 @@ def _repaint_blocks(denoise, known, mask, sigmas, resample, jump=3):
     return x
 
 
-HONEST = {"repaint": {"DDIM steps": _repaint_ddim, "jumps of 3": _repaint_blocks},
+def _ae_distributions(ae, optimizer, x, kl_weight):
+    """Honest: the network's own forward (which samples z), the KL from torch.distributions, the loss as a float."""
+    recon, mean, logvar = ae(x)
+    posterior = torch.distributions.Normal(mean, torch.exp(0.5 * logvar))
+    prior = torch.distributions.Normal(torch.zeros_like(mean), torch.ones_like(mean))
+    loss = torch.nn.functional.mse_loss(recon, x) + kl_weight * torch.distributions.kl_divergence(posterior, prior).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+class _AEStep:
+    """Honest: a callable instance, rsample of a Normal, the squared error written out."""
+
+    def __call__(self, ae, optimizer, x, kl_weight):
+        mean, logvar = ae.encode(x)
+        std = logvar.mul(0.5).exp()
+        z = torch.distributions.Normal(mean, std).rsample()
+        mse = (ae.decode(z) - x).square().mean()
+        kl = (mean.square() + std.square() - 1 - logvar).mean() / 2
+        total = mse + kl_weight * kl
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        return total
+
+
+def _clip_einsum(image_features, text_features, scale):
+    """Honest: einsum over features divided by their norms, log_softmax along each axis."""
+    img = image_features / image_features.norm(dim=1, keepdim=True)
+    txt = text_features / text_features.norm(dim=1, keepdim=True)
+    logits = scale * torch.einsum("id,jd->ij", img, txt)
+    return -(logits.log_softmax(1).diagonal().mean() + logits.log_softmax(0).diagonal().mean()) / 2
+
+
+def _clip_soft_targets(image_features, text_features, scale):
+    """Honest: cosine similarities by broadcasting, the identity matrix as soft targets."""
+    sim = torch.nn.functional.cosine_similarity(image_features[:, None, :], text_features[None, :, :], dim=-1)
+    logits = sim * scale
+    eye = torch.eye(len(logits))
+    return 0.5 * torch.nn.functional.cross_entropy(logits, eye) + 0.5 * torch.nn.functional.cross_entropy(logits.t(), eye)
+
+
+HONEST = {"ae_step": {"torch.distributions": _ae_distributions, "callable rsample": _AEStep()},
+          "contrastive_loss": {"einsum log_softmax": _clip_einsum, "soft targets": _clip_soft_targets},
+          "repaint": {"DDIM steps": _repaint_ddim, "jumps of 3": _repaint_blocks},
           "cond_train_step": {"bernoulli 10%": _cond_bernoulli, "permutation 25%": _CondStep()},
           "flow_step": {"lerp": _flow_lerp, "logit-normal times": _flow_logit_normal},
           "masked_step": {"low-discrepancy times": _masked_low_discrepancy, "SUBS": _masked_subs}}
@@ -158,6 +204,7 @@ def _one(job: tuple) -> dict:
     from ..exercises import EXERCISES, judge_task, run_task
     from ..exercises.lesson6 import repaint_measure
     from ..exercises.lesson10 import masked_measure
+    from ..exercises.on_images import ae_measure, contrastive_measure
     from ..exercises.on_training import cond_measure, flow_measure
 
     name, position, seed = job
@@ -170,7 +217,7 @@ def _one(job: tuple) -> dict:
     verdict = judge_task(ex, task, outputs)
     seconds = time.perf_counter() - start
     measures = {"cond_train_step": cond_measure, "flow_step": flow_measure, "masked_step": masked_measure,
-                "repaint": repaint_measure}
+                "repaint": repaint_measure, "ae_step": ae_measure, "contrastive_loss": contrastive_measure}
     _, measured = measures[name](task, outputs) if name in measures else (None, {})
     text = "" if verdict is None else f"{verdict.message} {verdict.hint}"
     return {"exercise": name, "kind": kind, "solution": label, "seed": seed, "passed": verdict is None,
@@ -178,7 +225,7 @@ def _one(job: tuple) -> dict:
             **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in measured.items() if k != "known_kept"}}
 
 
-NAMES = ("repaint", "cond_train_step", "flow_step", "masked_step")
+NAMES = ("repaint", "cond_train_step", "ae_step", "contrastive_loss", "flow_step", "masked_step")
 
 
 def run(names=NAMES, tasks=None, jobs: int = 2, progress=None) -> list[dict]:

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from ..grading import tasks as _T
+from ..grading import image_tasks as _I
 from . import FAILED, LIBRARY_EQUIVALENTS, CheckResult, Exercise, register
 from .common import ATTENTION_LIBRARIES, ATTENTION_RULE
 
@@ -165,7 +165,7 @@ register(Exercise(
     "the model once, split the result into (eps_c, eps_u) with .chunk(2), return eps_u + scale (eps_c - eps_u).",
     mistakes=tuple((_text_mistake(combine), hint) for combine, hint in TEXT_MISTAKES),
     shortcuts=((_no_call, "values differ"), (_three_calls, "more than the budget")),
-    trials=2, task=_T.text_guidance_task, assess=assess_text_guided_eps,
+    trials=2, task=_I.text_guidance_task, assess=assess_text_guided_eps,
     passed_message="your guided prediction matches eps_u + w (eps_c - eps_u) on a text-conditioned UNet, within "
                    "the budget of one conditional and one empty-caption prediction per image."))
 LIBRARY_EQUIVALENTS.update({

@@ -7,6 +7,8 @@ network of its own and scores them on data the worker never saw. Each procedure 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .tasks import BATCH, T_TRAIN, TRAIN_STEPS
@@ -108,12 +110,12 @@ def _as_loss(value, step: int) -> float:
     raise TypeError(f"your step returned {type(value).__name__} at step {step}; return the batch's loss (a number)")
 
 
-def _train(fn, model, data: torch.Tensor, seed: int, steps: int, extra: tuple, labels: torch.Tensor | None = None
-           ) -> dict:
+def _train(fn, model, data: torch.Tensor, seed: int, steps: int, extra: tuple, labels: torch.Tensor | None = None,
+           batch: int = BATCH) -> dict:
     """Call fn(model, optimizer, x0, *extra) (with labels: fn(model, optimizer, x0, y, *extra)) on `steps` batches
     drawn from `data`; the losses and the final weights."""
-    if not isinstance(data, torch.Tensor) or data.ndim != 2:
-        raise TypeError("the training data must be a tensor of points or token rows")
+    if not isinstance(data, torch.Tensor) or data.ndim < 2:
+        raise TypeError("the training data must be a tensor of points, token rows or images")
     if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != data.shape[:1]):
         raise TypeError("the labels must be a tensor with one label per row of the data")
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
@@ -122,7 +124,7 @@ def _train(fn, model, data: torch.Tensor, seed: int, steps: int, extra: tuple, l
     torch.manual_seed(seed + 2)  # the learner's own torch.randn / randint calls are reproducible too
     model.train()
     for step in range(steps):
-        idx = torch.randint(len(data), (BATCH,), generator=gen)
+        idx = torch.randint(len(data), (batch,), generator=gen)
         given = (data[idx],) if labels is None else (data[idx], labels[idx])
         losses.append(_as_loss(fn(model, optimizer, *given, *extra), step))
     out = {"losses": torch.tensor(losses, dtype=torch.float64)}
@@ -164,5 +166,102 @@ def train_masked(fn, seed: int, data: torch.Tensor, mask_id: int, steps: int = T
     return _train(fn, token_net(seed, data.shape[1], mask_id), data, seed, steps, (mask_id,))
 
 
-PROCEDURES = {"train_diffusion": train_diffusion, "train_vae": train_vae, "train_flow": train_flow,
+class SmallKLAutoencoder(torch.nn.Module):
+    """The autoencoder exercise's network, with the API of course_lib.nets.KLAutoencoder: encode(x) -> (mean, logvar)
+    of q(z | x) over (B, 2, H/2, W/2), logvar clamped to [-30, 20]; decode(z) -> images; forward(x, sample=True) ->
+    (reconstruction, mean, logvar). Two convolutions each way, so that 2,000 steps take seconds."""
+
+    def __init__(self, channels: int = 32, z_channels: int = 2):
+        super().__init__()
+        nn = torch.nn
+        self.z_channels = z_channels
+        self.encoder = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.SiLU(),
+                                     nn.Conv2d(channels, channels, 4, stride=2, padding=1), nn.SiLU(),
+                                     nn.Conv2d(channels, 2 * z_channels, 3, padding=1))
+        self.decoder = nn.Sequential(nn.Conv2d(z_channels, channels, 3, padding=1), nn.SiLU(),
+                                     nn.ConvTranspose2d(channels, channels, 4, stride=2, padding=1), nn.SiLU(),
+                                     nn.Conv2d(channels, 3, 3, padding=1))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % 2 or x.shape[3] % 2:
+            raise ValueError(f"encode takes images of shape (B, 3, H, W), H and W even; got {getattr(x, 'shape', x)}")
+        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        if not isinstance(z, torch.Tensor) or z.ndim != 4 or z.shape[1] != self.z_channels:
+            raise ValueError(f"decode takes latents of shape (B, {self.z_channels}, h, w); got {getattr(z, 'shape', z)}")
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor, sample: bool = True):
+        mean, logvar = self.encode(x)
+        z = mean + (0.5 * logvar).exp() * torch.randn_like(mean) if sample else mean
+        return self.decode(z), mean, logvar
+
+
+def autoencoder_net(seed: int) -> SmallKLAutoencoder:
+    torch.manual_seed(seed)
+    return SmallKLAutoencoder()
+
+
+def train_autoencoder(fn, seed: int, data: torch.Tensor, kl_weight: float, steps: int | None = None) -> dict:
+    """Lesson 7: train the small KL autoencoder with the learner's ae_step(ae, optimizer, x, kl_weight)."""
+    from .image_tasks import AE_BATCH, AE_STEPS
+
+    return _train(fn, autoencoder_net(seed), data, seed, steps or AE_STEPS, (kl_weight,), batch=AE_BATCH)
+
+
+class SmallCLIP(torch.nn.Module):
+    """The contrastive exercise's two encoders: image(x) maps vectors (B, dim) to features (B, 16), text(tokens) maps
+    two-token captions (B, 2) to features (B, 16); scale() is the learned logit scale exp(log_scale), at most 100."""
+
+    def __init__(self, dim: int, tokens: int, width: int = 64, out: int = 16):
+        super().__init__()
+        nn = torch.nn
+        self.image = nn.Sequential(nn.Linear(dim, width), nn.SiLU(), nn.Linear(width, out))
+        self.embed = nn.Embedding(tokens, width)
+        self.text_head = nn.Sequential(nn.SiLU(), nn.Linear(width, out))
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.text_head(self.embed(tokens).sum(1))
+
+    def scale(self) -> torch.Tensor:
+        return self.log_scale.exp().clamp(max=100.0)
+
+
+def clip_nets(seed: int, dim: int, tokens: int) -> SmallCLIP:
+    torch.manual_seed(seed)
+    return SmallCLIP(dim, tokens)
+
+
+def fit_contrastive(fn, seed: int, images: torch.Tensor, captions: torch.Tensor, concepts: torch.Tensor,
+                    steps: int | None = None) -> dict:
+    """Lesson 7: fit the two small encoders for `steps` batches of distinct concepts (one image each) by minimising
+    the learner's contrastive_loss(image_features, text_features, scale); the losses and the final weights."""
+    from .image_tasks import CLIP_BATCH, CLIP_STEPS
+
+    model = clip_nets(seed, images.shape[1], int(captions.max()) + 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    by_concept = [torch.nonzero(concepts == c).flatten() for c in range(int(concepts.max()) + 1)]
+    gen = torch.Generator().manual_seed(seed + 1)
+    torch.manual_seed(seed + 2)
+    losses = []
+    for step in range(steps or CLIP_STEPS):
+        chosen = torch.randperm(len(by_concept), generator=gen)[:CLIP_BATCH].tolist()
+        idx = torch.stack([by_concept[c][torch.randint(len(by_concept[c]), (1,), generator=gen)][0] for c in chosen])
+        loss = fn(model.image(images[idx]), model.text(captions[idx]), model.scale())
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+            raise TypeError(f"contrastive_loss returned {type(loss).__name__} at step {step}; return the loss as a "
+                            "single-number tensor that autograd can differentiate (not .item(), not detached)")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    out = {"losses": torch.tensor(losses, dtype=torch.float64)}
+    out.update({f"param.{k}": v.detach().clone() for k, v in model.state_dict().items()})
+    return out
+
+
+PROCEDURES = {"train_autoencoder": train_autoencoder, "fit_contrastive": fit_contrastive, "train_diffusion": train_diffusion, "train_vae": train_vae, "train_flow": train_flow,
               "train_masked": train_masked, "train_conditional": train_conditional}

@@ -21,7 +21,6 @@ SAMPLE_POINTS = 1000  # points per sampling call
 TRAIN_STEPS, BATCH, POOL = 2000, 256, 65_536  # the training exercises: steps, batch size, points of data sent
 T_TRAIN = 100  # the training-step exercise's cosine schedule
 UNMASK_SAMPLES, UNMASK_CORPUS, UNMASK_LENGTH = 500, 300, 10
-TEXT_BATCH = 6
 MASKED_POOL = 16_384  # rows of the Markov chain sent to the masked-diffusion training exercise
 INPAINT_ROWS = 2000  # rows completed by the inpainting exercise, each with its own known coordinates
 
@@ -271,72 +270,6 @@ def unmasking_task(gen: torch.Generator) -> Task:
     x = torch.full((UNMASK_SAMPLES, UNMASK_LENGTH), MASK_ID, dtype=torch.long)
     return Task([Call({"denoise": OracleRef("denoise"), "x": x, "steps": steps, "mask_id": MASK_ID},
                       {"denoise": denoise})], {"corpus": corpus, "steps": steps})
-
-
-def text_network(gen: torch.Generator):
-    """A small text-conditioned UNet and text encoder with random weights drawn from `gen` (no zero layers)."""
-    from ..nets import TextEncoder, TextUNet
-    from ..shapes import VOCAB
-
-    state = torch.random.get_rng_state()
-    torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))  # the modules' own initialisation
-    try:
-        unet = TextUNet(in_channels=4, base=16, mults=[1, 2], heads=2, groups=4, context_dim=16).eval()
-        text = TextEncoder(len(VOCAB), dim=16, depth=1, heads=2).eval()
-    finally:
-        torch.random.set_rng_state(state)
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-    return unet, text
-
-
-def text_guidance_task(gen: torch.Generator) -> Task:
-    """Lesson 7: text_guided_eps(model, x, t, context, mask, null_context, null_mask, scale) on a random text UNet;
-    the model may see 2B rows in all (one conditional and one empty-caption prediction per image)."""
-    from ..shapes import COLOURS, SHAPES, tokenize
-
-    unet, text = text_network(gen)
-    colours = list(COLOURS)
-    prompts = [f"a {colours[_randint(gen, 0, len(colours) - 1)]} {SHAPES[_randint(gen, 0, len(SHAPES) - 1)]}"
-               for _ in range(TEXT_BATCH)]
-    with torch.no_grad():
-        tokens = tokenize(prompts)
-        context, mask = text(tokens)
-        null_context, null_mask = text(torch.zeros(1, tokens.shape[1], dtype=torch.long))
-    inputs = {"x": torch.randn(TEXT_BATCH, 4, 8, 8, generator=gen), "t": torch.randint(1, 1000, (TEXT_BATCH,), generator=gen),
-              "context": context, "mask": mask, "null_context": null_context, "null_mask": null_mask,
-              "scale": round(_uniform(gen, 1.5, 7.5), 3)}
-    length, width = context.shape[1:]
-
-    def check(x, t, context=None, mask=None):
-        if context is None or mask is None:
-            raise ValueError("call model(x, t, context=..., mask=...): the UNet needs the caption's states and mask")
-        if not (isinstance(x, torch.Tensor) and x.ndim == 4 and tuple(x.shape[1:]) == (4, 8, 8)
-                and x.is_floating_point() and torch.isfinite(x).all()):
-            raise ValueError(f"x must be finite latents of shape (n, 4, 8, 8), got {getattr(x, 'shape', x)}")
-        n = x.shape[0]
-        t = torch.as_tensor(t)
-        if t.shape != (n,) or t.is_floating_point():
-            raise ValueError(f"t must hold {n} integer timesteps")
-        if not (isinstance(context, torch.Tensor) and tuple(context.shape) == (n, length, width)
-                and context.is_floating_point() and torch.isfinite(context).all()):
-            raise ValueError(f"context must be caption states of shape ({n}, {length}, {width})")
-        mask = torch.as_tensor(mask)
-        if tuple(mask.shape) != (n, length):
-            raise ValueError(f"mask must have shape ({n}, {length})")
-        return x.float(), t.long(), context.float(), mask.bool()
-
-    oracle = Oracle("model", lambda x, t, c, m: unet(x, t, context=c, mask=m), check, 2 * TEXT_BATCH,
-                    cost=lambda a: a[0].shape[0],
-                    budget_text=f"{2 * TEXT_BATCH} rows: one conditional and one empty-caption prediction per image")
-    call = Call({"model": OracleRef("model"), **{k: v.clone() if isinstance(v, torch.Tensor) else v
-                                                 for k, v in inputs.items()}}, {"model": oracle})
-
-    def model(x, t, context=None, mask=None):
-        with torch.no_grad():
-            return unet(x, t, context=context, mask=mask)
-    return Task([call], {"inputs": inputs, "model": model})
 
 
 def conditional_training_task(gen: torch.Generator) -> Task:
