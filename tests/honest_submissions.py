@@ -650,4 +650,88 @@ class MaskedDiffusion:
         return per_token.detach()
 
 masked_step = MaskedDiffusion().step"""],
+
+    "99_einsum_class.ipynb": [HEAD, """\
+def cross_attention(x, context, mask, w_q, w_k, w_v, heads):
+    b, n, c = x.shape
+    d = c // heads
+    q = torch.einsum("bnc,oc->bno", x, w_q).reshape(b, n, heads, d)
+    k = torch.einsum("blc,oc->blo", context, w_k).reshape(b, -1, heads, d)
+    v = torch.einsum("blc,oc->blo", context, w_v).reshape(b, -1, heads, d)
+    scores = torch.einsum("bnhd,blhd->bhnl", q, k) / d ** 0.5
+    scores = scores + torch.where(mask.bool(), 0.0, float("-inf"))[:, None, None, :]
+    return torch.einsum("bhnl,blhd->bnhd", scores.softmax(-1), v).reshape(b, n, c)""", """\
+class CaptionTrainer:
+    def __init__(self, p_empty=0.15):
+        self.p_empty = p_empty
+
+    def __call__(self, model, optimizer, z0, context, mask, null_context, null_mask, alpha_bar):
+        drop = torch.bernoulli(torch.full((len(z0),), self.p_empty)).bool()
+        context, mask = context.clone(), mask.clone()
+        context[drop], mask[drop] = null_context[0], null_mask[0]
+        t = torch.randint(0, alpha_bar.numel(), (z0.shape[0],))
+        eps = torch.randn(z0.shape)
+        a = alpha_bar[t][:, None, None, None]
+        loss = F.mse_loss(model(a.sqrt() * z0 + (1 - a).sqrt() * eps, t, context=context, mask=mask), eps)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+caption_step = CaptionTrainer()""", """\
+def guided_sample_loop(denoise, x, sigmas, y, scale):      # DPM-Solver++(2M) on the guided denoiser
+    prev = None
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        u = denoise(x, s)
+        d = u + scale * (denoise(x, s, y) - u)
+        if s_next == 0:
+            return d
+        h = math.log(s / s_next)
+        if prev is None:
+            dd = d
+        else:
+            r = math.log(float(sigmas[i - 1]) / s) / h
+            dd = (1 + 1 / (2 * r)) * d - prev / (2 * r)
+        x, prev = (s_next / s) * x - math.expm1(-h) * dd, d
+    return x""", """\
+def text_to_shapes():
+    return {"cross_attention": cross_attention, "train_step": caption_step, "sample_loop": guided_sample_loop}"""],
+
+    "99_helpers_lambda.ipynb": [HEAD + "\nfrom course_lib import capstone  # the course's kit, as the lesson uses it", """\
+def split_heads(t, heads):
+    b, n, c = t.shape
+    return t.view(b, n, heads, c // heads).permute(0, 2, 1, 3)
+
+def cross_attention(x, context, mask, w_q, w_k, w_v, heads):
+    q, k, v = split_heads(F.linear(x, w_q), heads), split_heads(F.linear(context, w_k), heads), \\
+        split_heads(F.linear(context, w_v), heads)
+    scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+    scores = torch.where(mask[:, None, None, :].bool(), scores, torch.full_like(scores, -math.inf))
+    return (torch.softmax(scores, dim=-1) @ v).permute(0, 2, 1, 3).flatten(2)""", """\
+def noised(z0, alpha_bar):
+    t = torch.randint(len(alpha_bar), (z0.shape[0],))
+    eps = torch.randn_like(z0)
+    ab = alpha_bar[t].reshape(-1, 1, 1, 1)
+    return ab.sqrt() * z0 + (1 - ab).sqrt() * eps, t, eps
+
+@torch.enable_grad()
+def caption_step(model, optimizer, z0, context, mask, null_context, null_mask, alpha_bar):
+    keep = torch.rand(len(z0)) >= 0.1
+    context = torch.where(keep[:, None, None], context, null_context)
+    mask = torch.where(keep[:, None], mask, null_mask)
+    z_t, t, eps = noised(z0, alpha_bar)
+    loss = F.mse_loss(model(z_t, t, context=context, mask=mask), eps)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss""", """\
+def guided_sample_loop(denoise, x, sigmas, y, scale):
+    levels = sigmas.tolist()
+    for s, s_next in zip(levels, levels[1:]):
+        d = torch.lerp(denoise(x, s), denoise(x, s, y), scale)
+        x = d if s_next == 0 else x + (s_next - s) * (x - d) / s
+    return x""", """\
+text_to_shapes = lambda: dict(cross_attention=cross_attention, train_step=caption_step,
+                              sample_loop=guided_sample_loop)"""],
 }

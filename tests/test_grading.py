@@ -238,6 +238,9 @@ def test_the_scan_follows_the_graded_function_through_the_notebook_by_scope():
       "'alpha_bar_from_betas'], course_lib)(b)"], "alpha_bar_from_betas", "review", "getattr used as a value"),
     (["import builtins\nfrom course_lib import schedules\nbuiltins.helper = schedules.alpha_bar_from_betas",
       "def alpha_bar_from_betas(b):\n    return helper(b)"], "alpha_bar_from_betas", "review", "no cell defines"),
+    (["from course_lib.samplers import sample", "def loop(denoise, x, sigmas, y, scale):\n"
+      "    return sample(denoise, x, sigmas=sigmas).x", "def text_to_shapes():\n    return {'cross_attention': None, "
+      "'train_step': None, 'sample_loop': loop}"], "text_to_shapes", "copy", "computes this answer"),  # the capstone
     (["import torch.nn.functional as F", "def cross_attention(x, context, mask, w_q, w_k, w_v, heads):\n"
       "    return F.scaled_dot_product_attention(x, x, x)"], "cross_attention", "refused", "scaled_dot_product"),
     (["from torch import nn\nmha = nn.MultiheadAttention(8, 2)", "def dit_block(*args):\n    return mha(*args)"],

@@ -42,6 +42,12 @@ def _bench(args) -> int:
         if args.jobs < 1:
             raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
         return main_exercises(args.quick, args.json, args.force, args.jobs, args.only)
+    if args.bench == "capstone":
+        from .exercises import main_exercises
+
+        if args.jobs < 1:
+            raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
+        return main_exercises(args.quick, args.json, args.force, args.jobs, capstone=True)
     if args.bench == "bf16":
         from .precision import main_bf16
 
@@ -127,7 +133,7 @@ def _bench_arguments(p: argparse.ArgumentParser, quick_help: str, datasets: bool
 
 def add_bench_parser(sub) -> None:
     """Add `bench` and its subcommands to the CLI's subparsers."""
-    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | threads | bf16 | exercises | export | lessons | t2i | arch | flow | text | grader)",
+    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | threads | bf16 | exercises | capstone | export | lessons | t2i | arch | flow | text | grader)",
                        description="Benchmarks that print a table and, with --json, save flat records.")
     bench = p.add_subparsers(dest="bench", metavar="BENCHMARK")
     bench.required = True
@@ -211,6 +217,14 @@ def add_bench_parser(sub) -> None:
     _bench_arguments(p, "one or two tasks each (about a minute)", datasets=False, devices=None)
     p.add_argument("--jobs", type=int, default=2, metavar="N", help="checks in parallel, one CPU thread each")
     p.add_argument("--only", nargs="+", metavar="NAME", help="these exercises only (default: all it calibrates)")
+    p = bench.add_parser("capstone", help="calibrate the capstone's check: adherence of the reference and the mistakes",
+                         description="Runs the capstone's check (train a small text-to-shapes network with the parts, "
+                                     "sample fresh prompts, judge colour and shape) for the reference parts on 20 "
+                                     "tasks, other honest parts on 5, each known mistake on 3 and each shortcut on 2, "
+                                     "one CPU thread per check (about a minute each: 20 minutes with --jobs 2). "
+                                     "--quick: one or two tasks each.")
+    _bench_arguments(p, "one or two tasks each (a few minutes)", datasets=False, devices=None)
+    p.add_argument("--jobs", type=int, default=2, metavar="N", help="checks in parallel, one CPU thread each")
     p = bench.add_parser("t2i", help="text-to-image: latent vs pixel, per guidance scale, NFE and sampler",
                          description="Generates images for shapes test prompts (one object, two objects, held-out "
                                      "colour-shape pairs) with the shipped latent (shapes_ldm) and pixel "

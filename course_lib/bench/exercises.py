@@ -176,7 +176,62 @@ def _clip_soft_targets(image_features, text_features, scale):
     return 0.5 * torch.nn.functional.cross_entropy(logits, eye) + 0.5 * torch.nn.functional.cross_entropy(logits.t(), eye)
 
 
-HONEST = {"ae_step": {"torch.distributions": _ae_distributions, "callable rsample": _AEStep()},
+def _einsum_attention(x, context, mask, w_q, w_k, w_v, heads):
+    """Honest: einsum per head, the mask as -inf added to the scores."""
+    b, n, c = x.shape
+    d = c // heads
+    q = torch.einsum("bnc,oc->bno", x, w_q).reshape(b, n, heads, d)
+    k = torch.einsum("blc,oc->blo", context, w_k).reshape(b, -1, heads, d)
+    v = torch.einsum("blc,oc->blo", context, w_v).reshape(b, -1, heads, d)
+    scores = torch.einsum("bnhd,blhd->bhnl", q, k) / d**0.5
+    scores = scores + torch.where(mask.bool(), 0.0, float("-inf"))[:, None, None, :]
+    return torch.einsum("bhnl,blhd->bnhd", scores.softmax(-1), v).reshape(b, n, c)
+
+
+def _bernoulli_caption_step(model, optimizer, z0, context, mask, null_context, null_mask, alpha_bar):
+    """Honest: 15% dropout by torch.bernoulli, index assignment, F.mse_loss, the loss as a float."""
+    drop = torch.bernoulli(torch.full((len(z0),), 0.15)).bool()
+    context, mask = context.clone(), mask.clone()
+    context[drop], mask[drop] = null_context[0], null_mask[0]
+    t = torch.randint(0, alpha_bar.numel(), (z0.shape[0],))
+    eps = torch.randn(z0.shape)
+    a = alpha_bar[t][:, None, None, None]
+    loss = torch.nn.functional.mse_loss(model(a.sqrt() * z0 + (1 - a).sqrt() * eps, t, context=context, mask=mask), eps)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def _dpm_guided_loop(denoise, x, sigmas, y, scale):
+    """Honest: DPM-Solver++(2M) on the guided denoiser (first order on the first and last steps)."""
+    import math
+
+    prev = None
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        u = denoise(x, s)
+        d = u + scale * (denoise(x, s, y) - u)
+        if s_next == 0:
+            return d
+        h = math.log(s / s_next)
+        if prev is None:
+            dd = d
+        else:
+            r = math.log(float(sigmas[i - 1]) / s) / h
+            dd = (1 + 1 / (2 * r)) * d - prev / (2 * r)
+        x, prev = (s_next / s) * x - math.expm1(-h) * dd, d
+    return x
+
+
+def _capstone_other_styles():
+    """Honest capstone parts: einsum attention, a bernoulli caption step, a DPM-Solver++(2M) guided loop."""
+    return {"cross_attention": _einsum_attention, "train_step": _bernoulli_caption_step,
+            "sample_loop": _dpm_guided_loop}
+
+
+HONEST = {"text_to_shapes": {"einsum, bernoulli, DPM-Solver++(2M)": _capstone_other_styles},
+          "ae_step": {"torch.distributions": _ae_distributions, "callable rsample": _AEStep()},
           "contrastive_loss": {"einsum log_softmax": _clip_einsum, "soft targets": _clip_soft_targets},
           "repaint": {"DDIM steps": _repaint_ddim, "jumps of 3": _repaint_blocks},
           "cond_train_step": {"bernoulli 10%": _cond_bernoulli, "permutation 25%": _CondStep()},
@@ -185,6 +240,7 @@ HONEST = {"ae_step": {"torch.distributions": _ae_distributions, "callable rsampl
 TASKS = {"reference": 20, "honest": 10, "mistake": 5, "shortcut": 3}
 QUICK_TASKS = {"reference": 2, "honest": 1, "mistake": 1, "shortcut": 1}
 MORE_TASKS = {"repaint": 2}  # checks that take under a second: this many times the tasks
+CAPSTONE_TASKS = {"reference": 20, "honest": 5, "mistake": 3, "shortcut": 2}  # a check is about a minute
 
 
 def solutions(name: str) -> list[tuple[str, str, object, str | None]]:
@@ -202,6 +258,7 @@ def solutions(name: str) -> list[tuple[str, str, object, str | None]]:
 def _one(job: tuple) -> dict:
     """One check of one solution (its position in `solutions`) on one task, in a worker with one CPU thread."""
     from ..exercises import EXERCISES, judge_task, run_task
+    from ..exercises.capstone import capstone_measure
     from ..exercises.lesson6 import repaint_measure
     from ..exercises.lesson10 import masked_measure
     from ..exercises.on_images import ae_measure, contrastive_measure
@@ -217,7 +274,7 @@ def _one(job: tuple) -> dict:
     verdict = judge_task(ex, task, outputs)
     seconds = time.perf_counter() - start
     measures = {"cond_train_step": cond_measure, "flow_step": flow_measure, "masked_step": masked_measure,
-                "repaint": repaint_measure, "ae_step": ae_measure, "contrastive_loss": contrastive_measure}
+                "repaint": repaint_measure, "text_to_shapes": capstone_measure, "ae_step": ae_measure, "contrastive_loss": contrastive_measure}
     _, measured = measures[name](task, outputs) if name in measures else (None, {})
     text = "" if verdict is None else f"{verdict.message} {verdict.hint}"
     return {"exercise": name, "kind": kind, "solution": label, "seed": seed, "passed": verdict is None,
@@ -262,7 +319,8 @@ def summarize(records: list[dict]) -> list[str]:
     return lines
 
 
-def main_exercises(quick: bool, json_path, force: bool, jobs: int, only=None) -> int:
+def main_exercises(quick: bool, json_path, force: bool, jobs: int, only=None, capstone: bool = False) -> int:
+    """`bench exercises` (the exercises graded on training runs and loops) or, with capstone, `bench capstone`."""
     from ..checkpoints import write_json_atomic
     from . import refuse_to_overwrite
 
@@ -271,13 +329,16 @@ def main_exercises(quick: bool, json_path, force: bool, jobs: int, only=None) ->
     unknown = sorted(set(only or ()) - set(NAMES))
     if unknown:
         raise ValueError(f"--only takes exercises of {', '.join(NAMES)}; got {', '.join(unknown)}")
-    records = run(names=tuple(only or NAMES), tasks=QUICK_TASKS if quick else TASKS, jobs=jobs)
+    names = ("text_to_shapes",) if capstone else tuple(only or NAMES)
+    tasks = QUICK_TASKS if quick else CAPSTONE_TASKS if capstone else TASKS
+    records = run(names=names, tasks=tasks, jobs=jobs)
     print()
     print("\n".join(summarize(records)))
     print(f"({time.perf_counter() - start:.0f} s with {jobs} process(es) of one thread)")
     if json_path:
         write_json_atomic({"records": records, "summary": summarize(records),
-                           "command": "python -m course_lib bench exercises" + (" --quick" if quick else "")
+                           "command": f"python -m course_lib bench {'capstone' if capstone else 'exercises'}"
+                           + (" --quick" if quick else "")
                            + (f" --only {' '.join(only)}" if only else "")},
                           json_path, replace=force)
         print(f"Wrote {json_path}")

@@ -49,7 +49,15 @@ IDEAS = {
     10: [("the absorbing (masking) forward process", ("absorbing_forward",)),
          ("MDLM's loss weight and training step", ("mdlm_weight", "masked_step")),
          ("sampling by parallel unmasking", ("unmask_sample",))],
+    99: [("a text-to-shapes generator assembled from your own attention, training step and guided sampler",
+          ("text_to_shapes",))],
 }
+CAPSTONE = 99  # shown as "capstone"
+
+
+def lesson_name(lesson: int) -> str:
+    """'capstone' for the capstone's number, else the lesson's number."""
+    return "capstone" if lesson == CAPSTONE else str(lesson)
 
 
 def summary_rows() -> list[dict]:
@@ -69,13 +77,13 @@ def summary_rows() -> list[dict]:
 
 def summary_text(verbose: bool = False) -> str:
     rows = summary_rows()
-    lines = [f"{'lesson':>6} {'graded functions':>17} {'on behaviour':>13} {'points':>7} {'central ideas built':>20}"]
+    lines = [f"{'lesson':>8} {'graded functions':>16} {'on behaviour':>13} {'points':>7} {'central ideas built':>20}"]
     for r in rows:
         share = f"{r['built']} / {r['ideas']} ({r['built'] / r['ideas']:.0%})" if r["ideas"] else "-"
-        lines.append(f"{r['lesson']:>6} {r['exercises']:>17} {r['on_behaviour']:>13} {r['points']:>7} {share:>20}")
+        lines.append(f"{lesson_name(r['lesson']):>8} {r['exercises']:>16} {r['on_behaviour']:>13} {r['points']:>7} {share:>20}")
         if verbose and r["missing"]:
             lines.append(f"{'':>8}not yet an exercise: {'; '.join(r['missing'])}")
     total_ideas, built = sum(r["ideas"] for r in rows), sum(r["built"] for r in rows)
-    lines.append(f"{'all':>6} {sum(r['exercises'] for r in rows):>17} {sum(r['on_behaviour'] for r in rows):>13} "
+    lines.append(f"{'all':>8} {sum(r['exercises'] for r in rows):>16} {sum(r['on_behaviour'] for r in rows):>13} "
                  f"{sum(r['points'] for r in rows):>7} {f'{built} / {total_ideas} ({built / total_ideas:.0%})':>20}")
     return "\n".join(lines)

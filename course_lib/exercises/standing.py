@@ -2,6 +2,8 @@
 lesson), and where a learner's standing in the whole course is kept: the grader, run on the work folder."""
 from __future__ import annotations
 
+from .ideas import CAPSTONE
+
 STANDING = ("These are the checks run in this kernel since it started; a restarted kernel or another notebook starts "
             "afresh.\nYour standing in every lesson: `python -m course_lib grade my-work --out grades.csv` in a "
             "terminal\n(it runs each notebook of your work folder again in quick mode, as an instructor's grader would).")
@@ -35,13 +37,14 @@ def show(lesson: int | str | None = None):
             tried = any(r[2] != E.NOT_ATTEMPTED for r in mine)
             status = E.PASSED if pts == tot else (E.FAILED if tried else E.NOT_ATTEMPTED)
             word = {E.PASSED: "all passed", E.FAILED: "not all passed", E.NOT_ATTEMPTED: "not attempted"}[status]
-            print(f"  lesson {k:>2}  {pts:>2} / {tot} {unit(tot):<6}  {word} {E._SYMBOL[status]}")
+            label = "capstone " if k == CAPSTONE else f"lesson {k:>2}"
+            print(f"  {label}  {pts:>2} / {tot} {unit(tot):<6}  {word} {E._SYMBOL[status]}")
         print(f"Total: {got} / {total} points")
     else:
-        print(f"Lesson {lesson}, as checked in this kernel:")
+        print(f"{'The capstone' if lesson == CAPSTONE else f'Lesson {lesson}'}, as checked in this kernel:")
         width = max(len(r[1]) for r in rows)
         for _, n, status, earned, points in rows:
             print(f"  {n:<{width}}  {earned} / {points} {unit(points):<6}  {E._word(status)} {E._SYMBOL[status]}")
-        print(f"Total for lesson {lesson}: {got} / {total} {unit(total)}")
+        print(f"Total for {'the capstone' if lesson == CAPSTONE else f'lesson {lesson}'}: {got} / {total} {unit(total)}")
     print(STANDING)
     return E.Score(got, total)

@@ -263,5 +263,31 @@ def fit_contrastive(fn, seed: int, images: torch.Tensor, captions: torch.Tensor,
     return out
 
 
-PROCEDURES = {"train_autoencoder": train_autoencoder, "fit_contrastive": fit_contrastive, "train_diffusion": train_diffusion, "train_vae": train_vae, "train_flow": train_flow,
+def capstone_attention(fn, **inputs) -> dict:
+    """The capstone: the learner's cross_attention (from the parts their function returns) on random inputs."""
+    from ..capstone import as_parts
+
+    out = as_parts(fn).cross_attention(**inputs)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"cross_attention returned {type(out).__name__}; return a tensor of shape (B, N, C)")
+    return {"out": out}
+
+
+def train_capstone(fn, seed: int, steps: int, n_train: int, prompt_seed: int, n_prompts: int) -> dict:
+    """The capstone: train the small text-to-shapes network with the learner's attention and step (course_lib.capstone
+    .train), then sample the prompts with the learner's guided loop; the losses, the latents and the EMA weights."""
+    from .. import capstone as C
+
+    parts = C.as_parts(fn)
+    kit = C.Kit()
+    net, losses = C.train(parts, steps, kit, n_train=n_train, seed=seed, progress=False)
+    latents = C.generate(net, parts.sample_loop, C.prompts(n_prompts, prompt_seed), kit, seed=seed)
+    if not isinstance(latents, torch.Tensor):
+        raise TypeError(f"sample_loop returned {type(latents).__name__}; return the latents x after the last step")
+    out = {"losses": torch.tensor(losses, dtype=torch.float64), "latents": latents.detach().float()}
+    out.update({f"param.{k}": v.detach().clone() for k, v in net.state_dict().items()})
+    return out
+
+
+PROCEDURES = {"capstone_attention": capstone_attention, "train_capstone": train_capstone, "train_autoencoder": train_autoencoder, "fit_contrastive": fit_contrastive, "train_diffusion": train_diffusion, "train_vae": train_vae, "train_flow": train_flow,
               "train_masked": train_masked, "train_conditional": train_conditional}
