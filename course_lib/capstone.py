@@ -205,12 +205,37 @@ def missing_parts(parts, kit: Kit | None = None) -> list[str]:
     return missing
 
 
+def attention_error(cross_attention: Callable) -> float:
+    """The largest difference between `cross_attention` and torch's fused attention (with the same projections and
+    mask) on random inputs: about 1e-6 for a right one."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(1)
+    x, context = torch.randn(3, 5, 8, generator=gen), torch.randn(3, 4, 6, generator=gen)
+    w_q, w_k, w_v = (torch.randn(8, d, generator=gen) for d in (8, 6, 6))
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    split = lambda t: t.view(3, t.shape[1], 2, 4).transpose(1, 2)  # noqa: E731  (two heads of 4)
+    want = F.scaled_dot_product_attention(split(x @ w_q.T), split(context @ w_k.T), split(context @ w_v.T),
+                                          attn_mask=mask[:, None, None, :]).transpose(1, 2).reshape(3, 5, 8)
+    got = cross_attention(x, context, mask, w_q, w_k, w_v, 2)
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        return float("inf")
+    return float((got.float() - want).abs().max())
+
+
 def ready(parts, kit: Kit | None = None) -> bool:
-    """True when every part is written; otherwise says which are still to write (the cells below wait for them)."""
+    """True when every part is written and the attention computes what torch's does; otherwise says what is still to
+    do (the cells below wait for it)."""
     missing = missing_parts(parts, kit)
     if missing:
         print(f"Still to write: {', '.join(missing)}. The cells below wait for your parts; run them again once "
               "they are written.")
         return False
-    print("Your three parts run: the cells below train, sample and measure your generator.")
+    error = attention_error(as_parts(parts).cross_attention)
+    if not error < 1e-4:
+        print(f"Your cross_attention differs from torch's attention by up to {error:.3g} on random inputs: mend it "
+              "first (lesson 7's check says how), since every layer of the network uses it.")
+        return False
+    print("Your three parts run, and your attention computes what torch's does: the cells below train, sample and "
+          "measure your generator.")
     return True

@@ -21,7 +21,7 @@ def test_the_learners_attention_computes_what_torchs_does_inside_the_unet(kit):
         for p in net.parameters():
             p.add_(0.05 * torch.randn(p.shape))  # the zero-initialised output projections too
     x, t = torch.randn(4, 4, 8, 8), torch.randint(0, 1000, (4,))
-    context, mask = kit.condition(["a red circle", "a small blue square at the top left", "", "a cross"])
+    context, mask = kit.condition(["a red circle", "a small blue square at the top left", "", "a green cross"])
     fused = net(x, t, context=context, mask=mask)
     calls = []
     assert use_attention(net, lambda *a: calls.append(1) or ref_cross_attention(*a)) > 0
@@ -93,3 +93,18 @@ def test_parts_that_swap_in_the_library_are_refused_by_check():
 
     r = E.run_check("text_to_shapes", text_to_shapes, seed=0)
     assert r.status == E.FAILED and "course_lib.samplers.sample" in r.message
+
+
+def test_ready_names_the_parts_still_to_write_and_a_wrong_attention(kit, capsys):
+    from course_lib.exercises.lesson7 import _attend
+
+    def stub(*args, **kwargs):
+        raise NotImplementedError
+
+    parts = ref_text_to_shapes()
+    assert not C.ready({**parts, "train_step": stub, "sample_loop": stub}, kit)
+    assert "Still to write: train_step, sample_loop" in capsys.readouterr().out
+    assert C.attention_error(ref_cross_attention) < 1e-5
+    assert not C.ready({**parts, "cross_attention": lambda *a: _attend(*a, use_mask=False)}, kit)
+    assert "differs from torch's attention" in capsys.readouterr().out
+    assert C.ready(parts, kit)

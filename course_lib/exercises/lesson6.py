@@ -168,13 +168,14 @@ def _three_calls(denoise, x, sigmas, y, scale):
 
 
 # ---- RePaint (Lugmayr et al. 2022) on a Gaussian whose conditional is known ---------------------------------------
-# Calibrated on 40 random tasks (python -m course_lib bench exercises; 40-50 Karras levels, 10-15 passes per level):
+# Calibrated with `python -m course_lib bench exercises` (data/bench_exercises.json: 40 random tasks for the reference,
+# 20 for each honest variant, 10 for each mistake; 40-50 Karras levels, 10-15 passes per level):
 INPAINT_BIAS = 0.25  # the length of the completions' mean error, whitened by the true conditional covariance (in
-# conditional standard deviations): the reference 0.07 at most (2,000 rows: the sampling error alone is about 0.04)
+# conditional standard deviations): the reference 0.058 at most (2,000 rows: the sampling error alone is about 0.04)
 INPAINT_BAND = (0.65, 1.35)  # the eigenvalues of the completions' covariance about the true conditional means,
-# whitened by the true conditional covariance (1 for exact conditional samples): the reference 0.77-0.93 (its steps
-# use the denoiser's mean, which loses a little variance); DDIM steps instead of posterior draws 0.91-1.09; no
-# resampling (replacement) 2.51 at least; noising back up by sigma instead of sqrt(sigma^2 - sigma_next^2) 1.64 at least
+# whitened by the true conditional covariance (1 for exact conditional samples): the reference 0.77-0.96 (its steps
+# draw around the denoiser's mean, which loses a little variance); DDIM steps instead of posterior draws 0.91-1.10;
+# no resampling (replacement) 2.60 at least; noising back up by sigma instead of sqrt(sigma^2 - sigma_next^2) 1.75+
 KNOWN_NOISE = (0.5, 1.6)  # the known coordinates the denoiser sees lie this many noise levels from the known values
 # (median over calls at levels of 0.1 and above): 1.0 when they are noised to the level; 0 when pasted in clean
 
