@@ -58,8 +58,23 @@ def write_text_atomic(text: str, path: str | Path, replace: bool = True) -> Path
 
 
 def write_json_atomic(data, path: str | Path, replace: bool = True) -> Path:
-    """Write a JSON file (indented, sorted keys) through a temporary file and a rename."""
-    return write_text_atomic(json.dumps(data, indent=2, sort_keys=True) + "\n", path, replace)
+    """Write a JSON file (indented, sorted keys) through a temporary file and a rename; a benchmark's list of flat
+    records is written one record per line, which keeps data/ lean and diffs readable."""
+    return write_text_atomic(json_text(data), path, replace)
+
+
+def json_text(data) -> str:
+    """JSON with sorted keys, indented, except a list of flat records (the file itself, or its top-level "records",
+    which then comes last): one record per line."""
+    if isinstance(data, list) and data and all(isinstance(r, dict) for r in data):
+        return "[\n" + ",\n".join("  " + json.dumps(r, sort_keys=True) for r in data) + "\n]\n"
+    records = data.get("records") if isinstance(data, dict) else None
+    if not (isinstance(records, list) and records and all(isinstance(r, dict) for r in records)):
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+    rest = json.dumps({k: v for k, v in data.items() if k != "records"}, indent=2, sort_keys=True)
+    lines = ",\n".join("    " + json.dumps(r, sort_keys=True) for r in records)
+    body = rest[:-1].rstrip() + ("," if len(data) > 1 else "") + f'\n  "records": [\n{lines}\n  ]\n}}'
+    return body + "\n"
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

@@ -88,8 +88,11 @@ def test_progress_counts_points(capsys, monkeypatch):
     # before any check: one line per lesson, every lesson with exercises in order, then the course total
     assert tuple(E.progress()) == (0, sum(points.values()))
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.strip().startswith("lesson")]
-    assert [int(line.split()[1]) for line in rows] == lessons and lessons[-1] >= 10
+    from course_lib.exercises.ideas import CAPSTONE
+
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("lesson", "capstone"))]
+    assert [CAPSTONE if r[0] == "capstone" else int(r[1]) for r in rows] == lessons and lessons[-2] >= 10
+    assert lessons[-1] == CAPSTONE  # the capstone comes after every lesson
     assert "python -m course_lib grade my-work" in out and "this kernel" in out  # where the whole standing is
     E.check("alpha_bar_from_betas", E.ref_alpha_bar_from_betas)
     E.check("q_sample", _stub)

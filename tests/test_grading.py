@@ -83,7 +83,7 @@ def test_lesson_is_found_from_stamp_content_or_filename():
     assert lesson_of([], {"course_lib": {"lesson": 3}}, "01_x.ipynb") == 3  # the release stamp wins
     assert lesson_of([], {}, "alice_04_diffusion.ipynb") == 4
     assert lesson_of([(1, "def ddim_step(): pass\ndef q_sample(): pass")], {}, "x.ipynb") is None  # two lessons
-    assert lesson_of([], {"course_lib": {"lesson": 99}}, "notes.ipynb") is None
+    assert lesson_of([], {"course_lib": {"lesson": 98}}, "notes.ipynb") is None  # no such lesson
     assert lesson_of([], {"course_lib": {"lesson": True}}, "03_x.ipynb") == 3  # a bool is not a lesson number
     assert lesson_of([], {"course_lib": ["junk"]}, "02_x.ipynb") == 2
 

@@ -37,6 +37,21 @@ def test_each_checkpoint_is_small_loads_and_has_a_card_with_its_command(name):
     assert shipped_dir() == DATA
 
 
+def test_benchmark_records_are_written_one_per_line(tmp_path):
+    """A benchmark's flat records (a list, or a "records" list beside other keys) take a line each; other JSON is
+    indented; every form reads back as written."""
+    import json
+
+    from course_lib.checkpoints import write_json_atomic
+
+    for data, lines in (([{"b": 1, "a": 2}, {"a": 3}], 4), ({"command": "x", "records": [{"a": 1}, {"a": 2}]}, 7),
+                        ({"a": [1, 2]}, 6)):
+        path = write_json_atomic(data, tmp_path / "bench.json")
+        text = path.read_text()
+        assert json.loads(text) == data and len(text.splitlines()) == lines, text
+    assert '{"a": 2, "b": 1}' in write_json_atomic([{"b": 1, "a": 2}], tmp_path / "b.json").read_text()
+
+
 def test_data_folder_stays_lean():
     assert sum(p.stat().st_size for p in DATA.rglob("*") if p.is_file()) < 50e6
 
