@@ -113,7 +113,7 @@ def test_progress_counts_points(capsys, monkeypatch):
     assert rows[lessons.index(2)].endswith("not attempted ⬜") and (got, total) == (1, sum(points.values()))
     E.check("noise_images", E.EXERCISES["noise_images"].reference)  # the default follows the latest check
     assert tuple(E.progress()) == (1, points[0]) and "Lesson 0," in capsys.readouterr().out
-    for bad in (99, "3", True, 2.0):
+    for bad in (98, "3", True, 2.0):
         with pytest.raises(ValueError, match="no exercises in lesson"):
             E.progress(bad)
 
