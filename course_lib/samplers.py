@@ -141,8 +141,11 @@ def as_denoiser(model, schedule: NoiseSchedule | None = None, prediction: str | 
     prediction = prediction or getattr(model, "prediction", None)
     if prediction == "flow":  # a flow-matching velocity model (course_lib.flow): no noise schedule needed
         return velocity_denoiser(model, clip)
+    if prediction == "edm":  # a preconditioned network is a denoiser already (nets.EDMPrecond, lesson 11)
+        return Denoiser(lambda x, sigma, **kw: model(x, sigma, **kw), model.sigma_min, model.sigma_max, clip, None,
+                        getattr(model, "sampling", None), recommended=getattr(model, "recommended_sampler", None))
     if prediction not in ("eps", "x0", "v"):
-        raise ValueError(f"pass prediction='eps', 'x0', 'v' or 'flow' (the model does not declare one), got {prediction!r}")
+        raise ValueError(f"pass prediction='eps', 'x0', 'v', 'flow' or 'edm' (the model does not declare one), got {prediction!r}")
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"an {prediction}-predicting model needs its NoiseSchedule, got {type(schedule).__name__}")
 

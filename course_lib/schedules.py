@@ -86,21 +86,42 @@ def scaled_linear_betas(T: int = 1000, beta_start: float = 0.00085, beta_end: fl
     return check_betas(torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2)
 
 
+def rescale_zero_terminal_snr(betas: torch.Tensor, floor: float = 2.0 ** -24) -> torch.Tensor:
+    """Lin et al. 2024, Algorithm 1: shift and scale sqrt(alpha_bar) so that it keeps its first value and reaches 0 at
+    the last step (zero terminal SNR: the last step is pure noise). alpha_bar can only be > 0 here (sigma finite), so
+    the last one is set to `floor` (2^-24, as diffusers does: sigma 4,096, SNR 6e-8), or to half the one before it if
+    that is smaller (alpha_bar must keep falling)."""
+    if not 0 < floor < 1e-3:
+        raise ValueError(f"floor must be in (0, 1e-3), got {floor!r}")
+    root = alpha_bar_from_betas(betas).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    ab = root ** 2
+    ab[-1] = min(floor, float(ab[-2]) / 2)
+    return betas_from_alpha_bar(ab)
+
+
 SCHEDULES = {
     "linear": linear_betas,
     "cosine": cosine_betas,
     "sigmoid": sigmoid_betas,
     "scaled_linear": scaled_linear_betas,
 }
+# lesson 11: two of them rescaled to zero terminal SNR (Lin et al. 2024); ALL_SCHEDULES is what a config may name
+ZERO_SNR_SCHEDULES = {
+    "linear_zero_snr": lambda T=1000, **kw: rescale_zero_terminal_snr(linear_betas(T, **kw)),
+    "scaled_linear_zero_snr": lambda T=1000, **kw: rescale_zero_terminal_snr(scaled_linear_betas(T, **kw)),
+}
+ALL_SCHEDULES = {**SCHEDULES, **ZERO_SNR_SCHEDULES}
 
 
 def make_betas(name: str, T: int = 1000, **kwargs) -> torch.Tensor:
-    """Betas of the schedule called `name` (one of SCHEDULES)."""
+    """Betas of the schedule called `name` (one of ALL_SCHEDULES)."""
     if not isinstance(name, str):
         raise TypeError(f"schedule name must be a str, got {type(name).__name__}")
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}")
-    return SCHEDULES[name](T, **kwargs)
+    if name not in ALL_SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(ALL_SCHEDULES)}")
+    return ALL_SCHEDULES[name](T, **kwargs)
 
 
 # ---- conversions between the views of one schedule -------------------------------------------

@@ -63,14 +63,16 @@ def _bench(args) -> int:
 
         main_grader(args.quick, args.json, args.force, args.jobs)
         return 0
-    if args.bench in ("arch", "t2i", "flow", "text"):  # lessons 8, 7, 9, 10: main_<name>(quick, json, samples, force)
+    if args.bench in ("arch", "t2i", "flow", "text", "recipe"):  # lessons 8, 7, 9, 10, 11: main_<name>(quick, json, samples, force)
         from importlib import import_module
 
-        least = {"arch": 50, "t2i": 10, "flow": 50, "text": 50}[args.bench]  # FD needs samples; adherence needs prompts
+        least = {"arch": 50, "t2i": 10, "flow": 50, "text": 50, "recipe": 50}[args.bench]  # FD needs samples; adherence needs prompts
         if args.samples is not None and args.samples < least:
             raise ValueError(f"--samples must be at least {least}, got {args.samples}")
         main = getattr(import_module(f"course_lib.bench.{args.bench}"), f"main_{args.bench}")
-        extra = {"jobs": args.jobs} if args.bench == "arch" else {}
+        extra = {"jobs": args.jobs} if args.bench in ("arch", "recipe") else {}
+        if args.bench == "recipe" and args.export_dir:
+            extra["export_dir"] = args.export_dir
         if args.bench == "flow" and args.datasets:
             from .flow import MODELS
 
@@ -133,7 +135,7 @@ def _bench_arguments(p: argparse.ArgumentParser, quick_help: str, datasets: bool
 
 def add_bench_parser(sub) -> None:
     """Add `bench` and its subcommands to the CLI's subparsers."""
-    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | threads | bf16 | exercises | capstone | export | lessons | t2i | arch | flow | text | grader)",
+    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | threads | bf16 | exercises | capstone | export | lessons | t2i | arch | flow | text | recipe | grader)",
                        description="Benchmarks that print a table and, with --json, save flat records.")
     bench = p.add_subparsers(dest="bench", metavar="BENCHMARK")
     bench.required = True
@@ -243,6 +245,19 @@ def add_bench_parser(sub) -> None:
     _bench_arguments(p, "a small run for checking", datasets=False, devices=None,
                      samples_help="samples scored per run (default 1000; quick 200)")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="runs in parallel, one CPU thread each")
+    p = bench.add_parser("recipe", help="lesson 11: lesson 2's recipe to EDM's, one change at a time, on digits",
+                         description="Trains lesson 2's digits UNet with lesson 2's budget under each recipe (lesson 2; "
+                                     "+ EDM preconditioning; + EDM loss weighting; + log-normal noise = EDM; EDM with "
+                                     "EDM2's learned weighting; lesson 2 with v-prediction), each chained recipe's "
+                                     "learning rate tuned alike on a seed the comparison does not use, three seeds "
+                                     "each, EDM also at half the steps; FD at 10 and 35 NFE, from sigma 80 and (eps "
+                                     "and v models) from the schedule's top; post-hoc EMA lengths (about 90 minutes "
+                                     "on 2 CPU cores with --jobs 2). --quick: 30 steps, one seed.")
+    _bench_arguments(p, "a small run for checking", datasets=False, devices=None,
+                     samples_help="samples scored per model and setting (default 1000; quick 200)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="runs in parallel, one CPU thread each")
+    p.add_argument("--export-dir", metavar="DIR", help="also write the first seed's EDM and v models there (as data/ "
+                                                        "ships them: digits_edm.pt, digits_v.pt)")
     p = bench.add_parser("flow", help="lesson 9: diffusion vs flow matching vs reflow at equal NFE; ODE likelihoods",
                          description="Samples the shipped diffusion, flow-matching, reflow and one-step models of "
                                      "ring8 and grid25 (and digits: diffusion vs flow) with Euler, Heun and "

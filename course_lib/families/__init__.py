@@ -5,6 +5,7 @@ and its training step, so adding a family (flow matching, a text model) adds a f
 - gan.py: a generator and a discriminator, `d_steps` discriminator updates per generator update (lesson 4);
 - vae.py: an encoder and a decoder trained together on the ELBO (lesson 4);
 - classifier.py: a noise-aware classifier p(y | x_t, t) for classifier guidance (lesson 6);
+- edm.py: EDM's preconditioned denoiser, log-normal noise and loss weighting (lesson 11);
 - flow.py: flow matching, and rectified flow's reflow from a teacher (lesson 9);
 - text.py: masked diffusion on tokens and its autoregressive baseline (lesson 10).
 """
@@ -13,16 +14,18 @@ from __future__ import annotations
 from .base import Family
 from .classifier import ClassifierFamily, ClassifierOptions
 from .diffusion import DiffusionFamily, DiffusionOptions
+from .edm import EDMFamily, EDMOptions
 from .flow import FlowFamily, FlowOptions
 from .gan import GANFamily, GANOptions
 from .text import AutoregressiveFamily, AutoregressiveOptions, MaskedDiffusionFamily, MaskedDiffusionOptions
 from .vae import VAEFamily, VAEOptions
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (DiffusionFamily(), GANFamily(), VAEFamily(), ClassifierFamily(),
-                                               FlowFamily(), MaskedDiffusionFamily(), AutoregressiveFamily())}
+                                               FlowFamily(), MaskedDiffusionFamily(), AutoregressiveFamily(),
+                                               EDMFamily())}
 
 __all__ = ["FAMILIES", "Family", "family", "AutoregressiveFamily", "AutoregressiveOptions", "MaskedDiffusionFamily",
-           "MaskedDiffusionOptions", "ClassifierFamily", "ClassifierOptions", "DiffusionFamily", "DiffusionOptions", "FlowFamily", "FlowOptions", "GANFamily", "GANOptions",
+           "MaskedDiffusionOptions", "ClassifierFamily", "ClassifierOptions", "DiffusionFamily", "DiffusionOptions", "EDMFamily", "EDMOptions", "FlowFamily", "FlowOptions", "GANFamily", "GANOptions",
            "VAEFamily", "VAEOptions"]
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ..losses import PREDICTIONS, WEIGHTINGS, diffusion_loss
-from ..schedules import SCHEDULES, NoiseSchedule
+from ..schedules import ALL_SCHEDULES, NoiseSchedule
 from .base import Family
 
 
@@ -21,8 +21,8 @@ class DiffusionOptions:
     label_dropout: float = 0.1          # share of labels replaced by 'no label' (for classifier-free guidance)
 
     def __post_init__(self):
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {self.schedule!r}")
+        if self.schedule not in ALL_SCHEDULES:
+            raise ValueError(f"schedule must be one of {sorted(ALL_SCHEDULES)}, got {self.schedule!r}")
         if self.prediction not in PREDICTIONS[:3]:
             raise ValueError(f"prediction must be one of {PREDICTIONS[:3]}, got {self.prediction!r}")
         if self.weighting not in WEIGHTINGS:

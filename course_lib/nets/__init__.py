@@ -13,6 +13,7 @@ from .autoencoder import KLAutoencoder
 from .blocks import ConvDecoder, ConvEncoder, ResMLP, check_data_shape, timestep_embedding
 from .cross_attention import CrossAttention, TextUNet
 from .dit import DiT, DiTBlock
+from .edm_precond import EDMPrecond
 from .gan import Discriminator, Generator
 from .mlp import TimeMLP
 from .noisy_classifier import NoisyClassifier
@@ -25,13 +26,13 @@ from .vae import VAE
 MODELS = {"mlp": TimeMLP, "unet": UNet, "generator": Generator, "discriminator": Discriminator, "vae": VAE,
           "noisy_classifier": NoisyClassifier, "kl_autoencoder": KLAutoencoder, "text_encoder": TextEncoder,
           "mini_clip": MiniCLIP, "text_unet": TextUNet, "attribute_classifier": AttributeClassifier, "dit": DiT,
-          "token_transformer": TokenTransformer}
+          "token_transformer": TokenTransformer, "edm_precond": EDMPrecond}
 DENOISERS = ("mlp", "unet", "dit")  # the kinds a diffusion model may use
 
 __all__ = ["MODELS", "DENOISERS", "build_model", "count_parameters", "describe", "TimeMLP", "UNet", "ResBlock",
            "SelfAttention", "NoisyClassifier", "Generator", "Discriminator", "VAE", "ResMLP", "ConvEncoder", "ConvDecoder",
            "check_data_shape", "timestep_embedding", "KLAutoencoder", "TextEncoder", "ImageEncoder", "MiniCLIP",
-           "CrossAttention", "TextUNet", "AttributeClassifier", "DiT", "DiTBlock", "TokenTransformer"]
+           "CrossAttention", "TextUNet", "AttributeClassifier", "DiT", "DiTBlock", "TokenTransformer", "EDMPrecond"]
 
 
 def build_model(config: dict) -> nn.Module:
