@@ -162,6 +162,7 @@ for _name in MIXTURES:
     # 1 NFE: hq 0.96 on accurate pairs (0.80 on the earlier pairs made with Heun in sigma; 3 seeds x 5,000 points)
     PRESETS[f"{_name}_distilled"] = replace(PRESETS[f"{_name}_flow"], teacher=f"{_name}_flow", times="one")
 PRESETS["digits_flow"] = replace(PRESETS["digits"], family="flow")
+PRESETS["ring8_edm"] = replace(PRESETS["ring8"], family="edm", sigma_data=0.71)  # lesson 11 (ring8's std: 0.709)
 # Lesson 10: masked diffusion and the autoregressive baseline: one transformer size, data, batch, steps and lr
 PRESETS["captions_mdlm"] = TrainConfig(data="captions", family="masked_diffusion", batch_size=256, lr=1e-3,
                                        model={"kind": "token_transformer", "dim": 64, "depth": 4, "heads": 4},

@@ -651,6 +651,74 @@ class MaskedDiffusion:
 
 masked_step = MaskedDiffusion().step"""],
 
+    "11_unbind_class.ipynb": [HEAD + "\nfrom course_lib import edm, posthoc_ema  # to compare, in cells of their own", """\
+def edm_coefficients(sigma, sigma_data):
+    s2 = sigma.square() + sigma_data ** 2
+    root = s2.sqrt()
+    c = [sigma_data ** 2 / s2, sigma * sigma_data / root, root.reciprocal(), torch.log(sigma) * 0.25]
+    return torch.stack(c, dim=0)""", """\
+print(edm.preconditioning(torch.tensor([0.5]), 0.5))  # the library's, for comparison""", """\
+class EDMTrainer:
+    def __init__(self):
+        self.steps = 0
+
+    def __call__(self, model, optimizer, x0, p_mean, p_std):
+        ln_sigma = torch.normal(p_mean, p_std, size=(x0.shape[0], 1))
+        sigma = ln_sigma.exp()
+        sd = model.sigma_data
+        lam = 1 / sigma ** 2 + 1 / sd ** 2          # SNR + 1 / sigma_data^2
+        denoised = model(x0 + sigma * torch.randn_like(x0), sigma)
+        loss = torch.mean(lam * (denoised - x0).pow(2))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        self.steps += 1
+        return loss.item()
+
+edm_step = EDMTrainer()""", """\
+def posthoc_ema_weights(t1, gamma1, t2, gamma2, t_target, gamma_target):
+    import numpy as np
+
+    def log_inner(ta, ga, tb, gb):
+        return (np.log(ga + 1) + np.log(gb + 1) - np.log(ga + gb + 1) + (ga + gb + 1) * np.log(min(ta, tb))
+                - (ga + 1) * np.log(ta) - (gb + 1) * np.log(tb))
+
+    pts = [(t1, gamma1), (t2, gamma2)]
+    gram = np.exp([[log_inner(*a, *b) for b in pts] for a in pts])
+    rhs = np.exp([log_inner(*a, t_target, gamma_target) for a in pts])
+    return torch.from_numpy(np.linalg.solve(gram, rhs))"""],
+
+    "11_functional_helpers.ipynb": [HEAD, """\
+def _coeffs(s, sd):
+    total = s * s + sd * sd
+    return sd * sd / total, s * sd * total.rsqrt(), total.rsqrt(), s.log() / 4
+
+edm_coefficients = lambda sigma, sigma_data: torch.stack(_coeffs(sigma, sigma_data))""", """\
+def weight(sigma, sd):
+    return (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2
+
+@torch.enable_grad()
+def edm_step(model, optimizer, x0, p_mean, p_std):
+    sigma = torch.exp(torch.randn(len(x0)) * p_std + p_mean)
+    x = torch.addcmul(x0, sigma[:, None], torch.randn(x0.shape))
+    per_row = F.mse_loss(model(x, sigma), x0, reduction="none").mean(dim=1)
+    loss = (weight(sigma, model.sigma_data) * per_row).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.detach()""", """\
+def posthoc_ema_weights(t1, gamma1, t2, gamma2, t_target, gamma_target):
+    def inner(a, b):
+        (ta, ga), (tb, gb) = a, b
+        log = math.log1p(ga) + math.log1p(gb) - math.log(ga + gb + 1) + (ga + gb + 1) * math.log(min(ta, tb))
+        return math.exp(log - (ga + 1) * math.log(ta) - (gb + 1) * math.log(tb))
+
+    p1, p2, target = (t1, gamma1), (t2, gamma2), (t_target, gamma_target)
+    a11, a12, a22 = inner(p1, p1), inner(p1, p2), inner(p2, p2)
+    b1, b2 = inner(p1, target), inner(p2, target)
+    det = a11 * a22 - a12 * a12                 # Cramer's rule on the symmetric 2x2 system
+    return torch.tensor([(b1 * a22 - a12 * b2) / det, (a11 * b2 - a12 * b1) / det], dtype=torch.float64)"""],
+
     "99_einsum_class.ipynb": [HEAD, """\
 def cross_attention(x, context, mask, w_q, w_k, w_v, heads):
     b, n, c = x.shape

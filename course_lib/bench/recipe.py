@@ -37,6 +37,7 @@ EXPORTED = {"edm": "digits_edm", "v": "digits_v"}  # the first seed's models of 
 SEEDS, QUICK_SEEDS, TUNE_SEED = (0, 1, 2), (0,), 10
 LRS, QUICK_LRS = (1e-3, 3e-3), (1e-3,)
 NFES = (10, 35)
+QUICK_STEPS = 30
 SAMPLER, SIGMA_MAX, SIGMA_MIN = "dpmpp_2m", 80.0, 0.002
 POSTHOC_SIGMA_REL = (0.03, 0.05, 0.08, 0.12, 0.2)
 SNAPSHOT_EVERY = 500
@@ -51,7 +52,7 @@ def train_config(arm: str, seed: int, lr: float, steps: int | None = None, quick
         raise ValueError(f"unknown recipe {arm!r}; choose one of {list(ARMS)}")
     extra = {"steps": steps} if steps is not None else {}
     if quick:
-        extra = {"steps": steps or 30, "warmup": 5}
+        extra = {"steps": steps or QUICK_STEPS, "warmup": 5}
     sigma_data = {"sigma_data": DIGITS_STD} if ARMS[arm]["family"] == "edm" else {}
     return preset("digits", seed=seed, lr=lr, **ARMS[arm], **sigma_data, **extra)
 
@@ -99,9 +100,9 @@ def run_one(arm: str, seed: int, regime: str, lr: float, n: int, steps: int | No
     for nfe in NFES:
         rec[f"fd_{nfe}"] = score(model, schedule, judge, n, nfe, 1000 + seed)
     if ARMS[arm]["family"] == "diffusion":  # sampling from the schedule's last level (pure noise, sigma 20,291)
-        rec["fd_35_top"] = score(model, schedule, judge, n, 35, 1000 + seed, top=True)
+        rec["fd_35_top"] = score(model, schedule, judge, n, NFES[-1], 1000 + seed, top=True)
         for top in (False, True):  # without clipping the x0 estimates (what latents get): does the start still work?
-            rec["fd_35_top_noclip" if top else "fd_35_noclip"] = score(model, schedule, judge, n, 35, 1000 + seed,
+            rec["fd_35_top_noclip" if top else "fd_35_noclip"] = score(model, schedule, judge, n, NFES[-1], 1000 + seed,
                                                                        top=top, clip=None)
         rec["sigma_top"] = round(as_denoiser(model, schedule).sigma_max, 1)
     test = digits_split("test")[0]
@@ -185,7 +186,7 @@ def bench_recipe(quick: bool = False, samples: int | None = None, progress: bool
                  export=f"{export_dir}/{EXPORTED[a]}.pt" if export_dir and s == seeds[0] and a in EXPORTED else None)
             for s in seeds for a in ARMS]
     runs += [dict(arm="edm", seed=s, regime="half_steps", lr=tuned_lr(records, "edm"), n=n, quick=quick,
-                  steps=max(1, (30 if quick else steps) // 2)) for s in seeds]
+                  steps=max(1, (QUICK_STEPS if quick else steps) // 2)) for s in seeds]
     return records + _pool(runs, jobs, progress, "bench recipe")
 
 

@@ -49,6 +49,10 @@ IDEAS = {
     10: [("the absorbing (masking) forward process", ("absorbing_forward",)),
          ("MDLM's loss weight and training step", ("mdlm_weight", "masked_step")),
          ("sampling by parallel unmasking", ("unmask_sample",))],
+    11: [("EDM's preconditioning: unit variance in and out", ("edm_coefficients",)),
+         ("the training noise distribution and the loss weighting, in one training step", ("edm_step",)),
+         ("post-hoc EMA: any average rebuilt from saved ones", ("posthoc_ema_weights",)),
+         ("zero terminal SNR: sampling from pure noise", ())],
     99: [("a text-to-shapes generator assembled from your own attention, training step and guided sampler",
           ("text_to_shapes",))],
 }

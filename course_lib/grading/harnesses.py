@@ -63,6 +63,21 @@ def flow_net(seed: int) -> UnitTimeVelocity:
     return UnitTimeVelocity(TimeMLP(dim=2, hidden=128, depth=3, temb_dim=32, prediction="flow"))
 
 
+def edm_net(seed: int, sigma_data: float):
+    """The EDM-step exercise's denoiser: model(x, sigma) = D(x, sigma), EDM's preconditioning (nets.EDMPrecond) around
+    a small TimeMLP; model.sigma_data is the data's std it assumes."""
+    from ..nets import EDMPrecond
+
+    torch.manual_seed(seed)
+    return EDMPrecond({"kind": "mlp", "dim": 2, "hidden": 128, "depth": 3, "temb_dim": 32}, sigma_data=sigma_data)
+
+
+def train_edm(fn, seed: int, data: torch.Tensor, sigma_data: float, p_mean: float, p_std: float,
+              steps: int = TRAIN_STEPS) -> dict:
+    """Lesson 11: train the small EDM denoiser with the learner's edm_step(model, optimizer, x0, p_mean, p_std)."""
+    return _train(fn, edm_net(seed, sigma_data), data, seed, steps, (p_mean, p_std))
+
+
 class TokenMLP(torch.nn.Module):
     """The masked-diffusion exercise's network: rows of token ids (B, L) with [MASK] = mask_id -> logits (B, L,
     mask_id + 1) over every token, [MASK] included; an MLP on the one-hot row."""
@@ -289,5 +304,5 @@ def train_capstone(fn, seed: int, steps: int, n_train: int, prompt_seed: int, n_
     return out
 
 
-PROCEDURES = {"capstone_attention": capstone_attention, "train_capstone": train_capstone, "train_autoencoder": train_autoencoder, "fit_contrastive": fit_contrastive, "train_diffusion": train_diffusion, "train_vae": train_vae, "train_flow": train_flow,
+PROCEDURES = {"train_edm": train_edm, "capstone_attention": capstone_attention, "train_capstone": train_capstone, "train_autoencoder": train_autoencoder, "fit_contrastive": fit_contrastive, "train_diffusion": train_diffusion, "train_vae": train_vae, "train_flow": train_flow,
               "train_masked": train_masked, "train_conditional": train_conditional}

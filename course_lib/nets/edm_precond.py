@@ -61,10 +61,14 @@ class EDMPrecond(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma, y=None, return_logvar: bool = False):
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
+        if sigma.ndim == 2 and sigma.shape[1] == 1:  # one per row as a column
+            sigma = sigma[:, 0]
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         if sigma.shape != (x.shape[0],):
-            raise ValueError(f"sigma must be a scalar or of shape ({x.shape[0]},), got {tuple(sigma.shape)}")
+            raise ValueError(f"sigma must be one number or one per row, shape ({x.shape[0]},), got {tuple(sigma.shape)}")
+        if not bool((sigma > 0).all()):
+            raise ValueError("this denoiser takes noise levels sigma > 0 (the std of the noise added to x0)")
         c_skip, c_out, c_in, time = self.coefficients(sigma)
         shape = (-1,) + (1,) * (x.ndim - 1)
         kwargs = {} if y is None else {"y": y}
