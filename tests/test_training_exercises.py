@@ -108,7 +108,7 @@ def test_the_judge_s_velocity_fields_are_the_exact_ones_of_a_gaussian():
 
 @pytest.mark.parametrize("name,honest", [("flow_step", "lerp"), ("masked_step", "SUBS"),
                                          ("ae_step", "callable rsample"), ("contrastive_loss", "soft targets"),
-                                         ("repaint", "jumps of 3")])
+                                         ("repaint", "jumps of 3"), ("edm_step", "F.mse_loss per row")])
 def test_an_honest_variant_in_another_style_passes(name, honest):
     from course_lib.bench.exercises import HONEST
 

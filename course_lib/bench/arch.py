@@ -181,15 +181,17 @@ def _extend(grid: list[float], best: float) -> float | None:
     return None
 
 
-def _run_all(tasks: list[dict], jobs: int, progress: bool, desc: str) -> list[dict]:
-    """run_one for every task (keyword dicts), in `jobs` processes of one thread each when jobs > 1; input order."""
+def _run_all(tasks: list[dict], jobs: int, progress: bool, desc: str, fn=None) -> list[dict]:
+    """fn (default run_one) for every task (keyword dicts), in `jobs` processes of one thread each when jobs > 1;
+    input order. fn must be a module-level function (the processes import it by name)."""
+    fn = fn or run_one
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(tasks), desc=desc, unit="run")
     if jobs <= 1:
         out = []
         for task in tasks:
-            out.append(run_one(**task))
+            out.append(fn(**task))
             if progress:
                 bar.update()
     else:
@@ -198,7 +200,7 @@ def _run_all(tasks: list[dict], jobs: int, progress: bool, desc: str) -> list[di
 
         with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
                                     initargs=(1,)) as pool:
-            futures = [pool.submit(run_one, **task) for task in tasks]
+            futures = [pool.submit(fn, **task) for task in tasks]
             for f in cf.as_completed(futures):
                 f.result()
                 if progress:

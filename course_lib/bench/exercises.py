@@ -224,6 +224,32 @@ def _dpm_guided_loop(denoise, x, sigmas, y, scale):
     return x
 
 
+def _edm_column_sigma(model, optimizer, x0, p_mean, p_std):
+    """An honest EDM step: sigma as a column from torch.normal, the weight written as SNR + 1 / sigma_data^2."""
+    sigma = torch.normal(p_mean, p_std, size=(x0.shape[0], 1)).exp()
+    lam = 1 / sigma**2 + 1 / model.sigma_data**2
+    loss = (lam * (model(x0 + sigma * torch.randn_like(x0), sigma) - x0) ** 2).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def _edm_mse_rows(model, optimizer, x0, p_mean, p_std):
+    """An honest EDM step: F.mse_loss per row (reduction='none'), weighted, averaged."""
+    import torch.nn.functional as F
+
+    sigma = torch.exp(torch.randn(len(x0)) * p_std + p_mean)
+    sd = model.sigma_data
+    x = torch.addcmul(x0, sigma[:, None], torch.randn(x0.shape))
+    per_row = F.mse_loss(model(x, sigma), x0, reduction="none").mean(dim=1)
+    loss = ((sigma**2 + sd**2) / (sigma * sd) ** 2 * per_row).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 def _capstone_other_styles():
     """Honest capstone parts: einsum attention, a bernoulli caption step, a DPM-Solver++(2M) guided loop."""
     return {"cross_attention": _einsum_attention, "train_step": _bernoulli_caption_step,
@@ -236,6 +262,7 @@ HONEST = {"text_to_shapes": {"einsum, bernoulli, DPM-Solver++(2M)": _capstone_ot
           "repaint": {"DDIM steps": _repaint_ddim, "jumps of 3": _repaint_blocks},
           "cond_train_step": {"bernoulli 10%": _cond_bernoulli, "permutation 25%": _CondStep()},
           "flow_step": {"lerp": _flow_lerp, "logit-normal times": _flow_logit_normal},
+          "edm_step": {"torch.normal column": _edm_column_sigma, "F.mse_loss per row": _edm_mse_rows},
           "masked_step": {"low-discrepancy times": _masked_low_discrepancy, "SUBS": _masked_subs}}
 TASKS = {"reference": 20, "honest": 10, "mistake": 5, "shortcut": 3}
 QUICK_TASKS = {"reference": 2, "honest": 1, "mistake": 1, "shortcut": 1}
@@ -261,6 +288,7 @@ def _one(job: tuple) -> dict:
     from ..exercises.capstone import capstone_measure
     from ..exercises.lesson6 import repaint_measure
     from ..exercises.lesson10 import masked_measure
+    from ..exercises.lesson11 import edm_measure
     from ..exercises.on_images import ae_measure, contrastive_measure
     from ..exercises.on_training import cond_measure, flow_measure
 
@@ -274,7 +302,8 @@ def _one(job: tuple) -> dict:
     verdict = judge_task(ex, task, outputs)
     seconds = time.perf_counter() - start
     measures = {"cond_train_step": cond_measure, "flow_step": flow_measure, "masked_step": masked_measure,
-                "repaint": repaint_measure, "text_to_shapes": capstone_measure, "ae_step": ae_measure, "contrastive_loss": contrastive_measure}
+                "repaint": repaint_measure, "text_to_shapes": capstone_measure, "ae_step": ae_measure, "contrastive_loss": contrastive_measure,
+                "edm_step": edm_measure}
     _, measured = measures[name](task, outputs) if name in measures else (None, {})
     text = "" if verdict is None else f"{verdict.message} {verdict.hint}"
     return {"exercise": name, "kind": kind, "solution": label, "seed": seed, "passed": verdict is None,
@@ -282,7 +311,7 @@ def _one(job: tuple) -> dict:
             **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in measured.items() if k != "known_kept"}}
 
 
-NAMES = ("repaint", "cond_train_step", "ae_step", "contrastive_loss", "flow_step", "masked_step")
+NAMES = ("repaint", "cond_train_step", "ae_step", "contrastive_loss", "flow_step", "masked_step", "edm_step")
 
 
 def run(names=NAMES, tasks=None, jobs: int = 2, progress=None) -> list[dict]:

@@ -18,7 +18,7 @@ import statistics
 import torch
 
 from . import refuse_to_overwrite
-from .arch import MAX_EXTENSIONS, _extend
+from .arch import MAX_EXTENSIONS, _extend, _run_all
 
 ARMS = {
     "lesson2": dict(family="diffusion"),
@@ -123,30 +123,8 @@ def run_one(arm: str, seed: int, regime: str, lr: float, n: int, steps: int | No
 
 
 def _pool(tasks: list[dict], jobs: int, progress: bool, desc: str) -> list[dict]:
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(tasks), desc=desc, unit="run")
-    if jobs <= 1:
-        out = []
-        for task in tasks:
-            out.append(run_one(**task))
-            if bar is not None:
-                bar.update()
-    else:
-        import concurrent.futures as cf
-        import multiprocessing as mp
-
-        with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
-                                    initargs=(1,)) as pool:
-            futures = [pool.submit(run_one, **task) for task in tasks]
-            for _ in cf.as_completed(futures):
-                if bar is not None:
-                    bar.update()
-            out = [f.result() for f in futures]
-    if bar is not None:
-        bar.close()
-    return out
+    """run_one for every task, in `jobs` processes of one thread each when jobs > 1 (lesson 8's pool); input order."""
+    return _run_all(tasks, jobs, progress, desc, fn=run_one)
 
 
 def tuned_lr(records: list[dict], arm: str) -> float:
