@@ -238,8 +238,21 @@ def load_mnist(kind: str = "mnist", split: str = "train", root: str | Path | Non
 # ---- training batches (course_lib.train) ------------------------------------------------------------------------
 
 MIXTURES = {"ring8": ring_of_gaussians, "grid25": grid_of_gaussians}
-DATASETS = tuple(MIXTURES) + tuple(sorted(TOY_2D)) + ("digits", "captions")
+SHAPES_IMAGES = {"shapes32": 1, "shapes16": 2}  # lesson 11's resolution pair: the shapes images pooled by this factor
+SHAPES_TRAIN = 20_000  # a fixed training set of shapes images (lesson 7's generator, train split, seed 0)
+DATASETS = tuple(MIXTURES) + tuple(sorted(TOY_2D)) + ("digits", "captions") + tuple(SHAPES_IMAGES)
 CAPTION_CORPUS = 20_000  # lesson 10's training captions: a fixed corpus, so "unseen" captions mean something
+
+
+def shapes_images(n: int, name: str = "shapes32", split: str = "train", seed: int = 0) -> torch.Tensor:
+    """n shapes images (lesson 7's generator) at the resolution of `name` ("shapes32", or "shapes16": 2x2 averages)."""
+    from .shapes import make_shapes
+
+    if name not in SHAPES_IMAGES:
+        raise ValueError(f"unknown shapes resolution {name!r}; choose one of {sorted(SHAPES_IMAGES)}")
+    images = make_shapes(n, split, seed)[0]
+    factor = SHAPES_IMAGES[name]
+    return torch.nn.functional.avg_pool2d(images, factor) if factor > 1 else images
 
 
 class DataSource:
@@ -260,17 +273,21 @@ class DataSource:
             from .captions import caption_corpus
 
             self.tokens, self.texts = caption_corpus(CAPTION_CORPUS, "train", seed=0)
+        if name in SHAPES_IMAGES:  # unlabelled RGB images in [-1, 1], 32x32 or average-pooled to 16x16
+            self.images = shapes_images(SHAPES_TRAIN, name, "train", seed=0)
 
     @property
     def shape(self) -> tuple:
         if self.name == "captions":
             return tuple(self.tokens.shape[1:])
-        return tuple(self.images.shape[1:]) if self.name == "digits" else (2,)
+        return tuple(self.images.shape[1:]) if self.name == "digits" or self.name in SHAPES_IMAGES else (2,)
 
     def sample(self, n: int, generator: torch.Generator):
         if self.name == "digits":
             idx = torch.randint(len(self.images), (n,), generator=generator)
             return self.images[idx], self.labels[idx]
+        if self.name in SHAPES_IMAGES:
+            return self.images[torch.randint(len(self.images), (n,), generator=generator)], None
         if self.name == "captions":
             return self.tokens[torch.randint(len(self.tokens), (n,), generator=generator)], None
         if self.name in MIXTURES:

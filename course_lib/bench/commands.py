@@ -63,14 +63,14 @@ def _bench(args) -> int:
 
         main_grader(args.quick, args.json, args.force, args.jobs)
         return 0
-    if args.bench in ("arch", "t2i", "flow", "text", "recipe"):  # lessons 8, 7, 9, 10, 11: main_<name>(quick, json, samples, force)
+    if args.bench in ("arch", "t2i", "flow", "text", "recipe", "resolution"):  # lessons 7-11: main_<name>(quick, json, samples, force)
         from importlib import import_module
 
-        least = {"arch": 50, "t2i": 10, "flow": 50, "text": 50, "recipe": 50}[args.bench]  # FD needs samples; adherence needs prompts
+        least = {"arch": 50, "t2i": 10, "flow": 50, "text": 50, "recipe": 50, "resolution": 50}[args.bench]  # FD needs samples; adherence needs prompts
         if args.samples is not None and args.samples < least:
             raise ValueError(f"--samples must be at least {least}, got {args.samples}")
         main = getattr(import_module(f"course_lib.bench.{args.bench}"), f"main_{args.bench}")
-        extra = {"jobs": args.jobs} if args.bench in ("arch", "recipe") else {}
+        extra = {"jobs": args.jobs} if args.bench in ("arch", "recipe", "resolution") else {}
         if args.bench == "recipe" and args.export_dir:
             extra["export_dir"] = args.export_dir
         if args.bench == "flow" and args.datasets:
@@ -135,7 +135,7 @@ def _bench_arguments(p: argparse.ArgumentParser, quick_help: str, datasets: bool
 
 def add_bench_parser(sub) -> None:
     """Add `bench` and its subcommands to the CLI's subparsers."""
-    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | threads | bf16 | exercises | capstone | export | lessons | t2i | arch | flow | text | recipe | grader)",
+    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | threads | bf16 | exercises | capstone | export | lessons | t2i | arch | flow | text | recipe | resolution | grader)",
                        description="Benchmarks that print a table and, with --json, save flat records.")
     bench = p.add_subparsers(dest="bench", metavar="BENCHMARK")
     bench.required = True
@@ -210,8 +210,9 @@ def add_bench_parser(sub) -> None:
     _bench_arguments(p, "a small run for checking (about a minute)", datasets=False, devices=None,
                      samples_help="samples scored per run (default 1,000; quick 200)")
     p = bench.add_parser("exercises", help="calibrate the exercises graded on a training run: pass rates and times",
-                         description="Runs the RePaint loop and the conditional (label dropout), flow-matching and masked-diffusion "
-                                     "step exercises' reference on 20 "
+                         description="Runs the exercises graded on a training run or a loop (the RePaint loop; the "
+                                     "conditional (label dropout), autoencoder, flow-matching, masked-diffusion and "
+                                     "EDM steps; the contrastive loss): each reference on 20 "
                                      "fresh tasks, honest variants in other styles on 10, each known mistake on 5 "
                                      "and each shortcut on 3, one CPU thread per check; records every verdict, "
                                      "whether the mistake's own hint was shown, the seconds, and what the judge "
@@ -258,6 +259,15 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="runs in parallel, one CPU thread each")
     p.add_argument("--export-dir", metavar="DIR", help="also write the first seed's EDM and v models there (as data/ "
                                                         "ships them: digits_edm.pt, digits_v.pt)")
+    p = bench.add_parser("resolution", help="lesson 11: the resolution shift, trained on shapes at 16x16 and 32x32",
+                         description="Trains one UNet with EDM's recipe on the shapes images at 32x32 and at 16x16 "
+                                     "(2x2 averages), each with EDM's training sigmas and with them doubled (the "
+                                     "resolution shift), three seeds each, the same network, batch, steps and rate "
+                                     "everywhere; FD on the attribute classifier's features at 10 and 35 NFE (about "
+                                     "45 minutes on 2 CPU cores with --jobs 2). --quick: 30 steps, one seed.")
+    _bench_arguments(p, "a small run for checking", datasets=False, devices=None,
+                     samples_help="samples scored per model and setting (default 1000; quick 100)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="runs in parallel, one CPU thread each")
     p = bench.add_parser("flow", help="lesson 9: diffusion vs flow matching vs reflow at equal NFE; ODE likelihoods",
                          description="Samples the shipped diffusion, flow-matching, reflow and one-step models of "
                                      "ring8 and grid25 (and digits: diffusion vs flow) with Euler, Heun and "

@@ -140,9 +140,11 @@ register(Exercise(
 
 # ---- 11.2 the EDM training step, graded on what it trains ---------------------------------------------------------
 
-# Calibrated on 10 tasks for the reference and 3 for each mistake (one thread, about 7 s a check): the reference's hq
-# 0.90-0.94, loss ratio 0.99-1.02; no weighting: ratio 0.11-0.17; the eps-loss's weight: ratio 0.52-0.63; noise not
-# scaled by sigma: hq 0; noise levels uniform in [0.002, 80]: the loss does not fall
+# Calibrated by `python -m course_lib bench exercises --only edm_step` (data/bench_exercises.json; one thread, 3.5-5 s a
+# check): the reference 20/20 (hq 0.88-0.97, emptiest mode 0.64-0.85 of fair, loss ratio 0.985-1.03), two honest styles
+# 10/10 each; no weighting: ratio 0.11-0.18, the eps-loss's weight: ratio 0.52-0.63 (their samples are fine: hq
+# 0.84-0.96); noise not scaled by sigma: hq 0; noise levels uniform in [0.002, 80] and no optimizer.step(): the loss does
+# not fall; every mistake 0 passed with its own hint; both shortcuts 0/3
 EDM_HQ_FLOOR = 0.6  # share of the judge's Heun samples within 3 std of a mode
 EDM_HEUN_STEPS = 18  # the judge's sampler: Heun, 18 steps (35 network calls), Karras levels from 80 to 0.002
 EDM_LOSS_RATIO = (0.8, 1.25)  # the learner's last 200 reported losses over the judge's EDM loss of the trained
