@@ -214,8 +214,8 @@ class Pretrained(NamedTuple):
 
 
 def load_pretrained(name_or_path: str | Path, device=None, which: str = "ema") -> Pretrained:
-    """A diffusion or flow model ready to sample (eval mode), its noise schedule (None for flow matching), its training
-    config and its card."""
+    """A diffusion, flow or EDM model ready to sample (eval mode), its noise schedule (None for flow matching and EDM's
+    preconditioned denoisers), its training config and its card."""
     from .nets import build_model
     from .schedules import NoiseSchedule
 
@@ -230,10 +230,11 @@ def load_pretrained(name_or_path: str | Path, device=None, which: str = "ema") -
     if ckpt["model_config"].get("kind") == "text_unet":
         raise ValueError(f"{path} holds a text-to-image model: load it with "
                          "course_lib.text2image.load_text_to_image")
-    flow = config.get("family") == "flow"  # a flow-matching model (lesson 9): samples like one, has no schedule
-    if not flow and ("schedule" not in config or config.get("family", "diffusion") != "diffusion"):
-        raise ValueError(f"{path} holds no diffusion model, nor a flow model (family {config.get('family')!r}); "
-                         f"load it with load_model")
+    family = config.get("family", "diffusion")
+    # a flow-matching model (lesson 9) and a preconditioned denoiser (lesson 11's edm family) have no discrete schedule
+    scheduleless = family in ("flow", "edm")
+    if not scheduleless and ("schedule" not in config or family != "diffusion"):
+        raise ValueError(f"{path} holds no diffusion, flow or EDM model (family {family!r}); load it with load_model")
     model = build_model(ckpt["model_config"])
     _load_into(model, _weights(ckpt, which), path)
     model.eval().requires_grad_(False)
@@ -242,7 +243,8 @@ def load_pretrained(name_or_path: str | Path, device=None, which: str = "ema") -
     card = ckpt.get("card", {})
     model.sampling = card.get("sampling")  # tuned noise levels: samplers.sample uses them by default
     model.recommended_sampler = card.get("recommended_sampler")  # and this sampler, when none is named
-    return Pretrained(model, None if flow else NoiseSchedule.named(config["schedule"], config["T"]), config, card)
+    return Pretrained(model, None if scheduleless else NoiseSchedule.named(config["schedule"], config["T"]), config,
+                      card)
 
 
 def update_card(path: str | Path, **fields) -> dict:

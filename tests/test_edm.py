@@ -130,6 +130,16 @@ def test_the_edm_family_trains_through_the_one_loop_and_samples_through_every_sa
     assert resumed.losses == straight.losses
     assert all(torch.equal(a, b) for a, b in zip(resumed.ema.state_dict().values(), straight.ema.state_dict().values()))
     assert straight.model.logvar.weight.abs().sum() > 0  # the learned weighting's u(sigma) was trained
+    # an exported EDM model loads like any shipped one: no schedule, the same denoiser as the trainer's EMA
+    from course_lib.checkpoints import load_pretrained
+
+    tr.export(tmp_path / "edm.pt")
+    loaded = load_pretrained(tmp_path / "edm.pt")
+    assert loaded.schedule is None and loaded.config["family"] == "edm"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(noise[:8] * 3, 3.0), tr.ema(noise[:8] * 3, 3.0))
+    res = sample(loaded.model, noise[:64], sampler="dpmpp_2m", steps=10)
+    assert torch.isfinite(res.x).all()
 
 
 def test_edm_family_options_are_checked():
