@@ -7,6 +7,7 @@ and its training step, so adding a family (flow matching, a text model) adds a f
 - classifier.py: a noise-aware classifier p(y | x_t, t) for classifier guidance (lesson 6);
 - edm.py: EDM's preconditioned denoiser, log-normal noise and loss weighting (lesson 11);
 - flow.py: flow matching, and rectified flow's reflow from a teacher (lesson 9);
+- fewstep.py: consistency distillation and training, progressive distillation (lesson 12);
 - text.py: masked diffusion on tokens and its autoregressive baseline (lesson 10).
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from .base import Family
 from .classifier import ClassifierFamily, ClassifierOptions
 from .diffusion import DiffusionFamily, DiffusionOptions
 from .edm import EDMFamily, EDMOptions
+from .fewstep import ConsistencyFamily, ConsistencyOptions, ProgressiveFamily, ProgressiveOptions
 from .flow import FlowFamily, FlowOptions
 from .gan import GANFamily, GANOptions
 from .text import AutoregressiveFamily, AutoregressiveOptions, MaskedDiffusionFamily, MaskedDiffusionOptions
@@ -22,9 +24,10 @@ from .vae import VAEFamily, VAEOptions
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (DiffusionFamily(), GANFamily(), VAEFamily(), ClassifierFamily(),
                                                FlowFamily(), MaskedDiffusionFamily(), AutoregressiveFamily(),
-                                               EDMFamily())}
+                                               EDMFamily(), ConsistencyFamily(), ProgressiveFamily())}
 
-__all__ = ["FAMILIES", "Family", "family", "AutoregressiveFamily", "AutoregressiveOptions", "MaskedDiffusionFamily",
+__all__ = ["FAMILIES", "Family", "family", "AutoregressiveFamily", "AutoregressiveOptions", "ConsistencyFamily", "ConsistencyOptions",
+           "ProgressiveFamily", "ProgressiveOptions", "MaskedDiffusionFamily",
            "MaskedDiffusionOptions", "ClassifierFamily", "ClassifierOptions", "DiffusionFamily", "DiffusionOptions", "EDMFamily", "EDMOptions", "FlowFamily", "FlowOptions", "GANFamily", "GANOptions",
            "VAEFamily", "VAEOptions"]
 

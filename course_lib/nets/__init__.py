@@ -11,6 +11,7 @@ from torch import nn
 from .attribute_classifier import AttributeClassifier
 from .autoencoder import KLAutoencoder
 from .blocks import ConvDecoder, ConvEncoder, ResMLP, check_data_shape, timestep_embedding
+from .consistency import ConsistencyNet
 from .cross_attention import CrossAttention, TextUNet
 from .dit import DiT, DiTBlock
 from .edm_precond import EDMPrecond
@@ -26,13 +27,15 @@ from .vae import VAE
 MODELS = {"mlp": TimeMLP, "unet": UNet, "generator": Generator, "discriminator": Discriminator, "vae": VAE,
           "noisy_classifier": NoisyClassifier, "kl_autoencoder": KLAutoencoder, "text_encoder": TextEncoder,
           "mini_clip": MiniCLIP, "text_unet": TextUNet, "attribute_classifier": AttributeClassifier, "dit": DiT,
-          "token_transformer": TokenTransformer, "edm_precond": EDMPrecond}
+          "token_transformer": TokenTransformer, "edm_precond": EDMPrecond,
+          "consistency": ConsistencyNet}
 DENOISERS = ("mlp", "unet", "dit")  # the kinds a diffusion model may use
 
 __all__ = ["MODELS", "DENOISERS", "build_model", "count_parameters", "describe", "TimeMLP", "UNet", "ResBlock",
            "SelfAttention", "NoisyClassifier", "Generator", "Discriminator", "VAE", "ResMLP", "ConvEncoder", "ConvDecoder",
            "check_data_shape", "timestep_embedding", "KLAutoencoder", "TextEncoder", "ImageEncoder", "MiniCLIP",
-           "CrossAttention", "TextUNet", "AttributeClassifier", "DiT", "DiTBlock", "TokenTransformer", "EDMPrecond"]
+           "CrossAttention", "TextUNet", "AttributeClassifier", "DiT", "DiTBlock", "TokenTransformer", "EDMPrecond",
+           "ConsistencyNet"]
 
 
 def build_model(config: dict) -> nn.Module:

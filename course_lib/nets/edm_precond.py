@@ -47,6 +47,19 @@ class EDMPrecond(nn.Module):
             nn.init.zeros_(self.logvar.weight)
             nn.init.zeros_(self.logvar.bias)
 
+    @classmethod
+    def from_eps_model(cls, model: nn.Module, schedule: str, T: int = 1000) -> EDMPrecond:
+        """An eps network trained on a discrete schedule (lesson 2's models) as D(x, sigma) with one sigma per row
+        ('vp', Karras et al. 2022, Table 1): the function samplers.as_denoiser(model, schedule) computes, its weights
+        copied (lesson 12's teachers and the students that start from them)."""
+        config = getattr(model, "config", None)
+        if getattr(model, "prediction", None) != "eps" or not isinstance(config, dict):
+            raise ValueError("from_eps_model needs an eps-predicting course network (with .config), got "
+                             f"{type(model).__name__} predicting {getattr(model, 'prediction', None)!r}")
+        out = cls(config, precond="vp", schedule=schedule, T=T)
+        out.net.load_state_dict(model.state_dict())
+        return out
+
     def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(c_skip, c_out, c_in, network time) per row."""
         if self.precond == "edm":
