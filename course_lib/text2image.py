@@ -176,7 +176,7 @@ def train_text_to_image(space: str = "latent", steps: int = 4000, n_train: int =
         tok[torch.rand(batch_size, generator=g) < caption_dropout] = 0  # the empty caption
         with torch.no_grad():
             ctx, mask = text(tok)
-        return diffusion_loss(unet, x_all[idx], schedule, "eps", generator=g, context=ctx, mask=mask)
+        return diffusion_loss(unet, x_all[idx], schedule, unet.prediction, generator=g, context=ctx, mask=mask)
 
     curve = []
     sf = scale_factor if ae is not None else 1.0

@@ -63,14 +63,14 @@ def _bench(args) -> int:
 
         main_grader(args.quick, args.json, args.force, args.jobs)
         return 0
-    if args.bench in ("arch", "t2i", "flow", "text", "recipe", "resolution"):  # lessons 7-11: main_<name>(quick, json, samples, force)
+    if args.bench in ("arch", "t2i", "flow", "text", "recipe", "resolution", "terminal"):  # lessons 7-11: main_<name>(quick, json, samples, force)
         from importlib import import_module
 
-        least = {"arch": 50, "t2i": 10, "flow": 50, "text": 50, "recipe": 50, "resolution": 50}[args.bench]  # FD needs samples; adherence needs prompts
+        least = {"arch": 50, "t2i": 10, "flow": 50, "text": 50, "recipe": 50, "resolution": 50, "terminal": 10}[args.bench]  # FD needs samples; adherence needs prompts
         if args.samples is not None and args.samples < least:
             raise ValueError(f"--samples must be at least {least}, got {args.samples}")
         main = getattr(import_module(f"course_lib.bench.{args.bench}"), f"main_{args.bench}")
-        extra = {"jobs": args.jobs} if args.bench in ("arch", "recipe", "resolution") else {}
+        extra = {"jobs": args.jobs} if args.bench in ("arch", "recipe", "resolution", "terminal") else {}
         if args.bench == "recipe" and args.export_dir:
             extra["export_dir"] = args.export_dir
         if args.bench == "flow" and args.datasets:
@@ -135,7 +135,7 @@ def _bench_arguments(p: argparse.ArgumentParser, quick_help: str, datasets: bool
 
 def add_bench_parser(sub) -> None:
     """Add `bench` and its subcommands to the CLI's subparsers."""
-    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | threads | bf16 | exercises | capstone | export | lessons | t2i | arch | flow | text | recipe | resolution | grader)",
+    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | threads | bf16 | exercises | capstone | export | lessons | t2i | arch | flow | text | recipe | resolution | terminal | grader)",
                        description="Benchmarks that print a table and, with --json, save flat records.")
     bench = p.add_subparsers(dest="bench", metavar="BENCHMARK")
     bench.required = True
@@ -267,6 +267,16 @@ def add_bench_parser(sub) -> None:
                                      "45 minutes on 2 CPU cores with --jobs 2). --quick: 30 steps, one seed.")
     _bench_arguments(p, "a small run for checking", datasets=False, devices=None,
                      samples_help="samples scored per model and setting (default 1000; quick 100)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="runs in parallel, one CPU thread each")
+    p = bench.add_parser("terminal", help="lesson 11: lesson 7's latent model from pure noise, eps against v",
+                         description="Trains lesson 7's latent text-to-shapes model with the shipped model's budget "
+                                     "predicting eps and predicting v (three seeds each) and generates lesson 7's "
+                                     "one-object test prompts (scale 3, DPM-Solver++(2M), 20 NFE) from sigma 20 and "
+                                     "from the top of the schedule (sigma 20,291), latents unclipped; adherence and FD "
+                                     "from the attribute classifier (about 25 minutes on 2 CPU cores with --jobs 2). "
+                                     "--quick: 20 steps on 400 images, one seed.")
+    _bench_arguments(p, "a small run for checking", datasets=False, devices=None,
+                     samples_help="prompts per model and start (default 500; quick 50)")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="runs in parallel, one CPU thread each")
     p = bench.add_parser("flow", help="lesson 9: diffusion vs flow matching vs reflow at equal NFE; ODE likelihoods",
                          description="Samples the shipped diffusion, flow-matching, reflow and one-step models of "
