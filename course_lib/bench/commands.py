@@ -115,6 +115,11 @@ def _bench_kernels(args) -> int:
     return 0
 
 
+def _jobs_argument(p, default: int, what: str) -> None:
+    """--jobs N: how many of the benchmark's runs (or checks) go in parallel, one CPU thread each."""
+    p.add_argument("--jobs", type=int, default=default, metavar="N", help=f"{what} in parallel, one CPU thread each")
+
+
 def _bench_arguments(p: argparse.ArgumentParser, quick_help: str, datasets: bool = True,
                      devices=("cuda", "mps", "cpu"), device_default: str = "cpu", samples_help: str = "") -> None:
     """The options every benchmark shares (--datasets and --samples for those that sample the datasets; --samples
@@ -218,7 +223,7 @@ def add_bench_parser(sub) -> None:
                                      "whether the mistake's own hint was shown, the seconds, and what the judge "
                                      "measured (about 10 minutes with --jobs 2). --quick: one or two tasks each.")
     _bench_arguments(p, "one or two tasks each (about a minute)", datasets=False, devices=None)
-    p.add_argument("--jobs", type=int, default=2, metavar="N", help="checks in parallel, one CPU thread each")
+    _jobs_argument(p, 2, "checks")
     p.add_argument("--only", nargs="+", metavar="NAME", help="these exercises only (default: all it calibrates)")
     p = bench.add_parser("capstone", help="calibrate the capstone's check: adherence of the reference and the mistakes",
                          description="Runs the capstone's check (train a small text-to-shapes network with the parts, "
@@ -227,7 +232,7 @@ def add_bench_parser(sub) -> None:
                                      "one CPU thread per check (about a minute each: 20 minutes with --jobs 2). "
                                      "--quick: one or two tasks each.")
     _bench_arguments(p, "one or two tasks each (a few minutes)", datasets=False, devices=None)
-    p.add_argument("--jobs", type=int, default=2, metavar="N", help="checks in parallel, one CPU thread each")
+    _jobs_argument(p, 2, "checks")
     p = bench.add_parser("t2i", help="text-to-image: latent vs pixel, per guidance scale, NFE and sampler",
                          description="Generates images for shapes test prompts (one object, two objects, held-out "
                                      "colour-shape pairs) with the shipped latent (shapes_ldm) and pixel "
@@ -245,7 +250,7 @@ def add_bench_parser(sub) -> None:
                                      "30 minutes on 2 CPU cores with --jobs 2). --quick: 30 steps, one seed.")
     _bench_arguments(p, "a small run for checking", datasets=False, devices=None,
                      samples_help="samples scored per run (default 1000; quick 200)")
-    p.add_argument("--jobs", type=int, default=1, metavar="N", help="runs in parallel, one CPU thread each")
+    _jobs_argument(p, 1, "runs")
     p = bench.add_parser("recipe", help="lesson 11: lesson 2's recipe to EDM's, one change at a time, on digits",
                          description="Trains lesson 2's digits UNet with lesson 2's budget under each recipe (lesson 2; "
                                      "+ EDM preconditioning; + EDM loss weighting; + log-normal noise = EDM; EDM with "
@@ -256,7 +261,7 @@ def add_bench_parser(sub) -> None:
                                      "on 2 CPU cores with --jobs 2). --quick: 30 steps, one seed.")
     _bench_arguments(p, "a small run for checking", datasets=False, devices=None,
                      samples_help="samples scored per model and setting (default 1000; quick 200)")
-    p.add_argument("--jobs", type=int, default=1, metavar="N", help="runs in parallel, one CPU thread each")
+    _jobs_argument(p, 1, "runs")
     p.add_argument("--export-dir", metavar="DIR", help="also write the first seed's EDM and v models there (as data/ "
                                                         "ships them: digits_edm.pt, digits_v.pt)")
     p = bench.add_parser("resolution", help="lesson 11: the resolution shift, trained on shapes at 16x16 and 32x32",
@@ -267,7 +272,7 @@ def add_bench_parser(sub) -> None:
                                      "45 minutes on 2 CPU cores with --jobs 2). --quick: 30 steps, one seed.")
     _bench_arguments(p, "a small run for checking", datasets=False, devices=None,
                      samples_help="samples scored per model and setting (default 1000; quick 100)")
-    p.add_argument("--jobs", type=int, default=1, metavar="N", help="runs in parallel, one CPU thread each")
+    _jobs_argument(p, 1, "runs")
     p = bench.add_parser("terminal", help="lesson 11: lesson 7's latent model from pure noise, eps against v",
                          description="Trains lesson 7's latent text-to-shapes model with the shipped model's budget "
                                      "predicting eps and predicting v (three seeds each) and generates lesson 7's "
@@ -277,7 +282,7 @@ def add_bench_parser(sub) -> None:
                                      "--quick: 20 steps on 400 images, one seed.")
     _bench_arguments(p, "a small run for checking", datasets=False, devices=None,
                      samples_help="prompts per model and start (default 500; quick 50)")
-    p.add_argument("--jobs", type=int, default=1, metavar="N", help="runs in parallel, one CPU thread each")
+    _jobs_argument(p, 1, "runs")
     p = bench.add_parser("flow", help="lesson 9: diffusion vs flow matching vs reflow at equal NFE; ODE likelihoods",
                          description="Samples the shipped diffusion, flow-matching, reflow and one-step models of "
                                      "ring8 and grid25 (and digits: diffusion vs flow) with Euler, Heun and "
