@@ -91,5 +91,7 @@ def test_options_are_checked():
         TrainConfig(**{**PD, "start_steps": 2, "final_steps": 2})
     with pytest.raises(ValueError, match="distance"):
         TrainConfig(**{**CD, "distance": "lpips"})
+    with pytest.raises(ValueError, match="same data"):
+        TrainConfig(**{**CD, "data": "grid25"})
     with pytest.raises(ValueError, match="flow model"):
         load_teacher("ring8_flow")

@@ -40,6 +40,16 @@ def load_teacher(name: str):
     return net.eval().requires_grad_(False), net.config
 
 
+def _check_teacher_data(config) -> None:
+    """The teacher must model the data the student trains on (its checkpoint's `data`)."""
+    from ..checkpoints import load_pretrained
+
+    teacher = config.options.teacher
+    if teacher is not None and (data := load_pretrained(teacher).config.get("data")) != config.data:
+        raise ValueError(f"teacher {teacher!r} was trained on {data!r}, the student on {config.data!r}: distil a "
+                         "teacher of the same data")
+
+
 def _check_teacher(teacher, required: bool) -> None:
     if teacher is None and required:
         raise ValueError("progressive distillation needs a teacher (a shipped name such as 'digits', or a path)")
@@ -87,6 +97,9 @@ class ConsistencyFamily(Family):
     drawn log-normally, the student itself as the target, pseudo-Huber is its usual distance)."""
 
     name, Options, loss_names = "consistency", ConsistencyOptions, ("loss",)
+
+    def check(self, config) -> None:
+        _check_teacher_data(config)
 
     def networks(self, config, shape, num_classes):
         from ..nets import build_model
@@ -176,6 +189,7 @@ class ProgressiveFamily(Family):
     name, Options, loss_names = "progressive", ProgressiveOptions, ("loss",)
 
     def check(self, config) -> None:
+        _check_teacher_data(config)
         if config.steps < config.options.rounds:
             raise ValueError(f"{config.steps} steps cannot be split into {config.options.rounds} rounds")
 
