@@ -234,7 +234,8 @@ def load_pretrained(name_or_path: str | Path, device=None, which: str = "ema") -
     # a flow-matching model (lesson 9) and a preconditioned denoiser (lesson 11's edm family) have no discrete schedule
     scheduleless = family in ("flow", "edm")
     if not scheduleless and ("schedule" not in config or family != "diffusion"):
-        raise ValueError(f"{path} holds no diffusion, flow or EDM model (family {family!r}); load it with load_model")
+        raise ValueError(f"{path} holds no diffusion model, nor a flow or EDM model (family {family!r}); load it "
+                         "with load_model")
     model = build_model(ckpt["model_config"])
     _load_into(model, _weights(ckpt, which), path)
     model.eval().requires_grad_(False)

@@ -203,7 +203,7 @@ def test_gan_training_updates_both_players():
 
 
 def test_family_config_errors():
-    for bad, match in [(dict(family="consistency"), "family"), (dict(family="gan", gan_reg="wgan"), "gan_reg"),
+    for bad, match in [(dict(family="score_sde"), "family"), (dict(family="gan", gan_reg="wgan"), "gan_reg"),
                        (dict(betas=(0.5,)), "betas"), (dict(family="vae", beta=-1.0), "beta"),
                        (dict(family="gan", data="digits", conditional=True), "diffusion family only"),
                        (dict(family="gan", latent=0), "latent")]:

@@ -179,7 +179,7 @@ def test_each_family_owns_its_fields_given_and_read_flat():
     with pytest.raises(AttributeError, match="no field 'beta'"):
         TrainConfig().beta
     with pytest.raises(ValueError, match="family must be one of"):
-        TrainConfig(family="consistency")
+        TrainConfig(family="score_sde")
     with pytest.raises(ValueError, match="weighting must be one of"):
         TrainConfig(weighting="snr")  # caught when the config is made, not at the first training step
     with pytest.raises(TypeError, match="needs a TrainConfig"):
