@@ -12,6 +12,19 @@ def refuse_to_overwrite(json_path, force: bool) -> None:
         Plan(force=force).output(json_path, "benchmark records (--json)")
 
 
+def report(records: list[dict], table: str, verdict: dict, json_path=None) -> list[dict]:
+    """What a training benchmark ends with: print its table and verdict (floats to 3 places); with json_path write the
+    records atomically."""
+    from ..checkpoints import write_json_atomic
+
+    print(table)
+    print("verdict:", {k: round(v, 3) if isinstance(v, float) else v for k, v in verdict.items()})
+    if json_path:
+        write_json_atomic(records, json_path)
+        print(f"wrote {json_path}")
+    return records
+
+
 def __getattr__(name: str):
     """Earlier releases had the sampler benchmark here (`from course_lib import bench; bench.targets(...)`,
     `from course_lib.bench import Judge`): its names still resolve, to course_lib.bench.samplers."""

@@ -17,7 +17,7 @@ import statistics
 
 import torch
 
-from . import refuse_to_overwrite
+from . import refuse_to_overwrite, report
 from .arch import MAX_EXTENSIONS, _extend, _run_all
 
 ARMS = {
@@ -228,13 +228,6 @@ def table(records: list[dict]) -> str:
 def main_recipe(quick: bool = False, json_path=None, samples: int | None = None, force: bool = False,
                 jobs: int = 1, export_dir=None) -> list[dict]:
     """Run the benchmark, print the table and the verdict; with json_path write the records."""
-    from ..checkpoints import write_json_atomic
-
     refuse_to_overwrite(json_path, force)
     records = bench_recipe(quick, samples, jobs=jobs, export_dir=export_dir)
-    print(table(records))
-    print("verdict:", {k: round(v, 3) if isinstance(v, float) else v for k, v in verdict(records).items()})
-    if json_path:
-        write_json_atomic(records, json_path)
-        print(f"wrote {json_path}")
-    return records
+    return report(records, table(records), verdict(records), json_path)

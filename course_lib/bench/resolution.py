@@ -14,7 +14,7 @@ import statistics
 
 import torch
 
-from . import refuse_to_overwrite
+from . import refuse_to_overwrite, report
 from .arch import _run_all
 
 RESOLUTIONS = ("shapes16", "shapes32")
@@ -158,13 +158,6 @@ def table(records: list[dict]) -> str:
 def main_resolution(quick: bool = False, json_path=None, samples: int | None = None, force: bool = False,
                     jobs: int = 1) -> list[dict]:
     """Run the benchmark, print the table and the verdict; with json_path write the records."""
-    from ..checkpoints import write_json_atomic
-
     refuse_to_overwrite(json_path, force)
     records = bench_resolution(quick, samples, jobs=jobs)
-    print(table(records))
-    print("verdict:", {k: round(v, 3) if isinstance(v, float) else v for k, v in verdict(records).items()})
-    if json_path:
-        write_json_atomic(records, json_path)
-        print(f"wrote {json_path}")
-    return records
+    return report(records, table(records), verdict(records), json_path)

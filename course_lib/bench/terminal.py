@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 
-from . import refuse_to_overwrite
+from . import refuse_to_overwrite, report
 from .arch import _run_all
 
 PREDICTIONS = ("eps", "v")
@@ -91,13 +91,6 @@ def table(records: list[dict]) -> str:
 def main_terminal(quick: bool = False, json_path=None, samples: int | None = None, force: bool = False,
                   jobs: int = 1) -> list[dict]:
     """Run the benchmark, print the table and the verdict; with json_path write the records."""
-    from ..checkpoints import write_json_atomic
-
     refuse_to_overwrite(json_path, force)
     records = bench_terminal(quick, samples, jobs=jobs)
-    print(table(records))
-    print("verdict:", {k: round(v, 3) for k, v in verdict(records).items()})
-    if json_path:
-        write_json_atomic(records, json_path)
-        print(f"wrote {json_path}")
-    return records
+    return report(records, table(records), verdict(records), json_path)
