@@ -214,8 +214,8 @@ class Pretrained(NamedTuple):
 
 
 def load_pretrained(name_or_path: str | Path, device=None, which: str = "ema") -> Pretrained:
-    """A diffusion, flow or EDM model ready to sample (eval mode), its noise schedule (None for flow matching and EDM's
-    preconditioned denoisers), its training config and its card."""
+    """A diffusion, flow, EDM or few-step model ready to sample (eval mode), its noise schedule (None for all but
+    diffusion's), its training config and its card."""
     from .nets import build_model
     from .schedules import NoiseSchedule
 
@@ -231,8 +231,9 @@ def load_pretrained(name_or_path: str | Path, device=None, which: str = "ema") -
         raise ValueError(f"{path} holds a text-to-image model: load it with "
                          "course_lib.text2image.load_text_to_image")
     family = config.get("family", "diffusion")
-    # a flow-matching model (lesson 9) and a preconditioned denoiser (lesson 11's edm family) have no discrete schedule
-    scheduleless = family in ("flow", "edm")
+    # a flow-matching model (lesson 9), a preconditioned denoiser (lesson 11's edm family) and lesson 12's few-step
+    # students (consistency models, progressive distillation) have no discrete schedule
+    scheduleless = family in ("flow", "edm", "consistency", "progressive", "adversarial")
     if not scheduleless and ("schedule" not in config or family != "diffusion"):
         raise ValueError(f"{path} holds no diffusion model, nor a flow or EDM model (family {family!r}); load it "
                          "with load_model")

@@ -68,7 +68,7 @@ def _train_command(args, out) -> str:
                         ("--save-every", args.save_every if args.save_every != 1000 else None)):
         if value is not None:
             words += [flag, str(value)]
-    return shlex.join(words + (["--no-eval"] if args.no_eval else []))
+    return shlex.join(words + (["--no-eval"] if args.no_eval else []) + (["--half"] if args.half else []))
 
 
 def _check_state(state, config) -> None:
@@ -188,7 +188,7 @@ def _train_run(args, config, state, info, machine, command):
         if trainer.family == "diffusion":  # the variational bound needs a noise schedule (flow: lesson 9's ODE)
             n_t = 100 if trainer.config.data == "digits" else None
             card["likelihood"] = held_out_likelihood(ema, trainer.schedule, cfg, n_t=n_t)
-    return card, trainer.export
+    return card, lambda path, c: trainer.export(path, c, half=args.half)
 
 
 def _generate(args) -> int:
@@ -359,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=int, metavar="N",
                    help="samples for the quality numbers (default: 2,000 points or 1,000 digits)")
     p.add_argument("--no-eval", action="store_true", help="skip the quality measurement")
+    p.add_argument("--half", action="store_true", help="store the weights in float16 (half the file)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=_train)
     p = sub.add_parser("tune", help="tune a shipped checkpoint's noise levels for few-step sampling (into its card)",

@@ -679,7 +679,8 @@ def main_tune(preset: str, samplers=None, samples: int | None = None, budgets=No
     from ..checkpoints import SHIPPED, shipped_dir, update_card
     from ..step_schedules import TUNE_SEED
 
-    tunable = [*BENCH_DATASETS, *(n for n in SHIPPED if n.endswith(("_flow", "_reflow")))]  # the unconditional ODE models
+    # the unconditional ODE models, and lesson 12's teacher and consistency students (--samplers consistency)
+    tunable = [*BENCH_DATASETS, *(n for n in SHIPPED if n.endswith(("_flow", "_reflow", "_edm", "_cd", "_ct", "_add")))]
     if preset not in tunable:
         raise ValueError(f"tuning needs a shipped sampling model whose samples can be scored; choose one of {tunable}")
     from ..outputs import writable_folder
