@@ -438,6 +438,28 @@ def sample_euler_ancestral(denoiser, x, sigmas, eta: float = 1.0, generator=None
     return traj.result(x)
 
 
+@torch.no_grad()
+def sample_consistency(denoiser, x, sigmas, sigma_min: float = 0.002, generator=None, progress=False,
+                       return_trajectory=False, **model_kwargs):
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1), for a consistency model (lesson 12): map x to
+    data at the first level; at each next level tau > 0, noise the estimate back up, x0 + sqrt(tau^2 - sigma_min^2) z,
+    and map again. One evaluation per level above 0 (a final 0 adds none: the estimate is already data)."""
+    levels = [float(v) for v in check_sigmas(sigmas) if v > 0]
+    if not levels or levels[-1] < sigma_min * (1 - 1e-6):  # at sigma_min itself f is the identity: a wasted call
+        raise ValueError(f"a consistency model is evaluated at levels at or above sigma_min = {sigma_min}, got {levels}")
+    traj = _Trajectory(return_trajectory, x, levels[0])
+    x0 = denoiser(x, levels[0], **model_kwargs)
+    traj.add(x0, 0.0)
+    later = levels[1:]
+    if progress:
+        from tqdm.auto import tqdm
+        later = tqdm(later, desc="consistency", leave=False)
+    for s in later:  # a fresh noisy point at level s around the last estimate, mapped again
+        x0 = denoiser(x0 + math.sqrt(max(s * s - sigma_min * sigma_min, 0.0)) * _noise(x0, generator), s, **model_kwargs)
+        traj.add(x0, 0.0)
+    return traj.result(x0)
+
+
 SAMPLERS = {
     "ddpm": sample_ancestral,
     "ddim": sample_ddim,
@@ -447,6 +469,7 @@ SAMPLERS = {
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
     "dpmpp_3m_sde": sample_dpmpp_3m_sde,
     "euler_ancestral": sample_euler_ancestral,
+    "consistency": sample_consistency,
 }
 
 

@@ -209,3 +209,50 @@ def test_consistency_net_meets_the_boundary_and_rebuilds():
         f(x, 0.001)
     with pytest.raises(ValueError, match="edm_precond"):
         ConsistencyNet({"kind": "mlp"})
+
+
+class _GaussianConsistency(torch.nn.Module):
+    """The exact consistency function of 1-D data N(m, s^2) (its ODE is linear): f(x, sigma) = m + (x - m)
+    sqrt(s^2 + sigma_min^2) / sqrt(s^2 + sigma^2), as a model the course's samplers take (prediction 'edm')."""
+    prediction = "edm"
+
+    def __init__(self, m, s, sigma_min):
+        super().__init__()
+        self.m, self.s, self.lo = m, s, sigma_min
+        self.sigma_min, self.sigma_max = sigma_min, 80.0
+
+    def forward(self, x, sigma):
+        sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1)
+        return self.m + (x - self.m) * math.sqrt(self.s**2 + self.lo**2) / (self.s**2 + sigma**2).sqrt()
+
+
+@pytest.mark.parametrize("levels", [[80.0, 0.0], [80.0, 1.5, 0.0], [20.0, 3.0, 0.7, 0.2]])
+def test_the_consistency_sampler_draws_the_data_with_an_exact_consistency_function(levels):
+    """Algorithm 1 with the exact f of N(0.3, 0.4^2) and sigma_min 0.1: whatever the levels, the samples are
+    N(0.3, 0.4^2 + 0.1^2); 40,000 draws give the mean to +-0.006 and the std to +-1.1% (3 standard errors). (The start,
+    noise of std sqrt(1 + sigma^2) around 0 as every sampler takes it, ignores the data's mean: 0.3 x 0.41 / 20 at
+    most, well inside.)"""
+    from course_lib.samplers import sample
+
+    f = _GaussianConsistency(0.3, 0.4, 0.1)
+    noise = torch.randn(40_000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = sample(f, noise, sampler="consistency", sigmas=levels, sigma_min=0.1,
+                 generator=torch.Generator().manual_seed(1))
+    assert out.nfe == len([v for v in levels if v > 0])
+    want_std = math.sqrt(0.4**2 + 0.1**2)
+    assert abs(float(out.x.mean()) - 0.3) < 3 * want_std / 200
+    assert abs(float(out.x.std()) / want_std - 1) < 0.012
+
+
+def test_the_consistency_sampler_is_algorithm_1_of_the_library():
+    from course_lib.samplers import sample
+
+    f = _GaussianConsistency(0.0, 0.5, C.SIGMA_MIN)
+    noise = torch.randn(64, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = sample(f, noise, sampler="consistency", sigmas=[80.0, 2.0, 0.5, 0.0], generator=torch.Generator().manual_seed(3))
+    # sample() starts from noise * sqrt(1 + sigma^2), the samplers' prior; multistep_sample from noise * sigma
+    want = C.multistep_sample(f, noise * math.sqrt(1 + 80.0**2) / 80.0, [80.0, 2.0, 0.5],
+                              generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(got.x, want)
+    with pytest.raises(ValueError, match="at or above sigma_min"):
+        sample(f, noise, sampler="consistency", sigmas=[80.0, 0.001, 0.0])
