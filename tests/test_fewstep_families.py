@@ -2,6 +2,7 @@
 distillation start from their teacher, keep their target or round's teacher as the algorithms say, resume exactly, and
 learn what they are trained for (a progressive student's one step lands where its teacher's two steps do)."""
 import copy
+import math
 
 import pytest
 import torch
@@ -92,6 +93,59 @@ def test_options_are_checked():
     with pytest.raises(ValueError, match="distance"):
         TrainConfig(**{**CD, "distance": "lpips"})
     with pytest.raises(ValueError, match="same data"):
-        TrainConfig(**{**CD, "data": "grid25"})
+        Trainer(TrainConfig(**{**CD, "data": "grid25"}))
+    with pytest.raises(ValueError, match="same data"):
+        Trainer(TrainConfig(**{**PD, "data": "grid25"}))
+    with pytest.raises(ValueError, match="init 'ring8' was trained on 'ring8'"):
+        Trainer(TrainConfig(data="grid25", family="consistency", init="ring8", steps=5))
+    with pytest.raises(ValueError, match="not both"):
+        TrainConfig(**CD, init="ring8")
     with pytest.raises(ValueError, match="flow model"):
         load_teacher("ring8_flow")
+
+
+def test_consistency_training_can_start_from_a_model_without_calling_it():
+    tr = Trainer(TrainConfig(data="ring8", family="consistency", init="ring8", steps=5, batch_size=32, warmup=1))
+    start, _ = load_teacher("ring8")
+    assert tr.teacher is None  # no teacher calls: consistency training
+    assert _equal(tr.model.denoiser, start) and _equal(tr.nets["target"], tr.model)
+    tr.train(progress=False)
+    assert not _equal(tr.model.denoiser, start)
+
+
+ADD = dict(data="digits", family="adversarial", teacher="digits_edm", steps=6, batch_size=8, lr=1e-4, warmup=1,
+           adv_weight=0.1, amp=False)
+
+
+def test_adversarial_distillation_trains_a_discriminator_beside_the_student(tmp_path):
+    tr = Trainer(TrainConfig(**ADD))
+    assert tr.net_configs["disc"]["kind"] == "discriminator" and tr.spec.loss_names == ("loss", "d_loss")
+    disc, student = copy.deepcopy(tr.nets["disc"]), copy.deepcopy(tr.model)
+    tr.train(steps=3, progress=False)
+    assert not _equal(tr.nets["disc"], disc) and not _equal(tr.model, student)
+    assert len(tr.history["d_loss"]) == 3 and all(math.isfinite(v) for v in tr.history["d_loss"])
+    tr.save(tmp_path / "s.pt")
+    straight = Trainer(TrainConfig(**ADD)).train(progress=False)
+    resumed = Trainer.resume(tmp_path / "s.pt").train(progress=False)
+    assert resumed.losses == straight.losses and _equal(resumed.ema, straight.ema)
+
+
+def test_adversarial_distillation_with_no_weight_is_consistency_distillation():
+    """adv_weight 0: the student's loss is the distillation loss alone, so its updates match the consistency family's
+    (the discriminator draws its noise after the student's, from the same generator; with weight 0 it changes nothing
+    the student sees but the generator's state, so the comparison is of the first step)."""
+    a = Trainer(TrainConfig(**{**ADD, "adv_weight": 0.0}))
+    b = Trainer(TrainConfig(**{k: v for k, v in ADD.items() if k != "adv_weight"} | {"family": "consistency"}))
+    a.train(steps=1, progress=False)
+    b.train(steps=1, progress=False)
+    assert a.losses == b.losses
+    assert _equal(a.model, b.model)
+
+
+def test_adversarial_distillation_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="needs a teacher"):
+        TrainConfig(data="digits", family="adversarial")
+    with pytest.raises(ValueError, match="adv_weight"):
+        TrainConfig(**{**ADD, "adv_weight": -1.0})
+    with pytest.raises(ValueError, match="for images"):
+        Trainer(TrainConfig(data="ring8", family="adversarial", teacher="ring8", steps=2))

@@ -8,10 +8,12 @@ and its training step, so adding a family (flow matching, a text model) adds a f
 - edm.py: EDM's preconditioned denoiser, log-normal noise and loss weighting (lesson 11);
 - flow.py: flow matching, and rectified flow's reflow from a teacher (lesson 9);
 - fewstep.py: consistency distillation and training, progressive distillation (lesson 12);
+- adversarial.py: consistency distillation with a discriminator on the one-step samples (lesson 12);
 - text.py: masked diffusion on tokens and its autoregressive baseline (lesson 10).
 """
 from __future__ import annotations
 
+from .adversarial import AdversarialFamily, AdversarialOptions
 from .base import Family
 from .classifier import ClassifierFamily, ClassifierOptions
 from .diffusion import DiffusionFamily, DiffusionOptions
@@ -24,9 +26,9 @@ from .vae import VAEFamily, VAEOptions
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (DiffusionFamily(), GANFamily(), VAEFamily(), ClassifierFamily(),
                                                FlowFamily(), MaskedDiffusionFamily(), AutoregressiveFamily(),
-                                               EDMFamily(), ConsistencyFamily(), ProgressiveFamily())}
+                                               EDMFamily(), ConsistencyFamily(), ProgressiveFamily(), AdversarialFamily())}
 
-__all__ = ["FAMILIES", "Family", "family", "AutoregressiveFamily", "AutoregressiveOptions", "ConsistencyFamily", "ConsistencyOptions",
+__all__ = ["FAMILIES", "Family", "family", "AdversarialFamily", "AdversarialOptions", "AutoregressiveFamily", "AutoregressiveOptions", "ConsistencyFamily", "ConsistencyOptions",
            "ProgressiveFamily", "ProgressiveOptions", "MaskedDiffusionFamily",
            "MaskedDiffusionOptions", "ClassifierFamily", "ClassifierOptions", "DiffusionFamily", "DiffusionOptions", "EDMFamily", "EDMOptions", "FlowFamily", "FlowOptions", "GANFamily", "GANOptions",
            "VAEFamily", "VAEOptions"]

@@ -41,20 +41,21 @@ def load_teacher(name: str):
 
 
 def _check_teacher_data(config) -> None:
-    """The teacher must model the data the student trains on (its checkpoint's `data`)."""
+    """The teacher (and a consistency model's starting weights) must model the data the student trains on."""
     from ..checkpoints import load_pretrained
 
-    teacher = config.options.teacher
-    if teacher is not None and (data := load_pretrained(teacher).config.get("data")) != config.data:
-        raise ValueError(f"teacher {teacher!r} was trained on {data!r}, the student on {config.data!r}: distil a "
-                         "teacher of the same data")
+    for role in ("teacher", "init"):
+        name = getattr(config.options, role, None)
+        if name is not None and (data := load_pretrained(name).config.get("data")) != config.data:
+            raise ValueError(f"{role} {name!r} was trained on {data!r}, the student on {config.data!r}: start from "
+                             "a model of the same data")
 
 
-def _check_teacher(teacher, required: bool) -> None:
+def _check_teacher(teacher, required: bool, role: str = "teacher") -> None:
     if teacher is None and required:
         raise ValueError("progressive distillation needs a teacher (a shipped name such as 'digits', or a path)")
     if teacher is not None and not isinstance(teacher, str):
-        raise ValueError(f"teacher must be a checkpoint name or path, got {teacher!r}")
+        raise ValueError(f"{role} must be a checkpoint name or path, got {teacher!r}")
 
 
 def _number(name: str, v, low: float = 0.0) -> None:
@@ -65,6 +66,8 @@ def _number(name: str, v, low: float = 0.0) -> None:
 @dataclass
 class ConsistencyOptions:
     teacher: str | None = None          # distillation from this model; None: consistency training (no teacher)
+    init: str | None = None             # training: start from this diffusion model's weights (never evaluated: it is
+    #                                     no teacher), as Geng et al. 2024 (ECT) tune a pretrained model; None: random
     solver: str = "heun"                # distillation: the teacher's ODE step between neighbouring levels
     intervals: int = 18                 # distillation: N, the Karras grid's intervals; training: the curriculum's start
     max_intervals: int = 1280           # training: the curriculum's end (Song & Dhariwal 2023, eq. 8)
@@ -76,6 +79,9 @@ class ConsistencyOptions:
 
     def __post_init__(self):
         _check_teacher(self.teacher, False)
+        _check_teacher(self.init, False, "init")
+        if self.teacher is not None and self.init is not None:
+            raise ValueError("give a teacher (distillation starts from its weights) or init (training), not both")
         if self.solver not in SOLVERS or self.distance not in DISTANCES:
             raise ValueError(f"solver must be one of {SOLVERS} and distance one of {DISTANCES}, got "
                              f"{self.solver!r}, {self.distance!r}")
@@ -98,15 +104,12 @@ class ConsistencyFamily(Family):
 
     name, Options, loss_names = "consistency", ConsistencyOptions, ("loss",)
 
-    def check(self, config) -> None:
-        _check_teacher_data(config)
-
     def networks(self, config, shape, num_classes):
         from ..nets import build_model
 
         o = config.options
-        if o.teacher is not None:
-            denoiser = load_teacher(o.teacher)[1]
+        if o.teacher is not None or o.init is not None:
+            denoiser = load_teacher(o.teacher or o.init)[1]
         else:
             data_keys = {"dim": shape[0]} if len(shape) == 1 else {"in_channels": shape[0]}
             denoiser = build_model({"kind": "edm_precond", "net": {**config.model, **data_keys},
@@ -117,38 +120,48 @@ class ConsistencyFamily(Family):
 
     def setup(self, trainer) -> None:
         o = trainer.config.options
+        _check_teacher_data(trainer.config)  # here, not in check(): a config names a teacher without loading it
         trainer.schedule = None
         trainer.teacher = load_teacher(o.teacher)[0].to(trainer.device) if o.teacher is not None else None
+        trainer.start = trainer.teacher if o.init is None else load_teacher(o.init)[0]
         trainer.grid = karras_grid(o.intervals, o.sigma_min, o.sigma_max)
 
     def init_networks(self, trainer) -> None:
-        if trainer.teacher is not None:
-            trainer.model.denoiser.load_state_dict(trainer.teacher.state_dict())
+        if trainer.start is not None:
+            trainer.model.denoiser.load_state_dict(trainer.start.state_dict())
+        del trainer.start
         trainer.nets["target"].load_state_dict(trainer.model.state_dict())
         trainer.nets["target"].requires_grad_(False)
 
     def step(self, trainer) -> list:
-        o = trainer.config.options
         x0, _ = trainer.batch()
+        loss = self.consistency_loss(trainer, x0)
+        trainer.update("model", loss)
+        self.update_target(trainer)
+        return [loss]
+
+    def consistency_loss(self, trainer, x0: torch.Tensor) -> torch.Tensor:
+        """The batch's distillation loss (a teacher) or consistency-training loss (none)."""
+        o = trainer.config.options
         g, n = trainer.generator, x0.shape[0]
         noise = torch.randn(x0.shape, generator=g).to(x0.device)
         if trainer.teacher is not None:
             i = torch.randint(o.intervals, (n,), generator=g)
             hi, lo = (trainer.grid[i + 1].float().to(x0.device), trainer.grid[i].float().to(x0.device))
-            loss = consistency_distillation_loss(trainer.model, trainer.nets["target"], trainer.teacher, x0, noise, hi,
-                                                 lo, o.solver, o.distance)
-        else:
-            k = improved_ct_steps(trainer.step, trainer.config.steps, o.intervals, o.max_intervals)
-            grid = karras_grid(k, o.sigma_min, o.sigma_max)
-            i = lognormal_grid_indices(n, grid, g)
-            hi, lo = grid[i + 1].float().to(x0.device), grid[i].float().to(x0.device)
-            loss = consistency_training_loss(trainer.model, trainer.model, x0, noise, hi, lo, o.distance)
-        trainer.update("model", loss)
+            return consistency_distillation_loss(trainer.model, trainer.nets["target"], trainer.teacher, x0, noise,
+                                                 hi, lo, o.solver, o.distance)
+        k = improved_ct_steps(trainer.step, trainer.config.steps, o.intervals, o.max_intervals)
+        grid = karras_grid(k, o.sigma_min, o.sigma_max)
+        i = lognormal_grid_indices(n, grid, g)
+        hi, lo = grid[i + 1].float().to(x0.device), grid[i].float().to(x0.device)
+        return consistency_training_loss(trainer.model, trainer.model, x0, noise, hi, lo, o.distance)
+
+    def update_target(self, trainer) -> None:
+        """Distillation's target network follows the student at rate mu (training uses the student itself)."""
         if trainer.teacher is not None:
             with torch.no_grad():
                 for t, p in zip(trainer.nets["target"].parameters(), trainer.model.parameters()):
-                    t.lerp_(p, 1 - o.target_decay)
-        return [loss]
+                    t.lerp_(p, 1 - trainer.config.options.target_decay)
 
 
 def halving_grid(steps: int, sigma_max: float = SIGMA_MAX, rho: float = 7.0) -> torch.Tensor:
@@ -189,7 +202,6 @@ class ProgressiveFamily(Family):
     name, Options, loss_names = "progressive", ProgressiveOptions, ("loss",)
 
     def check(self, config) -> None:
-        _check_teacher_data(config)
         if config.steps < config.options.rounds:
             raise ValueError(f"{config.steps} steps cannot be split into {config.options.rounds} rounds")
 
@@ -198,6 +210,7 @@ class ProgressiveFamily(Family):
         return {"model": denoiser, "teacher": dict(denoiser)}  # the round's teacher is saved with the run
 
     def setup(self, trainer) -> None:
+        _check_teacher_data(trainer.config)
         trainer.schedule = None
         trainer.first_teacher = load_teacher(trainer.config.options.teacher)[0]
 
