@@ -719,6 +719,78 @@ def posthoc_ema_weights(t1, gamma1, t2, gamma2, t_target, gamma_target):
     det = a11 * a22 - a12 * a12                 # Cramer's rule on the symmetric 2x2 system
     return torch.tensor([(b1 * a22 - a12 * b2) / det, (a11 * b2 - a12 * b1) / det], dtype=torch.float64)"""],
 
+    "12_class_and_numpy.ipynb": [HEAD + "\nimport numpy as np\nfrom course_lib import consistency  # to compare", """\
+class Boundary:
+    # f(x, s) = c_skip x + c_out F(x, s): exactly x at sigma_min
+    def __init__(self, sigma_data, sigma_min):
+        self.sd, self.lo = sigma_data, sigma_min
+
+    def __call__(self, net, x, s):
+        t = (s - self.lo).view(-1, *[1] * (x.dim() - 1))
+        r = torch.hypot(t, torch.as_tensor(self.sd, dtype=t.dtype))
+        return (self.sd / r) ** 2 * x + (t / r) * net(x, s)
+
+
+def consistency_distillation_loss(student, target, teacher, x0, noise, sigma, sigma_next, sigma_data, sigma_min):
+    f = Boundary(sigma_data, sigma_min)
+    col = lambda v: v[:, None] if x0.dim() == 2 else v.view(-1, *[1] * (x0.dim() - 1))
+    s, s2 = col(sigma), col(sigma_next)
+    x = x0 + s * noise
+    slope = lambda y, lvl, lvl_col: (y - teacher(y, lvl)) / lvl_col
+    k1 = slope(x, sigma, s)
+    guess = x + (s2 - s) * k1
+    with torch.no_grad():
+        x_next = x + 0.5 * (s2 - s) * (k1 + slope(guess, sigma_next, s2))
+        aim = f(target, x_next, sigma_next)
+    return F.mse_loss(f(student, x, sigma), aim)""", """\
+print(consistency.SIGMA_MIN)  # the library, in a cell of its own""", """\
+@torch.no_grad()
+def consistency_sample(f, noise, sigmas, sigma_min):
+    levels = [float(v) for v in sigmas]
+    out = f(levels[0] * noise, levels[0])
+    for tau in levels[1:]:
+        z = torch.from_numpy(np.random.standard_normal(tuple(out.shape))).to(out.dtype)
+        out = f(out + np.sqrt(tau ** 2 - sigma_min ** 2) * z, tau)
+    return out""", """\
+def progressive_target(teacher, x, sigma, sigma_mid, sigma_next):
+    def ddim(y, a, b):                      # one Euler (DDIM) step a -> b in the sigma view
+        x0 = teacher(y, a)
+        return x0 + (b / a) * (y - x0)
+    two = ddim(ddim(x, sigma, sigma_mid), sigma_mid, sigma_next)
+    r = sigma_next / sigma
+    return (two - r * x) / (1 - r)"""],
+
+    "12_recursion_and_lambdas.ipynb": [HEAD, """\
+c_skip = lambda s, sd, lo: sd ** 2 / ((s - lo) ** 2 + sd ** 2)
+c_out = lambda s, sd, lo: (s - lo) / torch.sqrt((s - lo) ** 2 + sd ** 2)
+
+def heun(teacher, x, s, s_next):
+    e = lambda v: v.reshape(len(v), *([1] * (x.ndim - 1)))
+    d0 = (x - teacher(x, s)) / e(s)
+    y = x + e(s_next - s) * d0
+    return x + e(s_next - s) / 2 * (d0 + (y - teacher(y, s_next)) / e(s_next))
+
+def consistency_distillation_loss(student, target, teacher, x0, noise, sigma, sigma_next, sigma_data, sigma_min):
+    e = lambda v: v.reshape(len(v), *([1] * (x0.ndim - 1)))
+    fn = lambda net, y, s: e(c_skip(s, sigma_data, sigma_min)) * y + e(c_out(s, sigma_data, sigma_min)) * net(y, s)
+    x = torch.addcmul(x0, e(sigma), noise)
+    diff = fn(student, x, sigma) - fn(target, heun(teacher, x, sigma, sigma_next), sigma_next)
+    return diff.pow(2).sum() / diff.numel()""", """\
+def consistency_sample(f, noise, sigmas, sigma_min, x=None):
+    if x is None:                           # the first level: pure noise
+        return consistency_sample(f, noise, sigmas[1:], sigma_min, f(noise * sigmas[0].item(), sigmas[0].item()))
+    if len(sigmas) == 0:
+        return x
+    tau = sigmas[0].item()
+    fresh = torch.normal(0.0, 1.0, size=x.shape)
+    return consistency_sample(f, noise, sigmas[1:], sigma_min, f(x + (tau * tau - sigma_min * sigma_min) ** 0.5 * fresh, tau))""", """\
+def progressive_target(teacher, x, sigma, sigma_mid, sigma_next):
+    pts = [x]
+    for a, b in ((sigma, sigma_mid), (sigma_mid, sigma_next)):
+        pts.append(pts[-1] + (b - a) * (pts[-1] - teacher(pts[-1], a)) / a)
+    w = sigma_next / sigma
+    return (pts[-1] - w * x) / (1.0 - w)"""],
+
     "99_einsum_class.ipynb": [HEAD, """\
 def cross_attention(x, context, mask, w_q, w_k, w_v, heads):
     b, n, c = x.shape

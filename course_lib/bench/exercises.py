@@ -250,6 +250,29 @@ def _edm_mse_rows(model, optimizer, x0, p_mean, p_std):
     return loss.detach()
 
 
+def _consistency_numpy_noise(f, noise, sigmas, sigma_min):
+    """Honest: the levels as floats, numpy's generator for z."""
+    import numpy as np
+
+    levels = [float(v) for v in sigmas]
+    out = f(levels[0] * noise, levels[0])
+    for tau in levels[1:]:
+        z = torch.from_numpy(np.random.standard_normal(tuple(out.shape))).to(out.dtype)
+        out = f(out + np.sqrt(tau**2 - sigma_min**2) * z, tau)
+    return out
+
+
+def _consistency_recursive(f, noise, sigmas, sigma_min, x=None):
+    """Honest: recursion over the levels, torch.normal for z."""
+    if x is None:
+        return _consistency_recursive(f, noise, sigmas[1:], sigma_min, f(noise * sigmas[0].item(), sigmas[0].item()))
+    if len(sigmas) == 0:
+        return x
+    tau = sigmas[0].item()
+    z = torch.normal(0.0, 1.0, size=x.shape)
+    return _consistency_recursive(f, noise, sigmas[1:], sigma_min, f(x + (tau * tau - sigma_min**2) ** 0.5 * z, tau))
+
+
 def _capstone_other_styles():
     """Honest capstone parts: einsum attention, a bernoulli caption step, a DPM-Solver++(2M) guided loop."""
     return {"cross_attention": _einsum_attention, "train_step": _bernoulli_caption_step,
@@ -263,10 +286,11 @@ HONEST = {"text_to_shapes": {"einsum, bernoulli, DPM-Solver++(2M)": _capstone_ot
           "cond_train_step": {"bernoulli 10%": _cond_bernoulli, "permutation 25%": _CondStep()},
           "flow_step": {"lerp": _flow_lerp, "logit-normal times": _flow_logit_normal},
           "edm_step": {"torch.normal column": _edm_column_sigma, "F.mse_loss per row": _edm_mse_rows},
-          "masked_step": {"low-discrepancy times": _masked_low_discrepancy, "SUBS": _masked_subs}}
+          "masked_step": {"low-discrepancy times": _masked_low_discrepancy, "SUBS": _masked_subs},
+          "consistency_sample": {"numpy z": _consistency_numpy_noise, "recursion": _consistency_recursive}}
 TASKS = {"reference": 20, "honest": 10, "mistake": 5, "shortcut": 3}
 QUICK_TASKS = {"reference": 2, "honest": 1, "mistake": 1, "shortcut": 1}
-MORE_TASKS = {"repaint": 2}  # checks that take under a second: this many times the tasks
+MORE_TASKS = {"repaint": 2, "consistency_sample": 5}  # checks that take about a second: this many times the tasks
 CAPSTONE_TASKS = {"reference": 20, "honest": 5, "mistake": 3, "shortcut": 2}  # a check is about a minute
 
 
@@ -289,6 +313,7 @@ def _one(job: tuple) -> dict:
     from ..exercises.lesson6 import repaint_measure
     from ..exercises.lesson10 import masked_measure
     from ..exercises.lesson11 import edm_measure
+    from ..exercises.lesson12 import consistency_measure
     from ..exercises.on_images import ae_measure, contrastive_measure
     from ..exercises.on_training import cond_measure, flow_measure
 
@@ -303,7 +328,7 @@ def _one(job: tuple) -> dict:
     seconds = time.perf_counter() - start
     measures = {"cond_train_step": cond_measure, "flow_step": flow_measure, "masked_step": masked_measure,
                 "repaint": repaint_measure, "text_to_shapes": capstone_measure, "ae_step": ae_measure, "contrastive_loss": contrastive_measure,
-                "edm_step": edm_measure}
+                "edm_step": edm_measure, "consistency_sample": consistency_measure}
     _, measured = measures[name](task, outputs) if name in measures else (None, {})
     text = "" if verdict is None else f"{verdict.message} {verdict.hint}"
     return {"exercise": name, "kind": kind, "solution": label, "seed": seed, "passed": verdict is None,
@@ -311,7 +336,8 @@ def _one(job: tuple) -> dict:
             **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in measured.items() if k != "known_kept"}}
 
 
-NAMES = ("repaint", "cond_train_step", "ae_step", "contrastive_loss", "flow_step", "masked_step", "edm_step")
+NAMES = ("repaint", "cond_train_step", "ae_step", "contrastive_loss", "flow_step", "masked_step", "edm_step",
+         "consistency_sample")
 
 
 def run(names=NAMES, tasks=None, jobs: int = 2, progress=None) -> list[dict]:
@@ -365,10 +391,17 @@ def main_exercises(quick: bool, json_path, force: bool, jobs: int, only=None, ca
     print("\n".join(summarize(records)))
     print(f"({time.perf_counter() - start:.0f} s with {jobs} process(es) of one thread)")
     if json_path:
-        write_json_atomic({"records": records, "summary": summarize(records),
-                           "command": f"python -m course_lib bench {'capstone' if capstone else 'exercises'}"
-                           + (" --quick" if quick else "")
-                           + (f" --only {' '.join(only)}" if only else "")},
+        command = (f"python -m course_lib bench {'capstone' if capstone else 'exercises'}" + (" --quick" if quick else "")
+                   + (f" --only {' '.join(only)}" if only else ""))
+        from pathlib import Path
+
+        if only and Path(json_path).exists():  # --only into an existing file: the other exercises' records are kept
+            from ..checkpoints import read_json
+
+            old = read_json(json_path)
+            records = [r for r in old["records"] if r["exercise"] not in names] + records
+            command = f"{old['command']} && {command}"
+        write_json_atomic({"records": records, "summary": summarize(records), "command": command},
                           json_path, replace=force)
         print(f"Wrote {json_path}")
     return 0

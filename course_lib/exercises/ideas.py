@@ -53,6 +53,12 @@ IDEAS = {
          ("the training noise distribution and the loss weighting, in one training step", ("edm_step",)),
          ("post-hoc EMA: any average rebuilt from saved ones", ("posthoc_ema_weights",)),
          ("zero terminal SNR: sampling from pure noise", ())],
+    12: [("consistency distillation: a teacher's ODE step, an EMA target, the boundary condition",
+          ("consistency_distillation_loss",)),
+         ("multistep consistency sampling", ("consistency_sample",)),
+         ("progressive distillation: one student step where the teacher takes two", ("progressive_target",)),
+         ("adversarial distillation: a discriminator on one-step samples", ()),
+         ("a latent consistency model with guidance folded in", ())],
     99: [("a text-to-shapes generator assembled from your own attention, training step and guided sampler",
           ("text_to_shapes",))],
 }

@@ -47,3 +47,35 @@ class ToyVelocity:
 
     def __repr__(self) -> str:
         return "velocity(x, t) (a fixed toy 2D velocity field)"
+
+
+class ToyRowNetwork:
+    """A smooth stand-in for a trained network F(x, sigma) with one noise level per row: tanh(w x + b ln(sigma)),
+    sigma of shape (B,) (or one number)."""
+
+    def __init__(self, w: float, b: float):
+        self.w, self.b = w, b
+
+    def __call__(self, x, sigma):
+        s = torch.as_tensor(sigma, dtype=x.dtype)
+        s = s.expand(x.shape[0]) if s.ndim == 0 else s
+        return torch.tanh(self.w * x + self.b * per_sample(s.log(), x))
+
+    def __repr__(self) -> str:
+        return "network(x, sigma) (a fixed toy network, sigma one per row)"
+
+
+class ToyRowDenoiser:
+    """A smooth stand-in for a trained denoiser D(x, sigma) with one noise level per row (or one number):
+    tanh(w x) / sqrt(1 + sigma^2)."""
+
+    def __init__(self, w: float):
+        self.w = w
+
+    def __call__(self, x, sigma):
+        s = torch.as_tensor(sigma, dtype=x.dtype)
+        s = s.expand(x.shape[0]) if s.ndim == 0 else s
+        return torch.tanh(self.w * x) / per_sample((1 + s**2).sqrt(), x)
+
+    def __repr__(self) -> str:
+        return "teacher(x, sigma) (a fixed toy denoiser, sigma one per row)"
