@@ -444,9 +444,8 @@ def sample_consistency(denoiser, x, sigmas, sigma_min: float = 0.002, generator=
     """Multistep consistency sampling (Song et al. 2023, Algorithm 1), for a consistency model (lesson 12): map x to
     data at the first level; at each next level tau > 0, noise the estimate back up, x0 + sqrt(tau^2 - sigma_min^2) z,
     and map again. One evaluation per level above 0 (a final 0 adds none: the estimate is already data)."""
-    levels = [float(v) for v in check_sigmas(sigmas) if v > 0]
-    if not levels or levels[-1] < sigma_min * (1 - 1e-6):  # at sigma_min itself f is the identity: a wasted call
-        raise ValueError(f"a consistency model is evaluated at levels at or above sigma_min = {sigma_min}, got {levels}")
+    # f is defined down to sigma_min, where it is the identity: a level below it (a tuner may try one) is sigma_min
+    levels = [max(float(v), sigma_min) for v in check_sigmas(sigmas) if v > 0]
     traj = _Trajectory(return_trajectory, x, levels[0])
     x0 = denoiser(x, levels[0], **model_kwargs)
     traj.add(x0, 0.0)
