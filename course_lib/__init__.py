@@ -9,7 +9,8 @@ __all__ = ["check", "progress", "budget", "get_device", "is_quick", "seed_everyt
 SHIPPED_MODELS = ("ring8", "ring8_cond", "grid25", "digits", "digits_cond", "digits_classifier",
                   "digits_noisy_classifier", "shapes_classifier", "shapes_ae", "shapes_clip", "shapes_ldm",
                   "shapes_pixel", "shapes_dit", "shapes_dit_long", "ring8_flow", "grid25_flow", "ring8_reflow",
-                  "ring8_distilled", "digits_flow", "captions_mdlm", "captions_ar")
+                  "ring8_distilled", "digits_flow", "captions_mdlm", "captions_ar", "digits_edm",
+                  "digits_cd", "digits_ct", "digits_pd", "digits_add")
 
 
 from . import _moved  # noqa: E402

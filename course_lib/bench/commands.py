@@ -63,16 +63,19 @@ def _bench(args) -> int:
 
         main_grader(args.quick, args.json, args.force, args.jobs)
         return 0
-    if args.bench in ("arch", "t2i", "flow", "text", "recipe", "resolution", "terminal"):  # lessons 7-11: main_<name>(quick, json, samples, force)
+    if args.bench in ("arch", "t2i", "flow", "text", "recipe", "resolution", "terminal", "fewstep"):  # lessons 7-12: main_<name>(quick, json, samples, force)
         from importlib import import_module
 
-        least = {"arch": 50, "t2i": 10, "flow": 50, "text": 50, "recipe": 50, "resolution": 50, "terminal": 10}[args.bench]  # FD needs samples; adherence needs prompts
+        least = {"arch": 50, "t2i": 10, "flow": 50, "text": 50, "recipe": 50, "resolution": 50, "terminal": 10, "fewstep": 50}[args.bench]  # FD needs samples; adherence needs prompts
         if args.samples is not None and args.samples < least:
             raise ValueError(f"--samples must be at least {least}, got {args.samples}")
         main = getattr(import_module(f"course_lib.bench.{args.bench}"), f"main_{args.bench}")
-        extra = {"jobs": args.jobs} if args.bench in ("arch", "recipe", "resolution", "terminal") else {}
-        if args.bench == "recipe" and args.export_dir:
+        extra = {"jobs": args.jobs} if args.bench in ("arch", "recipe", "resolution", "terminal", "fewstep") else {}
+        if args.bench in ("recipe", "fewstep") and args.export_dir:
             extra["export_dir"] = args.export_dir
+        if args.bench == "fewstep":
+            _check_seeds(args.seeds)
+            extra.update(seeds=args.seeds, resume=args.resume)
         if args.bench == "flow" and args.datasets:
             from .flow import MODELS
 
@@ -140,7 +143,7 @@ def _bench_arguments(p: argparse.ArgumentParser, quick_help: str, datasets: bool
 
 def add_bench_parser(sub) -> None:
     """Add `bench` and its subcommands to the CLI's subparsers."""
-    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | threads | bf16 | exercises | capstone | export | lessons | t2i | arch | flow | text | recipe | resolution | terminal | grader)",
+    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | threads | bf16 | exercises | capstone | export | lessons | t2i | arch | flow | text | recipe | resolution | terminal | fewstep | grader)",
                        description="Benchmarks that print a table and, with --json, save flat records.")
     bench = p.add_subparsers(dest="bench", metavar="BENCHMARK")
     bench.required = True
@@ -273,6 +276,21 @@ def add_bench_parser(sub) -> None:
     _bench_arguments(p, "a small run for checking", datasets=False, devices=None,
                      samples_help="samples scored per model and setting (default 1000; quick 100)")
     _jobs_argument(p, 1, "runs")
+    p = bench.add_parser("fewstep", help="lesson 12: few-step students of the digits EDM teacher at 1, 2, 4 NFE",
+                         description="Trains lesson 12's students of the shipped digits EDM teacher (consistency "
+                                     "distillation, consistency training from its weights, progressive distillation "
+                                     "32 -> 1 steps, distillation with a discriminator) on seeds 0 1 2 through the "
+                                     "training loop; FD, precision and recall on the digits classifier's features at 1, "
+                                     "2 and 4 NFE against the teacher at 20 NFE with its card's sampler, on the same "
+                                     "noise; training cost in teacher evaluations and minutes (about an hour on 2 CPU "
+                                     "cores with --jobs 2). --quick: 10 steps (per round), one seed.")
+    _bench_arguments(p, "a small run for checking", datasets=False, devices=None,
+                     samples_help="samples scored per model and budget (default 1000; quick 100)")
+    _jobs_argument(p, 1, "runs")
+    p.add_argument("--export-dir", metavar="DIR", help="also write seed 0's students there (as data/ ships "
+                                                        "them: digits_cd.pt, digits_ct.pt, digits_pd.pt, digits_add.pt)")
+    p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="training seeds (default: 0 1 2; quick: 0)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in JSON.partial (same --json)")
     p = bench.add_parser("terminal", help="lesson 11: lesson 7's latent model from pure noise, eps against v",
                          description="Trains lesson 7's latent text-to-shapes model with the shipped model's budget "
                                      "predicting eps and predicting v (three seeds each) and generates lesson 7's "
