@@ -122,7 +122,7 @@ class TextUNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    def _apply(self, layers, h, emb, context, mask):
+    def _run(self, layers, h, emb, context, mask):  # not `_apply`: that is nn.Module.to()'s
         for sub in layers:
             h = sub(h, context, mask) if isinstance(sub, CrossAttention) else sub(h, emb)
         return h
@@ -142,12 +142,12 @@ class TextUNet(nn.Module):
         h = self.stem(x)
         hs = [h]
         for layer in self.down:
-            h = self._apply(layer, h, emb, context, mask) if isinstance(layer, nn.ModuleList) else layer(h)
+            h = self._run(layer, h, emb, context, mask) if isinstance(layer, nn.ModuleList) else layer(h)
             hs.append(h)
-        h = self._apply(self.mid, h, emb, context, mask)
+        h = self._run(self.mid, h, emb, context, mask)
         for layer in self.up:
             if isinstance(layer, nn.ModuleList):
-                h = self._apply(layer, torch.cat([h, hs.pop()], dim=1), emb, context, mask)
+                h = self._run(layer, torch.cat([h, hs.pop()], dim=1), emb, context, mask)
             else:
                 h = layer(h)
         return self.out(h)
