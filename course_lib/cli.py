@@ -176,6 +176,11 @@ def _train_run(args, config, state, info, machine, command):
 
         print("Measuring the captions it writes and its bits per token ...")
         card["quality"] = evaluate_text(Loaded(trainer.ema, trainer.config.to_dict(), {}))
+    elif not args.no_eval and trainer.family == "latent_consistency":  # lesson 12: prompt adherence per budget
+        from .lcm import adherence_by_budget, from_trainer
+
+        student = from_trainer(trainer)
+        card.update(student.card, quality=adherence_by_budget(student, n=args.eval_samples or 500))
     elif not args.no_eval and trainer.family == "classifier":
         from .evaluate import noisy_accuracy
 

@@ -60,6 +60,13 @@ def karras_grid(n: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_M
     return (lo + ramp * (hi - lo)) ** rho
 
 
+def few_step_levels(n: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO):
+    """n levels for n-step consistency sampling, then 0 (the end, as the samplers' levels end; no call is made there):
+    the Karras grid of n intervals from the top, sigma_max first, without its bottom level sigma_min (where f is the
+    identity: a call there would change nothing)."""
+    return torch.cat([karras_grid(n, sigma_min, sigma_max, rho).flip(0)[:n], torch.zeros(1, dtype=torch.float64)])
+
+
 def ode_step(denoiser, x: torch.Tensor, sigma, sigma_next, solver: str = "heun", **kwargs) -> torch.Tensor:
     """One step of the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma from sigma to sigma_next: Euler, or
     Heun's trapezoid (Karras et al. 2022, Algorithm 1). Both one number (the denoiser gets a float, as a course

@@ -240,7 +240,7 @@ def load_mnist(kind: str = "mnist", split: str = "train", root: str | Path | Non
 MIXTURES = {"ring8": ring_of_gaussians, "grid25": grid_of_gaussians}
 SHAPES_IMAGES = {"shapes32": 1, "shapes16": 2}  # lesson 11's resolution pair: the shapes images pooled by this factor
 SHAPES_TRAIN = 20_000  # a fixed training set of shapes images (lesson 7's generator, train split, seed 0)
-DATASETS = tuple(MIXTURES) + tuple(sorted(TOY_2D)) + ("digits", "captions") + tuple(SHAPES_IMAGES)
+DATASETS = tuple(MIXTURES) + tuple(sorted(TOY_2D)) + ("digits", "captions") + tuple(SHAPES_IMAGES) + ("shapes_latents",)
 CAPTION_CORPUS = 20_000  # lesson 10's training captions: a fixed corpus, so "unseen" captions mean something
 
 
@@ -253,6 +253,19 @@ def shapes_images(n: int, name: str = "shapes32", split: str = "train", seed: in
     images = make_shapes(n, split, seed)[0]
     factor = SHAPES_IMAGES[name]
     return torch.nn.functional.avg_pool2d(images, factor) if factor > 1 else images
+
+
+def shapes_latents(n: int = SHAPES_TRAIN) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lesson 7's latent-diffusion training pairs (text2image.train_text_to_image's): the shipped autoencoder's
+    posterior means of the shapes train split (seed 0) times its scale factor, and the captions' token ids."""
+    from .attributes import dataset
+    from .autoencoder import encode, load_autoencoder
+    from .shapes import tokenize
+
+    ae, scale = load_autoencoder()
+    images, captions, _ = dataset(n, "train", 0)
+    with torch.no_grad():
+        return encode(ae.eval(), images) * scale, tokenize(list(captions))
 
 
 class DataSource:
@@ -275,12 +288,14 @@ class DataSource:
             self.tokens, self.texts = caption_corpus(CAPTION_CORPUS, "train", seed=0)
         if name in SHAPES_IMAGES:  # unlabelled RGB images in [-1, 1], 32x32 or average-pooled to 16x16
             self.images = shapes_images(SHAPES_TRAIN, name, "train", seed=0)
+        if name == "shapes_latents":  # lesson 7's training pairs: scaled latents (4, 8, 8) and their caption tokens
+            self.images, self.tokens = shapes_latents()
 
     @property
     def shape(self) -> tuple:
         if self.name == "captions":
             return tuple(self.tokens.shape[1:])
-        return tuple(self.images.shape[1:]) if self.name == "digits" or self.name in SHAPES_IMAGES else (2,)
+        return tuple(self.images.shape[1:]) if hasattr(self, "images") else (2,)
 
     def sample(self, n: int, generator: torch.Generator):
         if self.name == "digits":
@@ -288,6 +303,9 @@ class DataSource:
             return self.images[idx], self.labels[idx]
         if self.name in SHAPES_IMAGES:
             return self.images[torch.randint(len(self.images), (n,), generator=generator)], None
+        if self.name == "shapes_latents":  # the caption tokens in place of labels
+            idx = torch.randint(len(self.images), (n,), generator=generator)
+            return self.images[idx], self.tokens[idx]
         if self.name == "captions":
             return self.tokens[torch.randint(len(self.tokens), (n,), generator=generator)], None
         if self.name in MIXTURES:

@@ -60,7 +60,7 @@ class TextToImage:
     its scale factor. `generate(prompts)` returns images in [-1, 1]."""
 
     unet: TextUNet | DiT
-    schedule: NoiseSchedule
+    schedule: NoiseSchedule | None  # None for a latent consistency model (lesson 12)
     text_encoder: TextEncoder
     autoencoder: KLAutoencoder | None = None
     scale_factor: float = 1.0
@@ -77,6 +77,11 @@ class TextToImage:
             return (3, 32, 32)
         f, z = self.autoencoder.factor, self.autoencoder.config["z_channels"]
         return (z, 32 // f, 32 // f)
+
+    @property
+    def few_step(self) -> bool:
+        """A latent consistency model (lesson 12): guidance folded in, sampled by the consistency sampler."""
+        return self.unet.config.get("kind") == "consistency"
 
     @torch.no_grad()
     def condition(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,16 +109,29 @@ class TextToImage:
         return decode(self.autoencoder, x / self.scale_factor)
 
     @torch.no_grad()
-    def generate(self, prompts, scale: float | None = None, nfe: int = DEFAULT_NFE, sampler: str = "dpmpp_2m",
+    def generate(self, prompts, scale: float | None = None, nfe: int = DEFAULT_NFE, sampler: str | None = None,
                  seed: int = 0, batch: int = 250, progress: bool = False, return_latents: bool = False,
                  sigma_max: float = SIGMA_MAX):
         """Images (n, 3, 32, 32) in [-1, 1] for the prompts, sampled with `sampler` at about `nfe` network
         evaluations per guidance branch on Karras noise levels from `sigma_max` down to the schedule's smallest; scale
-        defaults to the model card's best (DEFAULT_SCALE without a card)."""
+        defaults to the model card's best (DEFAULT_SCALE without a card). A latent consistency model (`few_step`) takes
+        no scale (its guidance is folded in) and samples with the consistency sampler on few_step_levels(nfe)."""
+        from .consistency import few_step_levels
+
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if self.few_step:
+            if scale not in (None, 1.0):
+                raise ValueError(f"this latent consistency model has guidance w = {self.card.get('guidance', '?')} "
+                                 f"folded in: it takes no guidance scale (got scale={scale!r})")
+            scale, sampler = 1.0, sampler or "consistency"
+        elif sampler == "consistency":
+            raise ValueError("the consistency sampler needs a consistency model; this one is a diffusion model")
+        sampler = sampler or "dpmpp_2m"
         scale = self.card.get("best_scale", DEFAULT_SCALE) if scale is None else scale
         den = self.denoiser(scale)
-        sigmas = karras_sigmas(steps_for_nfe(sampler, nfe), den.sigma_min, min(float(sigma_max), den.sigma_max), 7.0)
+        top = min(float(sigma_max), den.sigma_max)
+        sigmas = few_step_levels(nfe, den.sigma_min, top) if sampler == "consistency" else \
+            karras_sigmas(steps_for_nfe(sampler, nfe), den.sigma_min, top, 7.0)
         g = torch.Generator().manual_seed(seed)
         noise = torch.randn((len(prompts), *self.shape), generator=g)
         dev = next(self.unet.parameters()).device
@@ -253,11 +271,15 @@ def load_text_to_image(name_or_path: str = "shapes_ldm", device=None) -> TextToI
     from .clip import load_text_encoder
 
     path = Path(name_or_path)
-    if str(name_or_path) in ("shapes_ldm", "shapes_pixel", "shapes_dit", "shapes_dit_long"):
+    if str(name_or_path) in ("shapes_ldm", "shapes_pixel", "shapes_dit", "shapes_dit_long", "shapes_lcm"):
         path = ckpt_io.shipped_dir() / f"{name_or_path}.pt"
     loaded = ckpt_io.load_model(path, device)
     config = loaded.config
-    if not (loaded.model.config.get("kind") == "text_unet" or loaded.model.config.get("context_dim")):
+    if config.get("family") == "latent_consistency":  # lesson 12's student, exported by the training loop
+        config = {"space": "latent", "schedule": None}
+        if loaded.model.config["denoiser"]["net"].get("context_dim") is None:
+            raise ValueError(f"{path} holds a consistency model without text conditioning")
+    elif not (loaded.model.config.get("kind") == "text_unet" or loaded.model.config.get("context_dim")):
         raise ValueError(f"{path} holds no text-to-image denoiser (kind {loaded.model.config.get('kind')!r})")
     text = load_text_encoder()
     ae, scale = (None, 1.0)
@@ -267,7 +289,7 @@ def load_text_to_image(name_or_path: str = "shapes_ldm", device=None) -> TextToI
     if device is not None:
         text.to(device)
         ae = ae.to(device) if ae is not None else None
-    schedule = NoiseSchedule.named(config["schedule"]["name"], config["schedule"]["T"])
+    schedule = NoiseSchedule.named(config["schedule"]["name"], config["schedule"]["T"]) if config["schedule"] else None
     return TextToImage(loaded.model, schedule, text, ae, scale, loaded.card)
 
 

@@ -172,6 +172,12 @@ PRESETS["digits_add"] = TrainConfig(**_FEW, family="adversarial", teacher="digit
 # of 100 steps' length, so that the student a round ends with is that round's (0.999 would keep 37% of the one before)
 PRESETS["digits_pd"] = TrainConfig(**{**_FEW, "steps": 5_000}, family="progressive", teacher="digits_edm",
                                    start_steps=32, final_steps=1, ema_decay=0.99)
+# Lesson 12's latent consistency model (Luo et al. 2023) of lesson 7's shapes_ldm: its latents and captions, its
+# network and weights (`model` is the teacher's), the teacher's Heun step guided at lesson 7's scale w = 3 (folded into
+# the student), 18 Karras intervals up to sigma 20 (where lesson 7's sampling starts), float32 as the digits students
+PRESETS["shapes_lcm"] = TrainConfig(data="shapes_latents", family="latent_consistency", teacher="shapes_ldm",
+                                    guidance=3.0, model={"kind": "text_unet"}, batch_size=64, lr=1e-4, steps=2_000,
+                                    amp=False)
 
 
 def preset(name: str, **overrides) -> TrainConfig:

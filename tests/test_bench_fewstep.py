@@ -1,12 +1,14 @@
 """Lesson 12's few-step benchmark: the verdict and summary against hand computations, the training cost counted by a
 hook, one tiny run end to end; the shipped records' shape and targets."""
 import math
+import statistics
 from pathlib import Path
 
 import pytest
 import torch
 
 from course_lib.bench import fewstep as B
+from course_lib.bench import fewstep_latent as L
 from course_lib.checkpoints import read_json
 
 SHIPPED = Path(__file__).resolve().parents[1] / "data" / "bench_fewstep.json"
@@ -65,9 +67,52 @@ def test_a_quick_progressive_run_keeps_a_student_per_round_and_counts_its_teache
     assert all(0 <= rec[k]["recall"] <= 1 and rec[k]["fd"] > 0 for k in ("nfe_1", "nfe_2", "nfe_4"))
 
 
+def _latent(kind, name, seed, alls, binding=0.4):
+    rec = {"kind": kind, "name": name, "seed": seed, "samples": 50}
+    if kind == "latent_student":
+        rec.update(steps=10, train_minutes=2.0, teacher_evaluations=640)
+    for nfe, a in alls.items():
+        rec[f"nfe_{nfe}"] = {"shape": a, "colour": a, "position": 1.0, "size": a, "all": a, "two_binding": binding,
+                             "two_swapped": 0.1, "network_evals": nfe * (1 if kind == "latent_student" else 2)}
+    return rec
+
+
+def test_the_latent_verdict_by_hand():
+    recs = [_latent("latent_teacher", L.TEACHER, s, {1: 0.1, 2: 0.1, 4: 0.2, 20: a}, b)
+            for s, a, b in ((0, 1.0, 0.40), (1, 0.98, 0.44))]
+    recs += [_latent("latent_student", L.STUDENT, s, {1: 0.8, 2: 0.9, 4: a}, b)
+             for s, a, b in ((0, 0.96, 0.30), (1, 0.93, 0.34))]
+    v = B.verdict(recs)  # no digits records: only the latent part
+    assert math.isclose(v["lcm_all_4_nfe"], 0.945) and not v["lcm_target_all_4_nfe_met"]
+    assert math.isclose(v["lcm_binding_4_nfe"], 0.32) and math.isclose(v["teacher_binding_20_nfe"], 0.42)
+    assert math.isclose(v["teacher_all_20_nfe"], 0.99)
+    rows = {(r["name"], r["nfe"]): r for r in L.summarize_latent(recs)}
+    assert math.isclose(rows[(L.STUDENT, 4)]["all_std"], statistics.stdev([0.96, 0.93]))
+    assert rows[(L.TEACHER, 20)]["network_evals"] == 40 and "train_minutes" not in rows[(L.TEACHER, 20)]
+    assert B.summarize(recs) == [] and L.STUDENT in B.table(recs)
+    recs[2]["nfe_4"]["all"] = 0.99
+    assert B.verdict(recs)["lcm_target_all_4_nfe_met"]
+
+
+def test_a_quick_latent_run_counts_its_guided_teacher_calls(monkeypatch):
+    import course_lib.data as data_mod
+
+    full = data_mod.shapes_latents
+    monkeypatch.setattr(data_mod, "shapes_latents", lambda n=256: full(256))
+    rec = L.run_latent_student(0, 20, quick=True)
+    assert rec["steps"] == B.QUICK_STEPS and rec["guidance"] == 3.0
+    # Heun: two teacher calls per image per step, each a pair (the caption and the empty caption); batch 64
+    assert rec["teacher_evaluations"] == 2 * 2 * 64 * rec["steps"]
+    assert sorted(k for k in rec if k.startswith("nfe_")) == ["nfe_1", "nfe_2", "nfe_4"]
+    for k in ("nfe_1", "nfe_2", "nfe_4"):
+        assert rec[k]["network_evals"] == int(k[4:]) and all(0 <= rec[k][m] <= 1 for m in ("all", "two_binding"))
+
+
 @pytest.mark.skipif(not SHIPPED.exists(), reason="bench fewstep has not been run")
 def test_the_shipped_records_cover_every_model_seed_and_budget():
     recs = read_json(SHIPPED)
+    latent = [r for r in recs if r["kind"].startswith("latent")]
+    recs = [r for r in recs if not r["kind"].startswith("latent")]
     names = {r["name"] for r in recs}
     assert names == {B.TEACHER, *B.STUDENTS}
     for r in recs:
@@ -78,3 +123,8 @@ def test_the_shipped_records_cover_every_model_seed_and_budget():
     assert all({r["name"] for r in recs if r["seed"] == s} == {B.TEACHER, *B.STUDENTS} for s in seeds)
     v = B.verdict(recs)
     assert 0 < v["ratio_2_nfe"] < 10 and 0 < v["ratio_1_nfe"] < 10
+    latent_seeds = {r["seed"] for r in latent}
+    assert 0 in latent_seeds and latent_seeds <= seeds
+    assert {(r["name"], r["seed"]) for r in latent} == {(n, s) for n in (L.TEACHER, L.STUDENT) for s in latent_seeds}
+    v = L.latent_verdict(latent)
+    assert 0.5 < v["lcm_all_4_nfe"] <= 1 and 0 < v["teacher_binding_20_nfe"] <= 1

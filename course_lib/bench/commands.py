@@ -276,19 +276,25 @@ def add_bench_parser(sub) -> None:
     _bench_arguments(p, "a small run for checking", datasets=False, devices=None,
                      samples_help="samples scored per model and setting (default 1000; quick 100)")
     _jobs_argument(p, 1, "runs")
-    p = bench.add_parser("fewstep", help="lesson 12: few-step students of the digits EDM teacher at 1, 2, 4 NFE",
+    p = bench.add_parser("fewstep", help="lesson 12: few-step students of the digits EDM teacher and of the "
+                                         "text-to-shapes model at 1, 2, 4 NFE",
                          description="Trains lesson 12's students of the shipped digits EDM teacher (consistency "
                                      "distillation, consistency training from its weights, progressive distillation "
                                      "32 -> 1 steps, distillation with a discriminator) on seeds 0 1 2 through the "
                                      "training loop; FD, precision and recall on the digits classifier's features at 1, "
                                      "2 and 4 NFE against the teacher at 20 NFE with its card's sampler, on the same "
-                                     "noise; training cost in teacher evaluations and minutes (about an hour on 2 CPU "
-                                     "cores with --jobs 2). --quick: 10 steps (per round), one seed.")
+                                     "noise; then the latent consistency model of lesson 7's shapes_ldm (guidance w = 3 "
+                                     "folded in) at 1, 2 and 4 calls against the guided teacher at 1, 2, 4 and 20 NFE: "
+                                     "prompt adherence and binding from the attribute classifier; training cost in "
+                                     "teacher evaluations and minutes (about two hours on 2 CPU cores with --jobs 2). "
+                                     "--quick: 10 steps (per round), one seed.")
     _bench_arguments(p, "a small run for checking", datasets=False, devices=None,
-                     samples_help="samples scored per model and budget (default 1000; quick 100)")
+                     samples_help="digits samples scored per model and budget (default 1000; quick 100); "
+                                  "text-to-shapes prompts of each kind (default 500; quick 100)")
     _jobs_argument(p, 1, "runs")
     p.add_argument("--export-dir", metavar="DIR", help="also write seed 0's students there (as data/ ships "
-                                                        "them: digits_cd.pt, digits_ct.pt, digits_pd.pt, digits_add.pt)")
+                                                        "them: digits_cd.pt, digits_ct.pt, digits_pd.pt, digits_add.pt, "
+                                                        "shapes_lcm.pt)")
     p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="training seeds (default: 0 1 2; quick: 0)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in JSON.partial (same --json)")
     p = bench.add_parser("terminal", help="lesson 11: lesson 7's latent model from pure noise, eps against v",

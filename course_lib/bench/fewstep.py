@@ -1,5 +1,6 @@
 """Lesson 12's few-step benchmark: students of the digits EDM teacher at 1, 2 and 4 model evaluations against the
-teacher at 20, on one judge.
+teacher at 20, on one judge; then the latent consistency model of lesson 7's text-to-shapes model against its guided
+teacher (course_lib.bench.fewstep_latent).
 
 `python -m course_lib bench fewstep [--quick] [--json PATH] [--force] [--jobs N]` trains each student preset of
 lesson 12 on seeds 0, 1 and 2 through the one training loop: consistency distillation (digits_cd), consistency
@@ -166,6 +167,10 @@ def _export(trainer, name: str, path: str, tuned: dict, quick: bool) -> None:
 
 
 def run_one(kind: str, seed: int, n: int, name: str = TEACHER, quick: bool = False, export: str | None = None) -> dict:
+    from .fewstep_latent import run_latent_student, run_latent_teacher
+
+    if kind.startswith("latent"):  # the text-to-shapes teacher and its latent consistency model (lesson 12, part 5)
+        return run_latent_teacher(n, seed) if kind == "latent_teacher" else run_latent_student(seed, n, quick, export)
     return run_teacher(n, seed) if kind == "teacher" else run_student(name, seed, n, quick, export)
 
 
@@ -174,10 +179,12 @@ def _key(task_or_record: dict) -> tuple:
 
 
 def bench_fewstep(quick: bool = False, samples: int | None = None, progress: bool = True, jobs: int = 1,
-                  students=STUDENTS, export_dir=None, seeds=None, done=(), on_record=None) -> list[dict]:
-    """The teacher and every student on every seed, seed by seed (the longest runs first within a seed); with
-    export_dir, seed 0's students are written there as data/ ships them (NAME.pt and NAME.json). Runs whose records
-    are in `done` are skipped; on_record(records) is called after each finished run (a partial file)."""
+                  students=STUDENTS, export_dir=None, seeds=None, done=(), on_record=None,
+                  latent: bool = True) -> list[dict]:
+    """The teacher and every student on every seed, seed by seed (the longest runs first within a seed), then (latent)
+    the text-to-shapes teacher and its latent consistency model on every seed; with export_dir, seed 0's students are
+    written there as data/ ships them (NAME.pt and NAME.json). Runs whose records are in `done` are skipped;
+    on_record(records) is called after each finished run (a partial file)."""
     if not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive int, got {jobs!r}")
     n = samples or (100 if quick else 1000)
@@ -189,6 +196,14 @@ def bench_fewstep(quick: bool = False, samples: int | None = None, progress: boo
         tasks += [dict(kind="teacher", seed=seed, n=n)]
         tasks += [dict(kind="student", name=s, seed=seed, n=n, quick=quick,
                        export=f"{export_dir}/{s}.pt" if export_dir and seed == 0 else None) for s in order]
+    if latent:
+        from .fewstep_latent import STUDENT
+        from .fewstep_latent import TEACHER as LATENT_TEACHER
+        m = samples or (100 if quick else 500)
+        for seed in seeds:
+            tasks += [dict(kind="latent_student", name=STUDENT, seed=seed, n=m, quick=quick,
+                           export=f"{export_dir}/{STUDENT}.pt" if export_dir and seed == 0 else None),
+                      dict(kind="latent_teacher", name=LATENT_TEACHER, seed=seed, n=m)]
     records = list(done)
     finished = {_key(r) for r in records}
     todo = [t for t in tasks if _key(t) not in finished]
@@ -222,7 +237,8 @@ def bench_fewstep(quick: bool = False, samples: int | None = None, progress: boo
 
 
 def summarize(records: list[dict]) -> list[dict]:
-    """Mean and spread over seeds per model and budget."""
+    """Mean and spread over seeds per digits model and budget (fewstep_latent.summarize_latent: the latent ones)."""
+    records = [r for r in records if r["kind"] in ("teacher", "student")]
     out = []
     for name in dict.fromkeys(r["name"] for r in records):
         group = [r for r in records if r["name"] == name]
@@ -239,11 +255,13 @@ def summarize(records: list[dict]) -> list[dict]:
 
 
 def verdict(records: list[dict]) -> dict:
-    """The best student's mean FD over the teacher's at 20 NFE, at 1 and 2 NFE, against the targets; and what the
-    discriminator buys at 1 NFE (FD and recall of digits_add minus digits_cd)."""
+    """The best student's mean FD over the teacher's at 20 NFE, at 1 and 2 NFE, against the targets; what the
+    discriminator buys at 1 NFE (FD and recall of digits_add minus digits_cd); the latent model's adherence."""
+    from .fewstep_latent import latent_verdict
+
     rows = {(r["name"], r["nfe"]): r for r in summarize(records)}
     ref = rows.get((TEACHER, TEACHER_NFE))
-    out: dict = {}
+    out: dict = latent_verdict(records)
     if ref is None:
         return out
     out["teacher_fd_20"] = ref["fd"]
@@ -271,7 +289,9 @@ def table(records: list[dict]) -> str:
         fd = f"{r['fd']:>7.2f} ± {r['fd_std']:<5.2f}" if r["seeds"] > 1 else f"{r['fd']:>7.2f}{'':8}"
         lines.append(f"{r['name']:<11} {r['nfe']:>3} {r['sampler']:<11} {r['seeds']:>5} "
                      f"{fd} {r['precision']:>9.3f} {r['recall']:>7.3f} {cost}")
-    return "\n".join(lines)
+    from .fewstep_latent import latent_table
+
+    return "\n".join(lines) + ("\n\n" + latent_table(records) if latent_table(records) else "")
 
 
 def main_fewstep(quick: bool = False, json_path=None, samples: int | None = None, force: bool = False,

@@ -8,6 +8,7 @@ and its training step, so adding a family (flow matching, a text model) adds a f
 - edm.py: EDM's preconditioned denoiser, log-normal noise and loss weighting (lesson 11);
 - flow.py: flow matching, and rectified flow's reflow from a teacher (lesson 9);
 - fewstep.py: consistency distillation and training, progressive distillation (lesson 12);
+- lcm.py: a latent consistency model of lesson 7's text-to-image model, guidance folded in (lesson 12);
 - adversarial.py: consistency distillation with a discriminator on the one-step samples (lesson 12);
 - text.py: masked diffusion on tokens and its autoregressive baseline (lesson 10).
 """
@@ -21,16 +22,18 @@ from .edm import EDMFamily, EDMOptions
 from .fewstep import ConsistencyFamily, ConsistencyOptions, ProgressiveFamily, ProgressiveOptions
 from .flow import FlowFamily, FlowOptions
 from .gan import GANFamily, GANOptions
+from .lcm import LatentConsistencyFamily, LatentConsistencyOptions
 from .text import AutoregressiveFamily, AutoregressiveOptions, MaskedDiffusionFamily, MaskedDiffusionOptions
 from .vae import VAEFamily, VAEOptions
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (DiffusionFamily(), GANFamily(), VAEFamily(), ClassifierFamily(),
                                                FlowFamily(), MaskedDiffusionFamily(), AutoregressiveFamily(),
-                                               EDMFamily(), ConsistencyFamily(), ProgressiveFamily(), AdversarialFamily())}
+                                               EDMFamily(), ConsistencyFamily(), ProgressiveFamily(), AdversarialFamily(),
+                                               LatentConsistencyFamily())}
 
 __all__ = ["FAMILIES", "Family", "family", "AdversarialFamily", "AdversarialOptions", "AutoregressiveFamily", "AutoregressiveOptions", "ConsistencyFamily", "ConsistencyOptions",
            "ProgressiveFamily", "ProgressiveOptions", "MaskedDiffusionFamily",
-           "MaskedDiffusionOptions", "ClassifierFamily", "ClassifierOptions", "DiffusionFamily", "DiffusionOptions", "EDMFamily", "EDMOptions", "FlowFamily", "FlowOptions", "GANFamily", "GANOptions",
+           "MaskedDiffusionOptions", "ClassifierFamily", "ClassifierOptions", "DiffusionFamily", "DiffusionOptions", "EDMFamily", "EDMOptions", "FlowFamily", "FlowOptions", "GANFamily", "GANOptions", "LatentConsistencyFamily", "LatentConsistencyOptions",
            "VAEFamily", "VAEOptions"]
 
 

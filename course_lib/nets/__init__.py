@@ -29,7 +29,7 @@ MODELS = {"mlp": TimeMLP, "unet": UNet, "generator": Generator, "discriminator":
           "mini_clip": MiniCLIP, "text_unet": TextUNet, "attribute_classifier": AttributeClassifier, "dit": DiT,
           "token_transformer": TokenTransformer, "edm_precond": EDMPrecond,
           "consistency": ConsistencyNet}
-DENOISERS = ("mlp", "unet", "dit")  # the kinds a diffusion model may use
+DENOISERS = ("mlp", "unet", "dit", "text_unet")  # the kinds a diffusion model may use (text_unet: with context=)
 
 __all__ = ["MODELS", "DENOISERS", "build_model", "count_parameters", "describe", "TimeMLP", "UNet", "ResBlock",
            "SelfAttention", "NoisyClassifier", "Generator", "Discriminator", "VAE", "ResMLP", "ConvEncoder", "ConvDecoder",

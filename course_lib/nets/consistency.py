@@ -36,7 +36,7 @@ class ConsistencyNet(nn.Module):
         total = s * s + self.sigma_data ** 2
         return self.sigma_data ** 2 / total, s / total.sqrt()
 
-    def forward(self, x: torch.Tensor, sigma, y=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma, y=None, **cond) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma.reshape(-1)
         if sigma.shape != (x.shape[0],):
@@ -44,4 +44,4 @@ class ConsistencyNet(nn.Module):
         if not bool((sigma >= self.sigma_min * (1 - 1e-6)).all()):
             raise ValueError(f"a consistency function is defined for sigma >= sigma_min = {self.sigma_min}")
         c_skip, c_out = (c.reshape((-1,) + (1,) * (x.ndim - 1)).to(x.dtype) for c in self.coefficients(sigma))
-        return c_skip * x + c_out * self.denoiser(x, sigma, y)
+        return c_skip * x + c_out * self.denoiser(x, sigma, y, **cond)  # cond: a text denoiser's context=, mask=

@@ -72,7 +72,7 @@ class EDMPrecond(nn.Module):
         w = (log_s - self.log_sigmas[lo]) / (self.log_sigmas[hi] - self.log_sigmas[lo])
         return torch.ones_like(sigma), -sigma, (1 + sigma * sigma).rsqrt(), lo + w
 
-    def forward(self, x: torch.Tensor, sigma, y=None, return_logvar: bool = False):
+    def forward(self, x: torch.Tensor, sigma, y=None, return_logvar: bool = False, **cond):
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
         if sigma.ndim == 2 and sigma.shape[1] == 1:  # one per row as a column
             sigma = sigma[:, 0]
@@ -84,7 +84,7 @@ class EDMPrecond(nn.Module):
             raise ValueError("this denoiser takes noise levels sigma > 0 (the std of the noise added to x0)")
         c_skip, c_out, c_in, time = self.coefficients(sigma)
         shape = (-1,) + (1,) * (x.ndim - 1)
-        kwargs = {} if y is None else {"y": y}
+        kwargs = {**cond, **({} if y is None else {"y": y})}  # a text network's context= and mask= pass through
         f = self.net(x * c_in.reshape(shape).to(x.dtype), time, **kwargs)
         d = c_skip.reshape(shape).to(x.dtype) * x + c_out.reshape(shape).to(x.dtype) * f.to(x.dtype)
         if not return_logvar:
