@@ -758,7 +758,24 @@ def progressive_target(teacher, x, sigma, sigma_mid, sigma_next):
         return x0 + (b / a) * (y - x0)
     two = ddim(ddim(x, sigma, sigma_mid), sigma_mid, sigma_next)
     r = sigma_next / sigma
-    return (two - r * x) / (1 - r)"""],
+    return (two - r * x) / (1 - r)""", """\
+class Guided:
+    # classifier-free guidance of a caption-conditioned denoiser, as a denoiser of its own
+    def __init__(self, teacher, context, null_context, w):
+        self.teacher, self.c, self.null, self.w = teacher, context, null_context, w
+
+    def __call__(self, y, s):
+        u = self.teacher(y, s, self.null)
+        return torch.lerp(u, self.teacher(y, s, self.c), torch.as_tensor(self.w, dtype=y.dtype))
+
+def guided_teacher_step(teacher, x, sigma, sigma_next, context, null_context, w):
+    D = Guided(teacher, context, null_context, w)
+    col = lambda v: v[:, None] if x.dim() == 2 else v.view(-1, *[1] * (x.dim() - 1))
+    h = col(sigma_next - sigma)
+    k1 = (x - D(x, sigma)) / col(sigma)
+    x1 = x + h * k1
+    k2 = (x1 - D(x1, sigma_next)) / col(sigma_next)
+    return x + 0.5 * h * (k1 + k2)"""],
 
     "12_recursion_and_lambdas.ipynb": [HEAD, """\
 c_skip = lambda s, sd, lo: sd ** 2 / ((s - lo) ** 2 + sd ** 2)
@@ -789,7 +806,15 @@ def progressive_target(teacher, x, sigma, sigma_mid, sigma_next):
     for a, b in ((sigma, sigma_mid), (sigma_mid, sigma_next)):
         pts.append(pts[-1] + (b - a) * (pts[-1] - teacher(pts[-1], a)) / a)
     w = sigma_next / sigma
-    return (pts[-1] - w * x) / (1.0 - w)"""],
+    return (pts[-1] - w * x) / (1.0 - w)""", """\
+def guided_teacher_step(teacher, x, sigma, sigma_next, context, null_context, w, _slopes=None):
+    e = lambda v: v.reshape(len(v), *([1] * (x.ndim - 1)))
+    Dw = lambda y, s: (1 - w) * teacher(y, s, null_context) + w * teacher(y, s, context)
+    if _slopes is None:                     # first call: the slope at the start, then recurse for the second
+        return guided_teacher_step(teacher, x, sigma, sigma_next, context, null_context, w,
+                                   [(x - Dw(x, sigma)) / e(sigma)])
+    y = x + e(sigma_next - sigma) * _slopes[0]
+    return x + e(sigma_next - sigma) * (_slopes[0] + (y - Dw(y, sigma_next)) / e(sigma_next)) / 2"""],
 
     "99_einsum_class.ipynb": [HEAD, """\
 def cross_attention(x, context, mask, w_q, w_k, w_v, heads):

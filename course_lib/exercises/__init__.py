@@ -400,7 +400,7 @@ from .lesson8 import ref_adaln, ref_dit_block, ref_patchify, ref_unpatchify  # n
 from .lesson9 import ref_dsm_loss, ref_flow_matching_loss, ref_ode_log_likelihood, ref_reverse_sde_step  # noqa: E402, F401
 from .lesson10 import ref_absorbing_forward, ref_mdlm_weight, ref_unmask_sample  # noqa: E402, F401
 from .lesson11 import ref_edm_coefficients, ref_edm_step, ref_posthoc_ema_weights  # noqa: E402, F401
-from .lesson12 import ref_consistency_distillation_loss, ref_consistency_sample, ref_progressive_target  # noqa: E402, F401
+from .lesson12 import ref_consistency_distillation_loss, ref_consistency_sample, ref_guided_teacher_step, ref_progressive_target  # noqa: E402, F401
 from . import on_images  # noqa: E402, F401, I001  (lesson 7's exercises graded on training runs)
 from . import capstone  # noqa: E402, F401, I001  (the capstone, after every lesson)
 from .on_behaviour import (  # noqa: E402, F401

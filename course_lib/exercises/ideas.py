@@ -58,7 +58,7 @@ IDEAS = {
          ("multistep consistency sampling", ("consistency_sample",)),
          ("progressive distillation: one student step where the teacher takes two", ("progressive_target",)),
          ("adversarial distillation: a discriminator on one-step samples", ()),
-         ("a latent consistency model with guidance folded in", ())],
+         ("a latent consistency model with guidance folded in: the teacher's guided step", ("guided_teacher_step",))],
     99: [("a text-to-shapes generator assembled from your own attention, training step and guided sampler",
           ("text_to_shapes",))],
 }

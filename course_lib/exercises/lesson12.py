@@ -1,5 +1,5 @@
-"""Lesson 12: the consistency-distillation loss and a progressive-distillation target (graded on values, on fixed toy
-networks), and multistep consistency sampling (graded on behaviour: with the exact consistency function of a fresh
+"""Lesson 12: the consistency-distillation loss, a progressive-distillation target and the guided teacher step of a
+latent consistency model (graded on values, on fixed toy networks), and multistep consistency sampling (graded on behaviour: with the exact consistency function of a fresh
 Gaussian mixture as the oracle, the judge checks each call's level and input, the noise added between calls, and the
 samples)."""
 from __future__ import annotations
@@ -10,11 +10,12 @@ import torch
 
 from ..grading import tasks as _T
 from ..grading.oracles import Oracle, OracleRef
-from ..grading.toys import ToyDenoiser, ToyRowDenoiser, ToyRowNetwork
+from ..grading.toys import ToyDenoiser, ToyRowDenoiser, ToyRowNetwork, ToyTextDenoiser
 from . import FAILED, LIBRARY_EQUIVALENTS, CheckResult, Exercise, register
 from .on_behaviour import MODE_SHARE, _points_or_verdict, _quality
 
-FEW_STEP_LIBRARIES = ("course_lib.consistency", "course_lib.families.fewstep", "course_lib.families.adversarial")
+FEW_STEP_LIBRARIES = ("course_lib.consistency", "course_lib.families.fewstep", "course_lib.families.adversarial",
+                      "course_lib.families.lcm")
 FEW_STEP_RULE = ("Write the steps yourself: course_lib.consistency and the few-step families, which compute them, are "
                  "not allowed in this exercise.")
 
@@ -157,6 +158,85 @@ register(Exercise(
                "(sigma_next - sigma) (x - x0~) / sigma for x0~ (the student takes one step from x)."),
               (_pd_with("ratio to sigma_mid"), "The student's single step goes from sigma to sigma_next: the ratio is "
                "sigma_next / sigma.")),
+    refused=FEW_STEP_LIBRARIES, rule=FEW_STEP_RULE))
+
+
+# ---- 12.4 the latent consistency model's teacher step: guidance folded into the target --------------------------
+
+
+def ref_guided_teacher_step(teacher, x, sigma, sigma_next, context, null_context, w):
+    """Luo et al. 2023 (LCM), the teacher's step of guided consistency distillation in the sigma view: one Heun step of
+    the probability-flow ODE dx/dsigma = (x - D_w(x, sigma)) / sigma from sigma to sigma_next (one per row) with the
+    guided denoiser D_w(y, s) = teacher(y, s, null_context) + w (teacher(y, s, context) - teacher(y, s, null_context))."""
+    def rows(v):
+        return v.reshape(-1, *([1] * (x.ndim - 1)))
+
+    def guided(y, s):
+        uncond = teacher(y, s, null_context)
+        return uncond + w * (teacher(y, s, context) - uncond)
+
+    s, s_next = rows(sigma), rows(sigma_next)
+    d = (x - guided(x, sigma)) / s
+    x_euler = x + (s_next - s) * d
+    d_next = (x_euler - guided(x_euler, sigma_next)) / s_next
+    return x + (s_next - s) * (d + d_next) / 2
+
+
+def _inputs_guided(gen):
+    """B rows at neighbouring levels of a Karras grid up to 20, a caption row and the empty caption's row per sample
+    (the empty caption is a caption too: its states are not zero), a toy text denoiser, w between 1.5 and 7."""
+    b, dim = _T._randint(gen, 4, 10), _T._randint(gen, 2, 6)
+    n = _T._randint(gen, 10, 30)
+    ramp = torch.linspace(0, 1, n + 1, dtype=torch.float64)
+    grid = (0.002 ** (1 / 7) + ramp * (20 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7
+    i = torch.randint(n, (b,), generator=gen)
+    return {"teacher": ToyTextDenoiser(_T._uniform(gen, 0.5, 1.5)),
+            "x": torch.randn(b, dim, generator=gen, dtype=torch.float64) * (1 + grid[i + 1]).reshape(-1, 1),
+            "sigma": grid[i + 1], "sigma_next": grid[i],
+            "context": torch.randn(b, dim, generator=gen, dtype=torch.float64),
+            "null_context": 0.3 * torch.randn(1, dim, generator=gen, dtype=torch.float64).expand(b, dim).clone(),
+            "w": round(_T._uniform(gen, 1.5, 7.0), 3)}
+
+
+def _guided_with(mistake: str):
+    def fn(teacher, x, sigma, sigma_next, context, null_context, w):
+        def rows(v):
+            return v.reshape(-1, *([1] * (x.ndim - 1)))
+
+        def guided(y, s):
+            cond = teacher(y, s, context)
+            uncond = teacher(y, s, torch.zeros_like(null_context) if mistake == "zero null" else null_context)
+            if mistake == "no guidance":
+                return cond
+            if mistake == "from the conditional":
+                return cond + w * (cond - uncond)
+            return uncond + (1 + w if mistake == "one plus w" else w) * (cond - uncond)
+
+        s, s_next = rows(sigma), rows(sigma_next)
+        d = (x - guided(x, sigma)) / s
+        x_euler = x + (s_next - s) * d
+        if mistake == "euler":
+            return x_euler
+        second = teacher(x_euler, sigma_next, context) if mistake == "guided once" else guided(x_euler, sigma_next)
+        return x + (s_next - s) * (d + (x_euler - second) / s_next) / 2
+    return fn
+
+
+register(Exercise(
+    "guided_teacher_step", 12, ref_guided_teacher_step, _inputs_guided,
+    "D_w(y, s) = teacher(y, s, null_context) + w (teacher(y, s, context) - teacher(y, s, null_context)); return one "
+    "Heun step of dx/dsigma = (x - D_w(x, sigma)) / sigma from sigma to sigma_next (one per row).",
+    mistakes=((_guided_with("no guidance"), "The teacher's step is the guided one: combine the conditional and the "
+               "empty-caption predictions with w at every call."),
+              (_guided_with("from the conditional"), "Guidance starts from the unconditional prediction: "
+               "teacher(y, s, null_context) + w (conditional - unconditional)."),
+              (_guided_with("one plus w"), "With w = 1 the guided denoiser is the conditional one: the factor is w, "
+               "not 1 + w."),
+              (_guided_with("zero null"), "The unconditional prediction uses the empty caption's states, "
+               "null_context, which are not zeros."),
+              (_guided_with("euler"), "The teacher's step is Heun's: correct the Euler guess with the slope at it, "
+               "and average the two slopes."),
+              (_guided_with("guided once"), "Heun's second slope is taken with the guided denoiser too.")),
     refused=FEW_STEP_LIBRARIES, rule=FEW_STEP_RULE))
 
 

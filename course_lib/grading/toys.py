@@ -79,3 +79,19 @@ class ToyRowDenoiser:
 
     def __repr__(self) -> str:
         return "teacher(x, sigma) (a fixed toy denoiser, sigma one per row)"
+
+
+class ToyTextDenoiser:
+    """A smooth stand-in for a caption-conditioned denoiser D(x, sigma, context) with one noise level per row (or one
+    number) and one context row per sample: tanh(w x + context) / sqrt(1 + sigma^2)."""
+
+    def __init__(self, w: float):
+        self.w = w
+
+    def __call__(self, x, sigma, context):
+        s = torch.as_tensor(sigma, dtype=x.dtype)
+        s = s.expand(x.shape[0]) if s.ndim == 0 else s
+        return torch.tanh(self.w * x + context) / per_sample((1 + s**2).sqrt(), x)
+
+    def __repr__(self) -> str:
+        return "teacher(x, sigma, context) (a fixed toy text denoiser, sigma one per row)"
