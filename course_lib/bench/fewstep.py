@@ -236,15 +236,15 @@ def bench_fewstep(quick: bool = False, samples: int | None = None, progress: boo
     return sorted(records, key=lambda r: rank.get(_key(r), len(rank)))
 
 
-def summarize(records: list[dict]) -> list[dict]:
-    """Mean and spread over seeds per digits model and budget (fewstep_latent.summarize_latent: the latent ones)."""
-    records = [r for r in records if r["kind"] in ("teacher", "student")]
+def seed_rows(records: list[dict], metrics, shared=()) -> list[dict]:
+    """One row per model (in order of appearance) and budget (`nfe_K`): each metric's mean over the seeds and its
+    spread (`<metric>_std`, 0 for one seed); the `shared` keys of a budget and the training costs as they are."""
     out = []
     for name in dict.fromkeys(r["name"] for r in records):
         group = [r for r in records if r["name"] == name]
         for key in [k for k in group[0] if k.startswith("nfe_")]:
-            row = {"name": name, "nfe": int(key[4:]), "seeds": len(group), "sampler": group[0][key]["sampler"]}
-            for m in ("fd", "precision", "recall"):
+            row = {"name": name, "nfe": int(key[4:]), "seeds": len(group), **{k: group[0][key][k] for k in shared}}
+            for m in metrics:
                 vals = [r[key][m] for r in group]
                 row[m], row[m + "_std"] = statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
             for k in ("teacher_evaluations", "train_minutes", "steps"):
@@ -252,6 +252,12 @@ def summarize(records: list[dict]) -> list[dict]:
                     row[k] = statistics.mean(r[k] for r in group)
             out.append(row)
     return out
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Mean and spread over seeds per digits model and budget (fewstep_latent.summarize_latent: the latent ones)."""
+    return seed_rows([r for r in records if r["kind"] in ("teacher", "student")], ("fd", "precision", "recall"),
+                     ("sampler",))
 
 
 def verdict(records: list[dict]) -> dict:

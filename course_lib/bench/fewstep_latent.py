@@ -4,8 +4,6 @@ calls, against the guided teacher (DPM-Solver++(2M), w = 3) at 1, 2, 4 and 20; p
 7 measures them (course_lib.lcm), on the same prompts and noise (seed EVAL_SEED + the run's seed) for both."""
 from __future__ import annotations
 
-import statistics
-
 from ..lcm import KEYS, NFES
 
 STUDENT, TEACHER, TEACHER_NFE = "shapes_lcm", "shapes_ldm", 20
@@ -59,23 +57,11 @@ def _export(trainer, extra: dict, path: str, n: int) -> None:
 
 
 def summarize_latent(records: list[dict]) -> list[dict]:
-    """Mean and spread over seeds per model and budget of the adherence measures."""
-    out = []
-    for name in (TEACHER, STUDENT):
-        group = [r for r in records if r.get("name") == name and r["kind"].startswith("latent")]
-        if not group:
-            continue
-        for key in [k for k in group[0] if k.startswith("nfe_")]:
-            row = {"name": name, "nfe": int(key[4:]), "seeds": len(group),
-                   "network_evals": group[0][key]["network_evals"]}
-            for m in (*KEYS, "two_binding", "two_swapped"):
-                vals = [r[key][m] for r in group]
-                row[m], row[m + "_std"] = statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
-            for k in ("teacher_evaluations", "train_minutes", "steps"):
-                if k in group[0]:
-                    row[k] = statistics.mean(r[k] for r in group)
-            out.append(row)
-    return out
+    """Mean and spread over seeds per model (the teacher first) and budget of the adherence measures."""
+    from .fewstep import seed_rows
+
+    latent = sorted((r for r in records if r["kind"].startswith("latent")), key=lambda r: r["name"] != TEACHER)
+    return seed_rows(latent, (*KEYS, "two_binding", "two_swapped"), ("network_evals",))
 
 
 def latent_verdict(records: list[dict]) -> dict:
