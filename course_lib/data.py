@@ -258,14 +258,14 @@ def shapes_images(n: int, name: str = "shapes32", split: str = "train", seed: in
 def shapes_latents(n: int = SHAPES_TRAIN) -> tuple[torch.Tensor, torch.Tensor]:
     """Lesson 7's latent-diffusion training pairs (text2image.train_text_to_image's): the shipped autoencoder's
     posterior means of the shapes train split (seed 0) times its scale factor, and the captions' token ids."""
-    from .attributes import dataset
-    from .autoencoder import encode, load_autoencoder
-    from .shapes import tokenize
+    from .checkpoints import load_model, shipped_dir
+    from .shapes import make_shapes, tokenize
 
-    ae, scale = load_autoencoder()
-    images, captions, _ = dataset(n, "train", 0)
+    ae = load_model(shipped_dir() / "shapes_ae.pt")  # as autoencoder.load_autoencoder (which imports this module)
+    images, captions, _ = make_shapes(n, "train", 0)
     with torch.no_grad():
-        return encode(ae.eval(), images) * scale, tokenize(list(captions))
+        means = torch.cat([ae.model.encode(images[i:i + 500])[0] for i in range(0, len(images), 500)])
+    return means * float(ae.card["scale_factor"]), tokenize(list(captions))
 
 
 class DataSource:

@@ -73,7 +73,7 @@ def _latent(kind, name, seed, alls, binding=0.4):
         rec.update(steps=10, train_minutes=2.0, teacher_evaluations=640)
     for nfe, a in alls.items():
         rec[f"nfe_{nfe}"] = {"shape": a, "colour": a, "position": 1.0, "size": a, "all": a, "two_binding": binding,
-                             "two_swapped": 0.1, "network_evals": nfe * (1 if kind == "latent_student" else 2)}
+                             "two_swapped": 0.1, "two_present": 0.6, "network_evals": nfe * (1 if kind == "latent_student" else 2)}
     return rec
 
 

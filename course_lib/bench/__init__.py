@@ -1,6 +1,35 @@
 """The benchmarks behind `python -m course_lib bench ...`: samplers (lesson 3), compare (lesson 4), kernels (lesson 5),
-guidance (lesson 6). Each prints a table and, with --json, writes flat records; the shipped ones are in data/."""
+guidance (lesson 6). Each prints a table and, with --json, writes flat records; the shipped ones are in data/. Here:
+what the training benchmarks share (the --json check, the report, the teacher-call counter, the means over seeds)."""
 from __future__ import annotations
+
+import statistics
+
+
+class ImageCounter:
+    """Counts the images a network is called on (a forward hook): the teacher evaluations training spends."""
+
+    def __init__(self, net):
+        self.n = 0
+        net.register_forward_hook(lambda module, args, out: setattr(self, "n", self.n + args[0].shape[0]))
+
+
+def seed_rows(records: list[dict], metrics, shared=()) -> list[dict]:
+    """One row per model (in order of appearance) and budget (`nfe_K`): each metric's mean over the seeds and its
+    spread (`<metric>_std`, 0 for one seed); the `shared` keys of a budget and the training costs as they are."""
+    out = []
+    for name in dict.fromkeys(r["name"] for r in records):
+        group = [r for r in records if r["name"] == name]
+        for key in sorted((k for k in group[0] if k.startswith("nfe_")), key=lambda k: int(k[4:])):
+            row = {"name": name, "nfe": int(key[4:]), "seeds": len(group), **{k: group[0][key][k] for k in shared}}
+            for m in metrics:
+                vals = [r[key][m] for r in group]
+                row[m], row[m + "_std"] = statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+            for k in ("teacher_evaluations", "train_minutes", "steps"):
+                if k in group[0]:
+                    row[k] = statistics.mean(r[k] for r in group)
+            out.append(row)
+    return out
 
 
 def refuse_to_overwrite(json_path, force: bool) -> None:

@@ -13,12 +13,12 @@ not estimated: teacher evaluations (one per image per call, by a hook on the tea
 """
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
 
-from . import refuse_to_overwrite, report
+from . import ImageCounter as _Counter  # noqa: F401  (the name the tests and fewstep_latent used)
+from . import refuse_to_overwrite, report, seed_rows
 
 TEACHER, TEACHER_NFE = "digits_edm", 20
 STUDENTS = ("digits_cd", "digits_ct", "digits_pd", "digits_add")
@@ -79,14 +79,6 @@ def run_teacher(n: int, seed: int = 0) -> dict:
         rec[f"nfe_{nfe}"] = {**_evaluate(p.model, sampler, sig, noise, judge, seed), "sampler": sampler,
                              "sigmas": [round(float(v), 4) for v in sig]}
     return rec
-
-
-class _Counter:
-    """Counts the images a network is called on (a forward hook): the teacher evaluations training spends."""
-
-    def __init__(self, net):
-        self.n = 0
-        net.register_forward_hook(lambda module, args, out: setattr(self, "n", self.n + args[0].shape[0]))
 
 
 def run_student(name: str, seed: int, n: int, quick: bool = False, export: str | None = None) -> dict:
@@ -234,24 +226,6 @@ def bench_fewstep(quick: bool = False, samples: int | None = None, progress: boo
         bar.close()
     rank = {_key(t): i for i, t in enumerate(tasks)}
     return sorted(records, key=lambda r: rank.get(_key(r), len(rank)))
-
-
-def seed_rows(records: list[dict], metrics, shared=()) -> list[dict]:
-    """One row per model (in order of appearance) and budget (`nfe_K`): each metric's mean over the seeds and its
-    spread (`<metric>_std`, 0 for one seed); the `shared` keys of a budget and the training costs as they are."""
-    out = []
-    for name in dict.fromkeys(r["name"] for r in records):
-        group = [r for r in records if r["name"] == name]
-        for key in [k for k in group[0] if k.startswith("nfe_")]:
-            row = {"name": name, "nfe": int(key[4:]), "seeds": len(group), **{k: group[0][key][k] for k in shared}}
-            for m in metrics:
-                vals = [r[key][m] for r in group]
-                row[m], row[m + "_std"] = statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
-            for k in ("teacher_evaluations", "train_minutes", "steps"):
-                if k in group[0]:
-                    row[k] = statistics.mean(r[k] for r in group)
-            out.append(row)
-    return out
 
 
 def summarize(records: list[dict]) -> list[dict]:

@@ -9,6 +9,7 @@ from ..lcm import KEYS, NFES
 STUDENT, TEACHER, TEACHER_NFE = "shapes_lcm", "shapes_ldm", 20
 TARGET_ALL_4 = 0.95  # the student's one-object adherence ('all' attributes right) at 4 calls, at least
 EVAL_SEED = 1000
+QUICK_STEPS = 10  # bench fewstep's --quick budget
 
 
 def run_latent_teacher(n: int, seed: int = 0) -> dict:
@@ -25,11 +26,11 @@ def run_latent_student(seed: int, n: int, quick: bool = False, export: str | Non
     it at 1, 2 and 4 calls; with `export`, write it as data/ ships it (fp16, card measured on the shipped weights)."""
     from ..lcm import adherence_by_budget, from_trainer
     from ..train import Trainer, preset
-    from .fewstep import QUICK_STEPS, _Counter
+    from . import ImageCounter
 
     config = preset(STUDENT, seed=seed, **({"steps": QUICK_STEPS, "warmup": 2} if quick else {}))
     trainer = Trainer(config)
-    counter = _Counter(trainer.teacher)
+    counter = ImageCounter(trainer.teacher)
     trainer.train(progress=False)
     student = from_trainer(trainer)
     rec = {"kind": "latent_student", "name": STUDENT, "family": config.family, "seed": seed, "samples": n,
@@ -58,10 +59,10 @@ def _export(trainer, extra: dict, path: str, n: int) -> None:
 
 def summarize_latent(records: list[dict]) -> list[dict]:
     """Mean and spread over seeds per model (the teacher first) and budget of the adherence measures."""
-    from .fewstep import seed_rows
+    from . import seed_rows
 
     latent = sorted((r for r in records if r["kind"].startswith("latent")), key=lambda r: r["name"] != TEACHER)
-    return seed_rows(latent, (*KEYS, "two_binding", "two_swapped"), ("network_evals",))
+    return seed_rows(latent, (*KEYS, "two_binding", "two_swapped", "two_present"), ("network_evals",))
 
 
 def latent_verdict(records: list[dict]) -> dict:
@@ -83,14 +84,15 @@ def latent_table(records: list[dict]) -> str:
     if not rows:
         return ""
     lines = [f"{'model':<11} {'NFE':>3} {'net evals':>9} {'seeds':>5} {'shape':>6} {'colour':>6} {'pos':>5} "
-             f"{'size':>5} {'all':>14} {'binding':>14} {'swapped':>7} {'teacher evals':>13} {'train min':>9}"]
+             f"{'size':>5} {'all':>14} {'binding':>14} {'swapped':>7} {'present':>7} {'teacher evals':>13} "
+             f"{'train min':>9}"]
     for r in rows:
         cost = (f"{r['teacher_evaluations']:>13,.0f} {r['train_minutes']:>9.1f}" if "train_minutes" in r
                 else f"{'-':>13} {'-':>9}")
         lines.append(f"{r['name']:<11} {r['nfe']:>3} {r['network_evals']:>9} {r['seeds']:>5} {r['shape']:>6.3f} "
                      f"{r['colour']:>6.3f} {r['position']:>5.3f} {r['size']:>5.3f} "
                      f"{r['all']:>7.3f} ± {r['all_std']:<4.3f} {r['two_binding']:>7.3f} ± {r['two_binding_std']:<4.3f} "
-                     f"{r['two_swapped']:>7.3f} {cost}")
+                     f"{r['two_swapped']:>7.3f} {r['two_present']:>7.3f} {cost}")
     return "\n".join(lines)
 
 
