@@ -27,6 +27,20 @@ def _labels(y, x: torch.Tensor, null_label: int) -> torch.Tensor:
     return y.long()
 
 
+def caption_guided(net, x: torch.Tensor, sigma, context: torch.Tensor, mask: torch.Tensor,
+                   null_context: torch.Tensor, null_mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """net(x, sigma, empty) + scale (net(x, sigma, c) - net(x, sigma, empty)) (Ho & Salimans 2022, eq. 6) with both
+    halves in one batch of 2B; sigma a number or one per row; the empty caption's (1, L, D) states and (1, L) mask."""
+    b = x.shape[0]
+    if torch.is_tensor(sigma) and sigma.ndim > 0:
+        sigma = sigma.reshape(-1).expand(b)
+        sigma = torch.cat([sigma, sigma])
+    both = net(torch.cat([x, x]), sigma, context=torch.cat([context, null_context.expand(b, -1, -1)]),
+               mask=torch.cat([mask, null_mask.expand(b, -1)]))
+    cond, uncond = both.chunk(2)
+    return uncond + scale * (cond - uncond)
+
+
 def null_label_of(model) -> int:
     """The 'no label' index of a class-conditional network (its number of classes), or a ValueError if it has none."""
     config = getattr(model, "config", None) or {}

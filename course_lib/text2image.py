@@ -9,7 +9,7 @@ import torch
 
 from . import checkpoints as ckpt_io
 from .attributes import dataset
-from .guidance import _check_scale
+from .guidance import _check_scale, caption_guided
 from .losses import diffusion_loss
 from .nets import DiT, KLAutoencoder, TextEncoder, TextUNet
 from .samplers import Denoiser, as_denoiser, karras_sigmas, sample, steps_for_nfe
@@ -43,13 +43,9 @@ def caption_guidance(denoiser: Denoiser, scale: float, null_context: torch.Tenso
     def fn(x, sigma, context=None, mask=None):
         if context is None or mask is None:
             raise ValueError("caption guidance needs context= and mask= (TextToImage.condition(prompts))")
-        b = x.shape[0]
         if scale == 1.0:
             return denoiser(x, sigma, context=context, mask=mask)
-        null_c, null_m = null_context.expand(b, -1, -1), null_mask.expand(b, -1)
-        both = denoiser(torch.cat([x, x]), sigma, context=torch.cat([context, null_c]), mask=torch.cat([mask, null_m]))
-        cond, uncond = both.chunk(2)
-        return uncond + scale * (cond - uncond)
+        return caption_guided(denoiser, x, sigma, context, mask, null_context, null_mask, scale)
 
     return Denoiser(fn, denoiser.sigma_min, denoiser.sigma_max, denoiser.clip, denoiser.schedule, denoiser.sampling)
 

@@ -208,8 +208,6 @@ def _guided_with(mistake: str):
             uncond = teacher(y, s, torch.zeros_like(null_context) if mistake == "zero null" else null_context)
             if mistake == "no guidance":
                 return cond
-            if mistake == "from the conditional":
-                return cond + w * (cond - uncond)
             return uncond + (1 + w if mistake == "one plus w" else w) * (cond - uncond)
 
         s, s_next = rows(sigma), rows(sigma_next)
@@ -228,10 +226,9 @@ register(Exercise(
     "Heun step of dx/dsigma = (x - D_w(x, sigma)) / sigma from sigma to sigma_next (one per row).",
     mistakes=((_guided_with("no guidance"), "The teacher's step is the guided one: combine the conditional and the "
                "empty-caption predictions with w at every call."),
-              (_guided_with("from the conditional"), "Guidance starts from the unconditional prediction: "
-               "teacher(y, s, null_context) + w (conditional - unconditional)."),
-              (_guided_with("one plus w"), "With w = 1 the guided denoiser is the conditional one: the factor is w, "
-               "not 1 + w."),
+              (_guided_with("one plus w"), "That is the (1 + w) convention (the same as starting from the "
+               "conditional prediction): here D_w = teacher(y, s, null_context) + w (conditional - unconditional), "
+               "so w = 1 gives the conditional denoiser."),
               (_guided_with("zero null"), "The unconditional prediction uses the empty caption's states, "
                "null_context, which are not zeros."),
               (_guided_with("euler"), "The teacher's step is Heun's: correct the Euler guess with the slope at it, "

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..consistency import consistency_distillation_loss, karras_grid
+from ..guidance import caption_guided
 from .fewstep import ConsistencyFamily, ConsistencyOptions, _number
 
 LATENT_SIGMA_MAX = 20.0  # where lesson 7's sampling starts (text2image.SIGMA_MAX): pure noise to 0.13% in std
@@ -42,17 +43,12 @@ class LatentConsistencyOptions(ConsistencyOptions):
 
 
 def guided(teacher, scale: float, null_context: torch.Tensor, null_mask: torch.Tensor):
-    """D_w(x, sigma, c) = D(x, sigma, empty) + w (D(x, sigma, c) - D(x, sigma, empty)) for a per-row denoiser network
-    (text2image.caption_guidance does the same for a sampler's Denoiser): both halves in one batch of 2B."""
+    """The teacher's guided denoiser D_w(x, sigma, c) for a network that takes one sigma per row
+    (guidance.caption_guided; text2image.caption_guidance is the same for a sampler's Denoiser)."""
 
     def fn(x, sigma, context, mask):
-        b = x.shape[0]
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(b)
-        both = teacher(torch.cat([x, x]), torch.cat([sigma, sigma]),
-                       context=torch.cat([context, null_context.expand(b, -1, -1)]),
-                       mask=torch.cat([mask, null_mask.expand(b, -1)]))
-        cond, uncond = both.chunk(2)
-        return uncond + scale * (cond - uncond)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+        return caption_guided(teacher, x, sigma, context, mask, null_context, null_mask, scale)
 
     return fn
 
