@@ -103,7 +103,29 @@ def _mask(shape: str, radius: float, centre: tuple[float, float], rows: torch.Te
     if shape == "cross":
         arm = radius * 0.35
         return ((dx.abs() <= arm) & (dy.abs() <= radius)) | ((dy.abs() <= arm) & (dx.abs() <= radius))
-    raise ValueError(f"unknown shape {shape!r}; shapes: {SHAPES}")
+    if shape == "star":  # lesson 13's new concept, never in a split: five points up, inner radius 0.45 of the outer
+        return _star(dx, dy, radius * 1.15, radius * 1.15 * 0.45)
+    raise ValueError(f"unknown shape {shape!r}; shapes: {SHAPES + NEW_SHAPES}")
+
+
+NEW_SHAPES = ("star",)  # drawable, but in no split and not in the vocabulary: lesson 13 teaches it to a trained model
+
+
+def _star(dx: torch.Tensor, dy: torch.Tensor, outer: float, inner: float) -> torch.Tensor:
+    """Inside a five-pointed star (one point straight up): a point is inside when it is nearer the centre than the
+    star's edge along the ray through it (the star is star-shaped about its centre, so this test is exact)."""
+    angle = torch.atan2(dx, -dy) % (2 * math.pi)  # 0 straight up, clockwise
+    sector = 2 * math.pi / 10
+    k = torch.floor(angle / sector)
+    a0, a1 = k * sector, (k + 1) * sector
+    r0 = torch.where(k % 2 == 0, torch.tensor(outer), torch.tensor(inner))
+    r1 = torch.where(k % 2 == 0, torch.tensor(inner), torch.tensor(outer))
+    # the edge from (r0, a0) to (r1, a1) in the frame of the ray: the radius where the ray meets it
+    p0x, p0y, p1x, p1y = r0 * torch.sin(a0), r0 * torch.cos(a0), r1 * torch.sin(a1), r1 * torch.cos(a1)
+    ux, uy = torch.sin(angle), torch.cos(angle)
+    ex, ey = p1x - p0x, p1y - p0y
+    edge = (p0x * ey - p0y * ex) / (ux * ey - uy * ex)
+    return dx ** 2 + dy ** 2 <= edge ** 2
 
 
 def render(scene: dict) -> torch.Tensor:
