@@ -105,15 +105,16 @@ def concept_prompts(n: int, seed: int = 0) -> list[str]:
 
 
 class ConceptJudge(nn.Module):
-    """An attribute classifier that also reads the new shape: its frozen trunk and heads (count, colour, size,
-    position, relation, ...) and a new head over the trunk's 256 features giving 5-way 'shape' and 'shape2'."""
+    """An attribute classifier that also reads the new shape: its frozen trunk and heads (count, colour, position,
+    relation, ...) and a new head over the trunk's 256 features giving 5-way 'shape' and 'shape2', and 'size' (the
+    old size head reads a star's size poorly: its points make a small star look larger)."""
 
     def __init__(self, classifier: nn.Module, hidden: int = 128):
         super().__init__()
         self.classifier = classifier.eval().requires_grad_(False)
         self.config = {"kind": "concept_judge", "hidden": hidden, "shapes": list(ALL_SHAPES)}
         k = len(ALL_SHAPES)
-        self.shape_head = nn.Sequential(nn.Linear(256, hidden), nn.SiLU(), nn.Linear(hidden, 2 * k))
+        self.shape_head = nn.Sequential(nn.Linear(256, hidden), nn.SiLU(), nn.Linear(hidden, 2 * k + len(SIZES)))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier.features(x)
@@ -121,7 +122,9 @@ class ConceptJudge(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         f = self.classifier.features(x)
         out = {k: head(f) for k, head in self.classifier.heads.items()}
-        out["shape"], out["shape2"] = self.shape_head(f).chunk(2, dim=1)
+        k = len(ALL_SHAPES)
+        new = self.shape_head(f)
+        out["shape"], out["shape2"], out["size"] = new[:, :k], new[:, k:2 * k], new[:, 2 * k:]
         return out
 
 
@@ -131,41 +134,73 @@ def _judge_data(n_old: int, n_new: int, seed: int):
 
     images, _, labels = dataset(n_old, "train", seed + 101)  # seeds no generator of the course trains on
     extra, _, extra_labels = dataset(n_old // 5, "heldout", seed + 107)
-    stars = make_concept(n_new, "judge", seed)[0]
+    scenes = concept_scenes(n_new, "judge", seed)
+    stars = torch.stack([render(s) for s in scenes])
     x = torch.cat([images, extra, stars])
     shape = torch.cat([labels["shape"], extra_labels["shape"], torch.full((n_new,), len(SHAPES))])
     shape2 = torch.cat([labels["shape2"], extra_labels["shape2"], torch.full((n_new,), -1)])
-    return x, shape, shape2
+    size = torch.cat([labels["size"], extra_labels["size"],
+                      torch.tensor([tuple(SIZES).index(s["objects"][0]["size"]) for s in scenes])])
+    return x, shape, shape2, size
 
 
-def train_concept_judge(steps: int = 1500, n_old: int = 10_000, n_new: int = 3000, batch_size: int = 512,
-                        lr: float = 3e-3, seed: int = 0, progress: bool = True) -> tuple[ConceptJudge, dict]:
+def train_concept_judge(steps: int = 1500, n_old: int = 10_000, n_new: int = 3000, draws: int = 3,
+                        batch_size: int = 512, lr: float = 3e-3, seed: int = 0, progress: bool = True
+                        ) -> tuple[ConceptJudge, dict]:
     """The new shape head on the shipped classifier's frozen features of rendered images (lesson 7's train and
-    held-out-pair scenes, and stars from the 'judge' generator), with the same light noise as the classifier's own
-    training; returns the judge and a card with its accuracy on the test split and on fresh stars."""
+    held-out-pair scenes, and stars from the 'judge' generator), each image seen under `draws` draws of the light noise
+    the classifier itself was trained with (the features are computed once per draw: the trunk is frozen); returns
+    the judge and a card with its accuracy on lesson 7's test split and on fresh stars."""
     from .attributes import load_attribute_classifier
     from .fit import fit
 
     torch.manual_seed(seed)
     judge = ConceptJudge(load_attribute_classifier())
-    x, shape, shape2 = _judge_data(n_old, n_new, seed)
+    x, shape, shape2, size = _judge_data(n_old, n_new, seed)
     g = torch.Generator().manual_seed(seed)
+    feats = []
+    with torch.no_grad():
+        for _ in range(draws):
+            noisy = x + 0.08 * torch.rand(len(x), 1, 1, 1, generator=g) * torch.randn(x.shape, generator=g)
+            feats.append(torch.cat([judge.features(noisy[i:i + 1000]) for i in range(0, len(x), 1000)]))
+    feats = torch.stack(feats)
     k = len(ALL_SHAPES)
 
     def loss_fn(step):
         idx = torch.randint(len(x), (batch_size,), generator=g)
-        noisy = x[idx] + 0.08 * torch.rand(batch_size, 1, 1, 1, generator=g) * torch.randn(
-            batch_size, 3, 32, 32, generator=g)
-        with torch.no_grad():
-            f = judge.classifier.features(noisy)
-        out = judge.shape_head(f)
-        return F.cross_entropy(out[:, :k], shape[idx]) + F.cross_entropy(out[:, k:], shape2[idx], ignore_index=-1)
+        out = judge.shape_head(feats[step % draws, idx])
+        return (F.cross_entropy(out[:, :k], shape[idx]) + F.cross_entropy(out[:, k:2 * k], shape2[idx], ignore_index=-1)
+                + F.cross_entropy(out[:, 2 * k:], size[idx], ignore_index=-1))
 
     judge, log = fit(judge, loss_fn, steps, lr=lr, desc="concept judge", progress=progress,
                      params=judge.shape_head.parameters())
-    card = {"steps": steps, "seed": seed, "old_images": n_old + n_old // 5, "new_images": n_new,
+    judge.eval().requires_grad_(False)
+    card = {"steps": steps, "seed": seed, "old_images": n_old + n_old // 5, "new_images": n_new, "noise_draws": draws,
             "train_seconds": round(log["seconds"], 1), **judge_accuracy(judge)}
     return judge, card
+
+
+def export_judge(judge: ConceptJudge, path, card: dict):
+    """Write the judge's new head only (the trunk is the shipped classifier's), in the course checkpoint format."""
+    from . import checkpoints as ckpt_io
+
+    state = {"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "kind": "weights",
+             "config": {"preset": "shapes_star_judge"}, "model_config": judge.config,
+             "weights": {k: v.detach().cpu() for k, v in judge.shape_head.state_dict().items()}, "card": card}
+    return ckpt_io.save_atomic(state, path)
+
+
+def load_concept_judge(path=None) -> ConceptJudge:
+    """The shipped concept judge (data/shapes_star_judge.pt: the new head) on the shipped attribute classifier."""
+    from . import checkpoints as ckpt_io
+    from .attributes import load_attribute_classifier
+
+    ckpt = ckpt_io.load_checkpoint(path or ckpt_io.shipped_dir() / "shapes_star_judge.pt")
+    if ckpt.get("model_config", {}).get("kind") != "concept_judge":
+        raise ValueError(f"{path} holds no concept judge (kind {ckpt.get('model_config', {}).get('kind')!r})")
+    judge = ConceptJudge(load_attribute_classifier(), ckpt["model_config"]["hidden"])
+    judge.shape_head.load_state_dict(ckpt["weights"])
+    return judge.eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -194,3 +229,39 @@ def predict(judge: ConceptJudge, images: torch.Tensor, batch: int = 500) -> dict
     """The predicted class per attribute ('shape' and 'shape2' among ALL_SHAPES)."""
     outs = [judge(images[i:i + batch].float().cpu()) for i in range(0, len(images), batch)]
     return {k: torch.cat([o[k] for o in outs]).argmax(1) for k in outs[0]}
+
+
+def prompt_labels(prompts) -> dict[str, torch.Tensor]:
+    """attributes.prompt_labels for prompts that may name the new shape (its index len(SHAPES) among ALL_SHAPES)."""
+    from .attributes import prompt_labels as old_labels
+
+    prompts = list(prompts)
+    named = [[w == WORD for w in prompt_words(p)] for p in prompts]
+    out = old_labels([" ".join(_STAND_IN if w == WORD else w for w in prompt_words(p)) for p in prompts])
+    for i, (p, flags) in enumerate(zip(prompts, named)):
+        words = prompt_words(p)
+        shape_slots = [j for j, w in enumerate(words) if w in ALL_SHAPES]
+        for slot, key in zip(shape_slots, ("shape", "shape2")):
+            if flags[slot]:
+                out[key][i] = len(SHAPES)
+    return out
+
+
+def concept_adherence(judge: ConceptJudge, images: torch.Tensor, prompts) -> dict[str, float]:
+    """How generated images follow one-object prompts that may name the new shape, as the concept judge reads them:
+    accuracy per named attribute ('shape' is the concept's fidelity for star prompts) and 'all'."""
+    prompts = list(prompts)
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    want, pred = prompt_labels(prompts), predict(judge, images)
+    if (want["count"] != 0).any():
+        raise ValueError("concept_adherence judges one-object prompts ('a small red star at the top left')")
+    out, ok = {}, torch.ones(len(prompts), dtype=torch.bool)
+    for k in ("shape", "colour", "size", "position"):
+        named = want[k] >= 0
+        right = (pred[k] == want[k]) | ~named
+        ok &= right
+        if named.any():
+            out[k] = round(right[named].float().mean().item(), 4)
+    out["all"] = round(ok.float().mean().item(), 4)
+    return out

@@ -61,6 +61,7 @@ class TextToImage:
     autoencoder: KLAutoencoder | None = None
     scale_factor: float = 1.0
     card: dict = field(default_factory=dict)
+    tokenizer: object = None  # captions -> token ids; None: shapes.tokenize (lesson 13 adds a word: concepts.tokenize)
 
     @property
     def space(self) -> str:
@@ -87,7 +88,8 @@ class TextToImage:
         if not prompts:
             raise ValueError("give at least one prompt")
         dev = next(self.unet.parameters()).device
-        tokens = torch.stack([torch.zeros(MAX_WORDS, dtype=torch.long) if p.strip() == "" else tokenize(p)[0]
+        tok = self.tokenizer or tokenize
+        tokens = torch.stack([torch.zeros(MAX_WORDS, dtype=torch.long) if p.strip() == "" else tok(p)[0]
                               for p in prompts])
         return tuple(t.to(dev) for t in self.text_encoder(tokens.to(next(self.text_encoder.parameters()).device)))
 

@@ -1,0 +1,144 @@
+"""Lesson 13's new concept (course_lib.concepts) and adaptation (course_lib.adapt): the star's drawing against its
+area in closed form, the new word leaving every old caption's tokens and states as they were, the generators'
+separation, and what each adaptation method may change."""
+import math
+
+import pytest
+import torch
+
+from course_lib import adapt, concepts
+from course_lib.shapes import SHAPES, VOCAB, _star, parse_caption
+from course_lib.shapes import tokenize as old_tokenize
+
+
+def test_the_star_has_the_area_of_its_polygon():
+    # 10 triangles (centre, outer point, inner point) with the angle pi / 5 between their sides: 5 R r sin(pi / 5)
+    n = 2000
+    coords = (torch.arange(n, dtype=torch.float64) + 0.5) / n * 20 - 10
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    for outer, inner in ((8.0, 3.6), (5.0, 2.0)):
+        area = _star(cols, rows, outer, inner).double().mean().item() * 400
+        assert area == pytest.approx(5 * outer * inner * math.sin(math.pi / 5), rel=2e-3)
+    # one point straight up: the top of the star reaches -outer, the bottom stays above +outer
+    inside = _star(cols, rows, 8.0, 3.6)
+    assert inside[rows[:, 0] < -7.9].any() and not inside[rows[:, 0] > 7.9].any()
+
+
+def test_the_new_word_leaves_old_captions_as_they_were():
+    old = ["a small red circle at the top left", "a blue square left of a green triangle", "a red cross"]
+    torch.testing.assert_close(concepts.tokenize(old), old_tokenize(old))
+    tok = concepts.tokenize(["a large cyan star at the bottom", "a red star above a blue circle", ""])
+    assert concepts.WORD_INDEX == len(VOCAB)
+    assert tok[0, 3] == concepts.WORD_INDEX and tok[1, 2] == concepts.WORD_INDEX
+    assert tok[1, 6] == VOCAB.index("circle") and (tok[2] == 0).all()
+    for bad in ("a red stars", "a star", "a red star at the moon"):
+        with pytest.raises(ValueError):
+            concepts.tokenize(bad)
+    with pytest.raises(TypeError):
+        concepts.tokenize([3])
+
+
+def test_add_word_adds_one_row_and_changes_no_old_state():
+    from course_lib.clip import load_text_encoder
+
+    enc = load_text_encoder()
+    before = enc.tokens.weight.clone()
+    new = concepts.add_word(enc, seed=3)
+    assert new.config["vocab_size"] == len(VOCAB) + 1 and enc.config["vocab_size"] == len(VOCAB)
+    torch.testing.assert_close(enc.tokens.weight, before)  # the original is untouched
+    torch.testing.assert_close(new.tokens.weight[:len(VOCAB)], before)
+    row = new.tokens.weight[concepts.WORD_INDEX]
+    shape_rows = before[[VOCAB.index(s) for s in SHAPES]]
+    assert all(not torch.allclose(row, r) for r in shape_rows)
+    assert (row - shape_rows.mean(0)).norm() < 0.5 * (shape_rows - shape_rows.mean(0)).norm(dim=1).min()
+    old = old_tokenize(["a small red circle at the top left", "a blue square left of a green triangle"])
+    with torch.no_grad():
+        for a, b in zip(enc(old), new(old)):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="vocab_size"):
+        concepts.add_word(new)
+
+
+def test_concept_images_are_deterministic_captioned_and_separate_per_purpose():
+    a, caps = concepts.make_concept(12, "adapt", 0)
+    b, caps_b = concepts.make_concept(12, "adapt", 0)
+    assert torch.equal(a, b) and caps == caps_b
+    assert a.shape == (12, 3, 32, 32) and a.min() >= -1 and a.max() <= 1
+    for c in caps:
+        words = c.split()
+        assert words[3] == concepts.WORD
+        parse_caption(c.replace(concepts.WORD, SHAPES[0]))
+    judge_caps = concepts.make_concept(12, "judge", 0)[1]
+    assert judge_caps != caps and concepts.concept_prompts(12) != caps
+    with pytest.raises(ValueError, match="purpose"):
+        concepts.make_concept(3, "train")
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="positive int"):
+            concepts.make_concept(bad)
+
+
+def test_prompt_labels_put_the_star_where_it_is_named():
+    lab = concepts.prompt_labels(["a small red star at the top", "a blue circle left of a green star",
+                                  "a green star above a red square"])
+    star = len(SHAPES)
+    assert lab["shape"].tolist()[0] == star and lab["colour"][0] == list(concepts.COLOURS).index("red")
+    assert lab["shape"][1] == SHAPES.index("circle") and lab["shape2"][1] == star
+    assert lab["shape"][2] == star and lab["shape2"][2] == SHAPES.index("square")
+
+
+def test_adapt_config_refuses_what_it_cannot_do():
+    for kwargs in ({"method": "dreambooth"}, {"rank": 0}, {"steps": 2.5}, {"lr": 0}, {"prior_weight": -1},
+                   {"caption_dropout": 1.0}, {"images": True}):
+        with pytest.raises(ValueError):
+            adapt.AdaptConfig(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def base():
+    from course_lib.text2image import load_text_to_image
+
+    return load_text_to_image("shapes_ldm")
+
+
+def test_lora_adaptation_trains_only_the_adapters(base):
+    before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    model, card = adapt.adapt(base, steps=3, batch_size=4, progress=False)
+    assert card["trainable_parameters"] > 0 and card["trainable_share"] < 0.05
+    for k, v in base.unet.state_dict().items():  # the base model is untouched
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    adapted = model.unet.state_dict()
+    changed = [k for k in adapted if "lora_B" in k and adapted[k].abs().max() > 0]
+    assert changed  # B moved off zero
+    for k, v in adapted.items():
+        if "lora_" not in k:
+            torch.testing.assert_close(v, before[k.replace(".base_layer", "")], rtol=0, atol=0)
+    images = model.generate(["a large red star at the center"], nfe=4, seed=0)
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_textual_inversion_learns_the_new_row_only(base):
+    model, card = adapt.adapt(base, method="textual_inversion", steps=3, batch_size=4, lr=0.05, progress=False)
+    assert card["trainable_parameters"] == base.text_encoder.tokens.weight.shape[1]
+    old = base.text_encoder.state_dict()
+    new = model.text_encoder.state_dict()
+    for k, v in old.items():
+        if k == "tokens.weight":
+            torch.testing.assert_close(new[k][:len(VOCAB)], v, rtol=0, atol=0)
+            start = concepts.add_word(base.text_encoder).tokens.weight[concepts.WORD_INDEX]
+            assert (new[k][concepts.WORD_INDEX] - start).abs().max() > 1e-3
+        else:
+            torch.testing.assert_close(new[k], v, rtol=0, atol=0)
+    for k, v in base.unet.state_dict().items():
+        torch.testing.assert_close(model.unet.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_prior_preservation_adds_the_prior_loss(base):
+    g = torch.Generator().manual_seed(0)
+    prior = (torch.randn(6, *base.shape, generator=g), ["a red circle", "a blue square left of a red cross"] * 3)
+    with_prior, card = adapt.adapt(base, steps=3, batch_size=4, prior_weight=1.0, prior=prior, progress=False)
+    without, card0 = adapt.adapt(base, steps=3, batch_size=4, progress=False)
+    assert card["prior_weight"] == 1.0 and card0["prior_weight"] == 0.0
+    a, b = with_prior.unet.state_dict(), without.unet.state_dict()
+    # the same seed and concept images: the prior rows (and the noise drawn for them) move the adapters elsewhere
+    assert any((a[k] - b[k]).abs().max() > 1e-6 for k in a if "lora_B" in k)
+    assert card["final_loss"] > card0["final_loss"]  # the prior term adds its own loss
