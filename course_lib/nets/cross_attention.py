@@ -128,7 +128,9 @@ class TextUNet(nn.Module):
         return h
 
     def forward(self, x: torch.Tensor, t, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                y=None) -> torch.Tensor:
+                y=None, control: list | None = None) -> torch.Tensor:
+        """`control`: a ControlNet's residuals (course_lib.controlnet), one per skip connection and one for the middle,
+        added to them before the up path (Zhang et al. 2023, eq. 4)."""
         c, factor = self.config["in_channels"], 2 ** (len(self.config["mults"]) - 1)
         if x.ndim != 4 or x.shape[1] != c or x.shape[2] % factor or x.shape[3] % factor:
             raise ValueError(f"expected inputs of shape (B, {c}, H, W) with H and W divisible by {factor}, "
@@ -145,6 +147,12 @@ class TextUNet(nn.Module):
             h = self._run(layer, h, emb, context, mask) if isinstance(layer, nn.ModuleList) else layer(h)
             hs.append(h)
         h = self._run(self.mid, h, emb, context, mask)
+        if control is not None:
+            if len(control) != len(hs) + 1:
+                raise ValueError(f"control needs {len(hs) + 1} residuals (one per skip connection and the middle), "
+                                 f"got {len(control)}")
+            hs = [a + b for a, b in zip(hs, control[:-1])]
+            h = h + control[-1]
         for layer in self.up:
             if isinstance(layer, nn.ModuleList):
                 h = self._run(layer, torch.cat([h, hs.pop()], dim=1), emb, context, mask)
