@@ -42,9 +42,11 @@ class AdaptConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name, v in (("lr", self.lr), ("prior_weight", self.prior_weight + 1.0)):
-            if not (isinstance(v, (int, float)) and v > 0):
-                raise ValueError(f"{name} must be {'> 0' if name == 'lr' else '>= 0'}, got {getattr(self, name)!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise ValueError(f"lr must be a number > 0, got {self.lr!r}")
+        if isinstance(self.prior_weight, bool) or not isinstance(self.prior_weight, (int, float)) or \
+                not self.prior_weight >= 0:
+            raise ValueError(f"prior_weight must be a number >= 0 (0: no prior preservation), got {self.prior_weight!r}")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"need 0 <= caption_dropout < 1, got {self.caption_dropout!r}")
 
@@ -120,9 +122,9 @@ def adapt(base, config: AdaptConfig | None = None, progress: bool = True, prior=
             return loss + c.prior_weight * prior_loss, {"concept": loss.item(), "prior": prior_loss.item()}
         return loss
 
-    weight_decay = 0.0  # the token row and the adapters start where they should; no pull towards zero
+    # no weight decay: it would pull the new word's row (and the adapters) towards zero, not towards where they start
     _, log = fit(unet if c.method == "lora" else encoder, loss_fn, c.steps, lr=c.lr, warmup=min(50, c.steps // 10),
-                 weight_decay=weight_decay, desc=f"adapt ({c.method})", progress=progress, params=params)
+                 weight_decay=0.0, desc=f"adapt ({c.method})", progress=progress, params=params)
     unet.eval().requires_grad_(False)
     encoder.eval().requires_grad_(False)
     base_params = sum(p.numel() for n, p in unet.named_parameters() if "lora_" not in n)

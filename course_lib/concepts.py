@@ -3,7 +3,7 @@ word for it in the text encoder's vocabulary (the placeholder token of textual i
 identifier of DreamBooth, Ruiz et al. 2023), and a judge that reads it.
 
 The word is appended to the vocabulary (index len(VOCAB)), so every old caption tokenizes exactly as before; it may
-stand wherever a shape does: 'a small red star at the top left', 'a star'-less prompt is lesson 7's prompt.
+stand wherever a shape does ('a small red star at the top left', 'a red star left of a blue square').
 The judge is the shipped attribute classifier's frozen trunk with a new shape head that reads five shapes, trained on
 rendered images only (seeds no adapted model sees), so it judges generated stars without having learnt from them.
 """

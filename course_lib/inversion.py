@@ -49,3 +49,27 @@ def reconstruct(denoiser, x0: torch.Tensor, sigmas, sample_kwargs: dict | None =
     noise = ddim_invert(denoiser, x0, sigmas, **model_kwargs)
     down = model_kwargs if sample_kwargs is None else sample_kwargs
     return sample_ddim(denoiser, noise, check_sigmas(sigmas), **down), noise
+
+
+@torch.no_grad()
+def edit(model, images: torch.Tensor, source, target, steps: int = 50, scale: float = 1.0,
+         invert_scale: float = 1.0) -> torch.Tensor:
+    """Edit real images by inversion (lesson 13): encode them (a latent model), DDIM-invert under the `source`
+    captions with guidance `invert_scale` (1: none, which inverts best), then DDIM-sample the noise back under the
+    `target` captions at `scale`, on `steps` Karras levels from lesson 7's sigma_max. Same captions: a reconstruction."""
+    from .autoencoder import encode
+    from .step_schedules import karras_sigmas
+    from .text2image import SIGMA_MAX
+
+    source = [source] * len(images) if isinstance(source, str) else list(source)
+    target = [target] * len(images) if isinstance(target, str) else list(target)
+    if not len(source) == len(target) == len(images):
+        raise ValueError(f"{len(images)} images need as many source and target captions, got {len(source)} and "
+                         f"{len(target)}")
+    x = encode(model.autoencoder, images) * model.scale_factor if model.autoencoder is not None else images
+    down = model.denoiser(invert_scale)
+    sigmas = karras_sigmas(steps, float(down.sigma_min), SIGMA_MAX)
+    src_c, src_m = model.condition(source)
+    noise = ddim_invert(down, x, sigmas, context=src_c, mask=src_m)
+    tgt_c, tgt_m = model.condition(target)
+    return model.to_images(sample_ddim(model.denoiser(scale), noise, sigmas, context=tgt_c, mask=tgt_m))
