@@ -71,9 +71,11 @@ def prior_data(base, n: int, seed: int = 0, progress: bool = False):
     return latents, prompts
 
 
-def adapt(base, config: AdaptConfig | None = None, progress: bool = True, prior=None, **overrides):
+def adapt(base, config: AdaptConfig | None = None, progress: bool = True, prior=None, callback=None, every: int = 0,
+          **overrides):
     """Adapt a copy of `base` (a latent TextToImage, lesson 7's shapes_ldm) to the new concept; returns (the adapted
-    model, its card). `prior` = (latents, prompts) reuses prior_data's (it is the costly part) across runs."""
+    model, its card). `prior` = (latents, prompts) reuses prior_data's (it is the costly part) across runs;
+    `callback(step, model, seconds)` runs every `every` steps on the model being adapted (a learning curve)."""
     from .autoencoder import encode
     from .fit import fit
     from .lora import add_lora, parameter_counts
@@ -124,7 +126,8 @@ def adapt(base, config: AdaptConfig | None = None, progress: bool = True, prior=
 
     # no weight decay: it would pull the new word's row (and the adapters) towards zero, not towards where they start
     _, log = fit(unet if c.method == "lora" else encoder, loss_fn, c.steps, lr=c.lr, warmup=min(50, c.steps // 10),
-                 weight_decay=0.0, desc=f"adapt ({c.method})", progress=progress, params=params)
+                 weight_decay=0.0, desc=f"adapt ({c.method})", progress=progress, params=params,
+                 callback=(lambda step, _, seconds: callback(step, model, seconds)) if callback else None, every=every)
     unet.eval().requires_grad_(False)
     encoder.eval().requires_grad_(False)
     base_params = sum(p.numel() for n, p in unet.named_parameters() if "lora_" not in n)
@@ -133,3 +136,20 @@ def adapt(base, config: AdaptConfig | None = None, progress: bool = True, prior=
             "final_loss": round(sum(log["losses"][-50:]) / len(log["losses"][-50:]), 5)}
     model.card = {**base.card, "adapted": card}
     return model, card
+
+
+def evaluate(model, judge, classifier, n_concept: int = 200, n_old: int = 200, seed: int = 0, nfe: int = 20) -> dict:
+    """What adapting did, on fixed prompts and noise: 'fidelity' (the concept judge reads the new shape on test prompts
+    naming it) and 'concept_all' (every attribute of those prompts right), and lesson 7's adherence on its own one- and
+    two-object test prompts ('old_all', 'old_binding': what the model could do before, kept or lost)."""
+    from .attributes import adherence
+    from .text2image import single_object_prompts, two_object_prompts
+
+    prompts = concepts.concept_prompts(n_concept, seed)
+    judged = concepts.concept_adherence(judge, model.generate(prompts, seed=seed, nfe=nfe), prompts)
+    one, two = single_object_prompts(n_old, "test", seed), two_object_prompts(n_old, "test", seed)
+    images = model.generate(one + two, seed=seed + 1, nfe=nfe)
+    return {"fidelity": judged["shape"], "concept_all": judged["all"],
+            "old_all": adherence(classifier, images[:n_old], one)["all"],
+            "old_binding": adherence(classifier, images[n_old:], two)["binding"], "concept_prompts": n_concept,
+            "old_prompts": n_old}

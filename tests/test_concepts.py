@@ -142,3 +142,19 @@ def test_prior_preservation_adds_the_prior_loss(base):
     # the same seed and concept images: the prior rows (and the noise drawn for them) move the adapters elsewhere
     assert any((a[k] - b[k]).abs().max() > 1e-6 for k in a if "lora_B" in k)
     assert card["final_loss"] > card0["final_loss"]  # the prior term adds its own loss
+
+
+def test_evaluate_measures_both_sides_on_the_unadapted_model(base):
+    """On the model before adapting: lesson 7's prompts are followed as lesson 7 measured (a floor on 40 prompts of
+    each kind at 10 steps); with a judge head that always reads 'circle', fidelity is 0 and nothing else is counted."""
+    from course_lib.attributes import load_attribute_classifier
+
+    judge = concepts.ConceptJudge(load_attribute_classifier())
+    with torch.no_grad():
+        for layer in (judge.shape_head[0], judge.shape_head[2]):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        judge.shape_head[2].bias[0] = 1.0  # shape 'circle', second shape 'circle', size 'small'
+    res = adapt.evaluate(adapt.concept_model(base), judge, load_attribute_classifier(), n_concept=8, n_old=40, nfe=10)
+    assert res["fidelity"] == 0 and res["concept_all"] == 0
+    assert res["old_all"] > 0.8 and res["old_binding"] is not None and res["old_prompts"] == 40
