@@ -54,6 +54,69 @@ def report(records: list[dict], table: str, verdict: dict, json_path=None) -> li
     return records
 
 
+def run_tasks(tasks: list[dict], run_one, key, jobs: int = 1, done=(), on_record=None, desc: str = "bench",
+              progress: bool = True) -> list[dict]:
+    """Run run_one(**task) for every task whose key(task) is not among the records `done` (key(record) names the same
+    run), in `jobs` processes of one CPU thread each; on_record(records) after each finished run (a partial file).
+    Returns the records in the tasks' order."""
+    import torch
+
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive int, got {jobs!r}")
+    records = list(done)
+    finished = {key(r) for r in records}
+    todo = [t for t in tasks if key(t) not in finished]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(todo), desc=desc, unit="run")
+
+    def add(rec):
+        records.append(rec)
+        if on_record is not None:
+            on_record(records)
+        if bar is not None:
+            bar.update()
+
+    if jobs == 1:
+        for task in todo:
+            add(run_one(**task))
+    else:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
+                                    initargs=(1,)) as pool:
+            for f in cf.as_completed([pool.submit(run_one, **task) for task in todo]):
+                add(f.result())
+    if bar is not None:
+        bar.close()
+    rank = {key(t): i for i, t in enumerate(tasks)}
+    return sorted(records, key=lambda r: rank.get(key(r), len(rank)))
+
+
+def resumable(json_path, force: bool, resume: bool):
+    """(the records already measured, on_record) for a benchmark that saves each finished run to JSON_PATH.partial:
+    --resume continues from that file; without it an unfinished run there is refused unless --force."""
+    from pathlib import Path
+
+    from ..checkpoints import read_json, write_json_atomic
+
+    refuse_to_overwrite(json_path, force)
+    if resume and json_path is None:
+        raise ValueError("--resume continues a run saved with --json FILE; pass the same --json")
+    if json_path is None:
+        return [], None
+    partial = Path(f"{json_path}.partial")
+    done = []
+    if resume and partial.exists():
+        done = read_json(partial)
+        print(f"Resuming from {partial}: {len(done)} runs already measured")
+    elif partial.exists() and not force:
+        raise ValueError(f"{partial} holds an unfinished run: pass --resume to continue it, or --force to start again")
+    return done, lambda recs: write_json_atomic(recs, partial)
+
+
 def __getattr__(name: str):
     """Earlier releases had the sampler benchmark here (`from course_lib import bench; bench.targets(...)`,
     `from course_lib.bench import Judge`): its names still resolve, to course_lib.bench.samplers."""

@@ -18,7 +18,7 @@ import time
 import torch
 
 from . import ImageCounter as _Counter  # noqa: F401  (the name the tests and fewstep_latent used)
-from . import refuse_to_overwrite, report, seed_rows
+from . import report, resumable, run_tasks, seed_rows
 
 TEACHER, TEACHER_NFE = "digits_edm", 20
 STUDENTS = ("digits_cd", "digits_ct", "digits_pd", "digits_add")
@@ -177,8 +177,6 @@ def bench_fewstep(quick: bool = False, samples: int | None = None, progress: boo
     the text-to-shapes teacher and its latent consistency model on every seed; with export_dir, seed 0's students are
     written there as data/ ships them (NAME.pt and NAME.json). Runs whose records are in `done` are skipped;
     on_record(records) is called after each finished run (a partial file)."""
-    if not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be a positive int, got {jobs!r}")
     n = samples or (100 if quick else 1000)
     seeds = tuple(seeds) if seeds is not None else (QUICK_SEEDS if quick else SEEDS)
     order = sorted(students, key=lambda s: ("digits_add", "digits_pd", "digits_cd", "digits_ct").index(s)
@@ -196,36 +194,7 @@ def bench_fewstep(quick: bool = False, samples: int | None = None, progress: boo
             tasks += [dict(kind="latent_student", name=STUDENT, seed=seed, n=m, quick=quick,
                            export=f"{export_dir}/{STUDENT}.pt" if export_dir and seed == 0 else None),
                       dict(kind="latent_teacher", name=LATENT_TEACHER, seed=seed, n=m)]
-    records = list(done)
-    finished = {_key(r) for r in records}
-    todo = [t for t in tasks if _key(t) not in finished]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(todo), desc="bench fewstep", unit="run")
-
-    def add(rec):
-        records.append(rec)
-        if on_record is not None:
-            on_record(records)
-        if bar is not None:
-            bar.update()
-
-    if jobs == 1:
-        for task in todo:
-            add(run_one(**task))
-    else:
-        import concurrent.futures as cf
-        import multiprocessing as mp
-
-        with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
-                                    initargs=(1,)) as pool:
-            for f in cf.as_completed([pool.submit(run_one, **task) for task in todo]):
-                add(f.result())
-    if bar is not None:
-        bar.close()
-    rank = {_key(t): i for i, t in enumerate(tasks)}
-    return sorted(records, key=lambda r: rank.get(_key(r), len(rank)))
+    return run_tasks(tasks, run_one, _key, jobs, done, on_record, "bench fewstep", progress)
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -280,21 +249,7 @@ def main_fewstep(quick: bool = False, json_path=None, samples: int | None = None
     saved to JSON_PATH.partial as it ends; --resume continues from it (a stopped run loses only the runs in flight)."""
     from pathlib import Path
 
-    from ..checkpoints import read_json, write_json_atomic
-
-    refuse_to_overwrite(json_path, force)
-    if resume and json_path is None:
-        raise ValueError("--resume continues a run saved with --json FILE; pass the same --json")
-    done, on_record = [], None
-    if json_path is not None:
-        partial = Path(f"{json_path}.partial")
-        if resume and partial.exists():
-            done = read_json(partial)
-            print(f"Resuming from {partial}: {len(done)} runs already measured")
-        elif partial.exists() and not force:
-            raise ValueError(f"{partial} holds an unfinished run: pass --resume to continue it, or --force to start "
-                             "again")
-        on_record = lambda recs: write_json_atomic(recs, partial)  # noqa: E731
+    done, on_record = resumable(json_path, force, resume)
     records = bench_fewstep(quick, samples, jobs=jobs, export_dir=export_dir, seeds=seeds, done=done,
                             on_record=on_record)
     report(records, table(records), verdict(records), json_path)
