@@ -181,3 +181,57 @@ def save_sd_lora(unet, folder, force: bool = False) -> Path:
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     diffusers.StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=layers, safe_serialization=True)
     return folder
+
+
+def train_sd_lora(pipe, images: torch.Tensor, prompts, rank: int = 4, steps: int = 400, lr: float = 1e-4,
+                  batch_size: int = 1, seed: int = 0, progress: bool = True) -> dict:
+    """LoRA fine-tuning of a Stable Diffusion pipeline's UNet on a few captioned images, as diffusers'
+    train_dreambooth_lora.py does it (without its prior images): the VAE's latents times its scaling factor, noise at
+    a uniform timestep of the pipeline's DDPM schedule, the eps (or v) loss; VAE and text encoder frozen. Adds the
+    adapters (add_sd_lora) and trains them in place; returns {'losses', 'seconds', 'trainable'}. On SD 1.5 on a GPU:
+    5 images of 512x512, 400 steps, a few minutes; on the tiny pipeline the same code runs on a CPU in seconds."""
+    import time
+
+    import diffusers
+    import torch.nn.functional as F
+
+    prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+    if images.ndim != 4 or len(prompts) != len(images):
+        raise ValueError(f"expected images (n, 3, H, W) in [-1, 1] and n prompts, got {tuple(images.shape)} and "
+                         f"{len(prompts)} prompts")
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        dist = pipe.vae.encode(images.to(device, pipe.vae.dtype)).latent_dist
+        latents = (dist.mean * pipe.vae.config.scaling_factor).float()
+        ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(device)
+        states = pipe.text_encoder(ids)[0].float()
+    schedule = diffusers.DDPMScheduler.from_config(pipe.scheduler.config)
+    add_sd_lora(pipe.unet, rank)
+    params = [p for p in pipe.unet.parameters() if p.requires_grad]
+    for p in params:  # adapters train in float32 even when the UNet is fp16 (diffusers' scripts cast them too)
+        p.data = p.data.float()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses, start = [], time.perf_counter()
+    it = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc="SD LoRA", leave=False)
+    pipe.unet.train()
+    for _ in it:
+        idx = torch.randint(len(latents), (batch_size,), generator=g)
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        t = torch.randint(schedule.config.num_train_timesteps, (batch_size,), generator=g).to(device)
+        noisy = schedule.add_noise(x0, noise, t)
+        target = noise if schedule.config.prediction_type == "epsilon" else schedule.get_velocity(x0, noise, t)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            pred = pipe.unet(noisy.to(dtype), t, encoder_hidden_states=states[idx].to(dtype)).sample
+        loss = F.mse_loss(pred.float(), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    pipe.unet.eval().requires_grad_(False)
+    return {"losses": losses, "seconds": time.perf_counter() - start, "trainable": sum(p.numel() for p in params)}

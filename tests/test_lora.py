@@ -157,3 +157,25 @@ def test_stable_diffusion_lora_round_trip_through_diffusers(tmp_path):
     torch.testing.assert_close(loaded, adapted, atol=1e-5, rtol=1e-5)  # ... and comes back exactly
     with pytest.raises(FileExistsError):
         lora.save_sd_lora(pipe.unet, tmp_path)
+
+
+def test_stable_diffusion_lora_training_runs_on_the_tiny_pipeline(tmp_path):
+    """The Colab section's code path, offline: a few steps on two images lower the loss on them, only the adapters
+    change, and the result saves and loads through diffusers."""
+    from course_lib.pretrained import tiny_pipeline
+
+    pipe = tiny_pipeline(0)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    log = lora.train_sd_lora(pipe, images, "a photo of sks", rank=4, steps=60, lr=1e-2, batch_size=2, progress=False)
+    assert log["trainable"] > 0 and len(log["losses"]) == 60
+    first, last = sum(log["losses"][:15]) / 15, sum(log["losses"][-15:]) / 15
+    assert last < first, (first, last)
+    after = pipe.unet.state_dict()
+    for k, v in before.items():
+        torch.testing.assert_close(after[k.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")]
+                                   if k not in after else after[k], v, rtol=0, atol=0)
+    lora.save_sd_lora(pipe.unet, tmp_path)
+    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+    with pytest.raises(ValueError, match="prompts"):
+        lora.train_sd_lora(tiny_pipeline(0), images, ["one"] * 3, steps=1, progress=False)
