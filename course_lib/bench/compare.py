@@ -158,7 +158,7 @@ def run_one(dataset: str, family: str, seed: int, quick: bool = False, judge=Non
         export_to.mkdir(parents=True, exist_ok=True)
         card = {k: v for k, v in record.items() if not k.endswith("curve")}
         card["command"] = EXPORT_COMMAND
-        trainer.export(export_to / f"{dataset}_{family}.pt", card)
+        trainer.export(export_to / f"{dataset}_{family}.pt", card, half=True)  # fp16 on disk, as data/ ships them
     return {k: record[k] for k in RECORD_KEYS}
 
 
