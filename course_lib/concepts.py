@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import time
 
 import torch
 import torch.nn.functional as F
@@ -158,12 +159,12 @@ def train_concept_judge(steps: int = 1500, n_old: int = 10_000, n_new: int = 300
     judge = ConceptJudge(load_attribute_classifier())
     x, shape, shape2, size = _judge_data(n_old, n_new, seed)
     g = torch.Generator().manual_seed(seed)
-    feats = []
+    feats, start = [], time.perf_counter()
     with torch.no_grad():
         for _ in range(draws):
             noisy = x + 0.08 * torch.rand(len(x), 1, 1, 1, generator=g) * torch.randn(x.shape, generator=g)
             feats.append(torch.cat([judge.features(noisy[i:i + 1000]) for i in range(0, len(x), 1000)]))
-    feats = torch.stack(feats)
+    feats, feature_seconds = torch.stack(feats), time.perf_counter() - start
     k = len(ALL_SHAPES)
 
     def loss_fn(step):
@@ -176,7 +177,8 @@ def train_concept_judge(steps: int = 1500, n_old: int = 10_000, n_new: int = 300
                      params=judge.shape_head.parameters())
     judge.eval().requires_grad_(False)
     card = {"steps": steps, "seed": seed, "old_images": n_old + n_old // 5, "new_images": n_new, "noise_draws": draws,
-            "train_seconds": round(log["seconds"], 1), **judge_accuracy(judge)}
+            "feature_seconds": round(feature_seconds, 1), "train_seconds": round(log["seconds"] + feature_seconds, 1),
+            **judge_accuracy(judge)}
     return judge, card
 
 

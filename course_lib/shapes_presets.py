@@ -1,5 +1,6 @@
 """Lesson 7's shipped models and how each is trained: `python -m course_lib train --preset NAME` runs these
-(the classifier, autoencoder and mini-CLIP first: the two diffusion models use the shipped ones)."""
+(the classifier, autoencoder and mini-CLIP first: the two diffusion models use the shipped ones); and lesson 13's
+judge of the new shape, on the shipped classifier."""
 from __future__ import annotations
 
 PRESETS = {
@@ -12,6 +13,8 @@ PRESETS = {
     "shapes_dit": dict(space="latent", net="dit", steps=3500, batch_size=64, eval_every=500),
     # ... and for twice the steps: does the transformer catch up when it is given longer? (lesson 8 plots both curves)
     "shapes_dit_long": dict(space="latent", net="dit", steps=7000, batch_size=64, eval_every=1000),
+    # lesson 13: the judge of the new shape (a head on shapes_classifier's frozen features, trained on rendered images)
+    "shapes_star_judge": dict(steps=1500),
 }
 
 
@@ -28,6 +31,10 @@ def train_preset(name: str, steps: int | None = None, progress: bool = True):
         from .autoencoder import train_autoencoder
         model, card = train_autoencoder(progress=progress, **kwargs)
         card["batch_size"] = kwargs["batch_size"]
+    elif name == "shapes_star_judge":
+        from .concepts import export_judge, train_concept_judge
+        model, card = train_concept_judge(progress=progress, **kwargs)
+        return model, card, lambda path, c: export_judge(model, path, c)
     elif name == "shapes_clip":
         from .attributes import export
         from .clip import train_clip

@@ -158,3 +158,26 @@ def test_evaluate_measures_both_sides_on_the_unadapted_model(base):
     res = adapt.evaluate(adapt.concept_model(base), judge, load_attribute_classifier(), n_concept=8, n_old=40, nfe=10)
     assert res["fidelity"] == 0 and res["concept_all"] == 0
     assert res["old_all"] > 0.8 and res["old_binding"] is not None and res["old_prompts"] == 40
+
+
+def test_the_shipped_judge_reads_what_its_card_says_and_not_blur_as_a_star():
+    from course_lib.attributes import dataset
+    from course_lib.autoencoder import decode, encode, load_autoencoder
+    from course_lib.checkpoints import read_json, shipped_dir
+
+    judge = concepts.load_concept_judge()
+    card = read_json(shipped_dir() / "shapes_star_judge.json")
+    acc = concepts.judge_accuracy(judge)
+    assert acc["star_accuracy"] == card["star_accuracy"] and acc["test_accuracy"] == card["test_accuracy"]
+    assert acc["star_accuracy"]["shape"] >= 0.98 and min(acc["test_accuracy"].values()) >= 0.99
+    # generated images are blurrier than rendered ones: the autoencoder's reconstructions of lesson 7's shapes are
+    # still read as their own shapes, almost never as a star (500 images: 2% is 10 of them)
+    ae, _ = load_autoencoder()
+    images, _, labels = dataset(1000, "test", 0)
+    one = labels["count"] == 0
+    with torch.no_grad():
+        pred = concepts.predict(judge, decode(ae, encode(ae, images[one][:500])))
+    assert (pred["shape"] == len(SHAPES)).float().mean() < 0.02
+    assert (pred["shape"] == labels["shape"][one][:500]).float().mean() > 0.97
+    with pytest.raises(ValueError, match="no concept judge"):
+        concepts.load_concept_judge(shipped_dir() / "shapes_classifier.pt")
