@@ -63,17 +63,18 @@ def _bench(args) -> int:
 
         main_grader(args.quick, args.json, args.force, args.jobs)
         return 0
-    if args.bench in ("arch", "t2i", "flow", "text", "recipe", "resolution", "terminal", "fewstep"):  # lessons 7-12: main_<name>(quick, json, samples, force)
+    if args.bench in ("arch", "t2i", "flow", "text", "recipe", "resolution", "terminal", "fewstep", "adapt"):  # lessons 7-13: main_<name>(quick, json, samples, force)
         from importlib import import_module
 
-        least = {"arch": 50, "t2i": 10, "flow": 50, "text": 50, "recipe": 50, "resolution": 50, "terminal": 10, "fewstep": 50}[args.bench]  # FD needs samples; adherence needs prompts
+        least = {"arch": 50, "t2i": 10, "flow": 50, "text": 50, "recipe": 50, "resolution": 50, "terminal": 10, "fewstep": 50,
+                 "adapt": 8}[args.bench]  # FD needs samples; adherence needs prompts
         if args.samples is not None and args.samples < least:
             raise ValueError(f"--samples must be at least {least}, got {args.samples}")
         main = getattr(import_module(f"course_lib.bench.{args.bench}"), f"main_{args.bench}")
-        extra = {"jobs": args.jobs} if args.bench in ("arch", "recipe", "resolution", "terminal", "fewstep") else {}
+        extra = {"jobs": args.jobs} if args.bench in ("arch", "recipe", "resolution", "terminal", "fewstep", "adapt") else {}
         if args.bench in ("recipe", "fewstep") and args.export_dir:
             extra["export_dir"] = args.export_dir
-        if args.bench == "fewstep":
+        if args.bench in ("fewstep", "adapt"):
             _check_seeds(args.seeds)
             extra.update(seeds=args.seeds, resume=args.resume)
         if args.bench == "flow" and args.datasets:
@@ -143,7 +144,7 @@ def _bench_arguments(p: argparse.ArgumentParser, quick_help: str, datasets: bool
 
 def add_bench_parser(sub) -> None:
     """Add `bench` and its subcommands to the CLI's subparsers."""
-    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | threads | bf16 | exercises | capstone | export | lessons | t2i | arch | flow | text | recipe | resolution | terminal | fewstep | grader)",
+    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | threads | bf16 | exercises | capstone | export | lessons | t2i | arch | flow | text | recipe | resolution | terminal | fewstep | adapt | grader)",
                        description="Benchmarks that print a table and, with --json, save flat records.")
     bench = p.add_subparsers(dest="bench", metavar="BENCHMARK")
     bench.required = True
@@ -296,6 +297,20 @@ def add_bench_parser(sub) -> None:
                                                         "them: digits_cd.pt, digits_ct.pt, digits_pd.pt, digits_add.pt, "
                                                         "shapes_lcm.pt)")
     p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="training seeds (default: 0 1 2; quick: 0)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in JSON.partial (same --json)")
+    p = bench.add_parser("adapt", help="lesson 13: LoRA, five images, textual inversion, ControlNet, inversion",
+                         description="Adapts lesson 7's shapes_ldm on seeds 0 1 2: LoRA of rank 1, 4, 8 on 200 images of "
+                                     "a new shape (a star) measured along 800 steps; the star from five images four "
+                                     "ways at 400 steps (LoRA, LoRA with DreamBooth's prior loss, textual inversion, "
+                                     "textual inversion with the prior); fidelity read by the shipped star judge and "
+                                     "lesson 7's adherence on its own prompts against the model before; a ControlNet "
+                                     "on layout maps (IoU of the object with the map against the plain model); DDIM "
+                                     "inversion of held-out images (PSNR at 10-100 steps, with and without guidance) "
+                                     "and colour edits. --quick: a few steps of each, one seed.")
+    _bench_arguments(p, "a small run for checking", datasets=False, devices=None,
+                     samples_help="test prompts of each kind and held-out images (default 200; quick 16)")
+    _jobs_argument(p, 1, "runs")
+    p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="seeds (default: 0 1 2; quick: 0)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in JSON.partial (same --json)")
     p = bench.add_parser("terminal", help="lesson 11: lesson 7's latent model from pure noise, eps against v",
                          description="Trains lesson 7's latent text-to-shapes model with the shipped model's budget "
