@@ -16,14 +16,15 @@ import torch
 from . import concepts
 from .losses import diffusion_loss
 
-METHODS = ("lora", "textual_inversion")
+METHODS = ("lora", "textual_inversion", "full")
 
 
 @dataclass
 class AdaptConfig:
     """What an adaptation run does; the defaults are the lesson's recommended LoRA run."""
 
-    method: str = "lora"            # 'lora': adapters on every attention projection; 'textual_inversion': the word only
+    method: str = "lora"            # 'lora': adapters on every attention projection; 'textual_inversion': the word
+                                    # only; 'full': every weight of the UNet (DreamBooth as its paper does it)
     rank: int = 4                   # LoRA rank r
     alpha: float | None = None      # LoRA alpha (scale alpha / r); None: r
     images: int = 5                 # concept images (from the 'adapt' generator)
@@ -97,6 +98,11 @@ def adapt(base, config: AdaptConfig | None = None, progress: bool = True, prior=
         add_lora(model.unet, c.rank, c.alpha, seed=c.seed)
         params = [p for p in model.unet.parameters() if p.requires_grad]
         trainable = parameter_counts(model.unet)["lora"]
+    elif c.method == "full":
+        params = [p for p in model.unet.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        trainable = sum(p.numel() for p in params)
     else:  # textual inversion: only the new word's row of the token table learns
         model.unet.requires_grad_(False)
         table = model.text_encoder.tokens.weight
@@ -125,7 +131,7 @@ def adapt(base, config: AdaptConfig | None = None, progress: bool = True, prior=
         return loss
 
     # no weight decay: it would pull the new word's row (and the adapters) towards zero, not towards where they start
-    _, log = fit(unet if c.method == "lora" else encoder, loss_fn, c.steps, lr=c.lr, warmup=min(50, c.steps // 10),
+    _, log = fit(encoder if c.method == "textual_inversion" else unet, loss_fn, c.steps, lr=c.lr, warmup=min(50, c.steps // 10),
                  weight_decay=0.0, desc=f"adapt ({c.method})", progress=progress, params=params,
                  callback=(lambda step, _, seconds: callback(step, model, seconds)) if callback else None, every=every)
     unet.eval().requires_grad_(False)

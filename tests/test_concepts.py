@@ -87,7 +87,7 @@ def test_prompt_labels_put_the_star_where_it_is_named():
 
 
 def test_adapt_config_refuses_what_it_cannot_do():
-    for kwargs in ({"method": "dreambooth"}, {"rank": 0}, {"steps": 2.5}, {"lr": 0}, {"prior_weight": -1},
+    for kwargs in ({"method": "dreambooth"}, {"method": "lora", "rank": -3}, {"rank": 0}, {"steps": 2.5}, {"lr": 0}, {"prior_weight": -1},
                    {"caption_dropout": 1.0}, {"images": True}):
         with pytest.raises(ValueError):
             adapt.AdaptConfig(**kwargs)
@@ -181,3 +181,11 @@ def test_the_shipped_judge_reads_what_its_card_says_and_not_blur_as_a_star():
     assert (pred["shape"] == labels["shape"][one][:500]).float().mean() > 0.97
     with pytest.raises(ValueError, match="no concept judge"):
         concepts.load_concept_judge(shipped_dir() / "shapes_classifier.pt")
+
+
+def test_full_fine_tuning_changes_every_unet_weight_and_no_word(base):
+    model, card = adapt.adapt(base, method="full", steps=2, batch_size=4, lr=1e-3, progress=False)
+    assert card["trainable_parameters"] == sum(p.numel() for p in base.unet.parameters())
+    new, old = model.unet.state_dict(), base.unet.state_dict()
+    assert sum(not torch.equal(new[k], old[k]) for k in old) > 0.9 * len(old)
+    torch.testing.assert_close(model.text_encoder.tokens.weight[:len(VOCAB)], base.text_encoder.tokens.weight)
