@@ -17,6 +17,7 @@ from . import concepts
 from .losses import diffusion_loss
 
 METHODS = ("lora", "textual_inversion", "full")
+TARGETS = {"attention": "ATTENTION", "attention_conv": "ATTENTION_AND_CONV"}  # names in course_lib.lora
 
 
 @dataclass
@@ -26,6 +27,7 @@ class AdaptConfig:
     method: str = "lora"            # 'lora': adapters on every attention projection; 'textual_inversion': the word
                                     # only; 'full': every weight of the UNet (DreamBooth as its paper does it)
     rank: int = 4                   # LoRA rank r
+    targets: str = "attention"      # LoRA on 'attention' projections only, or 'attention_conv' (and the blocks' convs)
     alpha: float | None = None      # LoRA alpha (scale alpha / r); None: r
     images: int = 5                 # concept images (from the 'adapt' generator)
     steps: int = 400
@@ -48,6 +50,8 @@ class AdaptConfig:
         if isinstance(self.prior_weight, bool) or not isinstance(self.prior_weight, (int, float)) or \
                 not self.prior_weight >= 0:
             raise ValueError(f"prior_weight must be a number >= 0 (0: no prior preservation), got {self.prior_weight!r}")
+        if self.targets not in TARGETS:
+            raise ValueError(f"targets must be one of {tuple(TARGETS)}, got {self.targets!r}")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"need 0 <= caption_dropout < 1, got {self.caption_dropout!r}")
 
@@ -95,7 +99,9 @@ def adapt(base, config: AdaptConfig | None = None, progress: bool = True, prior=
         tok_prior = concepts.tokenize(list(prior_prompts))
     torch.manual_seed(c.seed)
     if c.method == "lora":
-        add_lora(model.unet, c.rank, c.alpha, seed=c.seed)
+        from . import lora
+
+        add_lora(model.unet, c.rank, c.alpha, targets=getattr(lora, TARGETS[c.targets]), seed=c.seed)
         params = [p for p in model.unet.parameters() if p.requires_grad]
         trainable = parameter_counts(model.unet)["lora"]
     elif c.method == "full":

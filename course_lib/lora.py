@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 ATTENTION = r".*\.(q|k|v|qkv|proj)"  # every attention projection of a TextUNet (cross: q k v proj; self: qkv proj)
+ATTENTION_AND_CONV = r".*\.(q|k|v|qkv|proj|conv1|conv2)"  # ... and both 3x3 convs of every residual block (LoCon)
 SD_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")  # the same for diffusers' UNet2DConditionModel (attn1 and attn2)
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"  # peft's file names
 CARD_NAME = "course_card.json"  # what the course measured about the adapter, beside peft's files

@@ -87,7 +87,7 @@ def test_prompt_labels_put_the_star_where_it_is_named():
 
 
 def test_adapt_config_refuses_what_it_cannot_do():
-    for kwargs in ({"method": "dreambooth"}, {"method": "lora", "rank": -3}, {"rank": 0}, {"steps": 2.5}, {"lr": 0}, {"prior_weight": -1},
+    for kwargs in ({"method": "dreambooth"}, {"method": "lora", "rank": -3}, {"targets": "everything"}, {"rank": 0}, {"steps": 2.5}, {"lr": 0}, {"prior_weight": -1},
                    {"caption_dropout": 1.0}, {"images": True}):
         with pytest.raises(ValueError):
             adapt.AdaptConfig(**kwargs)
@@ -189,3 +189,10 @@ def test_full_fine_tuning_changes_every_unet_weight_and_no_word(base):
     new, old = model.unet.state_dict(), base.unet.state_dict()
     assert sum(not torch.equal(new[k], old[k]) for k in old) > 0.9 * len(old)
     torch.testing.assert_close(model.text_encoder.tokens.weight[:len(VOCAB)], base.text_encoder.tokens.weight)
+
+
+def test_lora_on_the_convs_too_adapts_the_residual_blocks(base):
+    model, card = adapt.adapt(base, targets="attention_conv", steps=1, batch_size=2, progress=False)
+    names = {n.rsplit(".lora_", 1)[0] for n, _ in model.unet.named_parameters() if "lora_A" in n}
+    assert any(n.endswith("conv1") for n in names) and any(n.endswith("conv2") for n in names)
+    assert any(n.endswith(".q") for n in names) and card["trainable_share"] < 0.05
