@@ -168,7 +168,9 @@ def test_the_shipped_judge_reads_what_its_card_says_and_not_blur_as_a_star():
     judge = concepts.load_concept_judge()
     card = read_json(shipped_dir() / "shapes_star_judge.json")
     acc = concepts.judge_accuracy(judge)
-    assert acc["star_accuracy"] == card["star_accuracy"] and acc["test_accuracy"] == card["test_accuracy"]
+    for group in ("star_accuracy", "test_accuracy"):  # the same images and weights: equal up to a flip or two of
+        for k, v in card[group].items():               # an image on the edge from another machine's arithmetic
+            assert acc[group][k] == pytest.approx(v, abs=0.003), (group, k)
     assert acc["star_accuracy"]["shape"] >= 0.98 and min(acc["test_accuracy"].values()) >= 0.99
     # generated images are blurrier than rendered ones: the autoencoder's reconstructions of lesson 7's shapes are
     # still read as their own shapes, almost never as a star (500 images: 2% is 10 of them)
