@@ -124,9 +124,10 @@ def _prepare(threads: int):
 
     import course_lib
 
-    # under diffusers (lesson 8), urllib3 opens a socket at import to test for IPv6 and trio runs ldconfig (through
-    # ctypes.util.find_library): import both before confinement, where neither is allowed
-    for optional in ("ipywidgets", "matplotlib_inline.backend_inline", "IPython.display", "urllib3", "trio"):
+    # under diffusers (lesson 8), urllib3 opens a socket at import to test for IPv6, trio runs ldconfig (through
+    # ctypes.util.find_library), and fsspec (under huggingface_hub, which diffusers imports through peft when peft is
+    # installed) looks up a libc symbol through ctypes: import them before confinement, where none of it is allowed
+    for optional in ("ipywidgets", "matplotlib_inline.backend_inline", "IPython.display", "urllib3", "trio", "fsspec"):
         try:
             __import__(optional)
         except ImportError:
