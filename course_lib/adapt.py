@@ -14,10 +14,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import concepts
+from .lora import ATTENTION, ATTENTION_AND_CONV
 from .losses import diffusion_loss
 
 METHODS = ("lora", "textual_inversion", "full")
-TARGETS = {"attention": "ATTENTION", "attention_conv": "ATTENTION_AND_CONV"}  # names in course_lib.lora
+TARGETS = {"attention": ATTENTION, "attention_conv": ATTENTION_AND_CONV}  # the layers LoRA adapts (course_lib.lora)
 
 
 @dataclass
@@ -99,9 +100,7 @@ def adapt(base, config: AdaptConfig | None = None, progress: bool = True, prior=
         tok_prior = concepts.tokenize(list(prior_prompts))
     torch.manual_seed(c.seed)
     if c.method == "lora":
-        from . import lora
-
-        add_lora(model.unet, c.rank, c.alpha, targets=getattr(lora, TARGETS[c.targets]), seed=c.seed)
+        add_lora(model.unet, c.rank, c.alpha, targets=TARGETS[c.targets], seed=c.seed)
         params = [p for p in model.unet.parameters() if p.requires_grad]
         trainable = parameter_counts(model.unet)["lora"]
     elif c.method == "full":

@@ -129,7 +129,10 @@ def load_lora(model: nn.Module, folder) -> nn.Module:
     model.requires_grad_(False)
     inject_adapter_in_model(config, model)
     weights = {k.removeprefix(PREFIX): v for k, v in load_file(str(folder / WEIGHTS_NAME)).items()}
-    result = set_peft_model_state_dict(model, weights)
+    try:
+        result = set_peft_model_state_dict(model, weights)
+    except RuntimeError as e:  # torch's size mismatch: an adapter of another architecture
+        raise ValueError(f"the adapter in {folder} does not fit this model: {str(e).splitlines()[1].strip()}") from None
     missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
     if missing or getattr(result, "unexpected_keys", []):
         raise ValueError(f"the adapter in {folder} does not fit this model: missing {missing[:4]}, unexpected "

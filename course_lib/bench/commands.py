@@ -119,6 +119,12 @@ def _bench_kernels(args) -> int:
     return 0
 
 
+def _seeds_and_resume(p) -> None:
+    """--seeds and --resume, for the benchmarks that train on several seeds and save each finished run."""
+    p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="training seeds (default: 0 1 2; quick: 0)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in JSON.partial (same --json)")
+
+
 def _jobs_argument(p, default: int, what: str) -> None:
     """--jobs N: how many of the benchmark's runs (or checks) go in parallel, one CPU thread each."""
     p.add_argument("--jobs", type=int, default=default, metavar="N", help=f"{what} in parallel, one CPU thread each")
@@ -296,13 +302,12 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--export-dir", metavar="DIR", help="also write seed 0's students there (as data/ ships "
                                                         "them: digits_cd.pt, digits_ct.pt, digits_pd.pt, digits_add.pt, "
                                                         "shapes_lcm.pt)")
-    p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="training seeds (default: 0 1 2; quick: 0)")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in JSON.partial (same --json)")
+    _seeds_and_resume(p)
     p = bench.add_parser("adapt", help="lesson 13: LoRA, five images, textual inversion, ControlNet, inversion",
                          description="Adapts lesson 7's shapes_ldm on seeds 0 1 2: LoRA of rank 1, 4, 8 on 200 images of "
                                      "a new shape (a star) measured along 800 steps; the star from five images four "
                                      "ways at 400 steps (LoRA, LoRA with DreamBooth's prior loss, textual inversion, "
-                                     "textual inversion with the prior); fidelity read by the shipped star judge and "
+                                     "every UNet weight with the prior); fidelity read by the shipped star judge and "
                                      "lesson 7's adherence on its own prompts against the model before; a ControlNet "
                                      "on layout maps (IoU of the object with the map against the plain model); DDIM "
                                      "inversion of held-out images (PSNR at 10-100 steps, with and without guidance) "
@@ -310,8 +315,7 @@ def add_bench_parser(sub) -> None:
     _bench_arguments(p, "a small run for checking", datasets=False, devices=None,
                      samples_help="test prompts of each kind and held-out images (default 200; quick 16)")
     _jobs_argument(p, 1, "runs")
-    p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="seeds (default: 0 1 2; quick: 0)")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in JSON.partial (same --json)")
+    _seeds_and_resume(p)
     p = bench.add_parser("terminal", help="lesson 11: lesson 7's latent model from pure noise, eps against v",
                          description="Trains lesson 7's latent text-to-shapes model with the shipped model's budget "
                                      "predicting eps and predicting v (three seeds each) and generates lesson 7's "
