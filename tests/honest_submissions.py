@@ -816,6 +816,65 @@ def guided_teacher_step(teacher, x, sigma, sigma_next, context, null_context, w,
     y = x + e(sigma_next - sigma) * _slopes[0]
     return x + e(sigma_next - sigma) * (_slopes[0] + (y - Dw(y, sigma_next)) / e(sigma_next)) / 2"""],
 
+    "13_einsum_and_classes.ipynb": [HEAD + "\nfrom course_lib import lora, inversion  # to compare, in a cell of their own", """\
+class LowRank:
+    # W x + b plus the adapter's low-rank update, scaled as peft scales it
+    def __init__(self, weight, bias, A, B, alpha):
+        self.weight, self.bias, self.A, self.B = weight, bias, A, B
+        self.scaling = alpha / A.size(0)
+
+    def __call__(self, x):
+        frozen = torch.einsum("...i,oi->...o", x, self.weight) + self.bias
+        low = torch.einsum("...r,or->...o", torch.einsum("...i,ri->...r", x, self.A), self.B)
+        return frozen + self.scaling * low
+
+def lora_linear(x, weight, bias, lora_A, lora_B, alpha):
+    return LowRank(weight, bias, lora_A, lora_B, alpha)(x)""", """\
+print(lora.ATTENTION, inversion.__doc__[:40])  # the library, in a cell of its own""", """\
+def denoising_error(model, clean, caption, level, eps):
+    noisy = clean + level.view(-1, *[1] * (clean.dim() - 1)) * eps
+    return F.mse_loss(model(noisy, level, caption), clean)
+
+def prior_preservation_loss(model, x, context, x_prior, context_prior, sigma, noise, sigma_prior, noise_prior,
+                            prior_weight):
+    terms = [denoising_error(model, x, context, sigma, noise),
+             denoising_error(model, x_prior, context_prior, sigma_prior, noise_prior)]
+    return terms[0] + prior_weight * terms[1]""", """\
+@torch.no_grad()
+def ddim_invert(denoise, x0, sigmas):
+    levels = sorted(s for s in sigmas.tolist() if s > 0)     # ascending
+    x = x0.clone()
+    i = 0
+    while i + 1 < len(levels):
+        s, s_up = levels[i], levels[i + 1]
+        x0_hat = denoise(x, s)
+        eps = (x - x0_hat) / s                                 # the noise direction DDIM keeps
+        x = x0_hat + s_up * eps
+        i += 1
+    return x"""],
+
+    "13_functional_and_numpy.ipynb": [HEAD + "\nimport numpy as np", """\
+def lora_linear(x, weight, bias, lora_A, lora_B, alpha):
+    r = lora_B.shape[1]
+    delta = lora_B @ lora_A                                  # the merged update, (out, in)
+    return F.linear(x, weight + (alpha / r) * delta, bias)""", """\
+def prior_preservation_loss(model, x, context, x_prior, context_prior, sigma, noise, sigma_prior, noise_prior,
+                            prior_weight):
+    def one(batch):
+        x0, c, s, n = batch
+        pred = model(torch.addcmul(x0, s[:, None], n), s, c)
+        return (pred - x0).square().sum() / x0.numel()
+    return sum(w * one(b) for w, b in ((1.0, (x, context, sigma, noise)),
+                                       (prior_weight, (x_prior, context_prior, sigma_prior, noise_prior))))""", """\
+def ddim_invert(denoise, x0, sigmas):
+    up = np.sort(np.array([float(s) for s in sigmas if float(s) > 0]))
+    ratios = up[1:] / up[:-1]
+    x = x0
+    for s, ratio in zip(up[:-1], ratios):
+        d = denoise(x, float(s))
+        x = torch.lerp(d, x, float(ratio))                  # d + ratio (x - d)
+    return x"""],
+
     "99_einsum_class.ipynb": [HEAD, """\
 def cross_attention(x, context, mask, w_q, w_k, w_v, heads):
     b, n, c = x.shape

@@ -82,7 +82,7 @@ def test_parts_that_swap_in_the_library_are_refused_by_check():
     """A sampler part that calls the course's own sampler (or its guidance) gets 0 points from check, before training;
     so does attention that is the course's CrossAttention module."""
     from course_lib import exercises as E
-    from course_lib.bench.exercises import _bernoulli_caption_step, _einsum_attention
+    from course_lib.bench.honest_styles import _bernoulli_caption_step, _einsum_attention
     from course_lib.samplers import sample
 
     def library_loop(denoise, x, sigmas, y, scale):

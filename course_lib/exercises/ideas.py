@@ -59,6 +59,12 @@ IDEAS = {
          ("progressive distillation: one student step where the teacher takes two", ("progressive_target",)),
          ("adversarial distillation: a discriminator on one-step samples", ()),
          ("a latent consistency model with guidance folded in: the teacher's guided step", ("guided_teacher_step",))],
+    13: [("a LoRA layer: the frozen weight plus a scaled low-rank update", ("lora_linear",)),
+         ("DreamBooth's prior preservation: a concept from a few images without forgetting the old prompts",
+          ("prior_preservation_loss",)),
+         ("DDIM inversion: from an image to the noise that draws it", ("ddim_invert",)),
+         ("textual inversion: learning one new word's embedding", ()),
+         ("ControlNet: a trainable copy of the encoder joined by zero-initialised layers", ())],
     99: [("a text-to-shapes generator assembled from your own attention, training step and guided sampler",
           ("text_to_shapes",))],
 }
