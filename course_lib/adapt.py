@@ -25,16 +25,17 @@ TARGETS = {"attention": ATTENTION, "attention_conv": ATTENTION_AND_CONV}  # the 
 class AdaptConfig:
     """What an adaptation run does; the defaults are the lesson's recommended LoRA run."""
 
-    method: str = "lora"            # 'lora': adapters on every attention projection; 'textual_inversion': the word
-                                    # only; 'full': every weight of the UNet (DreamBooth as its paper does it)
+    method: str = "lora"            # 'lora': adapters on the layers `targets` names; 'textual_inversion': the new
+                                    # word's embedding only; 'full': every weight of the UNet (DreamBooth's paper)
     rank: int = 4                   # LoRA rank r
-    targets: str = "attention"      # LoRA on 'attention' projections only, or 'attention_conv' (and the blocks' convs)
+    targets: str = "attention_conv"  # LoRA on 'attention' projections only, or 'attention_conv': and the residual
+                                    # blocks' 3x3 convs (what the lesson measures as the better choice)
     alpha: float | None = None      # LoRA alpha (scale alpha / r); None: r
-    images: int = 5                 # concept images (from the 'adapt' generator)
-    steps: int = 400
+    images: int = 200               # concept images (from the 'adapt' generator); DreamBooth's few: 5
+    steps: int = 800
     batch_size: int = 16            # concept rows per step (and as many prior rows when prior_weight > 0)
-    lr: float = 1e-3
-    prior_weight: float = 0.0       # DreamBooth's lambda; 0 turns prior preservation off
+    lr: float = 3e-3
+    prior_weight: float = 1.0       # DreamBooth's lambda; 0 turns prior preservation off
     prior_images: int = 200         # the frozen model's own images of lesson 7's prompts, made once before training
     caption_dropout: float = 0.1    # as in lesson 7's training, so that guidance keeps working for the new word
     seed: int = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import SHIPPED_ADAPTERS
 from . import SHIPPED_MODELS as SHIPPED
 from .shapes_presets import PRESETS as SHAPES_PRESETS
 
@@ -99,6 +100,10 @@ def _train(args) -> int:
 
     if args.preset not in PRESET_NAMES:
         raise ValueError(f"unknown preset {args.preset!r}; choose one of {list(PRESET_NAMES)}")
+    if args.preset in SHIPPED_ADAPTERS:  # lesson 13's adapters: folders (course_lib.adapters)
+        from .adapters import main_train
+
+        return main_train(args, _train_command)
     for flag, value, most in (("--steps", args.steps, 10**8), ("--eval-samples", args.eval_samples, 100_000),
                               ("--save-every", args.save_every, 10**8)):
         if value is not None and not 1 <= value <= most:
@@ -243,26 +248,13 @@ def _generate(args) -> int:
     for note in notes:
         print(note)
     if any(s["relation"] is not None for s in scenes):
+        from .bench.t2i import two_object_note
+
         print(two_object_note(args.model))
     return 0
 
 
-def two_object_note(model: str) -> str:
-    """What lesson 7 measured about two-object prompts, from the shipped benchmark (for the model it ran)."""
-    from .bench.t2i import aggregate
-    from .checkpoints import read_json, shipped_dir
-
-    path = shipped_dir() / "bench_t2i.json"
-    rows = [r for r in aggregate(read_json(path)) if r["model"] == model and r["prompts"] == "two"]
-    if not rows:
-        return "Two objects: lesson 7 measures how often the model binds each colour to its shape."
-    best = max(rows, key=lambda r: r["all"])
-    return (f"Two objects: in lesson 7's benchmark this model draws both objects with the right colours, shapes and "
-            f"arrangement in {best['all']:.0%} of samples at best (guidance {best['guidance']:g}, {best['nfe']} NFE, "
-            f"{best['seeds']} seeds); expect some rows to swap or mix the colours.")
-
-
-PRESET_NAMES = SHIPPED  # every shipped checkpoint has a preset that reproduces it
+PRESET_NAMES = SHIPPED + SHIPPED_ADAPTERS  # every shipped checkpoint and adapter has a preset that reproduces it
 
 
 def build_parser() -> argparse.ArgumentParser:

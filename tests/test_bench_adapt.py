@@ -12,8 +12,10 @@ def _records():
     for s in (0, 1):
         for rank, steps, fid in ((1, 200, 0.3), (1, 400, 0.5), (4, 200, 0.6), (4, 400, 0.92 + 0.02 * s)):
             recs.append({"section": "lora", "seed": s, "rank": rank, "steps": steps, "fidelity": fid,
-                         "concept_all": fid, "old_all": 0.9, "old_binding": 0.4, "trainable_share": 0.01 * rank,
-                         "train_minutes": 1.0})
+                         "concept_all": fid, "old_all": 0.89 if (rank, steps) == (4, 400) else 0.9,
+                         "old_binding": 0.4, "trainable_share": 0.01 * rank, "train_minutes": 1.0})
+        recs.append({"section": "recipe", "seed": s, "recipe": "attention, lr 1e-3, no prior", "fidelity": 0.5,
+                     "concept_all": 0.5, "old_all": 0.7 - 0.1 * s, "old_binding": 0.3, "trainable_share": 0.02})
         for way, old in (("lora", 0.8), ("lora_prior", 0.89 + 0.02 * s)):
             recs.append({"section": "five", "seed": s, "way": way, "fidelity": 0.7, "concept_all": 0.6,
                          "old_all": old, "old_binding": 0.4})
@@ -31,22 +33,29 @@ def test_summary_and_verdict_by_hand():
     assert rows[(4, 400)]["fidelity_std"] == pytest.approx(0.02 / 2 ** 0.5)
     v = B.verdict(recs)
     assert v["best_lora_rank"] == 4 and v["best_lora_steps"] == 400 and v["fidelity_target_met"]
-    assert v["prior_old_all_drop"] == pytest.approx(0.91 - 0.90) and v["drift_target_met"]
-    assert v["no_prior_old_all_drop"] == pytest.approx(0.91 - 0.80)
+    # the drift target is read on the recommended run (the lora section's rank 4 at its last step: prior on)
+    assert v["recommended_fidelity"] == pytest.approx(0.93) and v["drift_target_met"]
+    assert v["recommended_old_all_drop"] == pytest.approx(0.91 - 0.89)
+    assert v["five_prior_old_all_drop"] == pytest.approx(0.91 - 0.90)
+    assert v["five_no_prior_old_all_drop"] == pytest.approx(0.91 - 0.80)
     assert v["iou"] == pytest.approx(0.7) and v["iou_target_met"] and v["plain_iou"] == pytest.approx(0.08)
     assert v["psnr_50"] == pytest.approx(30.5) and v["psnr_target_met"]
-    assert "rank  4   400 steps" in B.table(recs)
+    text = B.table(recs)
+    assert "rank  4   400 steps" in text and "attention, lr 1e-3, no prior" in text and "recommended" in text
+    recipe = B.summarize(recs, "recipe", ("recipe",))[0]
+    assert recipe["old_all"] == pytest.approx(0.65) and recipe["seeds"] == 2
 
 
 def test_runs_regroup_for_resuming():
     recs = _records()
     runs = B._group(recs)
     assert sum(len(r) for r in runs) == len(recs)
-    lora_seed0_rank4 = [r for r in runs if B._key(r) == ("lora", 0, 4, None)]
+    lora_seed0_rank4 = [r for r in runs if B._key(r) == ("lora", 0, 4, None, None)]
     assert len(lora_seed0_rank4) == 1 and len(lora_seed0_rank4[0]) == 2  # both points of its curve: one run
     keys = {B._key(t) for t in B.tasks_for((0, 1), 16, True)}
-    assert ("five", 1, None, "lora_prior") in keys and ("lora", 0, 8, None) in keys
-    assert len(keys) == 2 * (1 + len(B.RANKS) + len(B.FIVE) + 2)
+    assert ("five", 1, None, "lora_prior", None) in keys and ("lora", 0, 8, None, None) in keys
+    assert ("recipe", 1, None, None, "attention, lr 3e-3, no prior") in keys
+    assert len(keys) == 2 * (1 + len(B.RANKS) + len(B.RECIPES) + len(B.FIVE) + 2)
 
 
 @pytest.fixture

@@ -102,7 +102,7 @@ def base():
 
 def test_lora_adaptation_trains_only_the_adapters(base):
     before = {k: v.clone() for k, v in base.unet.state_dict().items()}
-    model, card = adapt.adapt(base, steps=3, batch_size=4, progress=False)
+    model, card = adapt.adapt(base, images=5, steps=3, batch_size=4, prior_weight=0.0, progress=False)
     assert card["trainable_parameters"] > 0 and card["trainable_share"] < 0.05
     for k, v in base.unet.state_dict().items():  # the base model is untouched
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
@@ -117,7 +117,8 @@ def test_lora_adaptation_trains_only_the_adapters(base):
 
 
 def test_textual_inversion_learns_the_new_row_only(base):
-    model, card = adapt.adapt(base, method="textual_inversion", steps=3, batch_size=4, lr=0.05, progress=False)
+    model, card = adapt.adapt(base, method="textual_inversion", images=5, steps=3, batch_size=4, lr=0.05,
+                              prior_weight=0.0, progress=False)
     assert card["trainable_parameters"] == base.text_encoder.tokens.weight.shape[1]
     old = base.text_encoder.state_dict()
     new = model.text_encoder.state_dict()
@@ -135,8 +136,9 @@ def test_textual_inversion_learns_the_new_row_only(base):
 def test_prior_preservation_adds_the_prior_loss(base):
     g = torch.Generator().manual_seed(0)
     prior = (torch.randn(6, *base.shape, generator=g), ["a red circle", "a blue square left of a red cross"] * 3)
-    with_prior, card = adapt.adapt(base, steps=3, batch_size=4, prior_weight=1.0, prior=prior, progress=False)
-    without, card0 = adapt.adapt(base, steps=3, batch_size=4, progress=False)
+    with_prior, card = adapt.adapt(base, images=5, steps=3, batch_size=4, prior_weight=1.0, prior=prior,
+                                      progress=False)
+    without, card0 = adapt.adapt(base, images=5, steps=3, batch_size=4, prior_weight=0.0, progress=False)
     assert card["prior_weight"] == 1.0 and card0["prior_weight"] == 0.0
     a, b = with_prior.unet.state_dict(), without.unet.state_dict()
     # the same seed and concept images: the prior rows (and the noise drawn for them) move the adapters elsewhere
@@ -186,15 +188,23 @@ def test_the_shipped_judge_reads_what_its_card_says_and_not_blur_as_a_star():
 
 
 def test_full_fine_tuning_changes_every_unet_weight_and_no_word(base):
-    model, card = adapt.adapt(base, method="full", steps=2, batch_size=4, lr=1e-3, progress=False)
+    model, card = adapt.adapt(base, method="full", images=5, steps=2, batch_size=4, lr=1e-3, prior_weight=0.0,
+                              progress=False)
     assert card["trainable_parameters"] == sum(p.numel() for p in base.unet.parameters())
     new, old = model.unet.state_dict(), base.unet.state_dict()
     assert sum(not torch.equal(new[k], old[k]) for k in old) > 0.9 * len(old)
     torch.testing.assert_close(model.text_encoder.tokens.weight[:len(VOCAB)], base.text_encoder.tokens.weight)
 
 
+def test_the_defaults_are_the_recommended_run():
+    c = adapt.AdaptConfig()
+    assert (c.method, c.targets, c.rank, c.images, c.steps, c.lr, c.prior_weight) == \
+        ("lora", "attention_conv", 4, 200, 800, 3e-3, 1.0)
+
+
 def test_lora_on_the_convs_too_adapts_the_residual_blocks(base):
-    model, card = adapt.adapt(base, targets="attention_conv", steps=1, batch_size=2, progress=False)
+    model, card = adapt.adapt(base, targets="attention_conv", images=5, steps=1, batch_size=2, prior_weight=0.0,
+                              progress=False)
     names = {n.rsplit(".lora_", 1)[0] for n, _ in model.unet.named_parameters() if "lora_A" in n}
     assert any(n.endswith("conv1") for n in names) and any(n.endswith("conv2") for n in names)
     assert any(n.endswith(".q") for n in names) and card["trainable_share"] < 0.05

@@ -151,9 +151,8 @@ def test_generate_writes_a_png_and_never_overwrites_without_force(tmp_path, caps
 
 
 def test_generate_states_what_lesson_7_measured_for_two_objects(capsys):
-    from course_lib.bench.t2i import aggregate
+    from course_lib.bench.t2i import aggregate, two_object_note
     from course_lib.checkpoints import shipped_dir
-    from course_lib.cli import two_object_note
 
     note = two_object_note("shapes_ldm")
     rows = [r for r in aggregate(json.loads((shipped_dir() / "bench_t2i.json").read_text()))

@@ -216,3 +216,17 @@ def best_scale(records: list[dict], model: str, nfe: int = 20) -> float:
     if not rows:
         raise ValueError(f"no one-object records of {model!r} at {nfe} NFE in these records")
     return max(rows, key=lambda r: (r["all"], -r["fd"]))["guidance"]
+
+
+def two_object_note(model: str) -> str:
+    """What lesson 7 measured about two-object prompts, from the shipped benchmark (for the model it ran)."""
+    from ..checkpoints import read_json, shipped_dir
+
+    path = shipped_dir() / "bench_t2i.json"
+    rows = [r for r in aggregate(read_json(path)) if r["model"] == model and r["prompts"] == "two"]
+    if not rows:
+        return "Two objects: lesson 7 measures how often the model binds each colour to its shape."
+    best = max(rows, key=lambda r: r["all"])
+    return (f"Two objects: in lesson 7's benchmark this model draws both objects with the right colours, shapes and "
+            f"arrangement in {best['all']:.0%} of samples at best (guidance {best['guidance']:g}, {best['nfe']} NFE, "
+            f"{best['seeds']} seeds); expect some rows to swap or mix the colours.")
