@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from course_lib import SHIPPED_ADAPTERS, adapt, adapters, concepts
-from course_lib.cli import main
 from course_lib.checkpoints import shipped_dir
+from course_lib.cli import main
 
 
 @pytest.fixture(scope="module")
