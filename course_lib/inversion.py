@@ -53,10 +53,12 @@ def reconstruct(denoiser, x0: torch.Tensor, sigmas, sample_kwargs: dict | None =
 
 @torch.no_grad()
 def edit(model, images: torch.Tensor, source, target, steps: int = 50, scale: float = 1.0,
-         invert_scale: float = 1.0) -> torch.Tensor:
+         invert_scale: float = 1.0, invert=None) -> torch.Tensor:
     """Edit real images by inversion (lesson 13): encode them (a latent model), DDIM-invert under the `source`
     captions with guidance `invert_scale` (1: none, which inverts best), then DDIM-sample the noise back under the
-    `target` captions at `scale`, on `steps` Karras levels from lesson 7's sigma_max. Same captions: a reconstruction."""
+    `target` captions at `scale`, on `steps` Karras levels from lesson 7's sigma_max. Same captions: a reconstruction.
+    `invert(denoise, x0, sigmas)` replaces ddim_invert (e.g. a learner's, with denoise(x, sigma) bound to the source
+    captions)."""
     from .autoencoder import encode
     from .step_schedules import karras_sigmas
     from .text2image import SIGMA_MAX
@@ -70,6 +72,10 @@ def edit(model, images: torch.Tensor, source, target, steps: int = 50, scale: fl
     down = model.denoiser(invert_scale)
     sigmas = karras_sigmas(steps, float(down.sigma_min), SIGMA_MAX)
     src_c, src_m = model.condition(source)
-    noise = ddim_invert(down, x, sigmas, context=src_c, mask=src_m)
+    if invert is None:
+        noise = ddim_invert(down, x, sigmas, context=src_c, mask=src_m)
+    else:
+        with torch.no_grad():
+            noise = invert(lambda y, s: down(y, s, context=src_c, mask=src_m), x, sigmas)
     tgt_c, tgt_m = model.condition(target)
     return model.to_images(sample_ddim(model.denoiser(scale), noise, sigmas, context=tgt_c, mask=tgt_m))
