@@ -193,15 +193,20 @@ def train_controlnet(base, steps: int = 1500, n_train: int = 5000, batch_size: i
     return model, card
 
 
-def placement(base, controlled: Controlled | None, n: int = 200, seed: int = 0, nfe: int = 20) -> dict:
+def placement(base, controlled: Controlled | None, n: int = 200, seed: int = 0, nfe: int = 20,
+              position_in_caption: bool = False) -> dict:
     """How often objects land where the map says: n one-object test scenes, their captions without the position and
     their layout maps; IoU of each image's object pixels with its map, for the controlled model and (controlled None)
-    the plain model on the same prompts and noise, whose IoU is the chance level of putting the object anywhere."""
+    the plain model on the same prompts and noise, whose IoU is the chance level of putting the object anywhere. With
+    position_in_caption the plain model is given the full captions instead (lesson 7's way of saying where: one of
+    nine places in words), the like-for-like rival of the map."""
     from .shapes import make_shapes
 
     _, captions, scenes = make_shapes(4 * n, "test", seed + 5)
     one = [i for i, s in enumerate(scenes) if s["relation"] is None][:n]
-    prompts = [_without_position(captions[i]) for i in one]
+    if position_in_caption and controlled is not None:
+        raise ValueError("position_in_caption is the plain model's rival (controlled=None); a ControlNet reads the map")
+    prompts = [captions[i] if position_in_caption else _without_position(captions[i]) for i in one]
     maps = layout_maps([scenes[i] for i in one])
     from .text2image import TextToImage
 

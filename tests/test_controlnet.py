@@ -100,3 +100,19 @@ def test_iou_by_hand():
 def test_captions_lose_only_their_position():
     assert C._without_position("a small red circle at the top left") == "a small red circle"
     assert C._without_position("a red circle left of a blue square") == "a red circle left of a blue square"
+
+
+def test_the_caption_rival_says_where_in_words_and_places_better_than_nothing():
+    """The plain model given lesson 7's full captions (position in words) against the same model without them, on the
+    same 24 scenes and noise: the prompts differ only by their position, and words place the object better (lesson 7's
+    model puts objects where captions say: its judge reads position right in nearly every image)."""
+    from course_lib.text2image import load_text_to_image
+
+    base = load_text_to_image("shapes_ldm")
+    words = C.placement(base, None, 24, seed=1, nfe=8, position_in_caption=True)
+    none = C.placement(base, None, 24, seed=1, nfe=8)
+    assert all(" at the " in p and p.startswith(q) for p, q in zip(words["prompt_list"], none["prompt_list"]))
+    torch.testing.assert_close(words["maps"], none["maps"])
+    assert words["iou"] > none["iou"] + 0.2
+    with pytest.raises(ValueError, match="plain model"):
+        C.placement(base, C.Controlled(base.unet, C.ControlNet(base.unet)), 2, position_in_caption=True)

@@ -8,7 +8,8 @@
   section's rank 4);
 - five: a concept from five images, four ways at the same steps, batch and noise: LoRA alone, LoRA with
   DreamBooth's prior preservation, textual inversion, and DreamBooth as its paper does it (every UNet weight, prior);
-- controlnet: placement (IoU of the object's pixels with the layout map) against the plain model on the same prompts;
+- controlnet: placement (IoU of the object's pixels with the layout map) against the plain model on the same prompts,
+  and against the plain model told the position in words (lesson 7's nine places);
 - inversion: DDIM inversion's reconstruction (PSNR) against steps and guidance on held-out images, and prompt edits
   (the colour named changed, shape, size and place kept, as the attribute judge reads them).
 Every record says its seed; the tables give the mean and spread over seeds."""
@@ -128,13 +129,15 @@ def run_controlnet(seed: int, n: int, quick: bool = False) -> list[dict]:
 
     base = _base()
     plain = placement(base, None, n, seed)
+    words = placement(base, None, n, seed, position_in_caption=True)  # the rival: lesson 7's position in words
     model, card = train_controlnet(base, steps=QUICK["controlnet_steps"] if quick else CONTROLNET_STEPS, seed=seed,
                                    progress=False)
     steered = placement(base, model, n, seed)
     return [{"section": "controlnet", "seed": seed, "steps": card["steps"], "parameters": card["parameters"],
              "train_minutes": round(card["train_seconds"] / 60, 2), "iou": steered["iou"],
              "iou_over_half": steered["iou_over_half"], "plain_iou": plain["iou"],
-             "plain_iou_over_half": plain["iou_over_half"], "prompts": n}]
+             "plain_iou_over_half": plain["iou_over_half"], "caption_iou": words["iou"],
+             "caption_iou_over_half": words["iou_over_half"], "prompts": n}]
 
 
 def run_inversion(seed: int, n: int, quick: bool = False) -> list[dict]:
@@ -265,7 +268,9 @@ def table(records: list[dict]) -> str:
         lines.append(f"  {'before adapting':<24} fidelity {pm(r, 'fidelity')}  old prompts {pm(r, 'old_all')}  bound "
                      f"{pm(r, 'old_binding')}  (autoencoder's ceiling {r['autoencoder_fidelity']:.3f})")
     for r in summarize(records, "controlnet", ()):
-        lines.append(f"ControlNet: IoU {pm(r, 'iou')} against the plain model's {pm(r, 'plain_iou')}")
+        lines.append(f"ControlNet: IoU {pm(r, 'iou')} against the plain model's {pm(r, 'plain_iou')} without a "
+                     f"position" + (f", {pm(r, 'caption_iou')} with the position in its caption" if "caption_iou" in r
+                                    else ""))
     for r in summarize(records, "inversion", ("steps", "scale")):
         lines.append(f"Inversion {r['steps']:>3} steps, w = {r['scale']:g}: PSNR {pm(r, 'psnr', '.2f')} dB "
                      f"(autoencoder {r['psnr_autoencoder']:.2f}); colour edits right {pm(r, 'edit_colour')}, rest kept "
