@@ -151,7 +151,7 @@ def load_adapted(name_or_folder, base=None):
         from .controlnet import Controlled, ControlNet
 
         unet = copy.deepcopy(base.unet).eval().requires_grad_(False)
-        net = ControlNet(unet, latent_size=8)
+        net = ControlNet(unet, latent_size=base.shape[-1])
         net.load_state_dict({k: v.float() for k, v in load_file(str(folder / CONTROLNET_NAME)).items()})
         model = TextToImage(Controlled(unet, net.eval().requires_grad_(False)), base.schedule, base.text_encoder,
                             base.autoencoder, base.scale_factor, dict(base.card))

@@ -80,3 +80,14 @@ def test_a_quick_inversion_run():
     recs = B.run_inversion(0, 6, quick=True)
     assert [(r["steps"], r["scale"]) for r in recs] == [(5, s) for s in B.INVERSION_SCALES]
     assert all(10 < r["psnr"] < r["psnr_autoencoder"] + 1 for r in recs)
+
+
+def test_a_quick_recipe_run_undoes_its_choice(quick_judges):
+    """A recipe run is the recommended run with one choice undone: attention only means fewer trainable weights than
+    the recommended run's (which adapts the convs too), and no prior."""
+    from course_lib.adapt import AdaptConfig
+
+    rec = B.run_recipe(0, "attention, lr 3e-3, no prior", 8, quick=True)
+    assert len(rec) == 1 and rec[0]["recipe"] == "attention, lr 3e-3, no prior" and rec[0]["steps"] == B.QUICK["curve"][-1]
+    assert 0 < rec[0]["trainable_share"] < 0.03 and 0 <= rec[0]["fidelity"] <= 1
+    assert AdaptConfig().targets == "attention_conv" and AdaptConfig().prior_weight > 0  # what the recipes undo
