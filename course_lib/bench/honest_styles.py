@@ -4,7 +4,7 @@ ordinary code, not only the course's own."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F  # noqa: F401  (if a style uses it)
+import torch.nn.functional as F
 
 
 def _flow_lerp(model, optimizer, x0):
@@ -233,7 +233,6 @@ def _edm_column_sigma(model, optimizer, x0, p_mean, p_std):
 
 def _edm_mse_rows(model, optimizer, x0, p_mean, p_std):
     """An honest EDM step: F.mse_loss per row (reduction='none'), weighted, averaged."""
-
     sigma = torch.exp(torch.randn(len(x0)) * p_std + p_mean)
     sd = model.sigma_data
     x = torch.addcmul(x0, sigma[:, None], torch.randn(x0.shape))
