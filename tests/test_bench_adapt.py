@@ -42,6 +42,12 @@ def test_summary_and_verdict_by_hand():
     assert v["psnr_50"] == pytest.approx(30.5) and v["psnr_target_met"]
     text = B.table(recs)
     assert "rank  4   400 steps" in text and "attention, lr 1e-3, no prior" in text and "recommended" in text
+    five = B.table(recs, "five")  # one section: its lines and the model before adapting, nothing else
+    assert "lora_prior" in five and "before adapting" in five and "rank" not in five and "Inversion" not in five
+    assert "lr 0.003" in five and B.table(recs, "inversion", "controlnet").count("\n") == 1
+    recs[2]["train_minutes"] = 5.0  # seed 0's run took longer: its minutes are shown, not a mean over machines
+    assert B.summarize(recs, "lora", ("rank", "steps"))[0]["train_minutes"] == 5.0
+    assert "the training run of seed 0" in B.table(recs, "lora")
     recipe = B.summarize(recs, "recipe", ("recipe",))[0]
     assert recipe["old_all"] == pytest.approx(0.65) and recipe["seeds"] == 2
 

@@ -42,6 +42,18 @@ def test_verdict_and_summary_by_hand():
     assert "digits_cd" in B.table(recs)
 
 
+def test_minutes_are_the_lowest_seeds_run_and_counted_costs_the_mean():
+    """Seeds may run on machines of different speed: the table shows one run's minutes (and says whose), never a
+    mean over machines; FD is still averaged over every seed."""
+    recs = [_rec("digits_cd", s, {1: fd}) for s, fd in ((2, 30.0), (1, 20.0), (3, 40.0))]
+    for r, minutes in zip(recs, (9.0, 3.0, 27.0)):
+        r["train_minutes"] = minutes
+    row = B.summarize(recs)[0]
+    assert row["train_minutes"] == 3.0 and row["minutes_seed"] == 1 and row["fd"] == 30.0
+    assert row["teacher_evaluations"] == 100
+    assert "the training run of seed 1" in B.table(recs)
+
+
 def test_the_counter_counts_images_through_a_hook():
     net = torch.nn.Linear(3, 3)
     c = B._Counter(net)

@@ -16,7 +16,10 @@ class ImageCounter:
 
 def seed_rows(records: list[dict], metrics, shared=()) -> list[dict]:
     """One row per model (in order of appearance) and budget (`nfe_K`): each metric's mean over the seeds and its
-    spread (`<metric>_std`, 0 for one seed); the `shared` keys of a budget and the training costs as they are."""
+    spread (`<metric>_std`, 0 for one seed); the `shared` keys of a budget; the counted training costs (teacher
+    evaluations, steps: the same on every seed) as they are; and `train_minutes` of the lowest seed's run only
+    (`minutes_seed`): minutes depend on the machine, and the seeds of a benchmark may run on machines of different
+    speed, so a mean over them would compare nothing."""
     out = []
     for name in dict.fromkeys(r["name"] for r in records):
         group = [r for r in records if r["name"] == name]
@@ -25,12 +28,21 @@ def seed_rows(records: list[dict], metrics, shared=()) -> list[dict]:
             for m in metrics:
                 vals = [r[key][m] for r in group]
                 row[m], row[m + "_std"] = statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
-            for k in ("teacher_evaluations", "train_minutes", "steps"):
+            for k in ("teacher_evaluations", "steps"):
                 if k in group[0]:
                     row[k] = statistics.mean(r[k] for r in group)
+            first = min(group, key=lambda r: r["seed"])
+            if "train_minutes" in first:
+                row["train_minutes"], row["minutes_seed"] = first["train_minutes"], first["seed"]
             out.append(row)
     return out
 
+
+def minutes_note(rows: list[dict]) -> str:
+    """The cost columns' footnote: whose minutes the table shows (seed_rows keeps the lowest seed's)."""
+    seeds = sorted({r["minutes_seed"] for r in rows if "minutes_seed" in r})
+    return (f"train min: the training run of seed {', '.join(map(str, seeds))} on one CPU thread (minutes depend on the "
+            "machine; teacher evals are counted, the same on every seed)") if seeds else ""
 
 def refuse_to_overwrite(json_path, force: bool) -> None:
     """Every benchmark's --json, checked before the run: an existing file is replaced only with --force, and a folder

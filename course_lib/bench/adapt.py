@@ -199,17 +199,21 @@ def tasks_for(seeds, n: int, quick: bool) -> list[dict]:
 
 
 def summarize(records: list[dict], section: str, by: tuple) -> list[dict]:
-    """Mean and spread over seeds of every measured number, per group of `by` keys within a section."""
+    """Mean and spread over seeds of every measured number, per group of `by` keys within a section; training minutes
+    are the lowest seed's run only (`minutes_seed`: seeds may run on machines of different speed)."""
     rows = [r for r in records if r["section"] == section]
     out = []
     for group in dict.fromkeys(tuple(r.get(k) for k in by) for r in rows):
         members = [r for r in rows if tuple(r.get(k) for k in by) == group]
         row = {**dict(zip(by, group)), "seeds": len(members)}
         for k, v in members[0].items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in by + ("seed",):
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in by + ("seed", "train_minutes"):
                 vals = [m[k] for m in members if m.get(k) is not None]
                 row[k] = statistics.mean(vals)
                 row[k + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        first = min(members, key=lambda m: m["seed"])
+        if "train_minutes" in first:
+            row["train_minutes"], row["minutes_seed"] = first["train_minutes"], first["seed"]
         out.append(row)
     return out
 
@@ -244,37 +248,52 @@ def verdict(records: list[dict]) -> dict:
     return out
 
 
-def table(records: list[dict]) -> str:
+def table(records: list[dict], *sections: str) -> str:
+    """The benchmark's lines, mean ± spread over seeds: every section, or only those named (lora, recipe, five,
+    controlnet, inversion; five ends with the model before adapting)."""
     def pm(r, k, fmt=".3f"):
         return f"{r[k]:{fmt}} ± {r[k + '_std']:{fmt}}" if r["seeds"] > 1 else f"{r[k]:{fmt}}"
 
-    lines = ["LoRA on many images: rank, steps -> fidelity (judge reads the new shape), lesson 7's prompts after"]
-    for r in summarize(records, "lora", ("rank", "steps")):
-        lines.append(f"  rank {r['rank']:>2} {r['steps']:>5} steps  fidelity {pm(r, 'fidelity')}  old prompts "
-                     f"{pm(r, 'old_all')}  trainable {r['trainable_share']:.2%}  {r['train_minutes']:.1f} min")
-    rank4 = [r for r in summarize(records, "lora", ("rank", "steps")) if r["rank"] == 4]
+    want = set(sections) or {"lora", "recipe", "five", "controlnet", "inversion"}
+    lines = []
+    lora = summarize(records, "lora", ("rank", "steps"))
+    if "lora" in want:
+        lines.append("LoRA on many images: rank, steps -> fidelity (judge reads the new shape), lesson 7's prompts after")
+        for r in lora:
+            lines.append(f"  rank {r['rank']:>2} {r['steps']:>5} steps  fidelity {pm(r, 'fidelity')}  old prompts "
+                         f"{pm(r, 'old_all')}  trainable {r['trainable_share']:.2%}  {r['train_minutes']:.1f} min")
+        if lora:
+            lines.append(f"  (min: the training run of seed {lora[0]['minutes_seed']} on one CPU thread; minutes depend on "
+                         "the machine)")
+    rank4 = [r for r in lora if r["rank"] == 4]
     lora4 = [r for r in rank4 if r["steps"] == max(x["steps"] for x in rank4)]
     recipes = summarize(records, "recipe", ("recipe",))
-    if recipes:
+    if "recipe" in want and recipes:
         lines.append(f"What each choice buys (rank 4, {MANY_IMAGES} images, the same steps):")
         for r in recipes + [{**r, "recipe": "recommended: + convs, lr 3e-3, prior"} for r in lora4]:
             lines.append(f"  {r['recipe']:<38} fidelity {pm(r, 'fidelity')}  old prompts {pm(r, 'old_all')}  "
                          f"trainable {r['trainable_share']:.2%}")
-    lines.append("Five images, equal steps:")
-    for r in summarize(records, "five", ("way",)):
-        lines.append(f"  {r['way']:<24} fidelity {pm(r, 'fidelity')}  old prompts {pm(r, 'old_all')}  bound "
-                     f"{pm(r, 'old_binding')}")
-    for r in summarize(records, "reference", ()):
-        lines.append(f"  {'before adapting':<24} fidelity {pm(r, 'fidelity')}  old prompts {pm(r, 'old_all')}  bound "
-                     f"{pm(r, 'old_binding')}  (autoencoder's ceiling {r['autoencoder_fidelity']:.3f})")
-    for r in summarize(records, "controlnet", ()):
-        lines.append(f"ControlNet: IoU {pm(r, 'iou')} against the plain model's {pm(r, 'plain_iou')} without a "
-                     f"position" + (f", {pm(r, 'caption_iou')} with the position in its caption" if "caption_iou" in r
-                                    else ""))
-    for r in summarize(records, "inversion", ("steps", "scale")):
-        lines.append(f"Inversion {r['steps']:>3} steps, w = {r['scale']:g}: PSNR {pm(r, 'psnr', '.2f')} dB "
-                     f"(autoencoder {r['psnr_autoencoder']:.2f}); colour edits right {pm(r, 'edit_colour')}, rest kept "
-                     f"{pm(r, 'edit_kept')}")
+    if "five" in want:
+        from ..adapt import AdaptConfig
+
+        lines.append("Five images, equal steps:")
+        for r in summarize(records, "five", ("way",)):
+            lr = FIVE[r["way"]].get("lr", AdaptConfig.lr)
+            lines.append(f"  {r['way']:<18} lr {lr:<6g} fidelity {pm(r, 'fidelity')}  old prompts {pm(r, 'old_all')}  "
+                         f"bound {pm(r, 'old_binding')}" + (f"  trainable {r['trainable']:,.0f}" if "trainable" in r else ""))
+        for r in summarize(records, "reference", ()):
+            lines.append(f"  {'before adapting':<28} fidelity {pm(r, 'fidelity')}  old prompts {pm(r, 'old_all')}  "
+                         f"bound {pm(r, 'old_binding')}  (autoencoder's ceiling {r['autoencoder_fidelity']:.3f})")
+    if "controlnet" in want:
+        for r in summarize(records, "controlnet", ()):
+            lines.append(f"ControlNet: IoU {pm(r, 'iou')} against the plain model's {pm(r, 'plain_iou')} without a "
+                         f"position" + (f", {pm(r, 'caption_iou')} with the position in its caption"
+                                        if "caption_iou" in r else ""))
+    if "inversion" in want:
+        for r in summarize(records, "inversion", ("steps", "scale")):
+            lines.append(f"Inversion {r['steps']:>3} steps, w = {r['scale']:g}: PSNR {pm(r, 'psnr', '.2f')} dB "
+                         f"(autoencoder {r['psnr_autoencoder']:.2f}); colour edits right {pm(r, 'edit_colour')}, rest "
+                         f"kept {pm(r, 'edit_kept')}")
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ import time
 import torch
 
 from . import ImageCounter as _Counter  # noqa: F401  (the name the tests and fewstep_latent used)
-from . import report, resumable, run_tasks, seed_rows
+from . import minutes_note, report, resumable, run_tasks, seed_rows
 
 TEACHER, TEACHER_NFE = "digits_edm", 20
 STUDENTS = ("digits_cd", "digits_ct", "digits_pd", "digits_add")
@@ -240,7 +240,9 @@ def table(records: list[dict]) -> str:
                      f"{fd} {r['precision']:>9.3f} {r['recall']:>7.3f} {cost}")
     from .fewstep_latent import latent_table
 
+    lines += [n for n in (minutes_note(summarize(records)),) if n]
     return "\n".join(lines) + ("\n\n" + latent_table(records) if latent_table(records) else "")
+
 
 
 def main_fewstep(quick: bool = False, json_path=None, samples: int | None = None, force: bool = False,

@@ -93,7 +93,9 @@ def latent_table(records: list[dict]) -> str:
                      f"{r['colour']:>6.3f} {r['position']:>5.3f} {r['size']:>5.3f} "
                      f"{r['all']:>7.3f} ± {r['all_std']:<4.3f} {r['two_binding']:>7.3f} ± {r['two_binding_std']:<4.3f} "
                      f"{r['two_swapped']:>7.3f} {r['two_present']:>7.3f} {cost}")
-    return "\n".join(lines)
+    from . import minutes_note
+
+    return "\n".join(lines + [n for n in (minutes_note(rows),) if n])
 
 
 __all__ = ["NFES", "run_latent_student", "run_latent_teacher", "summarize_latent", "latent_verdict", "latent_table"]
