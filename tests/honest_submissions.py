@@ -840,6 +840,16 @@ def prior_preservation_loss(model, x, context, x_prior, context_prior, sigma, no
     terms = [denoising_error(model, x, context, sigma, noise),
              denoising_error(model, x_prior, context_prior, sigma_prior, noise_prior)]
     return terms[0] + prior_weight * terms[1]""", """\
+class ZeroConv:
+    # a 1x1 convolution: one (C, C) matrix applied at every pixel, then the bias
+    def __init__(self, weight, bias):
+        self.w, self.b = weight.flatten(1), bias
+
+    def __call__(self, f):
+        return torch.einsum("oc,bchw->bohw", self.w, f) + self.b.view(1, -1, 1, 1)
+
+def control_join(skip, feature, weight, bias, strength):
+    return skip + strength * ZeroConv(weight, bias)(feature)""", """\
 @torch.no_grad()
 def ddim_invert(denoise, x0, sigmas):
     levels = sorted(s for s in sigmas.tolist() if s > 0)     # ascending
@@ -866,6 +876,11 @@ def prior_preservation_loss(model, x, context, x_prior, context_prior, sigma, no
         return (pred - x0).square().sum() / x0.numel()
     return sum(w * one(b) for w, b in ((1.0, (x, context, sigma, noise)),
                                        (prior_weight, (x_prior, context_prior, sigma_prior, noise_prior))))""", """\
+def control_join(skip, feature, weight, bias, strength):
+    b, c, h, w = feature.shape
+    pixels = feature.permute(0, 2, 3, 1).reshape(-1, c)      # one row per pixel
+    z = torch.addmm(bias, pixels, weight[:, :, 0, 0].T)      # bias + pixels @ W^T
+    return torch.add(skip, z.reshape(b, h, w, -1).permute(0, 3, 1, 2), alpha=float(strength))""", """\
 def ddim_invert(denoise, x0, sigmas):
     up = np.sort(np.array([float(s) for s in sigmas if float(s) > 0]))
     ratios = up[1:] / up[:-1]

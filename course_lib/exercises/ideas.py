@@ -64,7 +64,7 @@ IDEAS = {
           ("prior_preservation_loss",)),
          ("DDIM inversion: from an image to the noise that draws it", ("ddim_invert",)),
          ("textual inversion: learning one new word's embedding", ()),
-         ("ControlNet: a trainable copy of the encoder joined by zero-initialised layers", ())],
+         ("ControlNet: a trainable copy of the encoder joined by zero-initialised layers", ("control_join",))],
     99: [("a text-to-shapes generator assembled from your own attention, training step and guided sampler",
           ("text_to_shapes",))],
 }

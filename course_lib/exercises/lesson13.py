@@ -1,7 +1,8 @@
-"""Lesson 13: a LoRA linear layer's output (graded on values against peft's own layer) and DreamBooth's
-prior-preservation loss for one batch (graded on values, on a fixed toy text denoiser), and DDIM inversion (graded on
-behaviour: the judge samples the noise the learner's inversion returns back down with its own DDIM loop on the exact
-denoiser of a fresh Gaussian mixture, and compares the result with the points the learner inverted)."""
+"""Lesson 13: a LoRA linear layer's output (graded on values against peft's own layer), DreamBooth's
+prior-preservation loss for one batch (graded on values, on a fixed toy text denoiser), ControlNet's join of one skip
+connection (graded on values), and DDIM inversion (graded on behaviour: the judge samples the noise the learner's
+inversion returns back down with its own DDIM loop on the exact denoiser of a fresh Gaussian mixture, and compares the
+result with the points the learner inverted)."""
 from __future__ import annotations
 
 import math
@@ -155,7 +156,71 @@ register(Exercise(
     rule="Write the loss yourself: course_lib.adapt and course_lib.losses are not allowed in this exercise."))
 
 
-# ---- 13.3 DDIM inversion, graded on behaviour ---------------------------------------------------------------------
+# ---- 13.3 ControlNet's join ----------------------------------------------------------------------------------------
+
+
+def ref_control_join(skip, feature, weight, bias, strength):
+    """Zhang et al. 2023, eq. 4, at one skip connection: the frozen UNet's skip h plus strength times the zero conv
+    (a 1x1 convolution, `weight` (C, C, 1, 1) and `bias` (C,) as nn.Conv2d stores them) of the trainable copy's
+    feature f at the same place: h + strength (W f + b), W applied over the channels at every pixel."""
+    import torch.nn.functional as F
+
+    return skip + strength * F.conv2d(feature, weight, bias)
+
+
+def _inputs_join(gen):
+    """A batch of 1-3, 2-6 channels, 2-5 by 2-5 pixels; a trained zero conv (non-zero, not symmetric) and a strength
+    between 0.3 and 2 that is not 1 (so that a misplaced or forgotten strength differs)."""
+    b, c = _T._randint(gen, 1, 3), _T._randint(gen, 2, 6)
+    h, w = _T._randint(gen, 2, 5), _T._randint(gen, 2, 5)
+    strength = round(_T._uniform(gen, 0.3, 2.0), 3)
+    strength = strength + 0.25 if abs(strength - 1) < 0.1 else strength
+
+    def randn(*size):
+        return torch.randn(*size, generator=gen, dtype=torch.float64)
+    return {"skip": randn(b, c, h, w), "feature": randn(b, c, h, w), "weight": randn(c, c, 1, 1) / math.sqrt(c),
+            "bias": randn(c), "strength": strength}
+
+
+def _join_with(mistake: str):
+    def fn(skip, feature, weight, bias, strength):
+        w = weight[:, :, 0, 0]
+        w = w.T if mistake == "transposed" else w
+        source = skip if mistake == "conv on skip" else feature
+        z = torch.einsum("oc,bchw->bohw", w, source) + (0 if mistake == "no bias" else bias[None, :, None, None])
+        if mistake == "no conv":
+            z = feature
+        if mistake == "replace":
+            return strength * z
+        if mistake == "strength on both":
+            return strength * (skip + z)
+        return skip + (1 if mistake == "no strength" else strength) * z
+    return fn
+
+
+register(Exercise(
+    "control_join", 13, ref_control_join, _inputs_join,
+    "The zero conv is a 1x1 convolution over the copy's feature: z[b, o] = sum over c of weight[o, c, 0, 0] * "
+    "feature[b, c] + bias[o] at every pixel (torch.nn.functional.conv2d(feature, weight, bias)); return skip + "
+    "strength * z.",
+    mistakes=((_join_with("transposed"), "weight[o, c] maps input channel c to output channel o: sum over the SECOND "
+               "index (nn.Conv2d's layout is (out, in, 1, 1)), not the first."),
+              (_join_with("conv on skip"), "The zero conv reads the trainable copy's feature, not the frozen skip: "
+               "skip + strength * conv(feature)."),
+              (_join_with("no bias"), "The zero conv has a bias too (zero at the start, trained after): add bias[o] "
+               "to every pixel of channel o."),
+              (_join_with("no conv"), "The copy's feature goes through the zero conv before it is added: that layer "
+               "is what starts at zero and keeps a fresh ControlNet from changing the model."),
+              (_join_with("replace"), "ControlNet ADDS to the frozen model's skip connection: return skip + "
+               "strength * conv(feature), not the control alone."),
+              (_join_with("strength on both"), "strength scales only the control, not the frozen skip: strength 0 "
+               "must give the plain model back."),
+              (_join_with("no strength"), "Multiply the control by strength (ControlNet's conditioning scale).")),
+    refused=("course_lib.controlnet",),
+    rule="Write the join yourself: course_lib.controlnet, which computes it, is not allowed in this exercise."))
+
+
+# ---- 13.4 DDIM inversion, graded on behaviour ---------------------------------------------------------------------
 
 # Calibrated by `python -m course_lib bench exercises --only ddim_invert` (data/bench_exercises.json; one thread,
 # 0.2 s a check): the reference 100/100 (RMS reconstruction error 0.15-0.34 mixture std, the noise's std 0.90-1.0 of
@@ -314,4 +379,5 @@ LIBRARY_EQUIVALENTS.update({
     "lora_linear": ("course_lib.lora.lora_linear",),
     "prior_preservation_loss": ("course_lib.adapt.adapt", "course_lib.losses.diffusion_loss"),
     "ddim_invert": ("course_lib.inversion.ddim_invert", "course_lib.inversion.reconstruct"),
+    "control_join": ("course_lib.controlnet.ControlNet", "course_lib.controlnet.Controlled"),
 })
