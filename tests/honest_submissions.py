@@ -840,6 +840,16 @@ def prior_preservation_loss(model, x, context, x_prior, context_prior, sigma, no
     terms = [denoising_error(model, x, context, sigma, noise),
              denoising_error(model, x_prior, context_prior, sigma_prior, noise_prior)]
     return terms[0] + prior_weight * terms[1]""", """\
+def textual_inversion_step(table, token_id, loss, lr):
+    learned = torch.nn.Parameter(table.detach().clone())
+    opt = torch.optim.SGD([learned], lr=lr)
+    opt.zero_grad()
+    loss(learned).backward()
+    frozen = torch.ones(len(table), dtype=torch.bool)
+    frozen[token_id] = False
+    learned.grad[frozen] = 0                                  # only the new word learns
+    opt.step()
+    return learned.detach()""", """\
 class ZeroConv:
     # a 1x1 convolution: one (C, C) matrix applied at every pixel, then the bias
     def __init__(self, weight, bias):
@@ -876,6 +886,14 @@ def prior_preservation_loss(model, x, context, x_prior, context_prior, sigma, no
         return (pred - x0).square().sum() / x0.numel()
     return sum(w * one(b) for w, b in ((1.0, (x, context, sigma, noise)),
                                        (prior_weight, (x_prior, context_prior, sigma_prior, noise_prior))))""", """\
+def textual_inversion_step(table, token_id, loss, lr):
+    rows = list(table.unbind(0))
+    word = rows[token_id].detach().requires_grad_(True)
+    rows[token_id] = word
+    (g,) = torch.autograd.grad(loss(torch.stack(rows)), [word])   # the gradient of the new row alone
+    out = table.detach().clone()
+    out[token_id] = word.detach() - lr * g
+    return out""", """\
 def control_join(skip, feature, weight, bias, strength):
     b, c, h, w = feature.shape
     pixels = feature.permute(0, 2, 3, 1).reshape(-1, c)      # one row per pixel

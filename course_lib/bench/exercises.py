@@ -38,7 +38,7 @@ def _one(job: tuple) -> dict:
     from ..exercises.lesson10 import masked_measure
     from ..exercises.lesson11 import edm_measure
     from ..exercises.lesson12 import consistency_measure
-    from ..exercises.lesson13 import inversion_measure
+    from ..exercises.lesson13_inversion import inversion_measure
     from ..exercises.on_images import ae_measure, contrastive_measure
     from ..exercises.on_training import cond_measure, flow_measure
 

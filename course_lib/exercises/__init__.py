@@ -389,7 +389,7 @@ from . import lesson01, lesson2, lesson3, lesson4, lesson5, lesson6, lesson7, le
 from . import on_behaviour, on_training  # noqa: E402, F401, I001  (graded on training runs and loops)
 from . import lesson11  # noqa: E402, F401, I001  (after the training exercises it builds on)
 from . import lesson12  # noqa: E402, F401, I001
-from . import lesson13  # noqa: E402, F401, I001
+from . import lesson13, lesson13_inversion  # noqa: E402, F401, I001  (inversion is lesson 13's last exercise)
 from .lesson01 import ref_alpha_bar_from_betas, ref_log_snr, ref_noise_images, ref_q_sample  # noqa: E402, F401
 from .lesson2 import ref_eps_to_x0, ref_posterior_mean, ref_simple_loss  # noqa: E402, F401
 from .lesson3 import ref_ddim_step, ref_heun_step, ref_karras_sigmas  # noqa: E402, F401
@@ -402,7 +402,8 @@ from .lesson9 import ref_dsm_loss, ref_flow_matching_loss, ref_ode_log_likelihoo
 from .lesson10 import ref_absorbing_forward, ref_mdlm_weight, ref_unmask_sample  # noqa: E402, F401
 from .lesson11 import ref_edm_coefficients, ref_edm_step, ref_posthoc_ema_weights  # noqa: E402, F401
 from .lesson12 import ref_consistency_distillation_loss, ref_consistency_sample, ref_guided_teacher_step, ref_progressive_target  # noqa: E402, F401
-from .lesson13 import ref_ddim_invert, ref_lora_linear, ref_prior_preservation_loss  # noqa: E402, F401
+from .lesson13 import ref_control_join, ref_lora_linear, ref_prior_preservation_loss, ref_textual_inversion_step  # noqa: E402, F401
+from .lesson13_inversion import ref_ddim_invert  # noqa: E402, F401
 from . import on_images  # noqa: E402, F401, I001  (lesson 7's exercises graded on training runs)
 from . import capstone  # noqa: E402, F401, I001  (the capstone, after every lesson)
 from .on_behaviour import (  # noqa: E402, F401

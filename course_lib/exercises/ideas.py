@@ -63,7 +63,7 @@ IDEAS = {
          ("DreamBooth's prior preservation: a concept from a few images without forgetting the old prompts",
           ("prior_preservation_loss",)),
          ("DDIM inversion: from an image to the noise that draws it", ("ddim_invert",)),
-         ("textual inversion: learning one new word's embedding", ()),
+         ("textual inversion: learning one new word's embedding", ("textual_inversion_step",)),
          ("ControlNet: a trainable copy of the encoder joined by zero-initialised layers", ("control_join",))],
     99: [("a text-to-shapes generator assembled from your own attention, training step and guided sampler",
           ("text_to_shapes",))],

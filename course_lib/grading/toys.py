@@ -95,3 +95,18 @@ class ToyTextDenoiser:
 
     def __repr__(self) -> str:
         return "teacher(x, sigma, context) (a fixed toy text denoiser, sigma one per row)"
+
+
+class ToyWordLoss:
+    """A smooth stand-in for a frozen text-to-image model's denoising loss as a function of its token table: the
+    captions' token ids pick rows of the table, a fixed map mixes them, and the loss is the squared distance of their
+    mean to a target; every row a caption uses gets a gradient. loss(table) -> a scalar."""
+
+    def __init__(self, ids: torch.Tensor, mix: torch.Tensor, target: torch.Tensor):
+        self.ids, self.mix, self.target = ids, mix, target
+
+    def __call__(self, table):
+        return ((torch.tanh(table[self.ids] @ self.mix.to(table.dtype)).mean(0) - self.target.to(table.dtype)) ** 2).sum()
+
+    def __repr__(self) -> str:
+        return "loss(table) (a fixed toy denoising loss of the token table: differentiable in every row it uses)"
