@@ -44,6 +44,7 @@ def minutes_note(rows: list[dict]) -> str:
     return (f"train min: the training run of seed {', '.join(map(str, seeds))} on one CPU thread (minutes depend on the "
             "machine; teacher evals are counted, the same on every seed)") if seeds else ""
 
+
 def refuse_to_overwrite(json_path, force: bool) -> None:
     """Every benchmark's --json, checked before the run: an existing file is replaced only with --force, and a folder
     or an unwritable place is refused."""

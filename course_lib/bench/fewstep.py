@@ -244,7 +244,6 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines) + ("\n\n" + latent_table(records) if latent_table(records) else "")
 
 
-
 def main_fewstep(quick: bool = False, json_path=None, samples: int | None = None, force: bool = False,
                  jobs: int = 1, export_dir=None, seeds=None, resume: bool = False) -> list[dict]:
     """Run the benchmark, print the table and the verdict; with json_path write the records. Each finished run is
