@@ -1,4 +1,5 @@
-"""Sample-quality metrics: high-quality fraction and modes covered on 2D mixtures, distances between sample sets.
+"""Sample-quality metrics: high-quality fraction and modes covered on 2D mixtures, distances between sample sets
+(Frechet distance, KID, precision / recall, density / coverage).
 
 Libraries used where they do the job: POT (Python Optimal Transport) for the sliced Wasserstein distance,
 NumPy's symmetric eigensolver for the Frechet distance.
@@ -123,6 +124,33 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> dict
     precision = (d < _kth_neighbour_distance(real, k)[:, None]).any(0).double().mean()
     recall = (d < _kth_neighbour_distance(fake, k)[None, :]).any(1).double().mean()
     return {"precision": float(precision), "recall": float(recall)}
+
+
+def density_coverage(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> dict:
+    """Density and coverage (Naeem et al. 2020): density counts how many real k-NN balls hold each fake (divided by k;
+    about 1 when fakes are distributed as the reals, and unlike precision not fooled by one real outlier's big ball);
+    coverage is the share of real balls that hold at least one fake (a dropped mode leaves its balls empty)."""
+    real, fake = _check_features(real, "real"), _check_features(fake, "fake")
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"real and fake must have the same dimension, got {real.shape[1]} and {fake.shape[1]}")
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k < len(real):
+        raise ValueError(f"k must be an int in [1, {len(real) - 1}], got {k!r}")
+    inside = torch.cdist(real, fake) < _kth_neighbour_distance(real, k)[:, None]  # (n_real, n_fake)
+    return {"density": float(inside.double().sum(0).mean() / k), "coverage": float(inside.any(1).double().mean())}
+
+
+def kid(x: torch.Tensor, y: torch.Tensor, degree: int = 3, coef: float = 1.0) -> float:
+    """Kernel inception distance (Binkowski et al. 2018, eq. 2 with the cubic kernel k(a, b) = (a.b / d + coef)^degree):
+    the unbiased estimate of the squared MMD between two feature sets, whose expectation is 0 for two samples of one
+    distribution at every sample size (Frechet distance's is not); the sets may differ in size."""
+    x, y = _check_features(x, "x"), _check_features(y, "y")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"x and y must have the same dimension, got {x.shape[1]} and {y.shape[1]}")
+    m, n, d = len(x), len(y), x.shape[1]
+    kxx, kyy, kxy = ((a @ b.T / d + coef) ** degree for a, b in ((x, x), (y, y), (x, y)))
+    within_x = (kxx.sum() - kxx.diagonal().sum()) / (m * (m - 1))  # pairs i != j only: the unbiased part
+    within_y = (kyy.sum() - kyy.diagonal().sum()) / (n * (n - 1))
+    return float(within_x + within_y - 2 * kxy.mean())
 
 
 def nearest_neighbours(queries: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

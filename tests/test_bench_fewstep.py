@@ -140,3 +140,63 @@ def test_the_shipped_records_cover_every_model_seed_and_budget():
     assert {(r["name"], r["seed"]) for r in latent} == {(n, s) for n in (L.TEACHER, L.STUDENT) for s in latent_seeds}
     v = L.latent_verdict(latent)
     assert 0.5 < v["lcm_all_4_nfe"] <= 1 and 0 < v["teacher_binding_20_nfe"] <= 1
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stopping_after(monkeypatch, saves: int):
+    """Make the benchmark's run checkpointing raise after its `saves`-th save (the file is written first)."""
+    import course_lib.bench as bench_pkg
+
+    real, count = bench_pkg.save_run, [0]
+
+    def save_then_stop(trainer, path, **extra):
+        real(trainer, path, **extra)
+        count[0] += 1
+        if count[0] == saves:
+            raise _Stop(trainer.step)
+
+    monkeypatch.setattr(bench_pkg, "save_run", save_then_stop)
+
+
+@pytest.mark.parametrize("name, every, saves", [("digits_pd", 3, 6), ("digits_cd", 3, 1)])
+def test_a_stopped_student_run_continues_from_its_checkpoint_to_the_same_record(tmp_path, monkeypatch, name, every,
+                                                                              saves):
+    # 4 steps a round: digits_pd is stopped at step 15 (its sixth save), after its 4-step student was kept at the end
+    # of round 3 (step 12). Tuning a consistency student's levels is not what is tested (and is slow): its levels
+    # here are fixed Karras levels
+    from course_lib.step_schedules import karras_sigmas
+
+    monkeypatch.setattr(B, "QUICK_STEPS", 4)
+    monkeypatch.setattr(B, "SAVE_EVERY", every)
+    monkeypatch.setattr(B, "tuned_levels", lambda model, nfe, tune_n=500: (karras_sigmas(nfe, 0.02, 80.0, 7.0), {}))
+    whole = B.run_student(name, 0, 60, quick=True)
+    ckpt = tmp_path / "runs" / f"student_{name}_seed0.pt"
+    with monkeypatch.context() as m:
+        _stopping_after(m, saves)
+        with pytest.raises(_Stop):
+            B.run_student(name, 0, 60, quick=True, checkpoint=str(ckpt))
+    assert ckpt.exists()
+    resumed = B.run_student(name, 0, 60, quick=True, checkpoint=str(ckpt))
+    for k in ("steps", "teacher_evaluations"):
+        assert resumed[k] == whole[k]
+    for k in ("nfe_1", "nfe_2", "nfe_4"):
+        for m in ("fd", "precision", "recall", "sigmas"):
+            assert resumed[k][m] == whole[k][m], (k, m)
+
+
+def test_a_run_checkpoint_of_another_configuration_is_refused_and_a_fresh_start_clears_old_runs(tmp_path):
+    from course_lib.bench import run_checkpoint, runs_folder, save_run, start_or_resume
+    from course_lib.train import Trainer, preset
+
+    path = run_checkpoint(tmp_path / "b.json.runs", {"kind": "student", "name": "digits_cd", "seed": 1})
+    save_run(Trainer(preset("digits_cd", seed=1, steps=10, warmup=2)), path, teacher_evaluations=5)
+    trainer, saved = start_or_resume(preset("digits_cd", seed=1, steps=10, warmup=2), path)
+    assert saved == {"teacher_evaluations": 5} and trainer.step == 0
+    with pytest.raises(ValueError, match="another configuration"):
+        start_or_resume(preset("digits_cd", seed=2, steps=10, warmup=2), path)
+    assert runs_folder(tmp_path / "b.json", resume=True).exists()
+    assert not runs_folder(tmp_path / "b.json", resume=False).exists()
+    assert runs_folder(None, resume=True) is None

@@ -236,3 +236,42 @@ def test_bench_judges_digits_by_classifier_features():
     floor = judge.real_floor()
     assert floor["samples"] == 297 and floor["fd_at_test_n"] == floor["fd"]
     assert floor["fd_train_subset"] < floor["fd"]  # the training set's own images sit closer than new ones
+
+
+def test_density_and_coverage_against_prdc_and_on_a_dropped_mode():
+    prdc = pytest.importorskip("prdc")
+    real, fake = _gauss(600, 8, 0), _gauss(500, 8, 1, scale=1.4, shift=0.3)
+    ours, ref = M.density_coverage(real, fake, k=5), prdc.compute_prdc(real.numpy(), fake.numpy(), nearest_k=5)
+    assert ours["density"] == pytest.approx(float(ref["density"]), abs=1e-12)
+    assert ours["coverage"] == pytest.approx(float(ref["coverage"]), abs=1e-12)
+    # two clusters of reals; fakes only from the first: coverage ~ 1/2 (half the real balls are empty) while density
+    # stays ~ 1 (each fake sits among the reals as a real would); half the fakes far from every real: density ~ 1/2
+    two = torch.cat([_gauss(1000, 2, 3), _gauss(1000, 2, 4, shift=20.0)])
+    dc = M.density_coverage(two, _gauss(2000, 2, 5), k=5)
+    assert 0.45 < dc["coverage"] <= 0.5 and 0.85 < dc["density"] < 1.15
+    astray = M.density_coverage(two, torch.cat([_gauss(1000, 2, 8), _gauss(1000, 2, 9, shift=-50.0)]), k=5)
+    assert 0.4 < astray["density"] < 0.6 and 0.45 < astray["coverage"] <= 0.5
+    same = M.density_coverage(two, torch.cat([_gauss(1000, 2, 6), _gauss(1000, 2, 7, shift=20.0)]), k=5)
+    assert same["coverage"] > 0.95 and 0.8 < same["density"] < 1.2
+    with pytest.raises(ValueError, match="k must be"):
+        M.density_coverage(real, fake, k=0)
+
+
+def test_kid_against_torchmetrics_a_hand_sum_and_its_unbiasedness():
+    from torchmetrics.image.kid import poly_mmd  # an independent implementation (equal set sizes)
+
+    a, b = _gauss(300, 16, 0), _gauss(300, 16, 1, scale=1.2, shift=0.1)
+    assert M.kid(a, b) == pytest.approx(float(poly_mmd(a, b)), rel=1e-10)
+    # unequal sizes, by the definition's sums written out pair by pair
+    x, y = _gauss(7, 3, 2), _gauss(5, 3, 3, shift=0.5)
+    k = lambda u, v: (float(u @ v) / 3 + 1) ** 3
+    want = (sum(k(x[i], x[j]) for i in range(7) for j in range(7) if i != j) / 42
+            + sum(k(y[i], y[j]) for i in range(5) for j in range(5) if i != j) / 20
+            - 2 * sum(k(x[i], y[j]) for i in range(7) for j in range(5)) / 35)
+    assert M.kid(x, y) == pytest.approx(want, rel=1e-10)
+    # two samples of one distribution: KID averages to 0 at n = 20 (FD's bias there is large), over 400 draws; the
+    # standard error of the mean is std / 20
+    kids = torch.tensor([M.kid(_gauss(20, 4, 2 * s + 100), _gauss(20, 4, 2 * s + 101)) for s in range(400)])
+    assert abs(float(kids.mean())) < 3 * float(kids.std()) / 20
+    fds = [M.frechet_distance(_gauss(20, 4, 2 * s + 100), _gauss(20, 4, 2 * s + 101)) for s in range(50)]
+    assert min(fds) > 0

@@ -4,6 +4,9 @@ what the training benchmarks share (the --json check, the report, the teacher-ca
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
+
+SAVE_EVERY = 100  # training steps between a benchmark run's checkpoints (with --json: in JSON_PATH.runs/)
 
 
 class ImageCounter:
@@ -128,6 +131,53 @@ def resumable(json_path, force: bool, resume: bool):
     elif partial.exists() and not force:
         raise ValueError(f"{partial} holds an unfinished run: pass --resume to continue it, or --force to start again")
     return done, lambda recs: write_json_atomic(recs, partial)
+
+
+def runs_folder(json_path, resume: bool):
+    """JSON_PATH.runs, where a benchmark's training runs save their state as they train (None without --json); a run
+    that starts afresh (no --resume) clears the states a stopped run left there."""
+    if json_path is None:
+        return None
+    import shutil
+
+    folder = Path(f"{json_path}.runs")
+    if not resume:
+        shutil.rmtree(folder, ignore_errors=True)
+    return folder
+
+
+def run_checkpoint(runs_dir, task: dict):
+    """Where a benchmark run's training state is saved as it trains (None without a runs folder): one file per run."""
+    if runs_dir is None:
+        return None
+    return str(Path(runs_dir) / f"{task['kind']}_{task.get('name', 'run')}_seed{task['seed']}.pt")
+
+
+def start_or_resume(config, path):
+    """(trainer, extra): a fresh Trainer for `config`, or one continued exactly from the run checkpoint at `path`
+    (written by save_run) with what save_run stored beside its state; a checkpoint of another configuration is
+    refused, since continuing it would measure a run nobody asked for."""
+    from ..checkpoints import load_checkpoint
+    from ..train import Trainer
+
+    trainer = Trainer(config)
+    if path is None or not Path(path).exists():
+        return trainer, {}
+    state = load_checkpoint(path)
+    if state.get("kind") != "train_state" or state["config"] != config.to_dict():
+        raise ValueError(f"{path} holds a training run of another configuration; delete it to start this run afresh")
+    trainer.load_state_dict(state)
+    return trainer, state.get("bench", {})
+
+
+def save_run(trainer, path, **extra) -> None:
+    """Save a benchmark run's full training state (and `extra`: counted teacher evaluations, models kept) to `path`
+    atomically, so that a stopped benchmark continues the run where it stopped rather than from step 0."""
+    if path is not None:
+        from ..checkpoints import save_atomic
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_atomic({**trainer.state_dict(), "bench": extra}, path)
 
 
 def __getattr__(name: str):

@@ -13,12 +13,13 @@ not estimated: teacher evaluations (one per image per call, by a hook on the tea
 """
 from __future__ import annotations
 
+import shutil
 import time
 
 import torch
 
+from . import SAVE_EVERY, minutes_note, report, resumable, run_tasks, runs_folder, seed_rows
 from . import ImageCounter as _Counter  # noqa: F401  (the name the tests and fewstep_latent used)
-from . import minutes_note, report, resumable, run_tasks, seed_rows
 
 TEACHER, TEACHER_NFE = "digits_edm", 20
 STUDENTS = ("digits_cd", "digits_ct", "digits_pd", "digits_add")
@@ -81,14 +82,17 @@ def run_teacher(n: int, seed: int = 0) -> dict:
     return rec
 
 
-def run_student(name: str, seed: int, n: int, quick: bool = False, export: str | None = None) -> dict:
+def run_student(name: str, seed: int, n: int, quick: bool = False, export: str | None = None,
+                checkpoint: str | None = None) -> dict:
     """Train one student preset on one seed, tune its levels, score it at 1, 2 and 4 NFE; one record. With `export` (a
     path), also write the final student as data/ ships it: float16 weights, a card with its quality and tuned levels
-    (the same weights `python -m course_lib train --preset NAME` trains: same preset, seed 0 and steps)."""
+    (the same weights `python -m course_lib train --preset NAME` trains: same preset, seed 0 and steps). With
+    `checkpoint` (a path), training is saved there every SAVE_EVERY steps and continued from it if it exists."""
     import copy
 
     from ..families.fewstep import halving_grid
-    from ..train import Trainer, preset
+    from ..train import preset
+    from . import save_run, start_or_resume
     from .samplers import Judge
 
     if name not in STUDENTS:
@@ -98,19 +102,32 @@ def run_student(name: str, seed: int, n: int, quick: bool = False, export: str |
     if quick:
         config = preset(name, seed=seed, warmup=2,
                         steps=QUICK_STEPS * (config.options.rounds if progressive else 1))
-    trainer = Trainer(config)
+    trainer, saved = start_or_resume(config, checkpoint)
     teacher = trainer.nets.get("teacher") if progressive else trainer.teacher
     counter = _Counter(teacher) if teacher is not None else None
+    if counter is not None:
+        counter.n = saved.get("teacher_evaluations", 0)
     models = {}
+    for steps, weights in saved.get("kept", {}).items():  # students of the rounds that ended before a stop
+        models[int(steps)] = copy.deepcopy(trainer.ema).eval()
+        models[int(steps)].load_state_dict(weights)
+
+    def save(t):
+        save_run(t, checkpoint, teacher_evaluations=counter.n if counter else 0,
+                 kept={str(k): m.state_dict() for k, m in models.items()})
+
     if progressive:  # keep the EMA student of each of the last rounds: the 4-, 2- and 1-step students
         rounds, length = config.options.rounds, config.steps // config.options.rounds
         for r in range(rounds):
-            trainer.train(steps=(r + 1) * length - trainer.step if r < rounds - 1 else None, progress=False)
-            steps = config.options.start_steps // 2 ** (r + 1)
+            end, steps = (r + 1) * length if r < rounds - 1 else config.steps, config.options.start_steps // 2 ** (r + 1)
+            if trainer.step >= end and (steps not in NFES or steps in models):
+                continue  # a round that ended before the stop
+            trainer.train(steps=end - trainer.step, progress=False, callback=save, every=SAVE_EVERY)
             if steps in NFES:
                 models[steps] = copy.deepcopy(trainer.ema).eval()
+                save(trainer)
     else:
-        trainer.train(progress=False)
+        trainer.train(progress=False, callback=save, every=SAVE_EVERY)  # up to config.steps, from where it stopped
         models = {nfe: trainer.ema.eval() for nfe in NFES}
     judge, noise = Judge("digits", n), torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(EVAL_SEED + seed))
     rec = {"kind": "student", "name": name, "family": config.family, "seed": seed, "samples": n,
@@ -158,12 +175,15 @@ def _export(trainer, name: str, path: str, tuned: dict, quick: bool) -> None:
     write_json_atomic(card, str(path).removesuffix(".pt") + ".json")
 
 
-def run_one(kind: str, seed: int, n: int, name: str = TEACHER, quick: bool = False, export: str | None = None) -> dict:
+def run_one(kind: str, seed: int, n: int, name: str = TEACHER, quick: bool = False, export: str | None = None,
+            checkpoint: str | None = None) -> dict:
     from .fewstep_latent import run_latent_student, run_latent_teacher
 
     if kind.startswith("latent"):  # the text-to-shapes teacher and its latent consistency model (lesson 12, part 5)
-        return run_latent_teacher(n, seed) if kind == "latent_teacher" else run_latent_student(seed, n, quick, export)
-    return run_teacher(n, seed) if kind == "teacher" else run_student(name, seed, n, quick, export)
+        if kind == "latent_teacher":
+            return run_latent_teacher(n, seed)
+        return run_latent_student(seed, n, quick, export, checkpoint)
+    return run_teacher(n, seed) if kind == "teacher" else run_student(name, seed, n, quick, export, checkpoint)
 
 
 def _key(task_or_record: dict) -> tuple:
@@ -172,11 +192,14 @@ def _key(task_or_record: dict) -> tuple:
 
 def bench_fewstep(quick: bool = False, samples: int | None = None, progress: bool = True, jobs: int = 1,
                   students=STUDENTS, export_dir=None, seeds=None, done=(), on_record=None,
-                  latent: bool = True) -> list[dict]:
+                  latent: bool = True, runs_dir=None) -> list[dict]:
     """The teacher and every student on every seed, seed by seed (the longest runs first within a seed), then (latent)
     the text-to-shapes teacher and its latent consistency model on every seed; with export_dir, seed 0's students are
     written there as data/ ships them (NAME.pt and NAME.json). Runs whose records are in `done` are skipped;
-    on_record(records) is called after each finished run (a partial file)."""
+    on_record(records) is called after each finished run (a partial file); with runs_dir, each training run saves its
+    state there as it trains and continues from it (a stopped benchmark loses at most SAVE_EVERY steps of a run)."""
+    from . import run_checkpoint
+
     n = samples or (100 if quick else 1000)
     seeds = tuple(seeds) if seeds is not None else (QUICK_SEEDS if quick else SEEDS)
     order = sorted(students, key=lambda s: ("digits_add", "digits_pd", "digits_cd", "digits_ct").index(s)
@@ -194,6 +217,9 @@ def bench_fewstep(quick: bool = False, samples: int | None = None, progress: boo
             tasks += [dict(kind="latent_student", name=STUDENT, seed=seed, n=m, quick=quick,
                            export=f"{export_dir}/{STUDENT}.pt" if export_dir and seed == 0 else None),
                       dict(kind="latent_teacher", name=LATENT_TEACHER, seed=seed, n=m)]
+    for task in tasks:
+        if "student" in task["kind"]:
+            task["checkpoint"] = run_checkpoint(runs_dir, task)
     return run_tasks(tasks, run_one, _key, jobs, done, on_record, "bench fewstep", progress)
 
 
@@ -247,13 +273,16 @@ def table(records: list[dict]) -> str:
 def main_fewstep(quick: bool = False, json_path=None, samples: int | None = None, force: bool = False,
                  jobs: int = 1, export_dir=None, seeds=None, resume: bool = False) -> list[dict]:
     """Run the benchmark, print the table and the verdict; with json_path write the records. Each finished run is
-    saved to JSON_PATH.partial as it ends; --resume continues from it (a stopped run loses only the runs in flight)."""
+    saved to JSON_PATH.partial as it ends and each training run's state to JSON_PATH.runs/ as it trains; --resume
+    continues from both (a stopped run loses at most SAVE_EVERY steps of each run in flight)."""
     from pathlib import Path
 
     done, on_record = resumable(json_path, force, resume)
+    runs_dir = runs_folder(json_path, resume)
     records = bench_fewstep(quick, samples, jobs=jobs, export_dir=export_dir, seeds=seeds, done=done,
-                            on_record=on_record)
+                            on_record=on_record, runs_dir=runs_dir)
     report(records, table(records), verdict(records), json_path)
     if json_path is not None:
         Path(f"{json_path}.partial").unlink(missing_ok=True)
+        shutil.rmtree(runs_dir, ignore_errors=True)
     return records

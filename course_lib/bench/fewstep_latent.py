@@ -21,17 +21,21 @@ def run_latent_teacher(n: int, seed: int = 0) -> dict:
             **adherence_by_budget(model, n=n, seed=EVAL_SEED + seed)}
 
 
-def run_latent_student(seed: int, n: int, quick: bool = False, export: str | None = None) -> dict:
+def run_latent_student(seed: int, n: int, quick: bool = False, export: str | None = None,
+                       checkpoint: str | None = None) -> dict:
     """Train shapes_lcm on one seed through the training loop, count its teacher's network evaluations, and measure
-    it at 1, 2 and 4 calls; with `export`, write it as data/ ships it (fp16, card measured on the shipped weights)."""
+    it at 1, 2 and 4 calls; with `export`, write it as data/ ships it (fp16, card measured on the shipped weights);
+    with `checkpoint`, save the training there every SAVE_EVERY steps and continue from it if it exists."""
     from ..lcm import adherence_by_budget, from_trainer
-    from ..train import Trainer, preset
-    from . import ImageCounter
+    from ..train import preset
+    from . import SAVE_EVERY, ImageCounter, save_run, start_or_resume
 
     config = preset(STUDENT, seed=seed, **({"steps": QUICK_STEPS, "warmup": 2} if quick else {}))
-    trainer = Trainer(config)
+    trainer, saved = start_or_resume(config, checkpoint)
     counter = ImageCounter(trainer.teacher)
-    trainer.train(progress=False)
+    counter.n = saved.get("teacher_evaluations", 0)
+    trainer.train(progress=False, callback=lambda t: save_run(t, checkpoint, teacher_evaluations=counter.n),
+                  every=SAVE_EVERY)
     student = from_trainer(trainer)
     rec = {"kind": "latent_student", "name": STUDENT, "family": config.family, "seed": seed, "samples": n,
            "guidance": config.guidance, "steps": trainer.step, "train_minutes": round(trainer.elapsed / 60, 2),
