@@ -237,10 +237,27 @@ def load_mnist(kind: str = "mnist", split: str = "train", root: str | Path | Non
 
 # ---- training batches (course_lib.train) ------------------------------------------------------------------------
 
+DUPLICATION = {1: 1000, 10: 20, 100: 5}  # lesson 14: duplication factor -> how many distinct train digits get it
+
+
+def duplicated_digits(seed: int = 0) -> dict:
+    """Lesson 14's memorisation set (Carlini et al. 2023 extracted mostly images the training set held many times):
+    distinct digits of the train split (a fixed draw), DUPLICATION[f] of them repeated f times. Returns the rows
+    (`images`, `labels`), each row's `factor` and `source` (its index among the distinct images), the `distinct`
+    images and each distinct image's `distinct_factor`."""
+    train, labels = digits_split("train")
+    need = sum(DUPLICATION.values())
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:need]
+    factor = torch.cat([torch.full((k,), f) for f, k in DUPLICATION.items()])
+    source = torch.arange(need).repeat_interleave(factor)
+    return {"images": train[pick][source], "labels": labels[pick][source], "factor": factor[source], "source": source,
+            "distinct": train[pick], "distinct_factor": factor, "distinct_index": pick}
+
+
 MIXTURES = {"ring8": ring_of_gaussians, "grid25": grid_of_gaussians}
 SHAPES_IMAGES = {"shapes32": 1, "shapes16": 2}  # lesson 11's resolution pair: the shapes images pooled by this factor
 SHAPES_TRAIN = 20_000  # a fixed training set of shapes images (lesson 7's generator, train split, seed 0)
-DATASETS = tuple(MIXTURES) + tuple(sorted(TOY_2D)) + ("digits", "captions") + tuple(SHAPES_IMAGES) + ("shapes_latents",)
+DATASETS = tuple(MIXTURES) + tuple(sorted(TOY_2D)) + ("digits", "digits_duplicated", "captions") + tuple(SHAPES_IMAGES) + ("shapes_latents",)
 CAPTION_CORPUS = 20_000  # lesson 10's training captions: a fixed corpus, so "unseen" captions mean something
 
 
@@ -282,6 +299,9 @@ class DataSource:
         if name == "digits":
             self.images, self.labels = digits_split("train")
             self.num_classes = 10
+        if name == "digits_duplicated":  # lesson 14: some digits repeated 10 or 100 times (duplicated_digits)
+            rows = duplicated_digits()
+            self.images, self.labels, self.num_classes = rows["images"], rows["labels"], 10
         if name == "captions":  # token ids (n, MAX_WORDS) of lesson 7's grammar (course_lib.captions)
             from .captions import caption_corpus
 
@@ -298,7 +318,7 @@ class DataSource:
         return tuple(self.images.shape[1:]) if hasattr(self, "images") else (2,)
 
     def sample(self, n: int, generator: torch.Generator):
-        if self.name == "digits":
+        if self.name in ("digits", "digits_duplicated"):
             idx = torch.randint(len(self.images), (n,), generator=generator)
             return self.images[idx], self.labels[idx]
         if self.name in SHAPES_IMAGES:

@@ -116,6 +116,8 @@ PRESETS = {
                           schedule="cosine", batch_size=128, lr=1e-3, steps=4_000),
 }
 PRESETS["digits_cond"] = replace(PRESETS["digits"], conditional=True)
+# Lesson 14's memorisation model: the digits preset on a training set where some digits appear 10 or 100 times
+PRESETS["digits_memorise"] = replace(PRESETS["digits"], data="digits_duplicated")
 # Lesson 4's rivals. Sizes are picked so that the network that samples has about as many parameters as the diffusion
 # network of the same data (2D: 215k; digits: the compact UNet of COMPARE_UNET, 177k); see bench.compare.BUDGET.
 _GAN = dict(family="gan", lr=2e-4, betas=(0.5, 0.999), warmup=0, lr_decay="constant")  # DCGAN's

@@ -406,15 +406,5 @@ from .lesson13 import ref_control_join, ref_lora_linear, ref_prior_preservation_
 from .lesson13_inversion import ref_ddim_invert  # noqa: E402, F401
 from . import on_images  # noqa: E402, F401, I001  (lesson 7's exercises graded on training runs)
 from . import capstone  # noqa: E402, F401, I001  (the capstone, after every lesson)
-from .on_behaviour import (  # noqa: E402, F401
-    ELBO_GAP,
-    MODE_SHARE,
-    SAMPLE_HQ_FLOOR,
-    TRAIN_HQ_FLOOR,
-    assess_sample_loop,
-    assess_train_step,
-    assess_vae_step,
-    ref_sample_loop,
-    ref_train_step,
-    ref_vae_step,
-)
+from .on_behaviour import ELBO_GAP, MODE_SHARE, SAMPLE_HQ_FLOOR, TRAIN_HQ_FLOOR, assess_sample_loop, assess_train_step  # noqa: E402, F401, I001
+from .on_behaviour import assess_vae_step, ref_sample_loop, ref_train_step, ref_vae_step  # noqa: E402, F401, I001
