@@ -74,3 +74,21 @@ def load_text_encoder(path=None) -> TextEncoder:
 
 def load_clip(path=None) -> MiniCLIP:
     return ckpt_io.load_model(path or ckpt_io.shipped_dir() / "shapes_clip.pt").model
+
+
+@torch.no_grad()
+def clip_score(clip: MiniCLIP, images: torch.Tensor, captions, batch: int = 500) -> torch.Tensor:
+    """CLIPScore per image (Hessel et al. 2021, as torchmetrics' CLIPScore computes it): 100 times the cosine
+    similarity of the image's embedding and its caption's, floored at 0; here with the shipped mini-CLIP (lesson 7),
+    whose text half also conditions the model being judged, so the score shares the model's reading of words."""
+    captions = [captions] if isinstance(captions, str) else list(captions)
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be a (n, 3, 32, 32) tensor, got {getattr(images, 'shape', images)!r}")
+    if len(captions) != len(images):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    out = []
+    for i in range(0, len(images), batch):
+        img = clip.image(images[i:i + batch].float().cpu())
+        txt = clip.text.pooled(tokenize(captions[i:i + batch]))
+        out.append(100 * (img * txt).sum(1).clamp(min=0))
+    return torch.cat(out)

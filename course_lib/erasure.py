@@ -51,6 +51,8 @@ class EraseConfig:
     batch_size: int = 16
     lr: float = 1e-4
     images: int = 200      # the frozen model's own latents for concept prompts, noised at a random level each step
+    preserve_weight: float = 1.0  # 0: ESD as published; > 0: also keep the frozen model's predictions on as many
+                                  # prompts without the concept (its own images of them), this much weighted
     seed: int = 0
 
     def __post_init__(self):
@@ -62,6 +64,9 @@ class EraseConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise ValueError(f"{name} must be a number > 0, got {v!r}")
+        v = self.preserve_weight
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+            raise ValueError(f"preserve_weight must be a number >= 0 (0: ESD as published), got {v!r}")
 
 
 def erase(base, config: EraseConfig | None = None, progress: bool = True, **overrides):
@@ -78,6 +83,10 @@ def erase(base, config: EraseConfig | None = None, progress: bool = True, **over
         raise ValueError("erase takes a latent diffusion model (load_text_to_image('shapes_ldm'))")
     prompts = prompts_with(c.images, c.concept, "train", c.seed)
     x0 = base.generate(prompts, seed=c.seed + 1, return_latents=True, progress=progress)
+    if c.preserve_weight > 0:
+        kept = prompts_with(c.images, c.concept, "train", c.seed, has=False)
+        x_kept = base.generate(kept, seed=c.seed + 2, return_latents=True, progress=progress)
+        ctx_k, mask_k = base.condition(kept)
     frozen, schedule = base.unet, base.schedule
     unet = copy.deepcopy(frozen).train()
     unet.requires_grad_(False)
@@ -88,14 +97,24 @@ def erase(base, config: EraseConfig | None = None, progress: bool = True, **over
     null_c, null_m = base.condition("")
     g = torch.Generator().manual_seed(c.seed)
 
-    def loss_fn(step):
-        idx = torch.randint(len(x0), (c.batch_size,), generator=g)
+    def noised(x):
+        idx = torch.randint(len(x), (c.batch_size,), generator=g)
         t = torch.randint(schedule.T, (c.batch_size,), generator=g)
-        x_t = q_sample(x0[idx], t, schedule, noise=torch.randn(x0[idx].shape, generator=g))
+        return idx, t, q_sample(x[idx], t, schedule, noise=torch.randn(x[idx].shape, generator=g))
+
+    def loss_fn(step):
+        idx, t, x_t = noised(x0)
         with torch.no_grad():
             e_c = frozen(x_t, t, context=ctx[idx], mask=mask[idx])
             e_0 = frozen(x_t, t, context=null_c.expand(c.batch_size, -1, -1), mask=null_m.expand(c.batch_size, -1))
-        return ((unet(x_t, t, context=ctx[idx], mask=mask[idx]) - esd_target(e_0, e_c, c.eta)) ** 2).mean()
+        loss = ((unet(x_t, t, context=ctx[idx], mask=mask[idx]) - esd_target(e_0, e_c, c.eta)) ** 2).mean()
+        if c.preserve_weight == 0:
+            return loss
+        j, t_k, xk_t = noised(x_kept)
+        with torch.no_grad():
+            e_k = frozen(xk_t, t_k, context=ctx_k[j], mask=mask_k[j])
+        keep = ((unet(xk_t, t_k, context=ctx_k[j], mask=mask_k[j]) - e_k) ** 2).mean()
+        return loss + c.preserve_weight * keep, {"erase": loss.item(), "preserve": keep.item()}
 
     _, log = fit(unet, loss_fn, c.steps, lr=c.lr, warmup=min(50, c.steps // 10), desc=f"erase {c.concept!r}",
                  progress=progress, params=params)
@@ -127,4 +146,4 @@ def measure_erasure(model, n: int = 200, concept: str = CONCEPT, seed: int = 0, 
     read = predict(clf, images)["colour"] == tuple(COLOURS).index(concept)
     other = adherence(clf, model.generate(without, nfe=nfe, seed=seed + 2), without)
     return {"red_pixels": float(red_share(images).mean()), "read_as_concept": float(read.double().mean()),
-            "other_all": other["all"], "other_colour": other["colour"], "samples": n}
+            **{f"other_{k}": other[k] for k in ("all", "shape", "colour", "size", "position")}, "samples": n}
