@@ -36,7 +36,8 @@ def swap_colours(caption: str) -> str:
 def alignment_at(model, scale: float, n: int = 200, nfe: int = 20, seed: int = 0, clip=None, clf=None) -> dict:
     """At one guidance scale: n one-object and n two-object test prompts (two different colours); the mean CLIPScore,
     the judge's adherence ('all') and binding, the AUC of CLIPScore for the judge's right-or-wrong, and the share of
-    two-object images whose CLIPScore is higher for their caption than for it with the colours swapped."""
+    two-object images whose CLIPScore is higher for their caption than for it with the colours swapped; and each
+    one-object image's CLIPScore and right-or-wrong (for an AUC pooled over scales: at some, no image is wrong)."""
     from .attributes import adherence, adherence_per_image, load_attribute_classifier
     from .clip import clip_score, load_clip
     from .text2image import single_object_prompts, two_object_prompts
@@ -51,7 +52,8 @@ def alignment_at(model, scale: float, n: int = 200, nfe: int = 20, seed: int = 0
     swapped = clip_score(clip, img2, [swap_colours(p) for p in two])
     return {"scale": scale, "samples": n, "clip_score": float(s1.mean()), "clip_score_two": float(s2.mean()),
             "all": adherence(clf, img1, one)["all"], "binding": adherence(clf, img2, two)["binding"],
-            "auc": auc(s1, right1), "prefers_true_binding": float((s2 > swapped).double().mean())}
+            "auc": auc(s1, right1), "prefers_true_binding": float((s2 > swapped).double().mean()),
+            "scores": [round(float(v), 3) for v in s1], "right": [bool(v) for v in right1]}  # pooled AUC over scales
 
 
 def _colours() -> set:

@@ -63,18 +63,20 @@ def _bench(args) -> int:
 
         main_grader(args.quick, args.json, args.force, args.jobs)
         return 0
-    if args.bench in ("arch", "t2i", "flow", "text", "recipe", "resolution", "terminal", "fewstep", "adapt"):  # lessons 7-13: main_<name>(quick, json, samples, force)
+    if args.bench in ("arch", "t2i", "flow", "text", "recipe", "resolution", "terminal", "fewstep", "adapt",
+                      "evaluation"):  # lessons 7-14: main_<name>(quick, json, samples, force)
         from importlib import import_module
 
         least = {"arch": 50, "t2i": 10, "flow": 50, "text": 50, "recipe": 50, "resolution": 50, "terminal": 10, "fewstep": 50,
-                 "adapt": 8}[args.bench]  # FD needs samples; adherence needs prompts
+                 "adapt": 8, "evaluation": 8}[args.bench]  # FD needs samples; adherence needs prompts
         if args.samples is not None and args.samples < least:
             raise ValueError(f"--samples must be at least {least}, got {args.samples}")
         main = getattr(import_module(f"course_lib.bench.{args.bench}"), f"main_{args.bench}")
-        extra = {"jobs": args.jobs} if args.bench in ("arch", "recipe", "resolution", "terminal", "fewstep", "adapt") else {}
+        extra = {"jobs": args.jobs} if args.bench in ("arch", "recipe", "resolution", "terminal", "fewstep", "adapt",
+                                                      "evaluation") else {}
         if args.bench in ("recipe", "fewstep") and args.export_dir:
             extra["export_dir"] = args.export_dir
-        if args.bench in ("fewstep", "adapt"):
+        if args.bench in ("fewstep", "adapt", "evaluation"):
             _check_seeds(args.seeds)
             extra.update(seeds=args.seeds, resume=args.resume)
         if args.bench == "flow" and args.datasets:
@@ -150,7 +152,7 @@ def _bench_arguments(p: argparse.ArgumentParser, quick_help: str, datasets: bool
 
 def add_bench_parser(sub) -> None:
     """Add `bench` and its subcommands to the CLI's subparsers."""
-    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | threads | bf16 | exercises | capstone | export | lessons | t2i | arch | flow | text | recipe | resolution | terminal | fewstep | adapt | grader)",
+    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | threads | bf16 | exercises | capstone | export | lessons | t2i | arch | flow | text | recipe | resolution | terminal | fewstep | adapt | evaluation | grader)",
                        description="Benchmarks that print a table and, with --json, save flat records.")
     bench = p.add_subparsers(dest="bench", metavar="BENCHMARK")
     bench.required = True
@@ -314,6 +316,17 @@ def add_bench_parser(sub) -> None:
                                      "and colour edits. --quick: a few steps of each, one seed.")
     _bench_arguments(p, "a small run for checking", datasets=False, devices=None,
                      samples_help="test prompts of each kind and held-out images (default 200; quick 16)")
+    _jobs_argument(p, 1, "runs")
+    _seeds_and_resume(p)
+    p = bench.add_parser("evaluation", help="lesson 14: metrics' bias and blind spots, CLIPScore, memorisation, erasure",
+                         description="How FD, KID, precision / recall and density / coverage behave on real digits (against n, "
+                                     "under blur, noise and dropped classes, in three feature spaces, 3 resamplings); "
+                                     "CLIPScore against the attribute judge across guidance scales; the digits preset "
+                                     "trained on a set with digits repeated 10 and 100 times, its copies after 1,000-4,000 "
+                                     "steps (seeds 0 1 2), and the shipped digits models' copies; ESD erasing 'red' from "
+                                     "lesson 7's model, as published and with preservation. --quick: a few steps of each.")
+    _bench_arguments(p, "a small run for checking", datasets=False, devices=None,
+                     samples_help="test prompts of each kind (default 200; quick 12)")
     _jobs_argument(p, 1, "runs")
     _seeds_and_resume(p)
     p = bench.add_parser("terminal", help="lesson 11: lesson 7's latent model from pure noise, eps against v",

@@ -1,0 +1,187 @@
+"""Lesson 14's benchmark (`python -m course_lib bench evaluation`): judging models and using them responsibly.
+
+- metrics: FD and KID between two disjoint sets of real digits against n (what a perfect model scores: FD's bias, KID
+  at 0), and FD / KID / precision / recall / density / coverage of degraded real digits (blur, noise, dropped
+  classes), in three feature spaces, over three resamplings (course_lib.metric_behaviour);
+- alignment: CLIPScore with the mini-CLIP against the attribute judge across guidance scales of lesson 7's model
+  (course_lib.text_alignment);
+- memorisation: the digits preset trained on the duplicated digits set (1,000 digits once, 20 ten times, 5 a hundred
+  times), its copies after 1,000, 2,000 and 4,000 steps, per seed; and the shipped digits models' copies of their
+  1,500 training digits (course_lib.memorisation);
+- erasure: ESD of "red" from lesson 7's model, as published and with preservation, per seed: red pixels on red
+  prompts against the model before, and adherence on every other prompt (course_lib.erasure).
+Every record says its seed (or resampling); the tables give means and spreads."""
+from __future__ import annotations
+
+import statistics
+
+from . import report, resumable, run_tasks
+
+SEEDS, QUICK_SEEDS = (0, 1, 2), (0,)
+SHIPPED = ("digits", "digits_edm")  # lesson 3's and lesson 12's digits models, trained on the 1,500 train digits
+CHECKPOINTS = (1000, 2000, 4000)
+PRESERVE = (0.0, 1.0)  # ESD as published, and with the preservation term
+TARGETS = {"red_left": 0.10, "other_drop": 0.05}  # erasure: red pixels at most 10% of before; others lose <= 5 points
+QUICK = {"ns": (25, 50), "checkpoints": (10,), "copies_n": 100, "erase_steps": 4, "erase_images": 8, "prompts": 12,
+         "scales": (1.0, 3.0), "nfe": 4}
+
+
+def run_one(section: str, seed: int = 0, n: int = 200, quick: bool = False, name: str = "", scale: float = 0.0,
+            preserve: float = 0.0) -> list[dict]:
+    """One task's records (a list: a task may measure several points)."""
+    if section == "metrics":
+        from ..metric_behaviour import NS, bias_curves, sensitivity
+
+        rows = bias_curves(QUICK["ns"] if quick else NS, 1) + sensitivity(1)
+        return [{**r, "section": "metrics", "resample": seed} for r in rows]
+    if section == "alignment":
+        from ..text2image import load_text_to_image
+        from ..text_alignment import alignment_at
+
+        rec = alignment_at(load_text_to_image("shapes_ldm"), scale, n, QUICK["nfe"] if quick else 20, seed)
+        return [{"section": "alignment", "seed": seed, **rec}]
+    if section == "memorisation":
+        from ..memorisation import memorisation_run
+
+        recs = memorisation_run(seed, QUICK["checkpoints"] if quick else CHECKPOINTS,
+                                QUICK["copies_n"] if quick else 2000, progress=False, quick=quick)
+        return [{**r, "section": "memorisation"} for r in recs]
+    if section == "shipped":
+        return [_shipped(name, seed, QUICK["copies_n"] if quick else 2000)]
+    if section == "erasure":
+        return [_erasure(seed, preserve, n, quick)]
+    raise ValueError(f"unknown section {section!r}")
+
+
+def _shipped(name: str, seed: int, n: int) -> dict:
+    """A shipped digits model's copies of its own 1,500 training digits (each held once)."""
+    import torch
+
+    from ..checkpoints import load_pretrained
+    from ..classifier import load_classifier
+    from ..data import digits_split
+    from ..memorisation import measure
+
+    p = load_pretrained(name)
+    train, held = digits_split("train")[0], digits_split("test")[0]
+    rec = measure(p.model, p.schedule, n, 1000 + seed, train, torch.ones(len(train), dtype=torch.long), held,
+                  load_classifier().features)
+    return {"section": "shipped", "name": name, "seed": seed, "samples": n, **rec}
+
+
+def _erasure(seed: int, preserve: float, n: int, quick: bool) -> dict:
+    from ..erasure import erase, measure_erasure
+    from ..text2image import load_text_to_image
+
+    base = load_text_to_image("shapes_ldm")
+    nfe = QUICK["nfe"] if quick else 20
+    sizes = {"steps": QUICK["erase_steps"], "images": QUICK["erase_images"], "batch_size": 4} if quick else {}
+    before = measure_erasure(base, n, seed=seed, nfe=nfe)
+    model, card = erase(base, progress=False, preserve_weight=preserve, seed=seed, **sizes)
+    after = measure_erasure(model, n, seed=seed, nfe=nfe)
+    return {"section": "erasure", "seed": seed, "preserve_weight": preserve, "samples": n,
+            "train_minutes": round(card["train_seconds"] / 60, 2), "trainable": card["trainable_parameters"],
+            **{f"before_{k}": v for k, v in before.items() if k != "samples"},
+            **{f"after_{k}": v for k, v in after.items() if k != "samples"}}
+
+
+def tasks_for(seeds, n: int, quick: bool) -> list[dict]:
+    """Every task of the benchmark, the cheap ones first (their records are what a stopped run keeps soonest)."""
+    from ..text_alignment import SCALES
+
+    scales = QUICK["scales"] if quick else SCALES
+    tasks = [dict(section="metrics", seed=r, quick=quick) for r in (QUICK_SEEDS if quick else SEEDS)]
+    tasks += [dict(section="shipped", name=m, seed=0, quick=quick) for m in SHIPPED]
+    tasks += [dict(section="alignment", seed=0, n=n, scale=w, quick=quick) for w in scales]
+    tasks += [dict(section="erasure", seed=s, n=n, preserve=w, quick=quick) for s in seeds for w in PRESERVE]
+    tasks += [dict(section="memorisation", seed=s, quick=quick) for s in seeds]
+    return tasks
+
+
+def _key(task_or_run) -> tuple:
+    t = task_or_run[0] if isinstance(task_or_run, list) else task_or_run
+    return (t["section"], t.get("seed", t.get("resample")), t.get("name", ""), float(t.get("scale", 0.0)),
+            float(t.get("preserve", t.get("preserve_weight", 0.0))))
+
+
+def _mean_sd(values) -> tuple[float, float]:
+    values = list(values)
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def verdict(records: list[dict]) -> dict:
+    """Erasure against the targets (mean over seeds): red pixels left on red prompts (after / before), and the drop of
+    every other prompt's adherence ('all'), for ESD as published and with preservation."""
+    out = {}
+    for w in PRESERVE:
+        rows = [r for r in records if r.get("section") == "erasure" and r["preserve_weight"] == w]
+        if not rows:
+            continue
+        left = statistics.mean(r["after_red_pixels"] / r["before_red_pixels"] for r in rows)
+        drop = statistics.mean(r["before_other_all"] - r["after_other_all"] for r in rows)
+        tag = "esd" if w == 0 else "esd_preserve"
+        out.update({f"{tag}_red_left": left, f"{tag}_other_drop": drop,
+                    f"{tag}_targets_met": left <= TARGETS["red_left"] and drop <= TARGETS["other_drop"]})
+    return out
+
+
+def table(records: list[dict]) -> str:
+    """The benchmark's tables, one per section that has records."""
+    lines = []
+    bias = [r for r in records if r.get("kind") == "bias"]
+    if bias:
+        lines.append("two sets of real digits: FD and KID against n (mean ± sd over resamplings)")
+        for f in dict.fromkeys(r["features"] for r in bias):
+            for n in sorted({r["n"] for r in bias}):
+                rows = [r for r in bias if r["features"] == f and r["n"] == n]
+                (fd, fs), (kd, ks) = _mean_sd(r["fd"] for r in rows), _mean_sd(r["kid"] for r in rows)
+                lines.append(f"  {f:<11} n {n:>4}  FD {fd:>10.4g} ± {fs:<9.3g} KID {kd:>10.3g} ± {ks:.3g}")
+    sens = [r for r in records if r.get("kind") == "sensitivity"]
+    if sens:
+        lines.append("degraded real digits against real ones (classifier features; mean over resamplings)")
+        for deg in dict.fromkeys(r["degradation"] for r in sens):
+            for level in dict.fromkeys(r["level"] for r in sens if r["degradation"] == deg):
+                rows = [r for r in sens if r["degradation"] == deg and r["level"] == level
+                        and r["features"] == "classifier"]
+                m = {k: statistics.mean(r[k] for r in rows) for k in ("fd", "kid", "precision", "recall", "density",
+                                                                       "coverage")}
+                lines.append(f"  {deg:<5} {level:<4} FD {m['fd']:>8.1f} KID {m['kid']:>8.1f} P {m['precision']:.3f} "
+                             f"R {m['recall']:.3f} D {m['density']:.3f} C {m['coverage']:.3f}")
+    for r in (r for r in records if r.get("section") == "alignment"):
+        lines.append(f"alignment w {r['scale']:<4} CLIPScore {r['clip_score']:.1f} all {r['all']:.3f} AUC "
+                     f"{r['auc']:.3f} binding {r['binding']:.3f} prefers true binding {r['prefers_true_binding']:.3f}")
+    for r in (r for r in records if r.get("section") == "memorisation"):
+        p = r["pixels"]
+        lines.append(f"memorisation seed {r['seed']} steps {r['steps']:>5}: copies (pixels) x1 {p['1']['samples']:.3f} "
+                     f"x10 {p['10']['samples']:.3f} x100 {p['100']['samples']:.3f}; images copied x1 "
+                     f"{p['1']['images_copied']:.3f} x10 {p['10']['images_copied']:.3f} x100 {p['100']['images_copied']:.3f}")
+    for r in (r for r in records if r.get("section") == "shipped"):
+        lines.append(f"shipped {r['name']}: samples flagged as copies {r['pixels']['all']['samples']:.3f} (pixels), "
+                     f"{r['features']['all']['samples']:.3f} (features)")
+    for r in (r for r in records if r.get("section") == "erasure"):
+        lines.append(f"erasure seed {r['seed']} preserve {r['preserve_weight']}: red pixels {r['before_red_pixels']:.4f}"
+                     f" -> {r['after_red_pixels']:.4f}; read as red {r['before_read_as_concept']:.2f} -> "
+                     f"{r['after_read_as_concept']:.2f}; other prompts all {r['before_other_all']:.3f} -> "
+                     f"{r['after_other_all']:.3f}")
+    return "\n".join(lines)
+
+
+def main_evaluation(quick: bool = False, json_path=None, samples: int | None = None, force: bool = False,
+                    jobs: int = 1, seeds=None, resume: bool = False) -> list[dict]:
+    """Run the benchmark (each finished task saved to JSON_PATH.partial; --resume continues), print the tables and
+    the verdict; with json_path write the records (flat)."""
+    from pathlib import Path
+
+    done, on_record = resumable(json_path, force, resume)
+    n = samples or (QUICK["prompts"] if quick else 200)
+    seeds = tuple(seeds) if seeds is not None else (QUICK_SEEDS if quick else SEEDS)
+    groups: dict = {}
+    for r in done:
+        groups.setdefault(_key(r), []).append(r)
+    save = (lambda runs: on_record([r for run in runs for r in run])) if on_record is not None else None
+    runs = run_tasks(tasks_for(seeds, n, quick), run_one, _key, jobs, list(groups.values()), save, "bench evaluation")
+    records = [r for run in runs for r in run]
+    report(records, table(records), verdict(records), json_path)
+    if json_path is not None:
+        Path(f"{json_path}.partial").unlink(missing_ok=True)
+    return records
