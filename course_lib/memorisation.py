@@ -44,7 +44,7 @@ def find_copies(samples: torch.Tensor, train: torch.Tensor, threshold: float, fe
 
 
 def copy_rates(found: dict, distinct_factor: torch.Tensor) -> dict:
-    """Per duplication factor f (how many times the training set held an image): `images`, how many distinct images
+    """Per duplication factor f (a string key: how many times the training set held an image): `images`, how many distinct images
     had it; `images_copied`, the share of them that at least one sample copies; `per_image`, copies per image per
     1,000 samples; and `samples`, the share of all samples that copy one of them. `found` is find_copies' answer
     against the distinct training images, `distinct_factor` their factors."""
@@ -57,7 +57,7 @@ def copy_rates(found: dict, distinct_factor: torch.Tensor) -> dict:
         copied = torch.zeros(len(group), dtype=torch.bool)
         copied[nearest[hits]] = True
         k = int(group.sum())
-        out[int(f)] = {"images": k, "images_copied": float(copied[group].double().mean()),
+        out[str(int(f))] = {"images": k, "images_copied": float(copied[group].double().mean()),
                        "per_image": 1000 * float(hits.sum()) / (k * n), "samples": float(hits.double().mean())}
     out["all"] = {"images": len(distinct_factor), "samples": float(copy.double().mean())}
     return out

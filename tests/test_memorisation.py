@@ -65,9 +65,9 @@ def test_copy_rates_by_hand():
     found = {"copy": torch.tensor([True, True, True, False, False, False, False, False]),
              "nearest": torch.tensor([2, 2, 3, 0, 1, 1, 0, 3])}
     rates = Mem.copy_rates(found, torch.tensor([1, 1, 10, 100]))
-    assert rates[1] == {"images": 2, "images_copied": 0.0, "per_image": 0.0, "samples": 0.0}
-    assert rates[10] == {"images": 1, "images_copied": 1.0, "per_image": 1000 * 2 / 8, "samples": 2 / 8}
-    assert rates[100] == {"images": 1, "images_copied": 1.0, "per_image": 1000 / 8, "samples": 1 / 8}
+    assert rates["1"] == {"images": 2, "images_copied": 0.0, "per_image": 0.0, "samples": 0.0}
+    assert rates["10"] == {"images": 1, "images_copied": 1.0, "per_image": 1000 * 2 / 8, "samples": 2 / 8}
+    assert rates["100"] == {"images": 1, "images_copied": 1.0, "per_image": 1000 / 8, "samples": 1 / 8}
     assert rates["all"] == {"images": 4, "samples": 3 / 8}
 
 
