@@ -10,6 +10,7 @@ from .metrics import nearest_neighbours
 
 FALSE_POSITIVE = 0.01  # the share of held-out real images the copy threshold flags
 SAMPLE_STEPS = 20  # lesson 14 samples each model with the sampler its card recommends at this budget
+SHOW = 8  # measure() keeps this many of the samples nearest the training set (their pixels), for the lesson
 
 
 def _embed(images: torch.Tensor, features) -> torch.Tensor:
@@ -66,7 +67,8 @@ def copy_rates(found: dict, distinct_factor: torch.Tensor) -> dict:
 def measure(model, schedule, n: int, seed: int, distinct: torch.Tensor, distinct_factor: torch.Tensor,
             held_out: torch.Tensor, features=None) -> dict:
     """Sample `n` images from a digits model (noise seed `seed`, SAMPLE_STEPS calls of its recommended sampler) and
-    count its copies of the `distinct` training images, in pixels and (with `features`) in features."""
+    count its copies of the `distinct` training images, in pixels and (with `features`) in features; `closest` keeps
+    the SHOW samples nearest a training image (pixels, rounded) with that image's index, distance and factor."""
     from .samplers import sample
 
     noise = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
@@ -80,7 +82,16 @@ def measure(model, schedule, n: int, seed: int, distinct: torch.Tensor, distinct
         threshold = calibrate_threshold(distinct, held_out, features=feats)
         found = find_copies(x, distinct, threshold, features=feats)
         out[space] = {"threshold": round(threshold, 4), **copy_rates(found, distinct_factor)}
+        if space == "pixels":  # the closest samples and their training images, for the lesson to show
+            order = found["distance"].argsort()[:SHOW]
+            out["closest"] = {"samples": _rounded(x[order]), "nearest": found["nearest"][order].tolist(),
+                              "distance": [round(float(d), 4) for d in found["distance"][order]],
+                              "factor": distinct_factor[found["nearest"][order]].tolist()}
     return out
+
+
+def _rounded(images: torch.Tensor) -> list:
+    return [[round(float(v), 3) for v in img.flatten()] for img in images]
 
 
 def memorisation_run(seed: int = 0, checkpoints=(1000, 2000, 4000), n: int = 2000, progress: bool = True,

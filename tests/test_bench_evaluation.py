@@ -20,10 +20,10 @@ def test_the_erasure_verdict_by_hand():
     v = EV.verdict(recs)
     assert math.isclose(v["esd_red_left"], (0.003 / 0.06 + 0.004 / 0.05) / 2)
     assert math.isclose(v["esd_other_drop"], (0.60 + 0.68) / 2) and not v["esd_targets_met"]
-    assert math.isclose(v["esd_preserve_red_left"], (0.004 / 0.06 + 0.006 / 0.05) / 2)  # 0.093
-    assert math.isclose(v["esd_preserve_other_drop"], (0.01 + 0.03) / 2) and v["esd_preserve_targets_met"]
+    assert math.isclose(v["esd_preserve_1_red_left"], (0.004 / 0.06 + 0.006 / 0.05) / 2)  # 0.093
+    assert math.isclose(v["esd_preserve_1_other_drop"], (0.01 + 0.03) / 2) and v["esd_preserve_1_targets_met"]
     recs[3]["after_red_pixels"] = 0.01  # 20% of red left on seed 1: the mean 13% misses the 10% target
-    assert not EV.verdict(recs)["esd_preserve_targets_met"]
+    assert not EV.verdict(recs)["esd_preserve_1_targets_met"]
     assert EV.verdict([]) == {}
     assert "0.0600 -> 0.0030" in EV.table(recs)
 

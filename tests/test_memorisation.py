@@ -78,3 +78,19 @@ def test_on_real_digits_training_digits_are_flagged_and_unseen_ones_at_the_calib
     threshold = Mem.calibrate_threshold(rows["distinct"], held[:150], 0.05)
     assert Mem.find_copies(rows["distinct"][::7], rows["distinct"], threshold)["copy"].all()
     assert int(Mem.find_copies(held[150:], rows["distinct"], threshold)["copy"].sum()) <= 20
+
+
+def test_measure_on_the_shipped_digits_model_keeps_its_closest_samples():
+    from course_lib.checkpoints import load_pretrained
+
+    p = load_pretrained("digits")
+    train, held = digits_split("train")[0], digits_split("test")[0]
+    rec = Mem.measure(p.model, p.schedule, 120, 5, train, torch.ones(len(train), dtype=torch.long), held)
+    assert "features" not in rec and rec["pixels"]["1"]["images"] == len(train)
+    close = rec["closest"]
+    assert close["distance"] == sorted(close["distance"]) and len(close["samples"]) == Mem.SHOW
+    # the kept distances are those of the kept pixels to the training images they name
+    x = torch.tensor(close["samples"]).reshape(-1, 1, 8, 8)
+    d = (x - train[close["nearest"]]).flatten(1).norm(dim=1)
+    assert torch.allclose(d, torch.tensor(close["distance"]), atol=0.02)  # pixels rounded to 3 decimals
+    assert rec["pixels"]["all"]["samples"] <= 0.1  # the shipped model flags few samples (1,500 digits, each once)

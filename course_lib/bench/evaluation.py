@@ -9,7 +9,8 @@
   times), its copies after 1,000, 2,000 and 4,000 steps, per seed; and the shipped digits models' copies of their
   1,500 training digits (course_lib.memorisation);
 - erasure: ESD of "red" from lesson 7's model, as published and with preservation, per seed: red pixels on red
-  prompts against the model before, and adherence on every other prompt (course_lib.erasure).
+  prompts against the model before, and adherence on every other prompt, at preservation weights 0 (ESD as
+  published), 1, 2 and 5 (course_lib.erasure).
 Every record says its seed (or resampling); the tables give means and spreads."""
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from . import report, resumable, run_tasks
 SEEDS, QUICK_SEEDS = (0, 1, 2), (0,)
 SHIPPED = ("digits", "digits_edm")  # lesson 3's and lesson 12's digits models, trained on the 1,500 train digits
 CHECKPOINTS = (1000, 2000, 4000)
-PRESERVE = (0.0, 1.0)  # ESD as published, and with the preservation term
+PRESERVE = (0.0, 1.0, 2.0, 5.0)  # ESD as published (0), and with the preservation term at three weights
 TARGETS = {"red_left": 0.10, "other_drop": 0.05}  # erasure: red pixels at most 10% of before; others lose <= 5 points
 QUICK = {"ns": (25, 50), "checkpoints": (10,), "copies_n": 100, "erase_steps": 4, "erase_images": 8, "prompts": 12,
          "scales": (1.0, 3.0), "nfe": 4}
@@ -111,7 +112,8 @@ def _mean_sd(values) -> tuple[float, float]:
 
 def verdict(records: list[dict]) -> dict:
     """Erasure against the targets (mean over seeds): red pixels left on red prompts (after / before), and the drop of
-    every other prompt's adherence ('all'), for ESD as published and with preservation."""
+    every other prompt's adherence ('all'), for ESD as published ('esd') and at each preservation weight
+    ('esd_preserve_W')."""
     out = {}
     for w in PRESERVE:
         rows = [r for r in records if r.get("section") == "erasure" and r["preserve_weight"] == w]
@@ -119,7 +121,7 @@ def verdict(records: list[dict]) -> dict:
             continue
         left = statistics.mean(r["after_red_pixels"] / r["before_red_pixels"] for r in rows)
         drop = statistics.mean(r["before_other_all"] - r["after_other_all"] for r in rows)
-        tag = "esd" if w == 0 else "esd_preserve"
+        tag = "esd" if w == 0 else f"esd_preserve_{w:g}"
         out.update({f"{tag}_red_left": left, f"{tag}_other_drop": drop,
                     f"{tag}_targets_met": left <= TARGETS["red_left"] and drop <= TARGETS["other_drop"]})
     return out
