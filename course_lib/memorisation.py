@@ -92,27 +92,3 @@ def measure(model, schedule, n: int, seed: int, distinct: torch.Tensor, distinct
 
 def _rounded(images: torch.Tensor) -> list:
     return [[round(float(v), 3) for v in img.flatten()] for img in images]
-
-
-def memorisation_run(seed: int = 0, checkpoints=(1000, 2000, 4000), n: int = 2000, progress: bool = True,
-                     quick: bool = False) -> list[dict]:
-    """Train lesson 14's digits model (the shipped digits preset's network and budget) on the duplicated digits set
-    and measure its copies after each number of steps in `checkpoints`: one record per checkpoint."""
-    from .classifier import load_classifier
-    from .data import digits_split, duplicated_digits
-    from .train import Trainer, preset
-
-    if not checkpoints or any(not isinstance(c, int) or c < 1 for c in checkpoints):
-        raise ValueError(f"checkpoints must be positive step counts, got {checkpoints!r}")
-    rows, held_out = duplicated_digits(), digits_split("test")[0]
-    features = load_classifier().features
-    trainer = Trainer(preset("digits_memorise", seed=seed, steps=max(checkpoints), **({"warmup": 2} if quick else {})))
-    records = []
-    for c in sorted(checkpoints):
-        trainer.train(steps=c - trainer.step, progress=progress)
-        trainer.ema.eval()
-        records.append({"kind": "memorisation", "seed": seed, "steps": c, "samples": n,
-                        "train_minutes": round(trainer.elapsed / 60, 2),
-                        **measure(trainer.ema, trainer.schedule, n, 1000 + seed, rows["distinct"],
-                                  rows["distinct_factor"], held_out, features)})
-    return records

@@ -41,3 +41,30 @@ def test_every_task_has_the_key_of_its_records():
         assert EV._key([rec]) in keys, section
     with pytest.raises(ValueError, match="unknown section"):
         EV.run_one("nonsense")
+
+
+def test_a_stopped_memorisation_run_continues_to_the_same_records(tmp_path, monkeypatch):
+    import course_lib.bench as bench_pkg
+
+    monkeypatch.setattr(bench_pkg, "SAVE_EVERY", 3)
+    whole = EV._memorisation(0, (4, 8), 60, True, None)
+    real, count = bench_pkg.save_run, [0]
+
+    class Stop(Exception):
+        pass
+
+    def save_then_stop(trainer, path, **extra):  # saves at step 3, at 4 (with the first record), then 6: stop there
+        real(trainer, path, **extra)
+        count[0] += 1
+        if count[0] == 3:
+            raise Stop
+
+    ckpt = tmp_path / "memorisation_seed0.pt"
+    with monkeypatch.context() as m:
+        m.setattr(bench_pkg, "save_run", save_then_stop)
+        with pytest.raises(Stop):
+            EV._memorisation(0, (4, 8), 60, True, str(ckpt))
+    resumed = EV._memorisation(0, (4, 8), 60, True, str(ckpt))
+    assert [r["steps"] for r in resumed] == [4, 8]
+    for a, b in zip(whole, resumed):
+        assert a["pixels"] == b["pixels"] and a["features"] == b["features"] and a["closest"] == b["closest"]

@@ -14,9 +14,10 @@
 Every record says its seed (or resampling); the tables give means and spreads."""
 from __future__ import annotations
 
+import shutil
 import statistics
 
-from . import report, resumable, run_tasks
+from . import report, resumable, run_tasks, runs_folder
 
 SEEDS, QUICK_SEEDS = (0, 1, 2), (0,)
 SHIPPED = ("digits", "digits_edm")  # lesson 3's and lesson 12's digits models, trained on the 1,500 train digits
@@ -28,8 +29,8 @@ QUICK = {"ns": (25, 50), "checkpoints": (10,), "copies_n": 100, "erase_steps": 4
 
 
 def run_one(section: str, seed: int = 0, n: int = 200, quick: bool = False, name: str = "", scale: float = 0.0,
-            preserve: float = 0.0) -> list[dict]:
-    """One task's records (a list: a task may measure several points)."""
+            preserve: float = 0.0, checkpoint: str | None = None) -> list[dict]:
+    """One task's records (a list: a task may measure several points); `checkpoint`: where a training run saves."""
     if section == "metrics":
         from ..metric_behaviour import NS, bias_curves, sensitivity
 
@@ -42,16 +43,42 @@ def run_one(section: str, seed: int = 0, n: int = 200, quick: bool = False, name
         rec = alignment_at(load_text_to_image("shapes_ldm"), scale, n, QUICK["nfe"] if quick else 20, seed)
         return [{"section": "alignment", "seed": seed, **rec}]
     if section == "memorisation":
-        from ..memorisation import memorisation_run
-
-        recs = memorisation_run(seed, QUICK["checkpoints"] if quick else CHECKPOINTS,
-                                QUICK["copies_n"] if quick else 2000, progress=False, quick=quick)
-        return [{**r, "section": "memorisation"} for r in recs]
+        return _memorisation(seed, QUICK["checkpoints"] if quick else CHECKPOINTS, QUICK["copies_n"] if quick else 2000,
+                             quick, checkpoint)
     if section == "shipped":
         return [_shipped(name, seed, QUICK["copies_n"] if quick else 2000)]
     if section == "erasure":
         return [_erasure(seed, preserve, n, quick)]
     raise ValueError(f"unknown section {section!r}")
+
+
+def _memorisation(seed: int, checkpoints, n: int, quick: bool, checkpoint: str | None) -> list[dict]:
+    """Train lesson 14's digits model (the shipped digits preset's network and budget) on the duplicated digits set and
+    count its copies after each number of steps in `checkpoints`: one record per point. With `checkpoint` (a path) the
+    training is saved there every SAVE_EVERY steps, with the records so far, and a stopped run continues from it."""
+    from ..classifier import load_classifier
+    from ..data import digits_split, duplicated_digits
+    from ..memorisation import measure
+    from ..train import preset
+    from . import SAVE_EVERY, save_run, start_or_resume
+
+    rows, held = duplicated_digits(), digits_split("test")[0]
+    features = load_classifier().features
+    config = preset("digits_memorise", seed=seed, steps=max(checkpoints), **({"warmup": 2} if quick else {}))
+    trainer, saved = start_or_resume(config, checkpoint)
+    records = list(saved.get("records", []))
+    for c in sorted(checkpoints):
+        if any(r["steps"] == c for r in records):
+            continue
+        trainer.train(steps=c - trainer.step, progress=False,
+                      callback=lambda t: save_run(t, checkpoint, records=records), every=SAVE_EVERY)
+        trainer.ema.eval()
+        records.append({"section": "memorisation", "kind": "memorisation", "seed": seed, "steps": c, "samples": n,
+                        "train_minutes": round(trainer.elapsed / 60, 2),
+                        **measure(trainer.ema, trainer.schedule, n, 1000 + seed, rows["distinct"],
+                                  rows["distinct_factor"], held, features)})
+        save_run(trainer, checkpoint, records=records)
+    return records
 
 
 def _shipped(name: str, seed: int, n: int) -> dict:
@@ -86,16 +113,19 @@ def _erasure(seed: int, preserve: float, n: int, quick: bool) -> dict:
             **{f"after_{k}": v for k, v in after.items() if k != "samples"}}
 
 
-def tasks_for(seeds, n: int, quick: bool) -> list[dict]:
-    """Every task of the benchmark, the cheap ones first (their records are what a stopped run keeps soonest)."""
+def tasks_for(seeds, n: int, quick: bool, runs_dir=None) -> list[dict]:
+    """Every task of the benchmark, the cheap ones first (their records are what a stopped run keeps soonest); with
+    runs_dir, the memorisation runs save their training there as they go."""
     from ..text_alignment import SCALES
+    from . import run_checkpoint
 
     scales = QUICK["scales"] if quick else SCALES
     tasks = [dict(section="metrics", seed=r, quick=quick) for r in (QUICK_SEEDS if quick else SEEDS)]
     tasks += [dict(section="shipped", name=m, seed=0, quick=quick) for m in SHIPPED]
     tasks += [dict(section="alignment", seed=0, n=n, scale=w, quick=quick) for w in scales]
     tasks += [dict(section="erasure", seed=s, n=n, preserve=w, quick=quick) for s in seeds for w in PRESERVE]
-    tasks += [dict(section="memorisation", seed=s, quick=quick) for s in seeds]
+    tasks += [dict(section="memorisation", seed=s, quick=quick,
+                   checkpoint=run_checkpoint(runs_dir, {"kind": "memorisation", "seed": s})) for s in seeds]
     return tasks
 
 
@@ -175,15 +205,18 @@ def main_evaluation(quick: bool = False, json_path=None, samples: int | None = N
     from pathlib import Path
 
     done, on_record = resumable(json_path, force, resume)
+    runs_dir = runs_folder(json_path, resume)
     n = samples or (QUICK["prompts"] if quick else 200)
     seeds = tuple(seeds) if seeds is not None else (QUICK_SEEDS if quick else SEEDS)
     groups: dict = {}
     for r in done:
         groups.setdefault(_key(r), []).append(r)
     save = (lambda runs: on_record([r for run in runs for r in run])) if on_record is not None else None
-    runs = run_tasks(tasks_for(seeds, n, quick), run_one, _key, jobs, list(groups.values()), save, "bench evaluation")
+    runs = run_tasks(tasks_for(seeds, n, quick, runs_dir), run_one, _key, jobs, list(groups.values()), save,
+                     "bench evaluation")
     records = [r for run in runs for r in run]
     report(records, table(records), verdict(records), json_path)
     if json_path is not None:
         Path(f"{json_path}.partial").unlink(missing_ok=True)
+        shutil.rmtree(runs_dir, ignore_errors=True)
     return records
