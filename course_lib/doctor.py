@@ -35,7 +35,7 @@ def _requirements(extra: str | None = None) -> dict[str, str]:
 # every dependency pyproject.toml declares, with its range (bare names where course_lib's metadata is missing)
 REQUIRED = _requirements() or dict.fromkeys(["torch", "numpy", "matplotlib", "ipywidgets", "jupyterlab", "ipykernel",
                                              "ipython", "scikit-learn", "tqdm", "nbformat", "packaging", "scipy",
-                                             "POT", "pillow", "diffusers", "transformers", "peft"], "")
+                                             "POT", "pillow", "diffusers", "transformers", "peft", "torchmetrics"], "")
 OPTIONAL = {n: v for n, v in (_requirements("test") or dict.fromkeys(
     ["pytest", "nbval", "nbclient", "prdc", "triton", "playwright"], "")).items() if n not in REQUIRED}
 
