@@ -25,7 +25,25 @@ def test_the_erasure_verdict_by_hand():
     recs[3]["after_red_pixels"] = 0.01  # 20% of red left on seed 1: the mean 13% misses the 10% target
     assert not EV.verdict(recs)["esd_preserve_1_targets_met"]
     assert EV.verdict([]) == {}
-    assert "0.0600 -> 0.0030" in EV.table(recs)
+    rows = {r["preserve_weight"]: r for r in EV.summarize_erasure(recs)}
+    assert math.isclose(rows[0.0]["other_drop"], 0.64) and math.isclose(rows[0.0]["other_drop_std"], 0.08 / 2 ** 0.5)
+    assert "preserve 0: red pixels left 0.065" in EV.table(recs, "erasure") and EV.table(recs, "bias") == ""
+    with pytest.raises(ValueError, match="unknown sections"):
+        EV.table(recs, "nonsense")
+
+
+def test_the_memorisation_summary_by_hand():
+    def rec(seed, steps, x100):
+        rates = {"1": {"samples": 0.01, "images_copied": 0.02}, "10": {"samples": 0.02, "images_copied": 0.5},
+                 "100": {"samples": x100, "images_copied": 1.0}, "all": {"samples": 0.03 + x100}}
+        return {"section": "memorisation", "seed": seed, "steps": steps, "pixels": rates}
+    rows = EV.summarize_memorisation([rec(0, 1000, 0.1), rec(1, 1000, 0.3), rec(0, 4000, 0.5)])
+    top = {(r["steps"], r["factor"]): r for r in rows}
+    assert [(r["steps"], r["factor"]) for r in rows] == [(1000, 1), (1000, 10), (1000, 100), (4000, 1), (4000, 10),
+                                                         (4000, 100)]
+    assert math.isclose(top[(1000, 100)]["samples"], 0.2) and top[(1000, 100)]["seeds"] == 2
+    assert math.isclose(top[(1000, 100)]["samples_std"], math.sqrt(0.02))  # (0.1^2 + 0.1^2) / (2 - 1)
+    assert top[(4000, 100)]["samples_std"] == 0.0
 
 
 def test_every_task_has_the_key_of_its_records():

@@ -157,11 +157,49 @@ def verdict(records: list[dict]) -> dict:
     return out
 
 
-def table(records: list[dict]) -> str:
-    """The benchmark's tables, one per section that has records."""
+SECTIONS = ("bias", "sensitivity", "alignment", "shipped", "memorisation", "erasure")
+
+
+def summarize_memorisation(records: list[dict], space: str = "pixels") -> list[dict]:
+    """One row per training length and duplication factor: the share of samples that copy an image of that factor and
+    the share of its images copied at least once, mean and spread over seeds."""
+    rows = [r for r in records if r.get("section") == "memorisation"]
+    out = []
+    for steps in sorted({r["steps"] for r in rows}):
+        group = [r for r in rows if r["steps"] == steps]
+        for f in sorted((k for k in group[0][space] if k.isdigit()), key=int):
+            (m, sd), (c, csd) = (_mean_sd(r[space][f][k] for r in group) for k in ("samples", "images_copied"))
+            out.append({"steps": steps, "factor": int(f), "seeds": len(group), "samples": m, "samples_std": sd,
+                        "images_copied": c, "images_copied_std": csd})
+    return out
+
+
+def summarize_erasure(records: list[dict]) -> list[dict]:
+    """One row per preservation weight: red pixels left (after / before), the drop of the other prompts' adherence
+    ('all'), and the judge's reading of red after, mean and spread over seeds."""
+    rows = [r for r in records if r.get("section") == "erasure"]
+    out = []
+    for w in sorted({r["preserve_weight"] for r in rows}):
+        group = [r for r in rows if r["preserve_weight"] == w]
+        stats = {"red_left": [r["after_red_pixels"] / r["before_red_pixels"] for r in group],
+                 "other_drop": [r["before_other_all"] - r["after_other_all"] for r in group],
+                 "read_as_red": [r["after_read_as_concept"] for r in group]}
+        row = {"preserve_weight": w, "seeds": len(group)}
+        for k, v in stats.items():
+            row[k], row[k + "_std"] = _mean_sd(v)
+        out.append(row)
+    return out
+
+
+def table(records: list[dict], *sections: str) -> str:
+    """The benchmark's tables (those of `sections`, default all) for the sections that have records."""
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    want = set(sections or SECTIONS)
     lines = []
     bias = [r for r in records if r.get("kind") == "bias"]
-    if bias:
+    if bias and "bias" in want:
         lines.append("two sets of real digits: FD and KID against n (mean ± sd over resamplings)")
         for f in dict.fromkeys(r["features"] for r in bias):
             for n in sorted({r["n"] for r in bias}):
@@ -169,7 +207,7 @@ def table(records: list[dict]) -> str:
                 (fd, fs), (kd, ks) = _mean_sd(r["fd"] for r in rows), _mean_sd(r["kid"] for r in rows)
                 lines.append(f"  {f:<11} n {n:>4}  FD {fd:>10.4g} ± {fs:<9.3g} KID {kd:>10.3g} ± {ks:.3g}")
     sens = [r for r in records if r.get("kind") == "sensitivity"]
-    if sens:
+    if sens and "sensitivity" in want:
         lines.append("degraded real digits against real ones (classifier features; mean over resamplings)")
         for deg in dict.fromkeys(r["degradation"] for r in sens):
             for level in dict.fromkeys(r["level"] for r in sens if r["degradation"] == deg):
@@ -179,22 +217,22 @@ def table(records: list[dict]) -> str:
                                                                        "coverage")}
                 lines.append(f"  {deg:<5} {level:<4} FD {m['fd']:>8.1f} KID {m['kid']:>8.1f} P {m['precision']:.3f} "
                              f"R {m['recall']:.3f} D {m['density']:.3f} C {m['coverage']:.3f}")
-    for r in (r for r in records if r.get("section") == "alignment"):
+    for r in (r for r in records if r.get("section") == "alignment" and "alignment" in want):
         lines.append(f"alignment w {r['scale']:<4} CLIPScore {r['clip_score']:.1f} all {r['all']:.3f} AUC "
                      f"{r['auc']:.3f} binding {r['binding']:.3f} prefers true binding {r['prefers_true_binding']:.3f}")
-    for r in (r for r in records if r.get("section") == "memorisation"):
-        p = r["pixels"]
-        lines.append(f"memorisation seed {r['seed']} steps {r['steps']:>5}: copies (pixels) x1 {p['1']['samples']:.3f} "
-                     f"x10 {p['10']['samples']:.3f} x100 {p['100']['samples']:.3f}; images copied x1 "
-                     f"{p['1']['images_copied']:.3f} x10 {p['10']['images_copied']:.3f} x100 {p['100']['images_copied']:.3f}")
-    for r in (r for r in records if r.get("section") == "shipped"):
-        lines.append(f"shipped {r['name']}: samples flagged as copies {r['pixels']['all']['samples']:.3f} (pixels), "
-                     f"{r['features']['all']['samples']:.3f} (features)")
-    for r in (r for r in records if r.get("section") == "erasure"):
-        lines.append(f"erasure seed {r['seed']} preserve {r['preserve_weight']}: red pixels {r['before_red_pixels']:.4f}"
-                     f" -> {r['after_red_pixels']:.4f}; read as red {r['before_read_as_concept']:.2f} -> "
-                     f"{r['after_read_as_concept']:.2f}; other prompts all {r['before_other_all']:.3f} -> "
-                     f"{r['after_other_all']:.3f}")
+    for r in (r for r in records if r.get("section") == "shipped" and "shipped" in want):
+        lines.append(f"shipped {r['name']}: samples flagged as copies {r['pixels']['all']['samples']:.4f} (pixels), "
+                     f"{r['features']['all']['samples']:.4f} (features); new real digits by construction 0.01")
+    if "memorisation" in want:
+        for r in summarize_memorisation(records):
+            lines.append(f"memorisation {r['steps']:>5} steps, x{r['factor']:<3} samples copying {r['samples']:.4f} "
+                         f"± {r['samples_std']:.4f}; images copied {r['images_copied']:.3f} ± "
+                         f"{r['images_copied_std']:.3f} ({r['seeds']} seeds)")
+    if "erasure" in want:
+        for r in summarize_erasure(records):
+            lines.append(f"erasure preserve {r['preserve_weight']:g}: red pixels left {r['red_left']:.3f} ± "
+                         f"{r['red_left_std']:.3f}; other prompts' all-right drop {r['other_drop']:+.3f} ± "
+                         f"{r['other_drop_std']:.3f}; read as red {r['read_as_red']:.2f} ({r['seeds']} seeds)")
     return "\n".join(lines)
 
 
