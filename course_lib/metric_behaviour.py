@@ -64,15 +64,15 @@ def degrade(images: torch.Tensor, labels: torch.Tensor, kind: str, level, n: int
     return x
 
 
-def bias_curves(ns=NS, resamples: int = RESAMPLES, features=None) -> list[dict]:
-    """FD and KID between two disjoint random sets of n real digits (all 1,797), for each n, resampling and feature
-    space: what a perfect model would score at that n."""
+def bias_curves(ns=NS, resamples: int = RESAMPLES, features=None, first: int = 0) -> list[dict]:
+    """FD and KID between two disjoint random sets of n real digits (all 1,797), for each n, resampling (numbered from
+    `first`: each number is its own draw) and feature space: what a perfect model would score at that n."""
     from .data import load_digits
 
     images, _ = load_digits()
     features = features or feature_maps()
     out = []
-    for r in range(resamples):
+    for r in range(first, first + resamples):
         perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(100 + r))
         for n in ns:
             if 2 * n > len(images):
@@ -85,15 +85,15 @@ def bias_curves(ns=NS, resamples: int = RESAMPLES, features=None) -> list[dict]:
     return out
 
 
-def sensitivity(resamples: int = RESAMPLES, features=None) -> list[dict]:
+def sensitivity(resamples: int = RESAMPLES, features=None, first: int = 0) -> list[dict]:
     """FD, KID, precision, recall, density and coverage of CANDIDATES degraded digits against REFERENCE real digits
-    (disjoint, from all 1,797), for each degradation, level, resampling and feature space."""
+    (disjoint, from all 1,797), for each degradation, level, resampling (numbered from `first`) and feature space."""
     from .data import load_digits
 
     images, labels = load_digits()
     features = features or feature_maps()
     out = []
-    for r in range(resamples):
+    for r in range(first, first + resamples):
         perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(200 + r))
         ref, pool, pool_labels = images[perm[:REFERENCE]], images[perm[REFERENCE:]], labels[perm[REFERENCE:]]
         for kind, levels in DEGRADATIONS.items():

@@ -42,3 +42,11 @@ def test_bias_curves_fd_falls_with_n_and_kid_stays_near_zero():
     assert abs(float(kid.mean())) < 0.02 and float(kid.abs().max()) < 0.1  # pixel KIDs of degraded sets: 0.03-0.5
     with pytest.raises(ValueError, match="disjoint"):
         MB.bias_curves(ns=(900,), resamples=1, features=pixels)
+
+
+def test_each_resampling_is_its_own_draw():
+    pixels = {"pixels": lambda x: x.reshape(len(x), -1).double()}
+    two = MB.bias_curves(ns=(50,), resamples=2, features=pixels)
+    assert two[0]["fd"] != two[1]["fd"] and [r["resample"] for r in two] == [0, 1]
+    second = MB.bias_curves(ns=(50,), resamples=1, features=pixels, first=1)
+    assert second[0]["fd"] == two[1]["fd"] and second[0]["resample"] == 1  # resampling 1 alone is the same draw

@@ -34,8 +34,8 @@ def run_one(section: str, seed: int = 0, n: int = 200, quick: bool = False, name
     if section == "metrics":
         from ..metric_behaviour import NS, bias_curves, sensitivity
 
-        rows = bias_curves(QUICK["ns"] if quick else NS, 1) + sensitivity(1)
-        return [{**r, "section": "metrics", "resample": seed} for r in rows]
+        rows = bias_curves(QUICK["ns"] if quick else NS, 1, first=seed) + sensitivity(1, first=seed)
+        return [{**r, "section": "metrics"} for r in rows]
     if section == "alignment":
         from ..text2image import load_text_to_image
         from ..text_alignment import alignment_at
