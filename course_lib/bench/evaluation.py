@@ -107,7 +107,7 @@ def _erasure(seed: int, preserve: float, n: int, quick: bool) -> dict:
     before = measure_erasure(base, n, seed=seed, nfe=nfe)
     model, card = erase(base, progress=False, preserve_weight=preserve, seed=seed, **sizes)
     after = measure_erasure(model, n, seed=seed, nfe=nfe)
-    return {"section": "erasure", "seed": seed, "preserve_weight": preserve, "samples": n,
+    return {"section": "erasure", "seed": seed, "preserve_weight": preserve, "samples": n, "steps": card["steps"],
             "train_minutes": round(card["train_seconds"] / 60, 2), "trainable": card["trainable_parameters"],
             **{f"before_{k}": v for k, v in before.items() if k != "samples"},
             **{f"after_{k}": v for k, v in after.items() if k != "samples"}}
