@@ -127,6 +127,15 @@ def _seeds_and_resume(p) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run saved in JSON.partial (same --json)")
 
 
+def _seeded_bench(bench, name: str, help: str, description: str, samples_help: str):
+    """A training benchmark's parser: --quick, --json, --force, --samples, --jobs (runs), --seeds and --resume."""
+    p = bench.add_parser(name, help=help, description=description)
+    _bench_arguments(p, "a small run for checking", datasets=False, devices=None, samples_help=samples_help)
+    _jobs_argument(p, 1, "runs")
+    _seeds_and_resume(p)
+    return p
+
+
 def _jobs_argument(p, default: int, what: str) -> None:
     """--jobs N: how many of the benchmark's runs (or checks) go in parallel, one CPU thread each."""
     p.add_argument("--jobs", type=int, default=default, metavar="N", help=f"{what} in parallel, one CPU thread each")
@@ -305,30 +314,24 @@ def add_bench_parser(sub) -> None:
                                                         "them: digits_cd.pt, digits_ct.pt, digits_pd.pt, digits_add.pt, "
                                                         "shapes_lcm.pt)")
     _seeds_and_resume(p)
-    p = bench.add_parser("adapt", help="lesson 13: LoRA, five images, textual inversion, ControlNet, inversion",
-                         description="Adapts lesson 7's shapes_ldm on seeds 0 1 2: LoRA of rank 1, 4, 8 on 200 images of "
-                                     "a new shape (a star) measured along 800 steps; the star from five images four "
-                                     "ways at 400 steps (LoRA, LoRA with DreamBooth's prior loss, textual inversion, "
-                                     "every UNet weight with the prior); fidelity read by the shipped star judge and "
-                                     "lesson 7's adherence on its own prompts against the model before; a ControlNet "
-                                     "on layout maps (IoU of the object with the map against the plain model); DDIM "
-                                     "inversion of held-out images (PSNR at 10-100 steps, with and without guidance) "
-                                     "and colour edits. --quick: a few steps of each, one seed.")
-    _bench_arguments(p, "a small run for checking", datasets=False, devices=None,
-                     samples_help="test prompts of each kind and held-out images (default 200; quick 16)")
-    _jobs_argument(p, 1, "runs")
-    _seeds_and_resume(p)
-    p = bench.add_parser("evaluation", help="lesson 14: metrics' bias and blind spots, CLIPScore, memorisation, erasure",
-                         description="How FD, KID, precision / recall and density / coverage behave on real digits (against n, "
-                                     "under blur, noise and dropped classes, in three feature spaces, 3 resamplings); "
-                                     "CLIPScore against the attribute judge across guidance scales; the digits preset "
-                                     "trained on a set with digits repeated 10 and 100 times, its copies after 1,000-4,000 "
-                                     "steps (seeds 0 1 2), and the shipped digits models' copies; ESD erasing 'red' from "
-                                     "lesson 7's model, as published and with preservation. --quick: a few steps of each.")
-    _bench_arguments(p, "a small run for checking", datasets=False, devices=None,
-                     samples_help="test prompts of each kind (default 200; quick 12)")
-    _jobs_argument(p, 1, "runs")
-    _seeds_and_resume(p)
+    _seeded_bench(bench, "adapt", help="lesson 13: LoRA, five images, textual inversion, ControlNet, inversion",
+                  description="Adapts lesson 7's shapes_ldm on seeds 0 1 2: LoRA of rank 1, 4, 8 on 200 images of "
+                              "a new shape (a star) measured along 800 steps; the star from five images four "
+                              "ways at 400 steps (LoRA, LoRA with DreamBooth's prior loss, textual inversion, "
+                              "every UNet weight with the prior); fidelity read by the shipped star judge and "
+                              "lesson 7's adherence on its own prompts against the model before; a ControlNet "
+                              "on layout maps (IoU of the object with the map against the plain model); DDIM "
+                              "inversion of held-out images (PSNR at 10-100 steps, with and without guidance) "
+                              "and colour edits. --quick: a few steps of each, one seed.",
+                  samples_help="test prompts of each kind and held-out images (default 200; quick 16)")
+    _seeded_bench(bench, "evaluation", help="lesson 14: metrics' bias and blind spots, CLIPScore, memorisation, erasure",
+                  description="How FD, KID, precision / recall and density / coverage behave on real digits (against n, "
+                              "under blur, noise and dropped classes, in three feature spaces, 3 resamplings); "
+                              "CLIPScore against the attribute judge across guidance scales; the digits preset "
+                              "trained on a set with digits repeated 10 and 100 times, its copies after 1,000-4,000 "
+                              "steps (seeds 0 1 2), and the shipped digits models' copies; ESD erasing 'red' from "
+                              "lesson 7's model, as published and with preservation. --quick: a few steps of each.",
+                  samples_help="test prompts of each kind (default 200; quick 12)")
     p = bench.add_parser("terminal", help="lesson 11: lesson 7's latent model from pure noise, eps against v",
                          description="Trains lesson 7's latent text-to-shapes model with the shipped model's budget "
                                      "predicting eps and predicting v (three seeds each) and generates lesson 7's "
