@@ -273,5 +273,6 @@ def test_kid_against_torchmetrics_a_hand_sum_and_its_unbiasedness():
     # standard error of the mean is std / 20
     kids = torch.tensor([M.kid(_gauss(20, 4, 2 * s + 100), _gauss(20, 4, 2 * s + 101)) for s in range(400)])
     assert abs(float(kids.mean())) < 3 * float(kids.std()) / 20
-    fds = [M.frechet_distance(_gauss(20, 4, 2 * s + 100), _gauss(20, 4, 2 * s + 101)) for s in range(50)]
-    assert min(fds) > 0
+    # FD on the same draws is biased upwards: its mean sits many standard errors above 0
+    fds = torch.tensor([M.frechet_distance(_gauss(20, 4, 2 * s + 100), _gauss(20, 4, 2 * s + 101)) for s in range(400)])
+    assert float(fds.mean()) > 10 * float(fds.std()) / 20
