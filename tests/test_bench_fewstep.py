@@ -36,10 +36,28 @@ def test_verdict_and_summary_by_hand():
     assert v["target_1_nfe_met"] and v["target_2_nfe_met"]
     assert math.isclose(v["adversarial_fd_change_1_nfe"], 14.0 - 16.0)
     assert math.isclose(v["adversarial_recall_change_1_nfe"], 0.7 - 0.9)
+    # runner-up at 1 NFE: digits_cd (mean 16, sd sqrt 2) two behind digits_add (mean 14, sd sqrt 2), two seeds each:
+    # two standard errors of the difference are 2 * sqrt(2/2 + 2/2) = 2 * sqrt 2 > 2, so not a clear win
+    assert v["runner_up_1_nfe"] == "digits_cd" and math.isclose(v["gap_1_nfe"], 2.0)
+    assert math.isclose(v["two_se_1_nfe"], 2 * math.sqrt(2.0)) and v["clear_1_nfe"] is False
+    # at 2 NFE digits_pd (12) leads digits_cd (13) by one, inside 2 * sqrt(2)
+    assert v["runner_up_2_nfe"] == "digits_cd" and v["clear_2_nfe"] is False
     rows = {(r["name"], r["nfe"]): r for r in B.summarize(recs)}
     assert math.isclose(rows[("digits_cd", 1)]["fd_std"], math.sqrt(2.0))
     assert "train_minutes" not in rows[("digits_edm", 20)]
     assert "digits_cd" in B.table(recs)
+
+
+def test_a_lead_larger_than_two_standard_errors_is_clear_and_one_seed_cannot_say():
+    recs = [_rec("digits_edm", s, {1: 300.0, 2: 100.0, 4: 40.0, 20: 10.0}, kind="teacher") for s in (0, 1, 2)]
+    recs += [_rec("digits_cd", s, {1: v, 2: v, 4: v}) for s, v in ((0, 15.0), (1, 16.0), (2, 17.0))]
+    recs += [_rec("digits_pd", s, {1: v, 2: v, 4: v}) for s, v in ((0, 25.0), (1, 26.0), (2, 27.0))]
+    v = B.verdict(recs)
+    # sd 1 on each side, three seeds: 2 * sqrt(1/3 + 1/3) = 1.63 < the gap of 10
+    assert v["best_1_nfe"] == "digits_cd" and v["clear_1_nfe"] is True
+    assert math.isclose(v["two_se_1_nfe"], 2 * math.sqrt(2 / 3))
+    one = B.verdict([r for r in recs if r["seed"] == 0])
+    assert one["runner_up_1_nfe"] == "digits_pd" and one["clear_1_nfe"] is None and one["two_se_1_nfe"] is None
 
 
 def test_minutes_are_the_lowest_seeds_run_and_counted_costs_the_mean():

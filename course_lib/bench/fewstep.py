@@ -13,6 +13,7 @@ not estimated: teacher evaluations (one per image per call, by a hook on the tea
 """
 from __future__ import annotations
 
+import math
 import shutil
 import time
 
@@ -241,16 +242,31 @@ def verdict(records: list[dict]) -> dict:
         return out
     out["teacher_fd_20"] = ref["fd"]
     for nfe, target in TARGETS.items():
-        best = min((rows[(s, nfe)] for s in STUDENTS if (s, nfe) in rows), key=lambda r: r["fd"], default=None)
-        if best is not None:
+        ranked = sorted((rows[(s, nfe)] for s in STUDENTS if (s, nfe) in rows), key=lambda r: r["fd"])
+        if ranked:
+            best = ranked[0]
             out[f"best_{nfe}_nfe"] = best["name"]
             out[f"ratio_{nfe}_nfe"] = best["fd"] / ref["fd"]
             out[f"target_{nfe}_nfe_met"] = best["fd"] / ref["fd"] <= target
+        if len(ranked) > 1:
+            out.update(_runner_up(ranked[0], ranked[1], nfe))
     if ("digits_add", 1) in rows and ("digits_cd", 1) in rows:
         a, c = rows[("digits_add", 1)], rows[("digits_cd", 1)]
         out["adversarial_fd_change_1_nfe"] = a["fd"] - c["fd"]
         out["adversarial_recall_change_1_nfe"] = a["recall"] - c["recall"]
         out["adversarial_precision_change_1_nfe"] = a["precision"] - c["precision"]
+    return out
+
+
+def _runner_up(best: dict, second: dict, nfe: int) -> dict:
+    """The next student at this budget, its FD gap, and two standard errors of a difference of two seed means (None
+    with one seed): a gap inside it is one another draw of seeds could reverse."""
+    out = {f"runner_up_{nfe}_nfe": second["name"], f"gap_{nfe}_nfe": second["fd"] - best["fd"],
+           f"two_se_{nfe}_nfe": None, f"clear_{nfe}_nfe": None}
+    if best["seeds"] > 1 and second["seeds"] > 1:
+        two_se = 2 * math.sqrt(best["fd_std"] ** 2 / best["seeds"] + second["fd_std"] ** 2 / second["seeds"])
+        out[f"two_se_{nfe}_nfe"] = two_se
+        out[f"clear_{nfe}_nfe"] = second["fd"] - best["fd"] > two_se
     return out
 
 
