@@ -35,6 +35,23 @@ def calibrate_threshold(train: torch.Tensor, held_out: torch.Tensor, false_posit
     return float(dist.quantile(false_positive))
 
 
+def flag_rate_interval(n_held: int, false_positive: float = FALSE_POSITIVE, level: float = 0.9) -> tuple[float, float]:
+    """The share of NEW real images that a threshold calibrated on `n_held` held-out images flags is itself random: the
+    quantile is an order statistic, and the share below the r-th smallest of n draws is Beta(r, n + 1 - r)
+    (David & Nagaraja 2003, sec. 2.1). Returns the central `level` interval of that share, widened to both order
+    statistics that torch.quantile interpolates between: a sample's flag rate inside it is what new images give."""
+    from scipy.stats import beta
+
+    if not isinstance(n_held, int) or n_held < 2:
+        raise ValueError(f"n_held must be an int >= 2, got {n_held!r}")
+    if not 0 < false_positive < 1 or not 0 < level < 1:
+        raise ValueError(f"false_positive and level must be in (0, 1), got {false_positive!r} and {level!r}")
+    h = (n_held - 1) * false_positive  # torch.quantile's 0-based position
+    r_lo, r_hi = int(h) + 1, min(int(-(-h // 1)) + 1, n_held)
+    return (float(beta.ppf((1 - level) / 2, r_lo, n_held + 1 - r_lo)),
+            float(beta.ppf((1 + level) / 2, r_hi, n_held + 1 - r_hi)))
+
+
 def find_copies(samples: torch.Tensor, train: torch.Tensor, threshold: float, features=None) -> dict:
     """For every sample: its nearest training image (`nearest`, an index into `train`), the distance to it and whether
     that distance is below `threshold` (`copy`); in pixels, or in `features(images)` when given."""

@@ -908,6 +908,59 @@ def ddim_invert(denoise, x0, sigmas):
         x = torch.lerp(d, x, float(ratio))                  # d + ratio (x - d)
     return x"""],
 
+    "14_loops_and_sorting.ipynb": [HEAD, """\
+def kid(real, fake):
+    d = real.shape[1]
+
+    def within(a):                                          # mean of k over pairs of different points
+        k = (a @ a.T / d + 1) ** 3
+        return (k.sum() - k.trace()) / (len(a) * (len(a) - 1))
+    return within(real) + within(fake) - 2 * ((real @ fake.T / d + 1) ** 3).mean()""", """\
+def nearest(a, b):                                          # each row of a: distance to its nearest row of b
+    return torch.stack([((b - row) ** 2).sum(dim=tuple(range(1, b.ndim))).min().sqrt() for row in a])
+
+def detect_copies(samples, train, held_out, false_positive):
+    held = nearest(held_out, train).sort().values
+    threshold = held[int(false_positive * len(held))]      # an order statistic for the quantile
+    return nearest(samples, train) < threshold""", """\
+def esd_target(frozen, x_t, sigma, context, null_context, eta):
+    e_null = frozen(x_t, sigma, null_context.repeat(x_t.shape[0], 1))
+    return torch.lerp(e_null, frozen(x_t, sigma, context), -eta)   # e_null + (-eta) (e_concept - e_null)"""],
+
+    "14_numpy_and_classes.ipynb": [HEAD + "\nimport numpy as np", """\
+def kid(real, fake):
+    X, Y = real.detach().double().numpy(), fake.detach().double().numpy()
+    k = lambda a, b: (a @ b.T / X.shape[1] + 1) ** 3
+    kxx, kyy = k(X, X), k(Y, Y)
+    np.fill_diagonal(kxx, 0.0)
+    np.fill_diagonal(kyy, 0.0)
+    m, n = len(X), len(Y)
+    return torch.tensor(kxx.sum() / (m * (m - 1)) + kyy.sum() / (n * (n - 1)) - 2 * k(X, Y).mean())""", """\
+class CopyFinder:
+    def __init__(self, train):
+        self.train = train.reshape(len(train), -1).double().numpy()
+
+    def distances(self, x):
+        x = x.reshape(len(x), -1).double().numpy()
+        sq = (x ** 2).sum(1)[:, None] + (self.train ** 2).sum(1)[None] - 2 * x @ self.train.T
+        return np.sqrt(np.maximum(sq, 0.0)).min(1)
+
+def detect_copies(samples, train, held_out, false_positive):
+    finder = CopyFinder(train)
+    threshold = np.quantile(finder.distances(held_out), false_positive)
+    return torch.from_numpy(finder.distances(samples) < threshold)""", """\
+class ESD:
+    def __init__(self, eta):
+        self.eta = eta
+
+    def __call__(self, frozen, x_t, sigma, context, null_context):
+        e_c = frozen(x_t, sigma, context)
+        e_0 = frozen(x_t, sigma, torch.cat([null_context] * len(x_t)))
+        return (1 + self.eta) * e_0 - self.eta * e_c
+
+def esd_target(frozen, x_t, sigma, context, null_context, eta):
+    return ESD(eta)(frozen, x_t, sigma, context, null_context)"""],
+
     "99_einsum_class.ipynb": [HEAD, """\
 def cross_attention(x, context, mask, w_q, w_k, w_v, heads):
     b, n, c = x.shape

@@ -22,8 +22,13 @@ def test_the_erasure_verdict_by_hand():
     assert math.isclose(v["esd_other_drop"], (0.60 + 0.68) / 2) and not v["esd_targets_met"]
     assert math.isclose(v["esd_preserve_1_red_left"], (0.004 / 0.06 + 0.006 / 0.05) / 2)  # 0.093
     assert math.isclose(v["esd_preserve_1_other_drop"], (0.01 + 0.03) / 2) and v["esd_preserve_1_targets_met"]
+    assert v["esd_recommended_weight"] == 1.0  # the only weight within both targets
+    more = recs + [_erasure(0, 5.0, 0.06, 0.003, 1.0, 1.0), _erasure(1, 5.0, 0.05, 0.004, 0.98, 0.98),
+                   _erasure(0, 2.0, 0.06, 0.001, 1.0, 1.0), _erasure(1, 2.0, 0.05, 0.001, 0.98, 0.98)]
+    assert EV.verdict(more)["esd_recommended_weight"] == 2.0  # no drop at 2 and 5; 2 leaves less red
     recs[3]["after_red_pixels"] = 0.01  # 20% of red left on seed 1: the mean 13% misses the 10% target
     assert not EV.verdict(recs)["esd_preserve_1_targets_met"]
+    assert "esd_recommended_weight" not in EV.verdict(recs)  # no weight within both targets: no recommendation
     assert EV.verdict([]) == {}
     rows = {r["preserve_weight"]: r for r in EV.summarize_erasure(recs)}
     assert math.isclose(rows[0.0]["other_drop"], 0.64) and math.isclose(rows[0.0]["other_drop_std"], 0.08 / 2 ** 0.5)
@@ -86,3 +91,15 @@ def test_a_stopped_memorisation_run_continues_to_the_same_records(tmp_path, monk
     assert [r["steps"] for r in resumed] == [4, 8]
     for a, b in zip(whole, resumed):
         assert a["pixels"] == b["pixels"] and a["features"] == b["features"] and a["closest"] == b["closest"]
+
+
+def test_erase_defaults_to_the_shipped_benchmarks_recommendation():
+    """A default a learner gets is the one lesson 14 recommends: the preservation weight that the shipped records'
+    verdict picks, and the number of steps those records were measured at."""
+    from course_lib.checkpoints import shipped_json
+    from course_lib.erasure import EraseConfig
+
+    records = shipped_json("bench_evaluation.json")
+    erasure = [r for r in records if r["section"] == "erasure"]
+    assert erasure and {r["steps"] for r in erasure} == {EraseConfig().steps}
+    assert EV.verdict(records)["esd_recommended_weight"] == EraseConfig().preserve_weight

@@ -143,7 +143,8 @@ def _mean_sd(values) -> tuple[float, float]:
 def verdict(records: list[dict]) -> dict:
     """Erasure against the targets (mean over seeds): red pixels left on red prompts (after / before), and the drop of
     every other prompt's adherence ('all'), for ESD as published ('esd') and at each preservation weight
-    ('esd_preserve_W')."""
+    ('esd_preserve_W'); `esd_recommended_weight`: of the weights within both targets, the one with the smallest drop
+    (then the least red left), absent when none is within them."""
     out = {}
     for w in PRESERVE:
         rows = [r for r in records if r.get("section") == "erasure" and r["preserve_weight"] == w]
@@ -154,6 +155,10 @@ def verdict(records: list[dict]) -> dict:
         tag = "esd" if w == 0 else f"esd_preserve_{w:g}"
         out.update({f"{tag}_red_left": left, f"{tag}_other_drop": drop,
                     f"{tag}_targets_met": left <= TARGETS["red_left"] and drop <= TARGETS["other_drop"]})
+    met = [(out[f"{t}_other_drop"], out[f"{t}_red_left"], w) for w in PRESERVE
+           for t in ["esd" if w == 0 else f"esd_preserve_{w:g}"] if out.get(f"{t}_targets_met")]
+    if met:  # the recommendation: of the weights within both targets, the one that costs the other prompts least
+        out["esd_recommended_weight"] = min(met)[2]
     return out
 
 

@@ -65,6 +65,11 @@ IDEAS = {
          ("DDIM inversion: from an image to the noise that draws it", ("ddim_invert",)),
          ("textual inversion: learning one new word's embedding", ("textual_inversion_step",)),
          ("ControlNet: a trainable copy of the encoder joined by zero-initialised layers", ("control_join",))],
+    14: [("KID: an unbiased estimate of the kernel distance between real and generated features", ("kid",)),
+         ("memorisation: flagging copies of training images at a rate calibrated on held-out images",
+          ("detect_copies",)),
+         ("erasing a concept (ESD): fine-tuning towards guidance away from it", ("esd_target",)),
+         ("text-image alignment: a CLIP score and where it disagrees with a judge", ())],
     99: [("a text-to-shapes generator assembled from your own attention, training step and guided sampler",
           ("text_to_shapes",))],
 }
