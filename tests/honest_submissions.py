@@ -925,7 +925,13 @@ def detect_copies(samples, train, held_out, false_positive):
     return nearest(samples, train) < threshold""", """\
 def esd_target(frozen, x_t, sigma, context, null_context, eta):
     e_null = frozen(x_t, sigma, null_context.repeat(x_t.shape[0], 1))
-    return torch.lerp(e_null, frozen(x_t, sigma, context), -eta)   # e_null + (-eta) (e_concept - e_null)"""],
+    return torch.lerp(e_null, frozen(x_t, sigma, context), -eta)   # e_null + (-eta) (e_concept - e_null)""", """\
+def clip_score(image_features, text_features):
+    scores = []
+    for a, b in zip(image_features, text_features):            # one pair at a time
+        cos = torch.dot(a, b) / (a.norm() * b.norm())
+        scores.append(100 * max(float(cos), 0.0))
+    return torch.tensor(scores)"""],
 
     "14_numpy_and_classes.ipynb": [HEAD + "\nimport numpy as np", """\
 def kid(real, fake):
@@ -959,7 +965,13 @@ class ESD:
         return (1 + self.eta) * e_0 - self.eta * e_c
 
 def esd_target(frozen, x_t, sigma, context, null_context, eta):
-    return ESD(eta)(frozen, x_t, sigma, context, null_context)"""],
+    return ESD(eta)(frozen, x_t, sigma, context, null_context)""", """\
+def clip_score(image_features, text_features):
+    a = image_features.detach().numpy()
+    b = text_features.detach().numpy()
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return torch.from_numpy(np.maximum(np.einsum("nd,nd->n", a, b), 0) * 100)"""],
 
     "99_einsum_class.ipynb": [HEAD, """\
 def cross_attention(x, context, mask, w_q, w_k, w_v, heads):

@@ -405,7 +405,7 @@ from .lesson11 import ref_edm_coefficients, ref_edm_step, ref_posthoc_ema_weight
 from .lesson12 import ref_consistency_distillation_loss, ref_consistency_sample, ref_guided_teacher_step, ref_progressive_target  # noqa: E402, F401
 from .lesson13 import ref_control_join, ref_lora_linear, ref_prior_preservation_loss, ref_textual_inversion_step  # noqa: E402, F401
 from .lesson13_inversion import ref_ddim_invert  # noqa: E402, F401
-from .lesson14 import ref_detect_copies, ref_esd_target, ref_kid  # noqa: E402, F401
+from .lesson14 import ref_clip_score, ref_detect_copies, ref_esd_target, ref_kid  # noqa: E402, F401
 from . import on_images  # noqa: E402, F401, I001  (lesson 7's exercises graded on training runs)
 from . import capstone  # noqa: E402, F401, I001  (the capstone, after every lesson)
 from .on_behaviour import ELBO_GAP, MODE_SHARE, SAMPLE_HQ_FLOOR, TRAIN_HQ_FLOOR, assess_sample_loop, assess_train_step  # noqa: E402, F401, I001

@@ -69,7 +69,7 @@ IDEAS = {
          ("memorisation: flagging copies of training images at a rate calibrated on held-out images",
           ("detect_copies",)),
          ("erasing a concept (ESD): fine-tuning towards guidance away from it", ("esd_target",)),
-         ("text-image alignment: a CLIP score and where it disagrees with a judge", ())],
+         ("text-image alignment: a CLIP score and where it disagrees with a judge", ("clip_score",))],
     99: [("a text-to-shapes generator assembled from your own attention, training step and guided sampler",
           ("text_to_shapes",))],
 }

@@ -1,6 +1,6 @@
 """Lesson 14: KID's unbiased estimator (graded on values against a hand computation of the sums), a nearest-neighbour
-copy detector (graded on behaviour: precision and recall on a planted set the judge holds) and ESD's target for one
-batch (graded on values, on a fixed toy text denoiser)."""
+copy detector (graded on behaviour: precision and recall on a planted set the judge holds), ESD's target for one
+batch (graded on values, on a fixed toy text denoiser) and CLIPScore from two sets of embeddings (graded on values)."""
 from __future__ import annotations
 
 import math
@@ -265,7 +265,60 @@ register(Exercise(
          "in this exercise."))
 
 
+# ---- 14.4 CLIPScore ------------------------------------------------------------------------------------------------
+
+
+def ref_clip_score(image_features, text_features):
+    """Hessel et al. 2021, eq. 1, with torchmetrics' scale: per pair (row i of each), 100 times the cosine similarity
+    of the image's and the caption's embeddings, floored at 0 (torch.nn.functional.cosine_similarity)."""
+    return 100 * torch.nn.functional.cosine_similarity(image_features, text_features, dim=1).clamp(min=0)
+
+
+def _inputs_clip_score(gen):
+    """4-12 pairs of embeddings of 8-64 numbers, each row at its own scale (so that only the cosine is right), about
+    a third of the pairs pointing away from each other (so that the floor at 0 matters)."""
+    n, d = _T._randint(gen, 4, 12), _T._randint(gen, 8, 64)
+    img = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    txt = img + 0.8 * torch.randn(n, d, generator=gen, dtype=torch.float64)
+    away = torch.rand(n, generator=gen) < 0.35
+    away[0], away[1] = True, False  # both kinds in every draw
+    txt[away] = -txt[away]
+    scale = lambda: torch.exp(torch.randn(n, 1, generator=gen, dtype=torch.float64))
+    return {"image_features": img * scale(), "text_features": txt * scale()}
+
+
+def _clip_with(mistake: str):
+    def fn(image_features, text_features):
+        a, b = image_features, text_features
+        if mistake != "no normalisation":
+            a = a / a.norm(dim=1, keepdim=True)
+            if mistake != "image only":
+                b = b / b.norm(dim=1, keepdim=True)
+        cos = (a * b).sum(1)
+        if mistake != "no floor":
+            cos = cos.clamp(min=0)
+        return (2.5 if mistake == "w 2.5" else 100) * cos
+    return fn
+
+
+register(Exercise(
+    "clip_score", 14, ref_clip_score, _inputs_clip_score,
+    "Normalise each row of both to unit length, take the dot product of row i with row i, floor it at 0 "
+    "(.clamp(min=0)) and multiply by 100.",
+    mistakes=((_clip_with("no normalisation"), "Divide each embedding by its length first: CLIPScore is a cosine, "
+               "the same whatever the embeddings' sizes."),
+              (_clip_with("image only"), "Normalise the caption's embeddings too."),
+              (_clip_with("no floor"), "Floor the cosine at 0 (a caption pointing away from its image scores 0, not "
+               "below)."),
+              (_clip_with("w 2.5"), "Scale by 100, as torchmetrics' CLIPScore and the course do (Hessel et al. "
+               "write w = 2.5 for a cosine of CLIP ViT-B/32; the ranking is the same, the number is not).")),
+    refused=("course_lib.clip", "course_lib.text_alignment", "torchmetrics"),
+    rule="Write the score yourself: course_lib.clip, course_lib.text_alignment and torchmetrics, which compute it, are "
+         "not allowed in this exercise."))
+
+
 LIBRARY_EQUIVALENTS.update({
+    "clip_score": ("course_lib.clip.clip_score",),
     "kid": ("course_lib.metrics.kid",),
     "detect_copies": ("course_lib.memorisation.find_copies", "course_lib.memorisation.calibrate_threshold",
                     "course_lib.metrics.nearest_neighbours"),
