@@ -4,6 +4,8 @@ small share of held-out real images are (a threshold calibrated on images the mo
 counted by how many times the training set held the image (lesson 14)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .metrics import nearest_neighbours
@@ -47,7 +49,7 @@ def flag_rate_interval(n_held: int, false_positive: float = FALSE_POSITIVE, leve
     if not 0 < false_positive < 1 or not 0 < level < 1:
         raise ValueError(f"false_positive and level must be in (0, 1), got {false_positive!r} and {level!r}")
     h = (n_held - 1) * false_positive  # torch.quantile's 0-based position
-    r_lo, r_hi = int(h) + 1, min(int(-(-h // 1)) + 1, n_held)
+    r_lo, r_hi = math.floor(h) + 1, min(math.ceil(h) + 1, n_held)
     return (float(beta.ppf((1 - level) / 2, r_lo, n_held + 1 - r_lo)),
             float(beta.ppf((1 + level) / 2, r_hi, n_held + 1 - r_hi)))
 
