@@ -10,7 +10,8 @@ SHIPPED_MODELS = ("ring8", "ring8_cond", "grid25", "digits", "digits_cond", "dig
                   "digits_noisy_classifier", "shapes_classifier", "shapes_ae", "shapes_clip", "shapes_ldm",
                   "shapes_pixel", "shapes_dit", "shapes_dit_long", "ring8_flow", "grid25_flow", "ring8_reflow",
                   "ring8_distilled", "digits_flow", "captions_mdlm", "captions_ar", "digits_edm",
-                  "digits_cd", "digits_ct", "digits_pd", "digits_add", "shapes_lcm", "shapes_star_judge")
+                  "digits_cd", "digits_ct", "digits_pd", "digits_add", "shapes_lcm", "shapes_star_judge",
+                  "reaching_diffusion")
 # lesson 13's adapters of shapes_ldm: each a folder data/NAME in its ecosystem's format (course_lib.adapters)
 SHIPPED_ADAPTERS = ("shapes_star_lora", "shapes_star_ti", "shapes_layout_controlnet")
 

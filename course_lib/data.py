@@ -1,6 +1,7 @@
 """Datasets, offline first: 2D distributions with known modes, scikit-learn's 8x8 digits, and MNIST / Fashion-MNIST."""
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import math
@@ -257,7 +258,9 @@ def duplicated_digits(seed: int = 0) -> dict:
 MIXTURES = {"ring8": ring_of_gaussians, "grid25": grid_of_gaussians}
 SHAPES_IMAGES = {"shapes32": 1, "shapes16": 2}  # lesson 11's resolution pair: the shapes images pooled by this factor
 SHAPES_TRAIN = 20_000  # a fixed training set of shapes images (lesson 7's generator, train split, seed 0)
-DATASETS = tuple(MIXTURES) + tuple(sorted(TOY_2D)) + ("digits", "digits_duplicated", "captions") + tuple(SHAPES_IMAGES) + ("shapes_latents",)
+DATASETS = tuple(MIXTURES) + tuple(sorted(TOY_2D)) + ("digits", "digits_duplicated", "captions") + tuple(SHAPES_IMAGES) + ("shapes_latents", "reaching", "notes")
+COND_DIMS = {"reaching": 2}  # data whose condition is a vector of numbers (lesson 15: the observation), not a label
+DEMONSTRATIONS = 200  # lesson 15's expert episodes (course_lib.reaching.demonstrations, seed 0): 12,000 chunks
 CAPTION_CORPUS = 20_000  # lesson 10's training captions: a fixed corpus, so "unseen" captions mean something
 
 
@@ -285,6 +288,15 @@ def shapes_latents(n: int = SHAPES_TRAIN) -> tuple[torch.Tensor, torch.Tensor]:
     return means * float(ae.card["scale_factor"]), tokenize(list(captions))
 
 
+@functools.lru_cache(maxsize=1)
+def _reaching_pairs() -> tuple[torch.Tensor, torch.Tensor]:
+    """Lesson 15's training pairs (built once per process: the expert's episodes are a Python loop)."""
+    from .reaching import demonstrations, normalise_chunks
+
+    demos = demonstrations(DEMONSTRATIONS, seed=0)
+    return normalise_chunks(demos["chunks"]), demos["observations"]
+
+
 class DataSource:
     """Batches of training data drawn with the trainer's generator: fresh points for 2D, resampled images for digits,
     resampled caption token rows for captions (lesson 10); with labels where the data has them (the digit; a mixture
@@ -293,6 +305,7 @@ class DataSource:
     def __init__(self, name: str):
         self.name = name
         self.num_classes = None
+        self.cond_dim = COND_DIMS.get(name)
         if name in MIXTURES:
             self.mixture = MIXTURES[name]()
             self.num_classes = len(self.mixture.modes)  # the label of a point is its mode
@@ -310,11 +323,17 @@ class DataSource:
             self.images = shapes_images(SHAPES_TRAIN, name, "train", seed=0)
         if name == "shapes_latents":  # lesson 7's training pairs: scaled latents (4, 8, 8) and their caption tokens
             self.images, self.tokens = shapes_latents()
+        if name == "reaching":  # lesson 15: the expert's next moves as flat normalised chunks, the position as condition
+            self.images, self.observations = (v.clone() for v in _reaching_pairs())
 
     @property
     def shape(self) -> tuple:
         if self.name == "captions":
             return tuple(self.tokens.shape[1:])
+        if self.name == "notes":
+            from .audio import LENGTH
+
+            return (1, LENGTH)
         return tuple(self.images.shape[1:]) if hasattr(self, "images") else (2,)
 
     def sample(self, n: int, generator: torch.Generator):
@@ -326,6 +345,13 @@ class DataSource:
         if self.name == "shapes_latents":  # the caption tokens in place of labels
             idx = torch.randint(len(self.images), (n,), generator=generator)
             return self.images[idx], self.tokens[idx]
+        if self.name == "notes":  # lesson 15: fresh synthetic notes (course_lib.audio), unlabelled
+            from .audio import make_notes
+
+            return make_notes(n, generator), None
+        if self.name == "reaching":  # the observation in place of labels
+            idx = torch.randint(len(self.images), (n,), generator=generator)
+            return self.images[idx], self.observations[idx]
         if self.name == "captions":
             return self.tokens[torch.randint(len(self.tokens), (n,), generator=generator)], None
         if self.name in MIXTURES:

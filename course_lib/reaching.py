@@ -13,7 +13,7 @@ RADIUS = 0.35            # ... and radius: touching it ends the episode as a fai
 GOAL_RADIUS = 0.1        # success: within this distance of the goal
 MAX_STEP = 0.08          # the longest move one action may make (longer actions are shortened to it)
 MAX_STEPS = 60           # moves per episode
-START_NOISE = 0.05       # the start's standard deviation (each coordinate)
+START_NOISE = 0.01       # the start's standard deviation (each coordinate): about a quarter of the expert's first sideways move
 WAYPOINT_X = 0.6         # the expert passes the obstacle at (+-WAYPOINT_X, 0)
 EXPERT_NOISE = 0.01      # the expert's own jitter per move (each coordinate)
 CHUNK = 8                # actions per chunk the policy predicts (H in Chi et al.) ...
@@ -57,9 +57,27 @@ def expert_episode(start: torch.Tensor, side: int, generator: torch.Generator) -
     return torch.stack(moves).float()
 
 
-def starts(n: int, generator: torch.Generator) -> torch.Tensor:
-    """n start positions (n, 2): START plus Gaussian noise of standard deviation START_NOISE."""
-    return torch.tensor(START) + START_NOISE * torch.randn(n, 2, generator=generator)
+def normalise_chunks(chunks: torch.Tensor) -> torch.Tensor:
+    """Chunks of moves (N, CHUNK, 2) as a network sees them: flat (N, 2 * CHUNK), each coordinate in [-1, 1] (divided
+    by MAX_STEP, as Chi et al. scale actions to [-1, 1])."""
+    if chunks.ndim != 3 or chunks.shape[2] != 2:
+        raise ValueError(f"chunks must have shape (N, k, 2), got {tuple(chunks.shape)}")
+    return (chunks / MAX_STEP).flatten(1)
+
+
+def chunks_from(flat: torch.Tensor) -> torch.Tensor:
+    """The inverse of normalise_chunks: a network's flat output (N, 2k) as moves (N, k, 2) in the task's units."""
+    if flat.ndim != 2 or flat.shape[1] % 2:
+        raise ValueError(f"a flat chunk must have shape (N, 2k), got {tuple(flat.shape)}")
+    return flat.reshape(len(flat), -1, 2) * MAX_STEP
+
+
+def starts(n: int, generator: torch.Generator, noise: float | None = None) -> torch.Tensor:
+    """n start positions (n, 2): START plus Gaussian noise of standard deviation `noise` (default START_NOISE)."""
+    noise = START_NOISE if noise is None else noise
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise < 1:
+        raise ValueError(f"the start's noise must be a number in [0, 1), got {noise!r}")
+    return torch.tensor(START) + noise * torch.randn(n, 2, generator=generator)
 
 
 def demonstrations(episodes: int = 200, seed: int = 0) -> dict:
@@ -83,15 +101,16 @@ def demonstrations(episodes: int = 200, seed: int = 0) -> dict:
             "paths": torch.stack(paths), "sides": sides}
 
 
-def rollout(policy, episodes: int = 200, seed: int = 0, execute: int = EXECUTE) -> dict:
+def rollout(policy, episodes: int = 200, seed: int = 0, execute: int = EXECUTE, start_noise: float | None = None) -> dict:
     """Run `policy` on `episodes` episodes at once, receding horizon: at each decision it gets the positions (B, 2)
     and returns action chunks (B, k, 2) with k >= `execute`; the first `execute` moves are made (each clipped to
     MAX_STEP), then it is asked again. An episode ends at the goal (success), on the obstacle (failure) or after
-    MAX_STEPS moves (failure). Returns `success` and `collided` per episode, `steps` taken and the `paths`."""
+    MAX_STEPS moves (failure). Starts: START plus noise of std `start_noise` (default START_NOISE; 0: every episode
+    from START exactly). Returns `success` and `collided` per episode, `steps` taken and the `paths`."""
     if not isinstance(execute, int) or not 1 <= execute <= MAX_STEPS:
         raise ValueError(f"execute must be an int in [1, {MAX_STEPS}], got {execute!r}")
     g = torch.Generator().manual_seed(seed)
-    pos = starts(episodes, g)
+    pos = starts(episodes, g, start_noise)
     goal = torch.tensor(GOAL)
     done = torch.zeros(episodes, dtype=torch.bool)
     success, collided = done.clone(), done.clone()
@@ -150,5 +169,5 @@ def side_taken(paths: torch.Tensor) -> torch.Tensor:
     return torch.where(first >= 0, torch.sign(x), torch.zeros_like(x)).long()
 
 
-__all__ = ["CHUNK", "EXECUTE", "GOAL", "MAX_STEP", "MAX_STEPS", "OBSTACLE", "RADIUS", "clip_actions", "demonstrations",
+__all__ = ["CHUNK", "EXECUTE", "chunks_from", "normalise_chunks", "GOAL", "MAX_STEP", "MAX_STEPS", "OBSTACLE", "RADIUS", "clip_actions", "demonstrations",
            "expert_episode", "expert_policy", "hits_obstacle", "rollout", "side_taken", "starts", "success_rate"]

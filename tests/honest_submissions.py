@@ -973,6 +973,56 @@ def clip_score(image_features, text_features):
     b = b / np.linalg.norm(b, axis=1, keepdims=True)
     return torch.from_numpy(np.maximum(np.einsum("nd,nd->n", a, b), 0) * 100)"""],
 
+    "15_einsum_and_recursion.ipynb": [HEAD + "\nimport numpy as np", """\
+def chunk_loss(model, chunks, observations, t, noise, alpha_bar, scale):
+    b, h, _ = chunks.shape
+    x0 = torch.einsum("bhc->bhc", chunks / scale).reshape(b, 2 * h)   # move by move: x, y, x, y, ...
+    ab = alpha_bar[t].to(x0.dtype)[:, None]
+    x_t = torch.sqrt(ab) * x0 + torch.sqrt(1 - ab) * noise
+    return F.mse_loss(model(x_t, t, y=observations), noise)""", """\
+def receding_horizon(policy, act, start, execute, max_steps):
+    def go(positions, left):                                # one chunk per call, then recurse from where we are
+        if left == 0:
+            return positions
+        chunk = policy(positions)
+        for move in list(chunk.unbind(1))[:min(execute, left)]:
+            positions = act(move)
+            left -= 1
+        return go(positions, left)
+    return go(start, max_steps)"""],
+
+    "15_numpy_and_classes.ipynb": [HEAD + "\nimport numpy as np", """\
+class ChunkLoss:
+    def flat(self, chunks, scale):
+        return torch.from_numpy(np.ascontiguousarray(chunks.detach().double().numpy() / scale)).reshape(
+            len(chunks), -1).to(chunks.dtype)
+
+    def __call__(self, model, chunks, observations, t, noise, alpha_bar, scale):
+        x0 = self.flat(chunks, scale)
+        keep = alpha_bar.gather(0, t).unsqueeze(1).to(x0.dtype)
+        x_t = keep ** 0.5 * x0 + (1 - keep) ** 0.5 * noise
+        err = noise - model(x_t, t, y=observations)
+        return (err * err).sum() / err.numel()
+
+chunk_loss = ChunkLoss()""", """\
+class Controller:
+    def __init__(self, policy, act, execute):
+        self.policy, self.act, self.execute = policy, act, execute
+        self.moves, self.queue = 0, []
+
+    def run(self, start, max_steps):
+        where = start
+        while self.moves < max_steps:
+            if not self.queue:                              # the plan ran out: ask again from here
+                chunk = self.policy(where)
+                self.queue = [chunk[:, k] for k in range(self.execute)]
+            where = self.act(self.queue.pop(0))
+            self.moves += 1
+        return where
+
+def receding_horizon(policy, act, start, execute, max_steps):
+    return Controller(policy, act, execute).run(start, max_steps)"""],
+
     "99_einsum_class.ipynb": [HEAD, """\
 def cross_attention(x, context, mask, w_q, w_k, w_v, heads):
     b, n, c = x.shape

@@ -64,19 +64,19 @@ def _bench(args) -> int:
         main_grader(args.quick, args.json, args.force, args.jobs)
         return 0
     if args.bench in ("arch", "t2i", "flow", "text", "recipe", "resolution", "terminal", "fewstep", "adapt",
-                      "evaluation"):  # lessons 7-14: main_<name>(quick, json, samples, force)
+                      "evaluation", "beyond"):  # lessons 7-15: main_<name>(quick, json, samples, force)
         from importlib import import_module
 
         least = {"arch": 50, "t2i": 10, "flow": 50, "text": 50, "recipe": 50, "resolution": 50, "terminal": 10, "fewstep": 50,
-                 "adapt": 8, "evaluation": 8}[args.bench]  # FD needs samples; adherence needs prompts
+                 "adapt": 8, "evaluation": 8, "beyond": 20}[args.bench]  # FD needs samples; adherence prompts
         if args.samples is not None and args.samples < least:
             raise ValueError(f"--samples must be at least {least}, got {args.samples}")
         main = getattr(import_module(f"course_lib.bench.{args.bench}"), f"main_{args.bench}")
         extra = {"jobs": args.jobs} if args.bench in ("arch", "recipe", "resolution", "terminal", "fewstep", "adapt",
-                                                      "evaluation") else {}
-        if args.bench in ("recipe", "fewstep") and args.export_dir:
+                                                      "evaluation", "beyond") else {}
+        if args.bench in ("recipe", "fewstep", "beyond") and args.export_dir:
             extra["export_dir"] = args.export_dir
-        if args.bench in ("fewstep", "adapt", "evaluation"):
+        if args.bench in ("fewstep", "adapt", "evaluation", "beyond"):
             _check_seeds(args.seeds)
             extra.update(seeds=args.seeds, resume=args.resume)
         if args.bench == "flow" and args.datasets:
@@ -161,7 +161,7 @@ def _bench_arguments(p: argparse.ArgumentParser, quick_help: str, datasets: bool
 
 def add_bench_parser(sub) -> None:
     """Add `bench` and its subcommands to the CLI's subparsers."""
-    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | threads | bf16 | exercises | capstone | export | lessons | t2i | arch | flow | text | recipe | resolution | terminal | fewstep | adapt | evaluation | grader)",
+    p = sub.add_parser("bench", help="measure speed and quality (bench samplers | compare | guidance | kernels | threads | bf16 | exercises | capstone | export | lessons | t2i | arch | flow | text | recipe | resolution | terminal | fewstep | adapt | evaluation | beyond | grader)",
                        description="Benchmarks that print a table and, with --json, save flat records.")
     bench = p.add_subparsers(dest="bench", metavar="BENCHMARK")
     bench.required = True
@@ -324,6 +324,16 @@ def add_bench_parser(sub) -> None:
                               "inversion of held-out images (PSNR at 10-100 steps, with and without guidance) "
                               "and colour edits. --quick: a few steps of each, one seed.",
                   samples_help="test prompts of each kind and held-out images (default 200; quick 16)")
+    p = _seeded_bench(bench, "beyond", help="lesson 15: a diffusion policy against regression, (video, sound)",
+                      description="Trains lesson 15's diffusion policy (DDPM on the expert's action chunks given the "
+                                  "position) and the regression policy (the same network, data and budget) on seeds 0 "
+                                  "1 2 through the training loop, and rolls each out on the reaching task: success "
+                                  "from the task's starts and from START exactly, against the executed horizon, and "
+                                  "for the diffusion policy against its sampler's steps, levels and clipping. "
+                                  "--quick: 30 steps, 20 episodes, one seed.",
+                      samples_help="episodes per policy and setting (default 400; quick 20)")
+    p.add_argument("--export-dir", metavar="DIR", help="also write seed 0's diffusion policy there (as data/ ships "
+                                                        "it: reaching_diffusion.pt)")
     _seeded_bench(bench, "evaluation", help="lesson 14: metrics' bias and blind spots, CLIPScore, memorisation, erasure",
                   description="How FD, KID, precision / recall and density / coverage behave on real digits (against n, "
                               "under blur, noise and dropped classes, in three feature spaces, 3 resamplings); "

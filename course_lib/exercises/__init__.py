@@ -1,7 +1,7 @@
 """Graded exercises: each runs the learner's function against a reference on fresh random inputs.
 
 This file is the machinery (the registry, `check`, `progress`, the judge); each lesson's exercises, with their
-references, input makers and the hints for known mistakes, are in their own file here (lesson01.py ... lesson14.py,
+references, input makers and the hints for known mistakes, are in their own file here (lesson01.py ... lesson15.py,
 on_behaviour.py for the ones graded on what a training run or a sampling loop produced). A new lesson adds a file and
 a line at the bottom of this one. The grader's workers may neither import nor read anything in this folder.
 
@@ -391,6 +391,7 @@ from . import lesson11  # noqa: E402, F401, I001  (after the training exercises 
 from . import lesson12  # noqa: E402, F401, I001
 from . import lesson13, lesson13_inversion  # noqa: E402, F401, I001  (inversion is lesson 13's last exercise)
 from . import lesson14  # noqa: E402, F401, I001
+from . import lesson15  # noqa: E402, F401, I001
 from .lesson01 import ref_alpha_bar_from_betas, ref_log_snr, ref_noise_images, ref_q_sample  # noqa: E402, F401
 from .lesson2 import ref_eps_to_x0, ref_posterior_mean, ref_simple_loss  # noqa: E402, F401
 from .lesson3 import ref_ddim_step, ref_heun_step, ref_karras_sigmas  # noqa: E402, F401
@@ -406,6 +407,7 @@ from .lesson12 import ref_consistency_distillation_loss, ref_consistency_sample,
 from .lesson13 import ref_control_join, ref_lora_linear, ref_prior_preservation_loss, ref_textual_inversion_step  # noqa: E402, F401
 from .lesson13_inversion import ref_ddim_invert  # noqa: E402, F401
 from .lesson14 import ref_clip_score, ref_detect_copies, ref_esd_target, ref_kid  # noqa: E402, F401
+from .lesson15 import ref_chunk_loss, ref_receding_horizon  # noqa: E402, F401
 from . import on_images  # noqa: E402, F401, I001  (lesson 7's exercises graded on training runs)
 from . import capstone  # noqa: E402, F401, I001  (the capstone, after every lesson)
 from .on_behaviour import ELBO_GAP, MODE_SHARE, SAMPLE_HQ_FLOOR, TRAIN_HQ_FLOOR, assess_sample_loop, assess_train_step  # noqa: E402, F401, I001

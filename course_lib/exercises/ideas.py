@@ -70,6 +70,8 @@ IDEAS = {
           ("detect_copies",)),
          ("erasing a concept (ESD): fine-tuning towards guidance away from it", ("esd_target",)),
          ("text-image alignment: a CLIP score and where it disagrees with a judge", ("clip_score",))],
+    15: [("a diffusion policy's loss: denoising a chunk of actions given the observation", ("chunk_loss",)),
+         ("receding-horizon control: execute the first moves of each chunk, then ask again", ("receding_horizon",))],
     99: [("a text-to-shapes generator assembled from your own attention, training step and guided sampler",
           ("text_to_shapes",))],
 }

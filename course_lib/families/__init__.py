@@ -10,7 +10,8 @@ and its training step, so adding a family (flow matching, a text model) adds a f
 - fewstep.py: consistency distillation and training, progressive distillation (lesson 12);
 - lcm.py: a latent consistency model of lesson 7's text-to-image model, guidance folded in (lesson 12);
 - adversarial.py: consistency distillation with a discriminator on the one-step samples (lesson 12);
-- text.py: masked diffusion on tokens and its autoregressive baseline (lesson 10).
+- text.py: masked diffusion on tokens and its autoregressive baseline (lesson 10);
+- regression.py: a policy regressing action chunks on the observation, a diffusion policy's baseline (lesson 15).
 """
 from __future__ import annotations
 
@@ -23,17 +24,18 @@ from .fewstep import ConsistencyFamily, ConsistencyOptions, ProgressiveFamily, P
 from .flow import FlowFamily, FlowOptions
 from .gan import GANFamily, GANOptions
 from .lcm import LatentConsistencyFamily, LatentConsistencyOptions
+from .regression import RegressionFamily, RegressionOptions
 from .text import AutoregressiveFamily, AutoregressiveOptions, MaskedDiffusionFamily, MaskedDiffusionOptions
 from .vae import VAEFamily, VAEOptions
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (DiffusionFamily(), GANFamily(), VAEFamily(), ClassifierFamily(),
                                                FlowFamily(), MaskedDiffusionFamily(), AutoregressiveFamily(),
                                                EDMFamily(), ConsistencyFamily(), ProgressiveFamily(), AdversarialFamily(),
-                                               LatentConsistencyFamily())}
+                                               LatentConsistencyFamily(), RegressionFamily())}
 
 __all__ = ["FAMILIES", "Family", "family", "AdversarialFamily", "AdversarialOptions", "AutoregressiveFamily", "AutoregressiveOptions", "ConsistencyFamily", "ConsistencyOptions",
            "ProgressiveFamily", "ProgressiveOptions", "MaskedDiffusionFamily",
-           "MaskedDiffusionOptions", "ClassifierFamily", "ClassifierOptions", "DiffusionFamily", "DiffusionOptions", "EDMFamily", "EDMOptions", "FlowFamily", "FlowOptions", "GANFamily", "GANOptions", "LatentConsistencyFamily", "LatentConsistencyOptions",
+           "MaskedDiffusionOptions", "ClassifierFamily", "ClassifierOptions", "DiffusionFamily", "DiffusionOptions", "EDMFamily", "EDMOptions", "FlowFamily", "FlowOptions", "GANFamily", "GANOptions", "LatentConsistencyFamily", "LatentConsistencyOptions", "RegressionFamily", "RegressionOptions",
            "VAEFamily", "VAEOptions"]
 
 

@@ -17,7 +17,7 @@ class DiffusionOptions:
     prediction: str = "eps"             # what the network outputs: eps | x0 | v
     weighting: str = "uniform"          # loss weighting: uniform | min_snr
     gamma: float = 5.0                  # min-SNR-gamma clip
-    conditional: bool = False           # feed class labels (digits; a mixture's mode)
+    conditional: bool = False           # feed class labels (digits; a mixture's mode), or the observation (reaching)
     label_dropout: float = 0.1          # share of labels replaced by 'no label' (for classifier-free guidance)
 
     def __post_init__(self):
@@ -41,15 +41,28 @@ class DiffusionFamily(Family):
     name, Options, loss_names = "diffusion", DiffusionOptions, ("loss",)
 
     def check(self, config) -> None:
-        from ..data import MIXTURES
+        from ..data import COND_DIMS, MIXTURES
 
-        if config.options.conditional and config.data not in ("digits", *MIXTURES):
+        o = config.options
+        if o.conditional and config.data not in ("digits", *MIXTURES, *COND_DIMS):
             raise ValueError(f"conditional=True needs labelled data (digits, or a mixture whose label is the mode: "
-                             f"{', '.join(MIXTURES)}), got data={config.data!r}")
+                             f"{', '.join(MIXTURES)}) or an observation ({', '.join(COND_DIMS)}), got "
+                             f"data={config.data!r}")
+        if config.data in COND_DIMS and not o.conditional:
+            raise ValueError(f"data={config.data!r} pairs each sample with its observation: train with "
+                             "conditional=True (a policy that never sees where it is cannot act)")
+        if config.data in COND_DIMS and o.label_dropout != 0:
+            raise ValueError(f"label_dropout drops class labels; {config.data!r} is conditioned on an observation, "
+                             "which is never dropped: set label_dropout=0")
 
     def networks(self, config, shape, num_classes):
+        from ..data import COND_DIMS
+
         o = config.options
         data_keys = {"dim": shape[0]} if len(shape) == 1 else {"in_channels": shape[0]}
+        if config.data in COND_DIMS:  # a vector condition (lesson 15's observation), not a label
+            return {"model": {**config.model, **data_keys, "prediction": o.prediction,
+                              "cond_dim": COND_DIMS[config.data]}}
         return {"model": {**config.model, **data_keys, "prediction": o.prediction,
                           "num_classes": num_classes if o.conditional else None}}
 
@@ -60,7 +73,9 @@ class DiffusionFamily(Family):
         o = trainer.config.options
         x, y = trainer.batch()
         kwargs = {}
-        if o.conditional:  # label dropout: the same network learns the unconditional model ('no label' index)
+        if trainer.source.cond_dim is not None:  # the observation, always given
+            kwargs["y"] = y.to(trainer.device)
+        elif o.conditional:  # label dropout: the same network learns the unconditional model ('no label' index)
             drop = torch.rand(len(y), generator=trainer.generator) < o.label_dropout
             kwargs["y"] = torch.where(drop, torch.full_like(y, trainer.source.num_classes), y).to(trainer.device)
         loss = diffusion_loss(trainer.model, x, trainer.schedule, o.prediction, o.weighting, o.gamma,

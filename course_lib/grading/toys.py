@@ -110,3 +110,18 @@ class ToyWordLoss:
 
     def __repr__(self) -> str:
         return "loss(table) (a fixed toy denoising loss of the token table: differentiable in every row it uses)"
+
+
+class ToyChunkNetwork:
+    """A fixed stand-in for a trained policy's noise predictor: model(x_t, t, y) = tanh(w x_t + t / T + y A) for flat
+    chunks x_t (B, D) and observations y (B, 2) (y=None reads as an observation of zeros)."""
+
+    def __init__(self, w: float, T: int, a: torch.Tensor):
+        self.w, self.T, self.a = w, T, a
+
+    def __call__(self, x, t, y=None):
+        cond = 0 if y is None else y.to(x.dtype) @ self.a.to(x.dtype)
+        return torch.tanh(self.w * x + per_sample(t.to(x.dtype) / self.T, x) + cond)
+
+    def __repr__(self) -> str:
+        return "model(x_t, t, y) (a fixed toy noise predictor conditioned on the observation y)"

@@ -21,6 +21,7 @@ from .noisy_classifier import NoisyClassifier
 from .text_encoder import ImageEncoder, MiniCLIP, TextEncoder
 from .token_transformer import TokenTransformer
 from .unet import ResBlock, SelfAttention, UNet
+from .unet1d import UNet1D
 from .vae import VAE
 
 # kind -> class. A new network registers here (and its module imports only torch, .blocks and the math it uses).
@@ -28,14 +29,14 @@ MODELS = {"mlp": TimeMLP, "unet": UNet, "generator": Generator, "discriminator":
           "noisy_classifier": NoisyClassifier, "kl_autoencoder": KLAutoencoder, "text_encoder": TextEncoder,
           "mini_clip": MiniCLIP, "text_unet": TextUNet, "attribute_classifier": AttributeClassifier, "dit": DiT,
           "token_transformer": TokenTransformer, "edm_precond": EDMPrecond,
-          "consistency": ConsistencyNet}
-DENOISERS = ("mlp", "unet", "dit", "text_unet")  # the kinds a diffusion model may use (text_unet: with context=)
+          "consistency": ConsistencyNet, "unet1d": UNet1D}
+DENOISERS = ("mlp", "unet", "dit", "text_unet", "unet1d")  # the kinds a diffusion model may use (text_unet: with context=)
 
 __all__ = ["MODELS", "DENOISERS", "build_model", "count_parameters", "describe", "TimeMLP", "UNet", "ResBlock",
            "SelfAttention", "NoisyClassifier", "Generator", "Discriminator", "VAE", "ResMLP", "ConvEncoder", "ConvDecoder",
            "check_data_shape", "timestep_embedding", "KLAutoencoder", "TextEncoder", "ImageEncoder", "MiniCLIP",
            "CrossAttention", "TextUNet", "AttributeClassifier", "DiT", "DiTBlock", "TokenTransformer", "EDMPrecond",
-           "ConsistencyNet"]
+           "ConsistencyNet", "UNet1D"]
 
 
 def build_model(config: dict) -> nn.Module:
