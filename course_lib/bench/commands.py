@@ -324,13 +324,15 @@ def add_bench_parser(sub) -> None:
                               "inversion of held-out images (PSNR at 10-100 steps, with and without guidance) "
                               "and colour edits. --quick: a few steps of each, one seed.",
                   samples_help="test prompts of each kind and held-out images (default 200; quick 16)")
-    p = _seeded_bench(bench, "beyond", help="lesson 15: a diffusion policy against regression, (video, sound)",
+    p = _seeded_bench(bench, "beyond", help="lesson 15: a diffusion policy against regression; notes from noise",
                       description="Trains lesson 15's diffusion policy (DDPM on the expert's action chunks given the "
                                   "position) and the regression policy (the same network, data and budget) on seeds 0 "
                                   "1 2 through the training loop, and rolls each out on the reaching task: success "
                                   "from the task's starts and from START exactly, against the executed horizon, and "
-                                  "for the diffusion policy against its sampler's steps, levels and clipping. "
-                                  "--quick: 30 steps, 20 episodes, one seed.",
+                                  "for the diffusion policy against its sampler's steps, levels and clipping; then the "
+                                  "notes preset (a 1D UNet on synthetic notes) judged by pitch and purity against a "
+                                  "Gaussian with the notes' mean and covariance. --quick: 30 steps, 20 episodes, 40 "
+                                  "notes, one seed.",
                       samples_help="episodes per policy and setting (default 400; quick 20)")
     p.add_argument("--export-dir", metavar="DIR", help="also write seed 0's diffusion policy there (as data/ ships "
                                                         "it: reaching_diffusion.pt)")
