@@ -132,4 +132,8 @@ def test_the_verdict_compares_the_two_policies_seed_by_seed():
     assert v["gap"] == pytest.approx(0.15) and v["gap_min_over_seeds"] == pytest.approx(0.03)
     assert v["regression_exact_start_success"] == 0.0
     assert not beyond.verdict([_rec("diffusion", "default", 0, 0.85)])["diffusion_target_met"]
+    notes = [{"section": "notes", "seed": s, "model": m, "sampler_steps": k, "clean": c, "train_minutes": 1.0}
+             for s in range(2) for m, k, c in (("diffusion", 20, 0.4 + 0.1 * s), ("gaussian", None, 0.05))]
+    v = beyond.verdict(notes)
+    assert v["notes_diffusion_20_clean"] == pytest.approx(0.45) and v["notes_gaussian_clean"] == pytest.approx(0.05)
     assert "success" in beyond.table(records)
